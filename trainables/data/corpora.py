@@ -1,0 +1,231 @@
+"""Corpus adapters: read each corpus in the layout its distributor ships, nothing re-packed.
+
+Every adapter turns a root folder into :class:`Utterance` rows (path, emotion label, speaker, the
+speaker-independent group used for folds). Labels outside the 4-class set (angry, happy, neutral,
+sad) are counted in the data report and left out; happy and excited merge for IEMOCAP as usual.
+
+| corpus      | layout read                                                                    | group   |
+|-------------|--------------------------------------------------------------------------------|---------|
+| iemocap     | Session{1-5}/sentences/wav/<dialog>/<utt>.wav + dialog/EmoEvaluation/*.txt      | session |
+| msp_improv  | Audio/session{n}/<sentence>/<scenario>/MSP-IMPROV-*.wav + Evalution.txt         | session |
+| emodb       | wav/<spk><text><E><v>.wav  (e.g. 03a01Fa.wav)                                  | speaker |
+| ravdess     | Actor_NN/MM-VV-EE-II-SS-RR-NN.wav                                              | speaker |
+| crema_d     | AudioWAV/<actor>_<sentence>_<EMO>_<level>.wav                                  | speaker |
+| manifest    | a CSV ``path,label,speaker[,split]``; empty label = unlabelled                  | speaker |
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+EMOTIONS_4: tuple[str, ...] = ("angry", "happy", "neutral", "sad")
+
+
+class CorpusError(ValueError):
+    """The corpus root or its metadata is not what the adapter expects; names the path."""
+
+
+@dataclass(frozen=True)
+class Utterance:
+    path: str
+    label: str | None  # None = unlabelled (only the auxiliary tasks learn from it)
+    speaker: str
+    group: str  # speaker-independent fold unit (session or speaker)
+    utt_id: str
+    split: str | None = None  # only when the corpus itself fixes the split (manifest column)
+
+
+# -- IEMOCAP -----------------------------------------------------------------------------------
+
+_IEMOCAP_MAP = {"ang": "angry", "hap": "happy", "exc": "happy", "neu": "neutral", "sad": "sad"}
+_IEMOCAP_LINE = re.compile(r"^\[[\d.]+ - [\d.]+\]\t(\S+)\t(\w+)\t")
+
+
+def _iemocap(root: Path) -> tuple[list[Utterance], dict[str, int]]:
+    if (root / "IEMOCAP_full_release").is_dir():
+        root = root / "IEMOCAP_full_release"
+    sessions = sorted(p for p in root.glob("Session[1-5]") if p.is_dir())
+    if not sessions:
+        raise CorpusError(f"{root}: no Session1..Session5 folders (IEMOCAP_full_release layout)")
+    items, excluded = [], {}
+    for sess in sessions:
+        labels: dict[str, str] = {}
+        for txt in sorted((sess / "dialog" / "EmoEvaluation").glob("*.txt")):
+            for line in txt.read_text(errors="replace").splitlines():
+                m = _IEMOCAP_LINE.match(line)
+                if m:
+                    labels[m.group(1)] = m.group(2)
+        for wav in sorted((sess / "sentences" / "wav").glob("*/*.wav")):
+            utt = wav.stem
+            raw = labels.get(utt)
+            if raw is None:
+                excluded["<no label>"] = excluded.get("<no label>", 0) + 1
+                continue
+            if raw not in _IEMOCAP_MAP:
+                excluded[raw] = excluded.get(raw, 0) + 1
+                continue
+            # Ses01F_impro01_F000: the speaker is the session plus the gender of the last token
+            speaker = f"{utt[:5]}{utt.rsplit('_', 1)[-1][0]}"
+            items.append(Utterance(str(wav), _IEMOCAP_MAP[raw], speaker, sess.name, utt))
+    return items, excluded
+
+
+# -- MSP-IMPROV --------------------------------------------------------------------------------
+
+_MSP_MAP = {"A": "angry", "H": "happy", "N": "neutral", "S": "sad"}
+
+
+def _msp_improv(root: Path) -> tuple[list[Utterance], dict[str, int]]:
+    label_file = next((p for p in (root / "Evalution.txt", root / "Evaluation.txt") if p.exists()), None)
+    if label_file is None:
+        raise CorpusError(f"{root}: no Evalution.txt (the MSP-IMPROV label file)")
+    labels: dict[str, str] = {}
+    for line in label_file.read_text(errors="replace").splitlines():
+        # UTD-IMPROV-S01A-F01-P-FM01.avi; A; A:4.0; V:2.0; D:3.0; N:5
+        parts = [p.strip() for p in line.split(";")]
+        if len(parts) >= 2 and parts[0].startswith(("UTD-IMPROV-", "MSP-IMPROV-")):
+            stem = parts[0].rsplit(".", 1)[0].replace("UTD-IMPROV-", "MSP-IMPROV-")
+            labels[stem] = parts[1]
+    audio = root / "Audio" if (root / "Audio").is_dir() else root
+    items, excluded = [], {}
+    for wav in sorted(audio.rglob("MSP-IMPROV-*.wav")):
+        raw = labels.get(wav.stem)
+        if raw is None or raw not in _MSP_MAP:
+            key = raw or "<no label>"
+            excluded[key] = excluded.get(key, 0) + 1
+            continue
+        # MSP-IMPROV-S01A-F01-P-FM01: speaker F01, session 01
+        speaker = wav.stem.split("-")[3]
+        items.append(Utterance(str(wav), _MSP_MAP[raw], speaker, f"session{int(speaker[1:])}", wav.stem))
+    return items, excluded
+
+
+# -- EMODB -------------------------------------------------------------------------------------
+
+_EMODB_MAP = {"W": "angry", "F": "happy", "N": "neutral", "T": "sad"}  # Wut, Freude, Neutral, Trauer
+_EMODB_NAME = re.compile(r"^(\d\d)([ab]\d\d)([WLEAFTN])([a-z])$")
+
+
+def _emodb(root: Path) -> tuple[list[Utterance], dict[str, int]]:
+    wav_dir = root / "wav" if (root / "wav").is_dir() else root
+    wavs = sorted(wav_dir.glob("*.wav"))
+    if not wavs:
+        raise CorpusError(f"{root}: no wav/*.wav files (EMODB layout, e.g. wav/03a01Fa.wav)")
+    items, excluded = [], {}
+    for wav in wavs:
+        m = _EMODB_NAME.match(wav.stem)
+        if not m:
+            excluded["<bad name>"] = excluded.get("<bad name>", 0) + 1
+            continue
+        spk, _, emo, _ = m.groups()
+        if emo not in _EMODB_MAP:
+            excluded[emo] = excluded.get(emo, 0) + 1
+            continue
+        items.append(Utterance(str(wav), _EMODB_MAP[emo], spk, spk, wav.stem))
+    return items, excluded
+
+
+# -- RAVDESS -----------------------------------------------------------------------------------
+
+_RAVDESS_MAP = {"01": "neutral", "03": "happy", "04": "sad", "05": "angry"}
+_RAVDESS_NAME = re.compile(r"^(\d\d)-(\d\d)-(\d\d)-(\d\d)-(\d\d)-(\d\d)-(\d\d)$")
+
+
+def _ravdess(root: Path) -> tuple[list[Utterance], dict[str, int]]:
+    actors = sorted(p for p in root.rglob("Actor_*") if p.is_dir())
+    if not actors:
+        raise CorpusError(f"{root}: no Actor_NN folders (RAVDESS layout)")
+    items, excluded = [], {}
+    for actor in actors:
+        for wav in sorted(actor.glob("*.wav")):
+            m = _RAVDESS_NAME.match(wav.stem)
+            if not m:
+                excluded["<bad name>"] = excluded.get("<bad name>", 0) + 1
+                continue
+            modality, channel, emo, *_rest, spk = m.groups()
+            if modality != "03" or channel != "01":  # audio-only speech; song is another task
+                excluded[f"modality{modality}-channel{channel}"] = (
+                    excluded.get(f"modality{modality}-channel{channel}", 0) + 1
+                )
+                continue
+            if emo not in _RAVDESS_MAP:
+                excluded[emo] = excluded.get(emo, 0) + 1
+                continue
+            items.append(Utterance(str(wav), _RAVDESS_MAP[emo], f"Actor_{spk}", f"Actor_{spk}", wav.stem))
+    return items, excluded
+
+
+# -- CREMA-D -----------------------------------------------------------------------------------
+
+_CREMA_MAP = {"ANG": "angry", "HAP": "happy", "NEU": "neutral", "SAD": "sad"}
+
+
+def _crema_d(root: Path) -> tuple[list[Utterance], dict[str, int]]:
+    wav_dir = root / "AudioWAV" if (root / "AudioWAV").is_dir() else root
+    wavs = sorted(wav_dir.glob("*.wav"))
+    if not wavs:
+        raise CorpusError(f"{root}: no AudioWAV/*.wav files (CREMA-D layout)")
+    items, excluded = [], {}
+    for wav in wavs:
+        parts = wav.stem.split("_")  # 1001_DFA_ANG_XX
+        if len(parts) != 4:
+            excluded["<bad name>"] = excluded.get("<bad name>", 0) + 1
+            continue
+        actor, _, emo, _ = parts
+        if emo not in _CREMA_MAP:
+            excluded[emo] = excluded.get(emo, 0) + 1
+            continue
+        items.append(Utterance(str(wav), _CREMA_MAP[emo], actor, actor, wav.stem))
+    return items, excluded
+
+
+# -- generic manifest --------------------------------------------------------------------------
+
+
+def _manifest(root: Path) -> tuple[list[Utterance], dict[str, int]]:
+    path = root / "manifest.csv" if root.is_dir() else root
+    if not path.is_file():
+        raise CorpusError(f"{path}: manifest not found (a CSV with columns path,label,speaker[,split])")
+    items, excluded = [], {}
+    with path.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        missing = {"path", "label", "speaker"} - set(reader.fieldnames or [])
+        if missing:
+            raise CorpusError(f"{path}: missing column(s) {sorted(missing)}; need path,label,speaker[,split]")
+        for line, row in enumerate(reader, start=2):
+            label = (row.get("label") or "").strip() or None
+            if label is not None and label not in EMOTIONS_4:
+                excluded[label] = excluded.get(label, 0) + 1
+                continue
+            split = (row.get("split") or "").strip() or None
+            if split not in (None, "train", "val", "test"):
+                raise CorpusError(f"{path}:{line}: split must be train, val or test, got {split!r}")
+            wav = Path(row["path"])
+            wav = wav if wav.is_absolute() else path.parent / wav
+            spk = row["speaker"].strip()
+            items.append(Utterance(str(wav), label, spk, spk, wav.stem, split))
+    return items, excluded
+
+
+ADAPTERS: dict[str, Callable[[Path], tuple[list[Utterance], dict[str, int]]]] = {
+    "iemocap": _iemocap,
+    "msp_improv": _msp_improv,
+    "emodb": _emodb,
+    "ravdess": _ravdess,
+    "crema_d": _crema_d,
+    "manifest": _manifest,
+}
+
+
+def scan_corpus(corpus: str, root: str | Path) -> tuple[list[Utterance], dict[str, int]]:
+    """List a corpus's utterances and the labels left out (label -> count)."""
+    if corpus not in ADAPTERS:
+        raise CorpusError(f"unknown corpus {corpus!r}; known: {', '.join(sorted(ADAPTERS))}")
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise CorpusError(f"{root}: data root does not exist")
+    return ADAPTERS[corpus](root)
