@@ -390,10 +390,12 @@ def train(config: dict[str, Any], session: Any) -> list[dict[str, Any]]:
         if last:  # the held-out test speakers: reported once, never optimised
             test = evaluate(model, logmel, data, test_idx, segment, n_labels, session)
             metrics.update({f"test_{k}": v for k, v in test.items() if k != "loss_emo"})
+        robust = None
         if last and run_cfg.get("robustness") and rank == 0:
-            from .robustness import robustness_metrics
+            from .robustness import trial_robustness
 
-            metrics.update(robustness_metrics(core, cfg, corpus, split, run_cfg["robustness"], device))
+            robust = trial_robustness(core, cfg, corpus, split, data_cfg, run_cfg["robustness"], device)
+            metrics.update(robust["metrics"])
 
         # [6] Checkpoint (rank 0 writes) and report (every rank calls; rank 0's metrics count)
         with tempfile.TemporaryDirectory(prefix="sertune-ckpt-") as tmp:
@@ -401,6 +403,10 @@ def train(config: dict[str, Any], session: Any) -> list[dict[str, Any]]:
             if rank == 0:
                 save_checkpoint(Path(tmp), model, optimizer, epoch, cfg, corpus.label_names)
                 (Path(tmp) / "metrics.json").write_text(json.dumps(metrics))
+                if robust is not None:
+                    from .robustness import write_report
+
+                    write_report(robust, Path(tmp) / "robustness")
                 ckpt_dir = tmp
             session.report(metrics, ckpt_dir)
         history.append(metrics)
