@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -148,7 +149,10 @@ def init_ray(num_cpus: int | None = None, fast: bool = True) -> None:
     env = dict(FAST_ENV) if fast else {}
     for k, v in env.items():  # the local raylet's workers inherit the driver's environment
         os.environ.setdefault(k, v)
-    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}, "log_to_driver": True}
+    # Worker stdout (Ray Train's own chatter) is off unless asked for; failures still surface
+    # through each trial's error.
+    worker_logs = os.environ.get("SERTUNE_WORKER_LOGS", "0") == "1"
+    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}, "log_to_driver": worker_logs}
     if not os.environ.get("RAY_ADDRESS"):
         cpus = num_cpus or int(os.environ.get("SERTUNE_RAY_NUM_CPUS", "0")) or None
         kwargs.update(num_cpus=cpus, include_dashboard=False)
@@ -227,7 +231,12 @@ def build_tuner(
             scheduler=scheduler,
             num_samples=spec.budget.trials,
             max_concurrent_trials=spec.budget.concurrency,
-            reuse_actors=fast_trials_enabled(),
+            # Actor reuse saves a process start per trial, but in Ray 2.60 a trial that ASHA
+            # stops early is still inside TorchTrainer.fit() when Tune resets its actor; the reset
+            # times out and Tune fails the *next* trial. So reuse only where no scheduler stops
+            # trials (FIFO: multi-objective searches); each stopped actor is killed, and the
+            # Train controller and workers it owns die with it.
+            reuse_actors=fast_trials_enabled() and spec.objective.multi,
         ),
         run_config=tune.RunConfig(
             name=name,
@@ -305,7 +314,7 @@ def summarise(name: str, spec: SearchSpec, grid: Any) -> SearchResult:
     for r in grid:
         m = r.metrics or {}
         row = {
-            "trial": m.get("trial_id") or (Path(r.path).name if r.path else "?"),
+            "trial": m.get("trial_id") or _trial_id_from_path(r.path),
             "status": "error" if r.error else "done",
             "epochs": m.get("training_iteration", 0),
             "config": r.config,
@@ -328,6 +337,11 @@ def summarise(name: str, spec: SearchSpec, grid: Any) -> SearchResult:
 
     rows.sort(key=order)
     return SearchResult(name=name, path=experiment_path(name), rows=rows, metrics=metrics, errors=errors)
+
+
+def _trial_id_from_path(path: str | None) -> str:
+    m = re.search(r"run_trial_([0-9a-f]+)", path or "")
+    return m.group(1) if m else "?"
 
 
 def _first_line(err: BaseException) -> str:

@@ -21,9 +21,14 @@ META = "sertune_model.json"
 
 
 class SERPyfuncModel:
-    def __init__(self, predictor: Any):
+    def __init__(self, predictor: Any, trainable: str):
         self.predictor = predictor
+        self.trainable = trainable
         self.label_names = list(predictor.label_names)
+
+    def get_raw_model(self) -> SERPyfuncModel:
+        """MLflow's ``PyFuncModel.get_raw_model()`` hook: this wrapper (predictor + trainable)."""
+        return self
 
     def predict(self, model_input: Any, params: dict | None = None):
         import pandas as pd
@@ -40,20 +45,16 @@ class SERPyfuncModel:
         return out
 
 
-def load_predictor(path: str | Path) -> Any:
+def _load_pyfunc(data_path: str) -> SERPyfuncModel:
+    """MLflow's loader_module hook: rebuild the network from JSON, load safetensors weights."""
     from .trainable import get_trainable
 
-    path = Path(path)
-    meta = json.loads((path / META).read_text())
-    return get_trainable(meta["trainable"]).load_predictor(path)
+    meta = json.loads((Path(data_path) / META).read_text())
+    return SERPyfuncModel(get_trainable(meta["trainable"]).load_predictor(data_path), meta["trainable"])
 
 
-def _load_pyfunc(data_path: str) -> SERPyfuncModel:
-    """MLflow's loader_module hook."""
-    return SERPyfuncModel(load_predictor(data_path))
-
-
-def log_pyfunc_model(run_id: str, model_dir: Path, trainable: str, tracking_uri: str) -> None:
+def log_pyfunc_model(run_id: str, model_dir: Path, trainable: str, tracking_uri: str) -> str:
+    """Log the model on ``run_id``; return its URI (``models:/m-...``) for registration."""
     import mlflow
     import pandas as pd
     from mlflow.models import infer_signature
@@ -73,7 +74,7 @@ def log_pyfunc_model(run_id: str, model_dir: Path, trainable: str, tracking_uri:
         signature = infer_signature(example, model.predict(example))
         mlflow.set_tracking_uri(tracking_uri)
         with mlflow.start_run(run_id=run_id):
-            mlflow.pyfunc.log_model(
+            info = mlflow.pyfunc.log_model(
                 name="model",
                 loader_module="sertune.serving",
                 data_path=str(data),
@@ -81,3 +82,4 @@ def log_pyfunc_model(run_id: str, model_dir: Path, trainable: str, tracking_uri:
                 input_example=example,
                 pip_requirements=[f"sertune=={__version__}"],
             )
+        return info.model_uri

@@ -158,7 +158,25 @@ def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> Sear
     return validate_spec(raw, src)
 
 
+def _expand_paths(value: Any) -> Any:
+    """``${SERTUNE_HOME}``, other environment variables and ``~`` in data paths."""
+    import os
+
+    from . import settings
+
+    if isinstance(value, str):
+        value = value.replace("${SERTUNE_HOME}", str(settings.home()))
+        return os.path.expanduser(os.path.expandvars(value)) if ("$" in value or value.startswith("~")) else value
+    if isinstance(value, list):
+        return [_expand_paths(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _expand_paths(v) for k, v in value.items()}
+    return value
+
+
 def validate_spec(raw: dict[str, Any], source: str = "<spec>") -> SearchSpec:
+    if isinstance(raw.get("data"), dict):
+        raw = {**raw, "data": _expand_paths(raw["data"])}
     try:
         spec = SearchSpec(**raw, source=source)
     except ValidationError as e:

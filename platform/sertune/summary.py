@@ -87,6 +87,7 @@ def write_search_summary(out: Path, result: Any, spec: dict[str, Any]) -> dict[s
         try:
             import optuna
 
+            optuna.logging.set_verbosity(optuna.logging.WARNING)
             dists = _distributions(space)
             study = optuna.create_study(direction="maximize" if mode == "max" else "minimize")
             for r in ok:

@@ -237,7 +237,8 @@ class MLflowSearchLogger(Callback):
                 self.client.log_artifacts(run_id, str(report_dir), "robustness")
             if (local / "metrics.json").exists():
                 self.client.log_artifact(run_id, str(local / "metrics.json"))
-            log_pyfunc_model(run_id, local, self.trainable, self.uri)
+            model_uri = log_pyfunc_model(run_id, local, self.trainable, self.uri)
+            self.client.set_tag(run_id, "sertune.model_uri", model_uri)
             self.client.set_tag(run_id, "sertune.checkpoint", checkpoint_path)
 
     def finish(self, result: Any, grid: Any) -> None:

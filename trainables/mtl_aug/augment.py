@@ -153,10 +153,23 @@ class AugmentationBank(torch.nn.Module):
         generator: torch.Generator,
         types: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if types is None:
+            types = self.sample_types(wav.shape[0], generator)
+        feats = self.logmel(self.augment_waveform(wav, types, generator))  # (B, M, T)
+        is_spec = types == SPECAUG
+        if bool(is_spec.any()):
+            a = self.aug
+            feats[is_spec] = spec_augment(
+                feats[is_spec], a.specaug_freq_width, a.specaug_time_width, a.specaug_masks, generator
+            )
+        return feats, types
+
+    def augment_waveform(
+        self, wav: torch.Tensor, types: torch.Tensor, generator: torch.Generator
+    ) -> torch.Tensor:
+        """The waveform-domain part: (B, Lc) crops -> (B, segment) augmented waveforms."""
         a, dev = self.aug, wav.device
         b = wav.shape[0]
-        if types is None:
-            types = self.sample_types(b, generator)
         seg = self.segment
         out = wav[:, :seg].clone()  # (B, seg): every type but speed uses the first segment
 
@@ -208,11 +221,4 @@ class AugmentationBank(torch.nn.Module):
                 n_rev, generator=generator, device=dev
             )
             out[is_rev] = reverberate(out[is_rev], synthetic_rir(rt60, self.sample_rate, generator))
-
-        feats = self.logmel(out)  # (B, M, T)
-        is_spec = types == SPECAUG
-        if bool(is_spec.any()):
-            feats[is_spec] = spec_augment(
-                feats[is_spec], a.specaug_freq_width, a.specaug_time_width, a.specaug_masks, generator
-            )
-        return feats, types
+        return out

@@ -272,6 +272,7 @@ def load_state(directory: str | Path) -> dict[str, Any]:
 def train(config: dict[str, Any], session: Any) -> list[dict[str, Any]]:
     """Train MTL-AUG as ``config`` says, reporting after every epoch through ``session``."""
     # [1] Config, device, threads
+    loop_t0 = time.perf_counter()
     cfg = MTLAugConfig.from_dict(config.get("params", {}))
     data_cfg = config["data"]
     run_cfg = config.get("run", {})
@@ -383,8 +384,10 @@ def train(config: dict[str, Any], session: Any) -> list[dict[str, Any]]:
             "train_loss_emo": float(sums[1]) / n_seen,
             "train_loss_aug": float(sums[2]) / n_seen,
             "train_loss_rec": float(sums[3]) / n_seen,
+            "train_samples": int(n_seen),  # summed over every worker
             "train_samples_per_s": n_seen / max(epoch_time, 1e-9),
             "train_time_s": train_time,
+            "loop_time_s": time.perf_counter() - loop_t0,  # data load + epochs so far (bench search)
         }
         last = epoch == cfg.optim.epochs - 1
         if last:  # the held-out test speakers: reported once, never optimised

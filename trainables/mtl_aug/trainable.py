@@ -84,6 +84,29 @@ class MTLAugTrainable(Trainable):
 
         return load_model(model_dir)
 
+    def robustness_report(self, predictor: Any, data: dict[str, Any], options: dict[str, Any], out: Path) -> dict:
+        """Evaluate a loaded predictor on ``data``'s test speakers; write the report to ``out``."""
+        import torch
+        from trainables.data.cache import load_cache, speaker_independent_split
+
+        from .robustness import center_crops, evaluate_robustness, logits_fn_for, write_report
+        from .train import load_noise_bank
+
+        cfg = predictor.cfg
+        corpus = load_cache(data["cache"])
+        test = speaker_independent_split(corpus, data.get("fold", 0), data.get("n_folds"))["test"]
+        if options.get("max_utterances"):
+            test = test[: int(options["max_utterances"])]
+        seg = int(round(cfg.features.segment_s * cfg.features.sample_rate))
+        wav, y = center_crops(corpus, test, seg, torch.device("cpu"))
+        bank = load_noise_bank(data.get("noise_files") or [], cfg.features.sample_rate)
+        report = evaluate_robustness(
+            logits_fn_for(predictor.model, predictor.logmel), wav, y, cfg.model.n_emotions, options,
+            bank, corpus_name=corpus.path.name, seed=cfg.seed,
+        )  # fmt: skip
+        write_report(report, Path(out))
+        return report
+
     def bench_train(self, device: str, batch: int | None, steps: int, rounds: int, log=print):
         from .bench import run_bench
 
