@@ -84,17 +84,19 @@ def cmd_bench_search(a: argparse.Namespace) -> int:
 # -- search ----------------------------------------------------------------------------------------
 
 
-def _load(path: str, name: str | None = None):
+def _load(path: str, name: str | None = None, a: argparse.Namespace | None = None):
     from .spec import load_spec
 
-    return load_spec(path, {"name": name} if name else None)
+    sets = getattr(a, "set", None) or []
+    smoke = bool(getattr(a, "smoke", False))
+    return load_spec(path, {"name": name} if name else None, sets=sets, smoke=smoke)
 
 
 def cmd_search_validate(a: argparse.Namespace) -> int:
     from .spec import SpecError
 
     try:
-        spec = _load(a.spec)
+        spec = _load(a.spec, None, a)
     except SpecError as e:
         return _fail(str(e))
     kind = "multi-objective" if spec.objective.multi else "single-objective"
@@ -107,7 +109,7 @@ def cmd_search_run(a: argparse.Namespace) -> int:
     from .spec import SpecError
 
     try:
-        spec = _load(a.spec, a.name)
+        spec = _load(a.spec, a.name, a)
     except SpecError as e:
         return _fail(str(e))
     result = run_search(spec, tracking_uri=a.tracking_uri, num_cpus=a.num_cpus)
@@ -174,7 +176,7 @@ def cmd_search_submit(a: argparse.Namespace) -> int:
     from .submit import submit
 
     try:
-        spec = _load(a.spec, a.name)
+        spec = _load(a.spec, a.name, a)
     except SpecError as e:
         return _fail(str(e))
     sid = submit(spec, a.spec, a.address, wait=a.wait, tracking_uri=a.tracking_uri)
@@ -269,6 +271,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    specopts = argparse.ArgumentParser(add_help=False)
+    specopts.add_argument("--set", action="append", metavar="KEY=VALUE",
+                          help="edit the spec without touching the file, e.g. --set data.root=/data/iemocap "
+                          "--set budget.trials=8 --set params.loss.w_aug=0 (repeatable)")  # fmt: skip
+    specopts.add_argument("--smoke", action="store_true",
+                          help="shrink the search to a CPU smoke run: 2 trials, 1 epoch, a tiny model")  # fmt: skip
     tracking = argparse.ArgumentParser(add_help=False)
     tracking.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or "
                           "sqlite:///$SERTUNE_HOME/mlflow.db)")  # fmt: skip
@@ -314,10 +322,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     se = sub.add_parser("search", help="run, resume, submit and inspect searches")
     ssub = se.add_subparsers(dest="search_command", required=True)
-    v = ssub.add_parser("validate", help="check a spec without running anything")
+    v = ssub.add_parser("validate", help="check a spec without running anything", parents=[specopts])
     v.add_argument("spec")
     v.set_defaults(func=cmd_search_validate)
-    r = ssub.add_parser("run", help="run a search on local Ray (or the cluster in RAY_ADDRESS)", parents=[tracking])
+    r = ssub.add_parser("run", help="run a search on local Ray (or the cluster in RAY_ADDRESS)",
+                        parents=[tracking, specopts])  # fmt: skip
     r.add_argument("spec", help="a YAML spec, e.g. search_spaces/mtl_aug.yaml")
     r.add_argument("--name", help="search name (default: the spec's name)")
     r.add_argument("--num-cpus", type=int, help="CPUs for local Ray (default: all)")
@@ -331,7 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     st = ssub.add_parser("status", help="how far a search got and its best trial so far")
     st.add_argument("name")
     st.set_defaults(func=cmd_search_status)
-    sm = ssub.add_parser("submit", help="submit a search to a Ray cluster through Ray Jobs", parents=[tracking])
+    sm = ssub.add_parser("submit", help="submit a search to a Ray cluster through Ray Jobs",
+                         parents=[tracking, specopts])  # fmt: skip
     sm.add_argument("spec")
     sm.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://head:8265")
     sm.add_argument("--name")

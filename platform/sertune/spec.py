@@ -140,8 +140,62 @@ def _fmt_loc(loc: tuple) -> str:
     return ".".join(str(p) for p in loc)
 
 
-def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> SearchSpec:
-    """Read, parse and fully validate a spec; raise :class:`SpecError` on the first problem."""
+def apply_sets(raw: dict[str, Any], sets: list[str], source: str) -> dict[str, Any]:
+    """``--set data.root=/x --set budget.trials=8``: dotted path = YAML value."""
+    import copy
+
+    raw = copy.deepcopy(raw)
+    for item in sets:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise SpecError(source, "--set", f"expected KEY=VALUE, got {item!r}")
+        node = raw
+        parts = key.split(".")
+        # params/space keys are dotted names themselves: `params.loss.w_aug=0` sets params["loss.w_aug"]
+        if parts[0] in ("params", "space") and len(parts) > 1:
+            parts = [parts[0], ".".join(parts[1:])]
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise SpecError(source, key, "cannot --set inside a non-mapping value")
+        node[parts[-1]] = yaml.safe_load(value)
+    return raw
+
+
+def smoke_overrides(raw: dict[str, Any]) -> dict[str, Any]:
+    """Shrink any spec to a smoke run: 2 trials, 1 epoch, 2 steps, the trainable's tiny model, CPU."""
+    from .trainable import get_trainable
+
+    t = get_trainable(raw.get("trainable", ""))
+    out = dict(raw)
+    out["budget"] = {**raw.get("budget", {}), "trials": 2, "concurrency": 2, "max_epochs": 1,
+                     "grace_epochs": 1, "max_steps_per_epoch": 2}  # fmt: skip
+    out["resources"] = {"workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 0}
+    out["device"] = "cpu"
+    out["params"] = {**raw.get("params", {}), **t.smoke_params()}
+    out["space"] = {k: v for k, v in (raw.get("space") or {}).items() if k not in t.smoke_params()}
+    if raw.get("robustness") is not None:
+        out["robustness"] = {"snrs_db": [10], "noises": ["white"], "fgsm_eps": [0.005], "pgd_eps": [],
+                             "max_utterances": 16}  # fmt: skip
+    data = dict(raw.get("data", {}))
+    if data.get("corpus") == "synthetic":
+        data["synthetic"] = {"n_speakers": 5, "per_class": 3, "seed": 0}
+        data["root"] = f"{data.get('root', '${SERTUNE_HOME}/data/synthetic')}-smoke"
+    out["data"] = data
+    return out
+
+
+def load_spec(
+    path: str | Path,
+    overrides: dict[str, Any] | None = None,
+    sets: list[str] | None = None,
+    smoke: bool = False,
+) -> SearchSpec:
+    """Read, parse and fully validate a spec; raise :class:`SpecError` on the first problem.
+
+    ``overrides`` replace top-level fields, ``sets`` are ``KEY=VALUE`` edits (``--set``), and
+    ``smoke`` shrinks the search to a CPU smoke run (``--smoke``).
+    """
     path = Path(path)
     src = str(path)
     if not path.is_file():
@@ -155,6 +209,17 @@ def load_spec(path: str | Path, overrides: dict[str, Any] | None = None) -> Sear
     raw.setdefault("name", path.stem)
     for k, v in (overrides or {}).items():
         raw[k] = v
+    if sets:
+        raw = apply_sets(raw, sets, src)
+    if smoke:
+        if raw.get("trainable") is None:
+            raise SpecError(src, "trainable", "Field required")
+        from .trainable import UnknownTrainable
+
+        try:
+            raw = smoke_overrides(raw)
+        except UnknownTrainable as e:
+            raise SpecError(src, "trainable", str(e.args[0])) from None
     return validate_spec(raw, src)
 
 
@@ -268,14 +333,18 @@ def _check_semantics(spec: SearchSpec) -> None:
     if spec.define_by_run:
         load_define_by_run(spec.define_by_run, Path(src).parent, src)
 
-    # every bound of the space must give a trainable config
+    # the fixed params alone, then every corner of the space, must give a trainable config
+    try:
+        trainable.validate_params(dict(spec.params))
+    except ValueError as e:
+        named = [k for k in spec.params if k in str(e)]
+        raise SpecError(src, f"params.{named[0]}" if named else "params", str(e)) from None
     for corner in _corners(spec):
         try:
             trainable.validate_params({**spec.params, **corner})
         except ValueError as e:
-            where = next(iter(corner), "params")
-            field = f"space.{where}" if corner else "params"
-            raise SpecError(src, field, f"{e} (at {corner or spec.params})") from None
+            named = [k for k in corner if k in str(e)] or list(corner)
+            raise SpecError(src, f"space.{named[0]}", f"{e} (at {corner})") from None
 
 
 def _check_param(src: str, field: str, p: ParamSpec) -> None:

@@ -59,6 +59,10 @@ class Trainable(ABC):
         """Load a saved model without pickle: an object with ``predict_proba(list of (L,) float
         arrays) -> (n, C)``, ``label_names`` and ``sample_rate``."""
 
+    def smoke_params(self) -> dict[str, Any]:
+        """Parameters that make a trial tiny (``--smoke``): seconds on one CPU core."""
+        return {}
+
     def metric_names(self) -> set[str]:
         return set(self.epoch_metrics) | set(self.final_metrics)
 

@@ -142,7 +142,10 @@ class MTLAugConfig:
             kwargs["seed"] = int(value)
         for section, values in nested.items():
             if section not in sections:
-                raise ConfigError(f"Unknown config section: {section}")
+                keys = ", ".join(f"{section}.{k}" for k in values)
+                raise ConfigError(
+                    f"Unknown config key: {keys} (sections: {', '.join(sorted(sections))}, seed)"
+                )
             sub_cls = sections[section].default_factory  # type: ignore[misc]
             kwargs[section] = _build(sub_cls, values, section)
         cfg = cls(**kwargs)

@@ -35,6 +35,16 @@ class MTLAugTrainable(Trainable):
         except (TypeError, ValueError) as e:
             raise ValueError(f"bad parameter value: {e}") from None
 
+    def smoke_params(self) -> dict[str, Any]:
+        return {
+            "model.conv_channels": [4, 8],
+            "model.lstm_hidden": 16,
+            "model.attn_dim": 8,
+            "features.n_mels": 32,
+            "features.segment_s": 1.0,
+            "optim.batch_size": 16,
+        }
+
     def corpora(self) -> tuple[str, ...]:
         from trainables.data.corpora import ADAPTERS
 

@@ -1,0 +1,100 @@
+"""Bad specs are refused before anything starts: one line naming the file and the field, exit 2."""
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sertune.spec import SpecError, load_spec
+
+REPO = Path(__file__).resolve().parents[2]
+PRESETS = sorted((REPO / "search_spaces").glob("*.yaml"))
+SMOKE = yaml.safe_load((REPO / "search_spaces" / "smoke.yaml").read_text())
+
+
+def write(tmp_path, edit) -> Path:
+    raw = yaml.safe_load(yaml.safe_dump(SMOKE))
+    edit(raw)
+    p = tmp_path / "bad.yaml"
+    p.write_text(yaml.safe_dump(raw))
+    return p
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.name)
+def test_every_preset_validates(preset, home):
+    spec = load_spec(preset)
+    assert spec.trainable == "mtl_aug" and spec.budget.trials >= 1
+    smoke = load_spec(preset, smoke=True)
+    assert smoke.budget.trials == 2 and smoke.device == "cpu"
+
+
+CASES = [
+    ("unknown top-level key", lambda r: r.update(bugdet={}), "bugdet", "unknown key"),
+    ("unknown nested key", lambda r: r["budget"].update(trails=3), "budget.trails", "unknown key"),
+    ("wrong type", lambda r: r["budget"].update(trials="many"), "budget.trials", "integer"),
+    ("low > high", lambda r: r["space"].update({"loss.w_aug": {"type": "float", "low": 2.0, "high": 1.0}}),
+     "space.loss.w_aug", r"low \(2.0\) > high \(1.0\)"),
+    ("empty choice", lambda r: r["space"].update({"model.dropout": {"type": "choice", "values": []}}),
+     "space.model.dropout.values", "at least one value"),
+    ("log with low <= 0", lambda r: r["space"].update({"optim.lr": {"type": "float", "low": 0, "high": 1, "log": True}}),
+     "space.optim.lr.low", "log scale"),
+    ("unknown parameter", lambda r: r["space"].update({"loss.w_agu": {"type": "float", "low": 0, "high": 1}}),
+     "space.loss.w_agu", "unknown parameter"),
+    ("unknown fixed parameter", lambda r: r["params"].update({"model.layers": 3}), "params.model.layers", "unknown parameter"),
+    ("unknown trainable", lambda r: r.update(trainable="resnet"), "trainable", "unknown trainable 'resnet'"),
+    ("unknown corpus", lambda r: r["data"].update(corpus="timit"), "data.corpus", "unknown corpus 'timit'"),
+    ("missing data root", lambda r: r["data"].update(corpus="emodb", root="/no/such/emodb"), "data.root",
+     "does not exist"),
+    ("unknown metric", lambda r: r["objective"].update(metric="val_acc"), "objective.metric", "unknown metric"),
+    ("test-set objective", lambda r: r["objective"].update(metric="test_uar"), "objective.metric", "test speakers"),
+    ("bad mode", lambda r: r["objective"].update(mode="maximise"), "objective.mode", "max"),
+    ("grace > epochs", lambda r: r["budget"].update(grace_epochs=9), "budget.grace_epochs", "max_epochs"),
+    ("fractional GPU above 1", lambda r: r["resources"].update(gpus_per_worker=1.5), "resources", "whole"),
+    ("value the trainable refuses", lambda r: r["params"].update({"aug.snr_db_low": 40.0}), "params.aug.snr_db_low",
+     r"snr_db_low \(40.0\) > aug.snr_db_high"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case, edit, field, message", CASES, ids=[c[0] for c in CASES])
+def test_each_class_of_spec_error(tmp_path, home, case, edit, field, message):
+    path = write(tmp_path, edit)
+    with pytest.raises(SpecError) as err:
+        load_spec(path)
+    text = str(err.value)
+    assert text.startswith(f"{path}: {field}"), text
+    assert __import__("re").search(message, text), text
+    assert "\n" not in text
+
+
+def test_not_yaml_and_missing_file(tmp_path):
+    bad = tmp_path / "x.yaml"
+    bad.write_text("budget: [unclosed\n")
+    with pytest.raises(SpecError, match="not valid YAML"):
+        load_spec(bad)
+    with pytest.raises(SpecError, match="spec file not found"):
+        load_spec(tmp_path / "nope.yaml")
+
+
+def test_cli_exits_2_with_one_line_before_ray_starts(tmp_path, home):
+    path = write(tmp_path, lambda r: r["space"].update({"loss.w_aug": {"type": "float", "low": 2.0, "high": 1.0}}))
+    t0 = time.monotonic()
+    p = subprocess.run([sys.executable, "-m", "sertune.cli", "search", "run", str(path)],
+                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert p.returncode == 2
+    assert p.stderr.strip() == f"sertune: error: {path}: space.loss.w_aug: low (2.0) > high (1.0)"
+    assert "Ray" not in p.stdout + p.stderr
+    assert time.monotonic() - t0 < 30
+
+
+def test_set_overrides_and_define_by_run(tmp_path, home):
+    spec = load_spec(REPO / "search_spaces" / "mtl_aug.yaml", sets=["budget.trials=5", "params.optim.grad_clip=1.0"],
+                     overrides=None)  # fmt: skip
+    assert spec.budget.trials == 5 and spec.params["optim.grad_clip"] == 1.0
+    with pytest.raises(SpecError, match="both fixed"):
+        load_spec(REPO / "search_spaces" / "mtl_aug.yaml", sets=["params.loss.w_rec=0"])
+    bad = write(tmp_path, lambda r: r.update(define_by_run="nowhere.py:space"))
+    with pytest.raises(SpecError, match="define_by_run"):
+        load_spec(bad)
