@@ -30,8 +30,17 @@ DEFAULT_EXPERIMENT = "sertune"
 TAG_SEARCH, TAG_TRIAL, TAG_STATUS, TAG_KIND = "sertune.search", "sertune.trial_id", "sertune.status", "sertune.kind"
 
 
+def error_reason(text: str) -> str:
+    """The one line of a traceback that says why a trial failed (e.g. the NaN loss message)."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for marker in ("TrainingDiverged:", "Error:", "Exception:"):
+        hits = [ln for ln in lines if marker in ln]
+        if hits:
+            return hits[-1][:500]
+    return (lines[-1] if lines else "unknown error")[:500]
+
+
 def trial_error_reason(trial: Any) -> str:
-    """The one line that says why a trial failed (e.g. the NaN loss message)."""
     text = ""
     try:
         err = trial.get_error()
@@ -40,11 +49,7 @@ def trial_error_reason(trial: Any) -> str:
         pass
     if not text and getattr(trial, "error_file", None) and os.path.exists(trial.error_file):
         text = Path(trial.error_file).read_text()
-    for line in text.splitlines():
-        if "TrainingDiverged" in line:
-            return line.strip()[:500]
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    return (lines[-1] if lines else "unknown error")[:500]
+    return error_reason(text)
 
 
 def configure(tracking_uri: str | None = None) -> str:

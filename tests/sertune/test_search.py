@@ -1,0 +1,104 @@
+"""Searches end to end on local Ray (2 CPUs): Ray Tune + Optuna over Ray Train trials, MLflow."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sertune.search import load_record, run_search, search_status
+from sertune.spec import load_spec
+
+REPO = Path(__file__).resolve().parents[2]
+SMOKE = REPO / "search_spaces" / "smoke.yaml"
+
+pytestmark = pytest.mark.usefixtures("ray_2cpu")
+
+
+def spec_file(tmp_path, edit=None):
+    raw = yaml.safe_load(SMOKE.read_text())
+    if edit:
+        edit(raw)
+    p = tmp_path / f"{raw['name']}.yaml"
+    p.write_text(yaml.safe_dump(raw))
+    return p
+
+
+def mlflow_runs(name):
+    from mlflow import MlflowClient
+
+    from sertune import settings
+    from sertune.tracking import get_experiment_id
+
+    c = MlflowClient(settings.tracking_uri())
+    runs = c.search_runs([get_experiment_id(c)], f"tags.`sertune.search` = '{name}'")
+    parent = [r for r in runs if r.data.tags.get("sertune.kind") == "search"]
+    children = [r for r in runs if r.data.tags.get("sertune.kind") == "trial"]
+    return c, parent, children
+
+
+def test_smoke_single_objective(home, tmp_path):
+    spec = load_spec(spec_file(tmp_path))
+    result = run_search(spec, log=lambda *a: None)
+    assert len(result.rows) == 2 and result.errors == 0
+    assert all(r["status"] == "done" for r in result.rows)
+    uars = [r["val_uar"] for r in result.rows]
+    assert uars == sorted(uars, reverse=True)  # best first
+    assert load_record("smoke")["status"] == "finished"
+    status = search_status("smoke")
+    assert status["trials"] == {"TERMINATED": 2} and "best" in status
+
+    c, parent, children = mlflow_runs("smoke")
+    assert len(parent) == 1 and len(children) == 2
+    p = parent[0]
+    assert p.info.status == "FINISHED"
+    arts = {a.path for a in c.list_artifacts(p.info.run_id, "search")}
+    assert {"search/spec.yaml", "search/data_report.json"} <= arts
+    summary = {a.path for a in c.list_artifacts(p.info.run_id, "summary")}
+    assert {"summary/leaderboard.csv", "summary/optimisation_history.png"} <= summary
+    for ch in children:
+        assert ch.data.tags["mlflow.parentRunId"] == p.info.run_id
+        assert ch.data.tags["sertune.status"] in ("finished", "stopped_early")
+        assert {"loss.w_aug", "loss.w_rec", "aug.p_white_noise"} <= set(ch.data.params)
+        hist = c.get_metric_history(ch.info.run_id, "train_loss_rec")
+        assert len(hist) == ch.data.metrics["training_iteration"] if "training_iteration" in ch.data.metrics else len(hist) >= 1
+        if ch.data.tags["sertune.status"] == "finished":
+            assert "robust/uar_snr10_white" in ch.data.metrics
+            robust = {a.path for a in c.list_artifacts(ch.info.run_id, "robustness")}
+            assert {"robustness/robustness.json", "robustness/uar_vs_snr.png", "robustness/uar_vs_eps.png"} <= robust
+
+
+def test_smoke_multi_objective_has_a_pareto_front(home, tmp_path):
+    def edit(raw):
+        raw["name"] = "smoke-mo"
+        raw["objective"] = {"metrics": [{"metric": "val_uar", "mode": "max"},
+                                        {"metric": "robust/uar_snr0_white", "mode": "max"}]}  # fmt: skip
+
+    spec = load_spec(spec_file(tmp_path, edit))
+    assert spec.objective.multi
+    result = run_search(spec, log=lambda *a: None)
+    assert len(result.rows) == 2 and result.errors == 0
+    assert all(r["epochs"] == spec.budget.max_epochs for r in result.rows)  # FIFO: no early stop
+    c, parent, _ = mlflow_runs("smoke-mo")
+    local = c.download_artifacts(parent[0].info.run_id, "summary", str(tmp_path / "dl"))
+    front = json.loads((Path(local) / "pareto_front.json").read_text())
+    assert 1 <= len(front) <= 2 and "robust/uar_snr0_white" in front[0]
+
+
+def test_a_diverging_trial_fails_with_its_reason_and_the_search_goes_on(home, tmp_path):
+    (tmp_path / "nan_space.py").write_text((Path(__file__).with_name("nan_space.py")).read_text())
+
+    def edit(raw):
+        raw["name"] = "smoke-nan"
+        raw["budget"].update(trials=2, concurrency=1)
+        raw["define_by_run"] = "nan_space.py:space"
+
+    result = run_search(load_spec(spec_file(tmp_path, edit)), log=lambda *a: None)
+    assert len(result.rows) == 2 and result.errors == 1
+    failed = [r for r in result.rows if r["status"] == "error"][0]
+    assert "loss became" in failed["error"]
+    assert [r for r in result.rows if r["status"] == "done"][0]["val_uar"] is not None
+    _, _, children = mlflow_runs("smoke-nan")
+    bad = [ch for ch in children if ch.data.tags["sertune.status"] == "failed"]
+    assert len(bad) == 1 and "loss became" in bad[0].data.tags["sertune.failure_reason"]
+    assert bad[0].info.status == "FAILED"
