@@ -318,6 +318,12 @@ def train(config: dict[str, Any], session: Any) -> list[dict[str, Any]]:
         optimizer.load_state_dict(state["optimizer"])
         start_epoch = int(state["epoch"]) + 1
     model = session.wrap_model(core)
+    if ckpt and start_epoch >= cfg.optim.epochs:
+        # Resumed after the last epoch (the driver died before it recorded the end): report the
+        # saved final metrics again so the trial ends with its real result instead of none.
+        final = json.loads((Path(ckpt) / "metrics.json").read_text())
+        session.report(final, None)
+        return [final]
 
     bs = cfg.optim.batch_size
     steps = max(1, n_train // (bs * world))
