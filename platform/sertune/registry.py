@@ -107,11 +107,12 @@ def promote(
     import mlflow
 
     mv = mlflow.register_model(best.data.tags["sertune.model_uri"], model_name, tags=tags)
-    _wait_ready(client, model_name, mv.version)
+    version = str(mv.version)
+    _wait_ready(client, model_name, version)
     if previous:
         client.set_registered_model_alias(model_name, "previous", previous)
-    client.set_registered_model_alias(model_name, "champion", mv.version)
-    return {"name": model_name, "version": mv.version, "previous": previous, "trial": tags["sertune.trial_id"],
+    client.set_registered_model_alias(model_name, "champion", version)
+    return {"name": model_name, "version": version, "previous": str(previous) if previous else None, "trial": tags["sertune.trial_id"],
             "objective": metric, "value": m[metric], "run_id": best.info.run_id, "gates": rows}  # fmt: skip
 
 

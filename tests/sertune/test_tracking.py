@@ -1,0 +1,244 @@
+"""MLflow end to end: smoke search -> parent/child runs with metrics, robustness.json and plots
+-> promote (gates) -> alias champion -> predict. Against SQLite and a real `mlflow server`."""
+
+import builtins
+import json
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.usefixtures("ray_2cpu")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_smoke(home: Path, name: str, tracking_uri: str | None):
+    from sertune.search import run_search
+    from sertune.spec import load_spec
+
+    raw = yaml.safe_load((REPO / "search_spaces" / "smoke.yaml").read_text())
+    raw["name"] = name
+    raw["budget"]["max_epochs"] = 3
+    raw["budget"]["grace_epochs"] = 3  # no early stop: both trials get a model and a report
+    spec_path = home.parent / f"{name}.yaml"
+    spec_path.write_text(yaml.safe_dump(raw))
+    return run_search(load_spec(spec_path), tracking_uri=tracking_uri, log=lambda *a: None)
+
+
+class Env:
+    """Module-scoped environment edits (monkeypatch is per test)."""
+
+    def __init__(self, **values):
+        self.values, self.saved = values, {}
+
+    def __enter__(self):
+        for k, v in self.values.items():
+            self.saved[k] = os.environ.get(k)
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        return self
+
+    def __exit__(self, *exc):
+        for k, v in self.saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def sqlite_search(tmp_path_factory):
+    home = tmp_path_factory.mktemp("sqlite") / "home"
+    with Env(SERTUNE_HOME=str(home), MLFLOW_TRACKING_URI=None):
+        result = run_smoke(home, "track", None)
+        yield home, result
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` process on a free localhost port (SQLite backend, proxied artifacts)."""
+    root = tmp_path_factory.mktemp("server")
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{root / 'server.db'}", "--artifacts-destination", str(root / "artifacts"),
+         "--workers", "1"],
+        stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=2)
+            break
+        except Exception:
+            assert proc.poll() is None, (root / "server.log").read_text()
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        raise AssertionError("mlflow server did not start:\n" + (root / "server.log").read_text())
+    yield url, root
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def a_wav(path: Path, seed=0) -> Path:
+    from trainables.data.synth import make_speakers, synth_utterance
+
+    rng = np.random.default_rng(seed)
+    sf.write(path, synth_utterance(make_speakers(1, rng)[0], "angry", rng), 16000)
+    return path
+
+
+def check_runs_and_artifacts(tmp_path):
+    from mlflow import MlflowClient
+
+    from sertune import settings
+    from sertune.tracking import get_experiment_id
+
+    c = MlflowClient(settings.tracking_uri())
+    runs = c.search_runs([get_experiment_id(c)], "tags.`sertune.kind` = 'trial'")
+    assert len(runs) == 2
+    for r in runs:
+        assert r.info.status == "FINISHED" and r.data.tags["sertune.status"] == "finished"
+        assert len(c.get_metric_history(r.info.run_id, "val_uar")) == 3  # per epoch
+        for key in ("train_loss_emo", "train_loss_aug", "train_loss_rec", "test_uar", "robust/uar_snr10_white",
+                    "robust/uar_fgsm0.01"):
+            assert key in r.data.metrics, key
+        d = c.download_artifacts(r.info.run_id, "robustness", str(tmp_path / r.info.run_id))
+        report = json.loads((Path(d) / "robustness.json").read_text())
+        assert report["schema"] == "sertune.robustness/1" and report["noise"] and report["adversarial"]
+        assert (Path(d) / "uar_vs_snr.png").stat().st_size > 1000
+    return runs
+
+
+def test_sqlite_end_to_end(sqlite_search, tmp_path):
+    from sertune.registry import predict_files, promote
+
+    home, result = sqlite_search
+    runs = check_runs_and_artifacts(tmp_path)
+    v = promote("track", gates=["robust/uar_snr10_white>=0.0"])
+    assert v["version"] == "1" and v["previous"] is None
+    best = max(runs, key=lambda r: r.data.metrics["val_uar"])
+    assert v["run_id"] == best.info.run_id
+
+    from mlflow import MlflowClient
+
+    from sertune import settings
+
+    c = MlflowClient(settings.tracking_uri())
+    mv = c.get_model_version_by_alias("ser-mtl-aug", "champion")
+    assert str(mv.version) == "1"
+    for tag in ("sertune.search", "sertune.trial_id", "sertune.data_fingerprint", "sertune.code_version"):
+        assert mv.tags[tag]
+    rows = predict_files("models:/ser-mtl-aug@champion", [str(a_wav(tmp_path / "x.wav"))])
+    assert rows[0]["emotion"] in ("angry", "happy", "neutral", "sad")
+    assert abs(sum(rows[0]["probabilities"].values()) - 1) < 1e-5
+
+    v2 = promote("track")  # a second promotion: the old champion becomes `previous`
+    assert v2["version"] == "2" and v2["previous"] == "1"
+    assert str(c.get_model_version_by_alias("ser-mtl-aug", "previous").version) == "1"
+
+
+def test_gate_failure_refuses_with_a_table(sqlite_search, capsys):
+    from sertune.cli import main
+
+    code = main(["promote", "track", "--gate", "robust/uar_snr10_white>=1.01", "--gate", "val_uar>=0",
+                 "--name", "gated"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 3
+    assert "refusing to promote" in err and "FAIL" in err and "pass" in err
+    assert "robust/uar_snr10_white" in err
+    from mlflow import MlflowClient
+
+    from sertune import settings
+
+    with pytest.raises(Exception):
+        MlflowClient(settings.tracking_uri()).get_model_version_by_alias("gated", "champion")
+
+
+def test_promoted_model_loads_without_pickle_or_training_code(sqlite_search, tmp_path, monkeypatch):
+    """Nothing in the artifact is unpickled; the training loop need not even be importable."""
+    import torch
+
+    from sertune.registry import load_pyfunc, promote
+
+    promote("track", model_name="nopickle")
+
+    def refuse(*a, **k):
+        raise AssertionError("pickle was used to load the model")
+
+    for mod, names in ((pickle, ("load", "loads", "Unpickler")), (torch, ("load",))):
+        for n in names:
+            monkeypatch.setattr(mod, n, refuse)
+    import cloudpickle
+
+    monkeypatch.setattr(cloudpickle, "load", refuse)
+    monkeypatch.setattr(cloudpickle, "loads", refuse)
+    for m in [m for m in sys.modules if m.startswith("trainables.mtl_aug.train")]:
+        monkeypatch.delitem(sys.modules, m)
+    real_import = builtins.__import__
+
+    def no_training_code(name, *a, **k):
+        if name.startswith("trainables.mtl_aug.train") or name.startswith("ray"):
+            raise ImportError(f"{name} is unavailable in this test")
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_training_code)
+    model = load_pyfunc("models:/nopickle@champion")
+    import pandas as pd
+
+    out = model.predict(pd.DataFrame({"waveform": [np.zeros(16000).tolist(), (0.1 * np.ones(9000)).tolist()]}))
+    probs = out[[c for c in out.columns if c.startswith("p_")]].to_numpy()
+    assert np.allclose(probs.sum(1), 1.0, atol=1e-5)
+
+
+def test_mlflow_models_predict_cli(sqlite_search, tmp_path):
+    from sertune import settings
+
+    inp = tmp_path / "in.json"
+    inp.write_text(json.dumps({"dataframe_split": {"columns": ["waveform"], "data": [[[0.0] * 8000]]}}))
+    out = tmp_path / "out.json"
+    p = subprocess.run(
+        [sys.executable, "-m", "mlflow", "models", "predict", "-m", "models:/ser-mtl-aug@champion",
+         "-i", str(inp), "-t", "json", "-o", str(out), "--env-manager", "local"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "MLFLOW_TRACKING_URI": settings.tracking_uri()},
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr[-2000:]
+    preds = json.loads(out.read_text())["predictions"][0]
+    assert preds["emotion"] in ("angry", "happy", "neutral", "sad")
+    assert abs(sum(v for k, v in preds.items() if k.startswith("p_")) - 1) < 1e-5
+
+
+def test_mlflow_server_end_to_end(mlflow_server, tmp_path):
+    from sertune.registry import predict_files, promote
+
+    url, root = mlflow_server
+    home = tmp_path / "home"
+    with Env(SERTUNE_HOME=str(home), MLFLOW_TRACKING_URI=url):
+        run_smoke(home, "server", url)
+        check_runs_and_artifacts(tmp_path)
+        v = promote("server")
+        assert v["version"] == "1"
+        rows = predict_files("models:/ser-mtl-aug@champion", [str(a_wav(tmp_path / "y.wav"))])
+        assert abs(sum(rows[0]["probabilities"].values()) - 1) < 1e-5
+    assert any((root / "artifacts").rglob("robustness.json"))  # stored by the server, not locally
+    assert not (home / "mlflow.db").exists()
