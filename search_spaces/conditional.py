@@ -11,6 +11,9 @@ def space(trial):
     if trial.params.get("aug.p_babble_noise", 0.0) > 0.05:
         trial.suggest_int("aug.babble_speakers", 2, 6)
     # Reconstruction on: also search how hard SpecAugment masks (it changes what is rebuilt).
-    if trial.params.get("loss.w_rec", 0.0) > 0.1 and trial.params.get("aug.p_specaugment", 0.0) > 0.05:
+    if (
+        trial.params.get("loss.w_rec", 0.0) > 0.1
+        and trial.params.get("aug.p_specaugment", 0.0) > 0.05
+    ):
         trial.suggest_int("aug.specaug_time_width", 5, 40)
     return None

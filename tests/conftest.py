@@ -57,7 +57,9 @@ def synth_corpus(tmp_path_factory):
     from trainables.data.synth import synthesise_corpus
 
     root = tmp_path_factory.mktemp("synth")
-    manifest = synthesise_corpus(root / "corpus", n_speakers=8, per_class=10, n_unlabelled=16, seed=0)
+    manifest = synthesise_corpus(
+        root / "corpus", n_speakers=8, per_class=10, n_unlabelled=16, seed=0
+    )
     cache = build_cache("manifest", manifest, root / "cache", progress=lambda m: None)
     return {"root": root / "corpus", "manifest": manifest, "cache": cache}
 

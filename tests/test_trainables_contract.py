@@ -7,7 +7,9 @@ import pytest
 
 from sertune.trainable import available, get_trainable
 
-_spec = importlib.util.spec_from_file_location("trainable_suite", Path(__file__).with_name("trainable_suite.py"))
+_spec = importlib.util.spec_from_file_location(
+    "trainable_suite", Path(__file__).with_name("trainable_suite.py")
+)
 suite = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(suite)
 
@@ -36,7 +38,12 @@ def test_mtl_aug_model_files_load_as_a_predictor(tmp_path, tiny):
     from trainables.mtl_aug.model import MTLAugModel
 
     cfg = MTLAugConfig.from_dict(tiny)
-    save_model(tmp_path, MTLAugModel(cfg.model, cfg.features.n_mels), cfg, ("angry", "happy", "neutral", "sad"))
+    save_model(
+        tmp_path,
+        MTLAugModel(cfg.model, cfg.features.n_mels),
+        cfg,
+        ("angry", "happy", "neutral", "sad"),
+    )
     suite.check_load_predictor(get_trainable("mtl_aug"), tmp_path)
 
 

@@ -31,15 +31,22 @@ def check_rejects_unknown_params(t: Trainable) -> None:
 def check_trains_reports_and_serves(t: Trainable, tmp_path: Path, params: dict[str, Any]) -> None:
     """prepare_data → run_local reports every epoch metric → the saved model predicts."""
     data = t.prepare_data(
-        {"corpus": "synthetic", "root": str(tmp_path / "corpus"),
-         "synthetic": {"n_speakers": 4, "per_class": 3, "seed": 0}},
-        str(tmp_path / "cache"), progress=lambda m: None,
-    )  # fmt: skip
+        {
+            "corpus": "synthetic",
+            "root": str(tmp_path / "corpus"),
+            "synthetic": {"n_speakers": 4, "per_class": 3, "seed": 0},
+        },
+        str(tmp_path / "cache"),
+        progress=lambda m: None,
+    )
     assert data["fingerprint"] and data["report"]["used"] > 0
     history = t.run_local(
-        {"params": {**params, "optim.epochs": 1}, "data": data,
-         "run": {"device": "cpu", "max_steps_per_epoch": 1}}
-    )  # fmt: skip
+        {
+            "params": {**params, "optim.epochs": 1},
+            "data": data,
+            "run": {"device": "cpu", "max_steps_per_epoch": 1},
+        }
+    )
     assert len(history) == 1
     missing = set(t.epoch_metrics) - set(history[0])
     assert not missing, f"epoch metrics not reported: {missing}"
@@ -48,6 +55,8 @@ def check_trains_reports_and_serves(t: Trainable, tmp_path: Path, params: dict[s
 
 def check_load_predictor(t: Trainable, model_dir: Path) -> None:
     p = t.load_predictor(model_dir)
-    probs = p.predict_proba([np.zeros(p.sample_rate, dtype=np.float32), np.ones(800, dtype=np.float32) * 0.1])
+    probs = p.predict_proba(
+        [np.zeros(p.sample_rate, dtype=np.float32), np.ones(800, dtype=np.float32) * 0.1]
+    )
     assert probs.shape == (2, len(p.label_names))
     assert np.allclose(probs.sum(1), 1.0, atol=1e-5)

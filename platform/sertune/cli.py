@@ -37,10 +37,13 @@ def cmd_data_synth(a: argparse.Namespace) -> int:
     from trainables.data.synth import synthesise_corpus
 
     t0 = time.monotonic()
-    manifest = synthesise_corpus(a.out, n_speakers=a.speakers, per_class=a.per_class,
-                                 n_unlabelled=a.unlabelled, seed=a.seed)  # fmt: skip
+    manifest = synthesise_corpus(
+        a.out, n_speakers=a.speakers, per_class=a.per_class, n_unlabelled=a.unlabelled, seed=a.seed
+    )
     n = sum(1 for _ in manifest.open()) - 1
-    print(f"wrote {n} utterances ({a.speakers} speakers) and {manifest} in {time.monotonic() - t0:.1f}s")
+    print(
+        f"wrote {n} utterances ({a.speakers} speakers) and {manifest} in {time.monotonic() - t0:.1f}s"
+    )
     return 0
 
 
@@ -56,8 +59,10 @@ def cmd_data_cache(a: argparse.Namespace) -> int:
         return _fail(str(e))
     c = load_cache(path)
     print(c.report.summary())
-    print(f"cache: {path} (fingerprint {c.fingerprint[:16]}, {len(c)} utterances, "
-          f"{c.audio.nbytes / 1e6:.1f} MB int16)")  # fmt: skip
+    print(
+        f"cache: {path} (fingerprint {c.fingerprint[:16]}, {len(c)} utterances, "
+        f"{c.audio.nbytes / 1e6:.1f} MB int16)"
+    )
     return 0
 
 
@@ -100,7 +105,9 @@ def cmd_search_validate(a: argparse.Namespace) -> int:
     except SpecError as e:
         return _fail(str(e))
     kind = "multi-objective" if spec.objective.multi else "single-objective"
-    print(f"{a.spec}: ok — {spec.budget.trials} trials, {kind}, {len(spec.space)} searched parameters")
+    print(
+        f"{a.spec}: ok — {spec.budget.trials} trials, {kind}, {len(spec.space)} searched parameters"
+    )
     return 0
 
 
@@ -125,7 +132,9 @@ def _print_result(result, format_table) -> None:
     print(format_table(result))
     print()
     print(f"trial results and checkpoints: {result.path}")
-    print(f"MLflow: {settings.tracking_uri()}  (parent run {result.parent_run_id}; `sertune ui` to browse)")
+    print(
+        f"MLflow: {settings.tracking_uri()}  (parent run {result.parent_run_id}; `sertune ui` to browse)"
+    )
     print(f"next: sertune promote {result.name}")
 
 
@@ -152,7 +161,9 @@ def cmd_search_list(a: argparse.Namespace) -> int:
         status = r.get("status", "?")
         if r.get("submission_id"):
             status = "submitted"
-        print(f"{r['name']:24} {status:10} {r['created']:20} {r['spec']['budget']['trials']:>6}  {r.get('source', '')}")
+        print(
+            f"{r['name']:24} {status:10} {r['created']:20} {r['spec']['budget']['trials']:>6}  {r.get('source', '')}"
+        )
     return 0
 
 
@@ -210,15 +221,25 @@ def cmd_promote(a: argparse.Namespace) -> int:
     from .registry import GateFailed, promote
 
     try:
-        v = promote(a.search, objective=a.objective, gates=a.gate or [], model_name=a.name,
-                    tracking_uri=a.tracking_uri)  # fmt: skip
+        v = promote(
+            a.search,
+            objective=a.objective,
+            gates=a.gate or [],
+            model_name=a.name,
+            tracking_uri=a.tracking_uri,
+        )
     except GateFailed as e:
         print(str(e), file=sys.stderr)
         return 3
     except (KeyError, ValueError) as e:
         return _fail(str(e.args[0]))
-    print(f"registered {v['name']} version {v['version']} (trial {v['trial']}, {v['objective']}={v['value']:.4f})")
-    print(f"alias champion -> version {v['version']}" + (f"; previous -> version {v['previous']}" if v.get("previous") else ""))
+    print(
+        f"registered {v['name']} version {v['version']} (trial {v['trial']}, {v['objective']}={v['value']:.4f})"
+    )
+    print(
+        f"alias champion -> version {v['version']}"
+        + (f"; previous -> version {v['previous']}" if v.get("previous") else "")
+    )
     print(f"use it: sertune predict models:/{v['name']}@champion FILE.wav")
     return 0
 
@@ -239,8 +260,15 @@ def cmd_predict(a: argparse.Namespace) -> int:
 def cmd_report(a: argparse.Namespace) -> int:
     from .registry import report_model
 
-    out = report_model(a.model_uri, a.corpus, a.root, a.out, fold=a.fold, tracking_uri=a.tracking_uri,
-                       max_utterances=a.max_utterances)  # fmt: skip
+    out = report_model(
+        a.model_uri,
+        a.corpus,
+        a.root,
+        a.out,
+        fold=a.fold,
+        tracking_uri=a.tracking_uri,
+        max_utterances=a.max_utterances,
+    )
     print((Path(out) / "summary.md").read_text())
     print(f"report: {out}/robustness.json, {out}/uar_vs_snr.png, {out}/uar_vs_eps.png")
     return 0
@@ -252,7 +280,18 @@ def cmd_ui(a: argparse.Namespace) -> int:
     from . import settings
 
     uri = settings.tracking_uri(a.tracking_uri)
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", a.host, "--port", str(a.port)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        a.host,
+        "--port",
+        str(a.port),
+    ]
     if not uri.startswith("http"):
         cmd += ["--default-artifact-root", settings.artifact_root()]
     print(f"MLflow UI for {uri}: http://{a.host}:{a.port}  (Ctrl-C stops it)", flush=True)
@@ -272,17 +311,30 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     specopts = argparse.ArgumentParser(add_help=False)
-    specopts.add_argument("--set", action="append", metavar="KEY=VALUE",
-                          help="edit the spec without touching the file, e.g. --set data.root=/data/iemocap "
-                          "--set budget.trials=8 --set params.loss.w_aug=0 (repeatable)")  # fmt: skip
-    specopts.add_argument("--smoke", action="store_true",
-                          help="shrink the search to a CPU smoke run: 2 trials, 1 epoch, a tiny model")  # fmt: skip
+    specopts.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="edit the spec without touching the file, e.g. --set data.root=/data/iemocap "
+        "--set budget.trials=8 --set params.loss.w_aug=0 (repeatable)",
+    )
+    specopts.add_argument(
+        "--smoke",
+        action="store_true",
+        help="shrink the search to a CPU smoke run: 2 trials, 1 epoch, a tiny model",
+    )
     tracking = argparse.ArgumentParser(add_help=False)
-    tracking.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or "
-                          "sqlite:///$SERTUNE_HOME/mlflow.db)")  # fmt: skip
+    tracking.add_argument(
+        "--tracking-uri",
+        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or "
+        "sqlite:///$SERTUNE_HOME/mlflow.db)",
+    )
 
-    d = sub.add_parser("demo", help="the one-command tour: synthetic corpus, small search, promotion",
-                       parents=[tracking])  # fmt: skip
+    d = sub.add_parser(
+        "demo",
+        help="the one-command tour: synthetic corpus, small search, promotion",
+        parents=[tracking],
+    )
     d.add_argument("--trials", type=int, default=6, help="trials in the demo search (default 6)")
     d.add_argument("--concurrency", type=int, default=2, help="trials at a time (default 2)")
     d.add_argument("--epochs", type=int, default=4, help="max epochs per trial (default 4)")
@@ -291,14 +343,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="corpora: synthesise one, decode one into the cache")
     dsub = data.add_subparsers(dest="data_command", required=True)
-    s = dsub.add_parser("synth", help="write a synthetic emotional-speech corpus (wav + manifest.csv)")
+    s = dsub.add_parser(
+        "synth", help="write a synthetic emotional-speech corpus (wav + manifest.csv)"
+    )
     s.add_argument("--out", required=True, help="output folder")
     s.add_argument("--seed", type=int, default=0, help="same seed, same corpus (default 0)")
-    s.add_argument("--speakers", type=int, default=8, help="speakers, alternating male/female (default 8)")
-    s.add_argument("--per-class", type=int, default=12, help="utterances per speaker and emotion (default 12)")
-    s.add_argument("--unlabelled", type=int, default=0, help="extra unlabelled utterances (default 0)")
+    s.add_argument(
+        "--speakers", type=int, default=8, help="speakers, alternating male/female (default 8)"
+    )
+    s.add_argument(
+        "--per-class", type=int, default=12, help="utterances per speaker and emotion (default 12)"
+    )
+    s.add_argument(
+        "--unlabelled", type=int, default=0, help="extra unlabelled utterances (default 0)"
+    )
     s.set_defaults(func=cmd_data_synth)
-    c = dsub.add_parser("cache", help="decode a corpus once into the cache and print its data report")
+    c = dsub.add_parser(
+        "cache", help="decode a corpus once into the cache and print its data report"
+    )
     c.add_argument("corpus", help="iemocap | msp_improv | emodb | ravdess | crema_d | manifest")
     c.add_argument("root", help="the corpus folder as distributed (or the manifest CSV)")
     c.add_argument("--cache", help="cache root (default $SERTUNE_HOME/cache)")
@@ -310,23 +372,38 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--device", default="auto", help="cpu | cuda | auto (default auto)")
     bt.add_argument("--batch", type=int, help="batch size (default 256 on cuda, 32 on cpu)")
     bt.add_argument("--steps", type=int, default=20, help="steps per timed round (default 20)")
-    bt.add_argument("--rounds", type=int, default=3, help="interleaved rounds, median reported (default 3)")
+    bt.add_argument(
+        "--rounds", type=int, default=3, help="interleaved rounds, median reported (default 3)"
+    )
     bt.add_argument("--trainable", default="mtl_aug", help=argparse.SUPPRESS)
     bt.set_defaults(func=cmd_bench_train)
-    bs = bsub.add_parser("search", help="per-trial fixed overhead of Tune+Train trials, before/after")
-    bs.add_argument("--trials", type=int, default=4, help="short trials per configuration (default 4)")
-    bs.add_argument("--fractional-gpus", type=float, default=0.0,
-                    help="GPU fraction per trial to measure packing (needs a GPU; default off)")  # fmt: skip
+    bs = bsub.add_parser(
+        "search", help="per-trial fixed overhead of Tune+Train trials, before/after"
+    )
+    bs.add_argument(
+        "--trials", type=int, default=4, help="short trials per configuration (default 4)"
+    )
+    bs.add_argument(
+        "--fractional-gpus",
+        type=float,
+        default=0.0,
+        help="GPU fraction per trial to measure packing (needs a GPU; default off)",
+    )
     bs.add_argument("--num-cpus", type=int, help="CPUs for local Ray (default: all)")
     bs.set_defaults(func=cmd_bench_search)
 
     se = sub.add_parser("search", help="run, resume, submit and inspect searches")
     ssub = se.add_subparsers(dest="search_command", required=True)
-    v = ssub.add_parser("validate", help="check a spec without running anything", parents=[specopts])
+    v = ssub.add_parser(
+        "validate", help="check a spec without running anything", parents=[specopts]
+    )
     v.add_argument("spec")
     v.set_defaults(func=cmd_search_validate)
-    r = ssub.add_parser("run", help="run a search on local Ray (or the cluster in RAY_ADDRESS)",
-                        parents=[tracking, specopts])  # fmt: skip
+    r = ssub.add_parser(
+        "run",
+        help="run a search on local Ray (or the cluster in RAY_ADDRESS)",
+        parents=[tracking, specopts],
+    )
     r.add_argument("spec", help="a YAML spec, e.g. search_spaces/mtl_aug.yaml")
     r.add_argument("--name", help="search name (default: the spec's name)")
     r.add_argument("--num-cpus", type=int, help="CPUs for local Ray (default: all)")
@@ -340,10 +417,15 @@ def build_parser() -> argparse.ArgumentParser:
     st = ssub.add_parser("status", help="how far a search got and its best trial so far")
     st.add_argument("name")
     st.set_defaults(func=cmd_search_status)
-    sm = ssub.add_parser("submit", help="submit a search to a Ray cluster through Ray Jobs",
-                         parents=[tracking, specopts])  # fmt: skip
+    sm = ssub.add_parser(
+        "submit",
+        help="submit a search to a Ray cluster through Ray Jobs",
+        parents=[tracking, specopts],
+    )
     sm.add_argument("spec")
-    sm.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://head:8265")
+    sm.add_argument(
+        "--address", required=True, help="Ray dashboard address, e.g. http://head:8265"
+    )
     sm.add_argument("--name")
     sm.add_argument("--wait", action="store_true", help="follow the logs until the job ends")
     sm.set_defaults(func=cmd_search_submit)
@@ -354,12 +436,22 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("name")
     sp.set_defaults(func=cmd_search_stop)
 
-    pr = sub.add_parser("promote", help="register a search's best model, gated on robustness", parents=[tracking])
+    pr = sub.add_parser(
+        "promote", help="register a search's best model, gated on robustness", parents=[tracking]
+    )
     pr.add_argument("search", help="search name")
-    pr.add_argument("--objective", help="metric to pick the best trial by (default: the search's first)")
-    pr.add_argument("--gate", action="append", metavar="EXPR",
-                    help="e.g. 'robust/uar_snr10_white>=0.5' (repeatable; all must pass)")  # fmt: skip
-    pr.add_argument("--name", default="ser-mtl-aug", help="registered model name (default ser-mtl-aug)")
+    pr.add_argument(
+        "--objective", help="metric to pick the best trial by (default: the search's first)"
+    )
+    pr.add_argument(
+        "--gate",
+        action="append",
+        metavar="EXPR",
+        help="e.g. 'robust/uar_snr10_white>=0.5' (repeatable; all must pass)",
+    )
+    pr.add_argument(
+        "--name", default="ser-mtl-aug", help="registered model name (default ser-mtl-aug)"
+    )
     pr.set_defaults(func=cmd_promote)
 
     pd = sub.add_parser("predict", help="emotion probabilities for wav files", parents=[tracking])
@@ -367,7 +459,9 @@ def build_parser() -> argparse.ArgumentParser:
     pd.add_argument("files", nargs="+")
     pd.set_defaults(func=cmd_predict)
 
-    rp = sub.add_parser("report", help="robustness report for a model on a corpus", parents=[tracking])
+    rp = sub.add_parser(
+        "report", help="robustness report for a model on a corpus", parents=[tracking]
+    )
     rp.add_argument("model_uri")
     rp.add_argument("--corpus", required=True, help="corpus adapter (e.g. manifest, emodb)")
     rp.add_argument("--root", required=True)

@@ -27,11 +27,17 @@ def run_demo(trials: int = 6, concurrency: int = 2, epochs: int = 4, name: str =
     t0 = time.monotonic()
     spec_path = preset("demo")
     raw_budget = load_spec(spec_path).budget.model_dump()
-    raw_budget.update(trials=trials, concurrency=concurrency, max_epochs=epochs,
-                      grace_epochs=min(raw_budget["grace_epochs"], epochs))  # fmt: skip
+    raw_budget.update(
+        trials=trials,
+        concurrency=concurrency,
+        max_epochs=epochs,
+        grace_epochs=min(raw_budget["grace_epochs"], epochs),
+    )
     spec = load_spec(spec_path, {"name": name, "budget": raw_budget})
-    print(f"[demo 1/4] searching {trials} configurations of MTL-AUG ({concurrency} at a time, "
-          f"≤{epochs} epochs) on a synthetic corpus — SERTUNE_HOME={settings.home()}")  # fmt: skip
+    print(
+        f"[demo 1/4] searching {trials} configurations of MTL-AUG ({concurrency} at a time, "
+        f"≤{epochs} epochs) on a synthetic corpus — SERTUNE_HOME={settings.home()}"
+    )
     result = run_search(spec)
     print()
     print(format_table(result))
@@ -39,8 +45,10 @@ def run_demo(trials: int = 6, concurrency: int = 2, epochs: int = 4, name: str =
     print("\n[demo 2/4] promoting the best trial (gate: robust/uar_snr10_white >= 0.3)")
     try:
         v = promote(name, gates=["robust/uar_snr10_white>=0.3"])
-        print(f"registered {v['name']} version {v['version']} from trial {v['trial']} "
-              f"({v['objective']}={v['value']:.3f}); alias champion -> {v['version']}")  # fmt: skip
+        print(
+            f"registered {v['name']} version {v['version']} from trial {v['trial']} "
+            f"({v['objective']}={v['value']:.3f}); alias champion -> {v['version']}"
+        )
         model_uri = f"models:/{v['name']}@champion"
     except GateFailed as e:
         print(e)

@@ -21,19 +21,31 @@ class ProgressPrinter(Callback):
         return f"[{time.monotonic() - self.t0:6.1f}s]"
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        cfg = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.config.items())
+        cfg = ", ".join(
+            f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.config.items()
+        )
         self.log(f"{self._stamp()} trial {trial.trial_id} started: {cfg}")
 
-    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        vals = "  ".join(f"{m}={result[m]:.3f}" for m in self.metrics if isinstance(result.get(m), (int, float)))
+    def on_trial_result(
+        self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
+    ) -> None:
+        vals = "  ".join(
+            f"{m}={result[m]:.3f}" for m in self.metrics if isinstance(result.get(m), (int, float))
+        )
         epoch = result.get("training_iteration", "?")
         self.log(f"{self._stamp()} trial {trial.trial_id} epoch {epoch}/{self.max_epochs}  {vals}")
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.done += 1
         epochs = (trial.last_result or {}).get("training_iteration", 0)
-        how = "finished" if epochs >= self.max_epochs else f"stopped early by the scheduler at epoch {epochs}"
-        self.log(f"{self._stamp()} trial {trial.trial_id} {how} ({self.done}/{self.budget} trials done)")
+        how = (
+            "finished"
+            if epochs >= self.max_epochs
+            else f"stopped early by the scheduler at epoch {epochs}"
+        )
+        self.log(
+            f"{self._stamp()} trial {trial.trial_id} {how} ({self.done}/{self.budget} trials done)"
+        )
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.done += 1

@@ -12,7 +12,13 @@ from typing import Any
 from . import __version__, settings
 from .tracking import TAG_KIND, TAG_SEARCH, TAG_STATUS, TAG_TRIAL, configure, get_experiment_id
 
-_OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt, "==": operator.eq}
+_OPS = {
+    ">=": operator.ge,
+    "<=": operator.le,
+    ">": operator.gt,
+    "<": operator.lt,
+    "==": operator.eq,
+}
 _GATE = re.compile(r"^\s*([\w./-]+)\s*(>=|<=|==|>|<)\s*(-?[\d.]+(?:e-?\d+)?)\s*$")
 
 
@@ -23,16 +29,21 @@ class GateFailed(RuntimeError):
 def parse_gate(expr: str) -> tuple[str, str, float]:
     m = _GATE.match(expr)
     if not m:
-        raise ValueError(f"--gate {expr!r}: expected METRIC OP VALUE, e.g. 'robust/uar_snr10_white>=0.5'")
+        raise ValueError(
+            f"--gate {expr!r}: expected METRIC OP VALUE, e.g. 'robust/uar_snr10_white>=0.5'"
+        )
     return m.group(1), m.group(2), float(m.group(3))
 
 
 def code_version() -> str:
     try:
         sha = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
             cwd=Path(__file__).resolve().parent,
-        ).stdout.strip()  # fmt: skip
+        ).stdout.strip()
     except Exception:
         sha = ""
     return f"{__version__}+{sha}" if sha else __version__
@@ -41,7 +52,9 @@ def code_version() -> str:
 def trial_runs(client: Any, search: str) -> list[Any]:
     exp = get_experiment_id(client)
     return client.search_runs(
-        [exp], filter_string=f"tags.`{TAG_SEARCH}` = '{search}' and tags.`{TAG_KIND}` = 'trial'", max_results=5000
+        [exp],
+        filter_string=f"tags.`{TAG_SEARCH}` = '{search}' and tags.`{TAG_KIND}` = 'trial'",
+        max_results=5000,
     )
 
 
@@ -61,15 +74,27 @@ def promote(
     uri = configure(tracking_uri or record.get("tracking_uri"))
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     objectives = record["spec"]["objective"]
-    first = objectives["metrics"][0] if objectives.get("metrics") else {"metric": objectives["metric"], "mode": objectives["mode"]}
+    first = (
+        objectives["metrics"][0]
+        if objectives.get("metrics")
+        else {"metric": objectives["metric"], "mode": objectives["mode"]}
+    )
     metric = objective or first["metric"]
     mode = first["mode"] if metric == first["metric"] else "max"
     parsed = [parse_gate(g) for g in gates or []]
 
-    runs = [r for r in trial_runs(client, search) if r.data.tags.get(TAG_STATUS) in ("finished", "stopped_early")]
-    candidates = [r for r in runs if metric in r.data.metrics and r.data.tags.get("sertune.model_uri")]
+    runs = [
+        r
+        for r in trial_runs(client, search)
+        if r.data.tags.get(TAG_STATUS) in ("finished", "stopped_early")
+    ]
+    candidates = [
+        r for r in runs if metric in r.data.metrics and r.data.tags.get("sertune.model_uri")
+    ]
     if not candidates:
-        raise ValueError(f"search {search!r}: no finished trial with metric {metric!r} and a logged model")
+        raise ValueError(
+            f"search {search!r}: no finished trial with metric {metric!r} and a logged model"
+        )
     candidates.sort(key=lambda r: r.data.metrics[metric], reverse=(mode == "max"))
     best = candidates[0]
     m = best.data.metrics
@@ -79,18 +104,28 @@ def promote(
         actual = m.get(name)
         ok = actual is not None and _OPS[op](actual, value)
         failed |= not ok
-        rows.append((name, f"{op} {value:g}", "missing" if actual is None else f"{actual:.4f}", "pass" if ok else "FAIL"))
+        rows.append(
+            (
+                name,
+                f"{op} {value:g}",
+                "missing" if actual is None else f"{actual:.4f}",
+                "pass" if ok else "FAIL",
+            )
+        )
     if failed:
         width = max(len(r[0]) for r in rows)
-        lines = [f"refusing to promote trial {best.data.tags.get(TAG_TRIAL)} of {search!r}: a gate failed",
-                 f"  {'metric'.ljust(width)}  required   actual    result"]  # fmt: skip
+        lines = [
+            f"refusing to promote trial {best.data.tags.get(TAG_TRIAL)} of {search!r}: a gate failed",
+            f"  {'metric'.ljust(width)}  required   actual    result",
+        ]
         lines += [f"  {a.ljust(width)}  {b:9}  {c:8}  {d}" for a, b, c, d in rows]
         raise GateFailed("\n".join(lines))
 
     tags = {
         "sertune.search": search,
         "sertune.trial_id": best.data.tags.get(TAG_TRIAL, ""),
-        "sertune.data_fingerprint": record["data"].get("fingerprint", ""),
+        "sertune.data_fingerprint": record["data"].get("fingerprint")
+        or _parent_tag(client, best, "sertune.data_fingerprint"),
         "sertune.code_version": code_version(),
         "sertune.objective": f"{metric}={m[metric]:.6f}",
         "sertune.gates": json.dumps(gates or []),
@@ -98,7 +133,9 @@ def promote(
     try:
         client.get_registered_model(model_name)
     except Exception:
-        client.create_registered_model(model_name, description="MTL-AUG speech emotion models promoted by sertune")
+        client.create_registered_model(
+            model_name, description="MTL-AUG speech emotion models promoted by sertune"
+        )
     previous = None
     try:
         previous = client.get_model_version_by_alias(model_name, "champion").version
@@ -112,8 +149,21 @@ def promote(
     if previous:
         client.set_registered_model_alias(model_name, "previous", previous)
     client.set_registered_model_alias(model_name, "champion", version)
-    return {"name": model_name, "version": version, "previous": str(previous) if previous else None, "trial": tags["sertune.trial_id"],
-            "objective": metric, "value": m[metric], "run_id": best.info.run_id, "gates": rows}  # fmt: skip
+    return {
+        "name": model_name,
+        "version": version,
+        "previous": str(previous) if previous else None,
+        "trial": tags["sertune.trial_id"],
+        "objective": metric,
+        "value": m[metric],
+        "run_id": best.info.run_id,
+        "gates": rows,
+    }
+
+
+def _parent_tag(client: Any, run: Any, tag: str) -> str:
+    parent = run.data.tags.get("mlflow.parentRunId")
+    return client.get_run(parent).data.tags.get(tag, "") if parent else ""
 
 
 def _wait_ready(client: Any, name: str, version: str, timeout_s: float = 60) -> None:
@@ -133,9 +183,12 @@ def load_pyfunc(model_uri: str, tracking_uri: str | None = None):
     return mlflow.pyfunc.load_model(model_uri)
 
 
-def predict_files(model_uri: str, files: list[str], tracking_uri: str | None = None) -> list[dict[str, Any]]:
+def predict_files(
+    model_uri: str, files: list[str], tracking_uri: str | None = None
+) -> list[dict[str, Any]]:
     """Emotion and probabilities per file; unreadable files are reported, not fatal."""
     import pandas as pd
+
     from trainables.data.audio import AudioError, read_audio
 
     model = load_pyfunc(model_uri, tracking_uri)
@@ -157,9 +210,14 @@ def predict_files(model_uri: str, files: list[str], tracking_uri: str | None = N
 
 
 def report_model(
-    model_uri: str, corpus: str, root: str, out: str, fold: int = 0,
-    tracking_uri: str | None = None, max_utterances: int | None = 200,
-) -> Path:  # fmt: skip
+    model_uri: str,
+    corpus: str,
+    root: str,
+    out: str,
+    fold: int = 0,
+    tracking_uri: str | None = None,
+    max_utterances: int | None = 200,
+) -> Path:
     """Run the robustness evaluation of a logged/registered model on a corpus's test speakers."""
     from .trainable import get_trainable
 
@@ -167,7 +225,9 @@ def report_model(
     raw = model.get_raw_model()
     meta_trainable = getattr(raw, "trainable", "mtl_aug")
     trainable = get_trainable(meta_trainable)
-    data = trainable.prepare_data({"corpus": corpus, "root": root, "fold": fold}, settings.cache_root())
+    data = trainable.prepare_data(
+        {"corpus": corpus, "root": root, "fold": fold}, settings.cache_root()
+    )
     out_path = Path(out)
     from .spec import RobustnessSpec
 

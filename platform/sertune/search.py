@@ -48,10 +48,16 @@ class SpaceFunction:
                 trial.suggest_categorical(name, p["values"])
             elif p["type"] == "int":
                 step = int(p.get("step") or 1)
-                trial.suggest_int(name, int(p["low"]), int(p["high"]), step=step, log=bool(p.get("log")))
+                trial.suggest_int(
+                    name, int(p["low"]), int(p["high"]), step=step, log=bool(p.get("log"))
+                )
             else:
                 trial.suggest_float(
-                    name, float(p["low"]), float(p["high"]), step=p.get("step"), log=bool(p.get("log"))
+                    name,
+                    float(p["low"]),
+                    float(p["high"]),
+                    step=p.get("step"),
+                    log=bool(p.get("log")),
                 )
         if self.define_by_run:
             fn = load_define_by_run(self.define_by_run, Path(self.base))
@@ -66,7 +72,7 @@ def run_trial(config: dict[str, Any], fixed: dict[str, Any]) -> None:
     """A Tune function trainable: train one configuration with a Ray Train ``TorchTrainer``."""
     import ray.train
     import ray.tune
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
     trainable = get_trainable(fixed["trainable"])
@@ -78,15 +84,21 @@ def run_trial(config: dict[str, Any], fixed: dict[str, Any]) -> None:
     per_worker = {"CPU": res["cpus_per_worker"]}
     if use_gpu:
         per_worker["GPU"] = res["gpus_per_worker"]
+    from .storage import fs_and_path
+
+    fs, train_path = fs_and_path(fixed["train_storage"])
     trainer = TorchTrainer(
         trainable.train_loop_per_worker(),
         train_loop_config=loop_config,
+        # gloo when the spec pins the CPU (also with GPU resources reserved, e.g. fake GPUs in tests)
+        torch_config=TorchConfig(backend="gloo") if fixed["run"]["device"] == "cpu" else None,
         scaling_config=ray.train.ScalingConfig(
             num_workers=res["workers"], use_gpu=use_gpu, resources_per_worker=per_worker
         ),
         run_config=ray.train.RunConfig(
             name=trial_id,  # same name after a driver crash: Train V2 resumes its checkpoint
-            storage_path=fixed["train_storage"],
+            storage_path=train_path,
+            storage_filesystem=fs,
             callbacks=[TuneReportCallback()],
             failure_config=ray.train.FailureConfig(max_failures=fixed["max_failures"]),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
@@ -147,6 +159,16 @@ def init_ray(num_cpus: int | None = None, fast: bool = True) -> None:
     if ray.is_initialized():
         return
     env = dict(FAST_ENV) if fast else {}
+    # Where S3 lives is configuration every worker needs; credentials are not shipped (each node
+    # uses its own AWS credential chain).
+    for key in (
+        "AWS_ENDPOINT_URL",
+        "SERTUNE_S3_ENDPOINT",
+        "MLFLOW_S3_ENDPOINT_URL",
+        "AWS_DEFAULT_REGION",
+    ):
+        if os.environ.get(key):
+            env[key] = os.environ[key]
     for k, v in env.items():  # the local raylet's workers inherit the driver's environment
         os.environ.setdefault(k, v)
     # Worker stdout (Ray Train's own chatter) is off unless asked for; failures still surface
@@ -155,7 +177,9 @@ def init_ray(num_cpus: int | None = None, fast: bool = True) -> None:
     kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}, "log_to_driver": worker_logs}
     if not os.environ.get("RAY_ADDRESS"):
         cpus = num_cpus or int(os.environ.get("SERTUNE_RAY_NUM_CPUS", "0")) or None
-        kwargs.update(num_cpus=cpus, include_dashboard=False)
+        # The dashboard must run: Ray Train's placement-group cleaner asks its state API whether a
+        # trial's controller died, and without it a stopped trial leaks its CPUs/GPUs for good.
+        kwargs.update(num_cpus=cpus, include_dashboard=True)
     ray.init(**kwargs)
 
 
@@ -196,13 +220,22 @@ def build_tuner(
     # The trial function only drives a TorchTrainer; the workers hold the CPUs and GPUs.
     # (a tiny memory request keeps the bundle non-empty without taking a CPU from the workers).
     trainable = tune.with_resources(trainable, {"CPU": 0, "memory": 1 << 20})
+    from .storage import fs_and_path
+
     if restore:
+        fs, path = fs_and_path(experiment_path(name))
         return tune.Tuner.restore(
-            experiment_path(name), trainable=trainable, resume_unfinished=True, resume_errored=False
+            path,
+            trainable=trainable,
+            resume_unfinished=True,
+            resume_errored=False,
+            storage_filesystem=fs,
         )
 
     space = SpaceFunction(
-        {k: v.model_dump() for k, v in spec.space.items()}, spec.define_by_run, str(Path(spec.source).parent)
+        {k: v.model_dump() for k, v in spec.space.items()},
+        spec.define_by_run,
+        str(Path(spec.source).parent),
     )
     sampler = optuna.samplers.TPESampler(
         seed=spec.seed, n_startup_trials=min(10, max(2, spec.budget.trials // 3))
@@ -240,7 +273,8 @@ def build_tuner(
         ),
         run_config=tune.RunConfig(
             name=name,
-            storage_path=settings.storage_root(),
+            storage_path=fs_and_path(settings.storage_root())[1],
+            storage_filesystem=fs_and_path(settings.storage_root())[0],
             callbacks=callbacks or [],
             verbose=0,
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
@@ -258,8 +292,10 @@ def run_search(
     """Prepare data, record the search, run it on Ray, return the leaderboard."""
     name = name or spec.name
     trainable = get_trainable(spec.trainable)
-    log(f"[sertune] search {name!r}: {spec.budget.trials} trials of {spec.trainable} "
-        f"on {spec.data.corpus} ({spec.source})")  # fmt: skip
+    log(
+        f"[sertune] search {name!r}: {spec.budget.trials} trials of {spec.trainable} "
+        f"on {spec.data.corpus} ({spec.source})"
+    )
     data = trainable.prepare_data(spec.data.model_dump(), settings.cache_root(), progress=log)
     record = {
         "name": name,
@@ -280,14 +316,21 @@ def resume_search(name: str, num_cpus: int | None = None, log=print) -> SearchRe
     from ray import tune
 
     record = load_record(name)
-    spec = validate_spec({k: v for k, v in record["spec"].items() if k != "source"}, record["source"])
-    if not tune.Tuner.can_restore(record["path"]):
+    spec = validate_spec(
+        {k: v for k, v in record["spec"].items() if k != "source"}, record["source"]
+    )
+    from .storage import fs_and_path
+
+    fs, path = fs_and_path(record["path"])
+    if not tune.Tuner.can_restore(path, storage_filesystem=fs):
         raise RuntimeError(f"{record['path']}: no saved search state to resume from")
     log(f"[sertune] resuming search {name!r} from {record['path']}")
     return _fit(name, spec, record, restore=True, num_cpus=num_cpus, log=log)
 
 
-def _fit(name: str, spec: SearchSpec, record: dict, restore: bool, num_cpus: int | None, log) -> SearchResult:
+def _fit(
+    name: str, spec: SearchSpec, record: dict, restore: bool, num_cpus: int | None, log
+) -> SearchResult:
     from .progress import ProgressPrinter
     from .tracking import MLflowSearchLogger
 
@@ -309,8 +352,12 @@ def _fit(name: str, spec: SearchSpec, record: dict, restore: bool, num_cpus: int
     grid = tuner.fit()
     result = summarise(name, spec, grid)
     tracker.finish(result, grid)
-    record.update(status="finished", finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
-                  wall_s=round(time.monotonic() - t0, 1), parent_run_id=tracker.parent_run_id)  # fmt: skip
+    record.update(
+        status="finished",
+        finished=time.strftime("%Y-%m-%dT%H:%M:%S"),
+        wall_s=round(time.monotonic() - t0, 1),
+        parent_run_id=tracker.parent_run_id,
+    )
     save_record(name, record)
     result.parent_run_id = tracker.parent_run_id
     return result
@@ -344,7 +391,9 @@ def summarise(name: str, spec: SearchSpec, grid: Any) -> SearchResult:
         return (v is None, sign * v if v is not None else 0)
 
     rows.sort(key=order)
-    return SearchResult(name=name, path=experiment_path(name), rows=rows, metrics=metrics, errors=errors)
+    return SearchResult(
+        name=name, path=experiment_path(name), rows=rows, metrics=metrics, errors=errors
+    )
 
 
 def _trial_id_from_path(path: str | None) -> str:
@@ -368,7 +417,10 @@ def format_table(result: SearchResult, top: int = 10) -> str:
         vals = [f"{row[c]:.3f}" if isinstance(row.get(c), (int, float)) else "-" for c in cols]
         status = row["status"] if not row.get("error") else f"error: {row['error'][:40]}"
         lines.append([str(i), row["trial"], status, str(row["epochs"]), *vals, cfg])
-    widths = [max(len(h), *(len(line[j]) for line in lines)) if lines else len(h) for j, h in enumerate(header)]
+    widths = [
+        max(len(h), *(len(line[j]) for line in lines)) if lines else len(h)
+        for j, h in enumerate(header)
+    ]
     fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=False))  # noqa: E731
     return "\n".join([fmt(header), *(fmt(line) for line in lines)])
 
@@ -383,10 +435,19 @@ def search_status(name: str) -> dict[str, Any]:
 
     record = load_record(name)
     spec = record["spec"]
-    out = {"name": name, "path": record["path"], "status": record.get("status"), "created": record["created"],
-           "budget": spec["budget"]["trials"], "trials": {}}  # fmt: skip
+    out = {
+        "name": name,
+        "path": record["path"],
+        "status": record.get("status"),
+        "created": record["created"],
+        "budget": spec["budget"]["trials"],
+        "trials": {},
+    }
+    from .storage import fs_and_path
+
+    fs, path = fs_and_path(record["path"])
     try:
-        ea = ExperimentAnalysis(record["path"])
+        ea = ExperimentAnalysis(path, storage_filesystem=fs)
     except Exception as e:  # nothing saved yet
         out["note"] = f"no trial state yet ({type(e).__name__})"
         return out
@@ -395,7 +456,11 @@ def search_status(name: str) -> dict[str, Any]:
         counts[t.status] = counts.get(t.status, 0) + 1
     out["trials"] = counts
     first = spec["objective"]["metric"] or spec["objective"]["metrics"][0]["metric"]
-    mode = spec["objective"]["mode"] if spec["objective"]["metric"] else spec["objective"]["metrics"][0]["mode"]
+    mode = (
+        spec["objective"]["mode"]
+        if spec["objective"]["metric"]
+        else spec["objective"]["metrics"][0]["mode"]
+    )
     best = None
     for t in ea.trials:
         v = (t.last_result or {}).get(first)

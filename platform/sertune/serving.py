@@ -50,7 +50,9 @@ def _load_pyfunc(data_path: str) -> SERPyfuncModel:
     from .trainable import get_trainable
 
     meta = json.loads((Path(data_path) / META).read_text())
-    return SERPyfuncModel(get_trainable(meta["trainable"]).load_predictor(data_path), meta["trainable"])
+    return SERPyfuncModel(
+        get_trainable(meta["trainable"]).load_predictor(data_path), meta["trainable"]
+    )
 
 
 def log_pyfunc_model(run_id: str, model_dir: Path, trainable: str, tracking_uri: str) -> str:
@@ -66,11 +68,15 @@ def log_pyfunc_model(run_id: str, model_dir: Path, trainable: str, tracking_uri:
         data.mkdir()
         for name in ("model.safetensors", "model.json"):
             shutil.copy(model_dir / name, data / name)
-        (data / META).write_text(json.dumps({"trainable": trainable, "sertune_version": __version__}))
+        (data / META).write_text(
+            json.dumps({"trainable": trainable, "sertune_version": __version__})
+        )
         model = _load_pyfunc(str(data))
         sr = model.predictor.sample_rate
         t = np.arange(sr // 2) / sr
-        example = pd.DataFrame({"waveform": [(0.1 * np.sin(2 * np.pi * 220 * t)).astype(np.float64).tolist()]})
+        example = pd.DataFrame(
+            {"waveform": [(0.1 * np.sin(2 * np.pi * 220 * t)).astype(np.float64).tolist()]}
+        )
         signature = infer_signature(example, model.predict(example))
         mlflow.set_tracking_uri(tracking_uri)
         with mlflow.start_run(run_id=run_id):

@@ -29,7 +29,11 @@ def storage_root() -> str:
 
 def cache_root() -> str:
     s = os.environ.get("SERTUNE_CACHE")
-    return (s if "://" in (s or "") else str(Path(s).expanduser().resolve())) if s else str(home() / "cache")
+    return (
+        (s if "://" in (s or "") else str(Path(s).expanduser().resolve()))
+        if s
+        else str(home() / "cache")
+    )
 
 
 def local_state_dir() -> Path:

@@ -47,7 +47,9 @@ class DataSpec(_Strict):
     unlabelled: CorpusRef | None = None  # extra speech without labels (auxiliary losses only)
     noise_files: list[str] = []  # wavs for the file_noise augmentation and robustness checks
     cross_corpus: list[CorpusRef] = []  # evaluated at the end of each trial
-    synthetic: dict[str, int] = {}  # options for the synthetic corpus (n_speakers, per_class, seed)
+    synthetic: dict[
+        str, int
+    ] = {}  # options for the synthetic corpus (n_speakers, per_class, seed)
 
 
 class MetricSpec(_Strict):
@@ -67,7 +69,11 @@ class ObjectiveSpec(_Strict):
         return self
 
     def as_list(self) -> list[MetricSpec]:
-        return list(self.metrics) if self.metrics else [MetricSpec(metric=self.metric, mode=self.mode)]
+        return (
+            list(self.metrics)
+            if self.metrics
+            else [MetricSpec(metric=self.metric, mode=self.mode)]
+        )
 
     @property
     def multi(self) -> bool:
@@ -168,15 +174,26 @@ def smoke_overrides(raw: dict[str, Any]) -> dict[str, Any]:
 
     t = get_trainable(raw.get("trainable", ""))
     out = dict(raw)
-    out["budget"] = {**raw.get("budget", {}), "trials": 2, "concurrency": 2, "max_epochs": 1,
-                     "grace_epochs": 1, "max_steps_per_epoch": 2}  # fmt: skip
+    out["budget"] = {
+        **raw.get("budget", {}),
+        "trials": 2,
+        "concurrency": 2,
+        "max_epochs": 1,
+        "grace_epochs": 1,
+        "max_steps_per_epoch": 2,
+    }
     out["resources"] = {"workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 0}
     out["device"] = "cpu"
     out["params"] = {**raw.get("params", {}), **t.smoke_params()}
     out["space"] = {k: v for k, v in (raw.get("space") or {}).items() if k not in t.smoke_params()}
     if raw.get("robustness") is not None:
-        out["robustness"] = {"snrs_db": [10], "noises": ["white"], "fgsm_eps": [0.005], "pgd_eps": [],
-                             "max_utterances": 16}  # fmt: skip
+        out["robustness"] = {
+            "snrs_db": [10],
+            "noises": ["white"],
+            "fgsm_eps": [0.005],
+            "pgd_eps": [],
+            "max_utterances": 16,
+        }
     data = dict(raw.get("data", {}))
     if data.get("corpus") == "synthetic":
         data["synthetic"] = {"n_speakers": 5, "per_class": 3, "seed": 0}
@@ -231,7 +248,11 @@ def _expand_paths(value: Any) -> Any:
 
     if isinstance(value, str):
         value = value.replace("${SERTUNE_HOME}", str(settings.home()))
-        return os.path.expanduser(os.path.expandvars(value)) if ("$" in value or value.startswith("~")) else value
+        return (
+            os.path.expanduser(os.path.expandvars(value))
+            if ("$" in value or value.startswith("~"))
+            else value
+        )
     if isinstance(value, list):
         return [_expand_paths(v) for v in value]
     if isinstance(value, dict):
@@ -264,7 +285,9 @@ def _allowed(loc: tuple) -> str:
             return "?"
         ann = field.annotation
         args = getattr(ann, "__args__", ())
-        model = next((a for a in (ann, *args) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        model = next(
+            (a for a in (ann, *args) if isinstance(a, type) and issubclass(a, BaseModel)), None
+        )
         if model is None:
             return "?"
     return ", ".join(k for k in model.model_fields if k != "source")
@@ -282,12 +305,16 @@ def _check_semantics(spec: SearchSpec) -> None:
     # data
     if spec.data.corpus not in trainable.corpora():
         raise SpecError(
-            src, "data.corpus", f"unknown corpus {spec.data.corpus!r}; known: {', '.join(trainable.corpora())}"
+            src,
+            "data.corpus",
+            f"unknown corpus {spec.data.corpus!r}; known: {', '.join(trainable.corpora())}",
         )
     refs = [("data", spec.data.corpus, spec.data.root)]
     if spec.data.unlabelled:
         refs.append(("data.unlabelled", spec.data.unlabelled.corpus, spec.data.unlabelled.root))
-    refs += [(f"data.cross_corpus.{i}", c.corpus, c.root) for i, c in enumerate(spec.data.cross_corpus)]
+    refs += [
+        (f"data.cross_corpus.{i}", c.corpus, c.root) for i, c in enumerate(spec.data.cross_corpus)
+    ]
     for field, corpus, root in refs:
         if corpus not in trainable.corpora():
             raise SpecError(src, f"{field}.corpus", f"unknown corpus {corpus!r}")
@@ -300,23 +327,30 @@ def _check_semantics(spec: SearchSpec) -> None:
     # objective
     known_metrics = trainable.metric_names() | _robust_metric_names(spec)
     for i, m in enumerate(spec.objective.as_list()):
-        field = "objective.metric" if not spec.objective.metrics else f"objective.metrics.{i}.metric"
+        field = (
+            "objective.metric" if not spec.objective.metrics else f"objective.metrics.{i}.metric"
+        )
         if m.metric not in known_metrics:
             raise SpecError(
-                src, field, f"unknown metric {m.metric!r}; known: {', '.join(sorted(known_metrics))}"
+                src,
+                field,
+                f"unknown metric {m.metric!r}; known: {', '.join(sorted(known_metrics))}",
             )
         if m.metric.startswith("test_"):
             raise SpecError(src, field, "never optimise on the test speakers; use a val_* metric")
         if m.metric not in trainable.epoch_metrics and not spec.objective.multi:
             raise SpecError(
-                src, field, f"{m.metric!r} is only known at the end of a trial; ASHA needs an "
+                src,
+                field,
+                f"{m.metric!r} is only known at the end of a trial; ASHA needs an "
                 "epoch metric (e.g. val_uar), or list several metrics for a multi-objective search",
-            )  # fmt: skip
+            )
     if spec.budget.grace_epochs > spec.budget.max_epochs:
         raise SpecError(
-            src, "budget.grace_epochs",
+            src,
+            "budget.grace_epochs",
             f"({spec.budget.grace_epochs}) > budget.max_epochs ({spec.budget.max_epochs})",
-        )  # fmt: skip
+        )
 
     # space and params
     names = trainable.param_names()
@@ -387,7 +421,9 @@ def _robust_metric_names(spec: SearchSpec) -> set[str]:
     if r is None:
         return set()
     names = {f"robust/uar_snr{int(s)}_{n}" for s in r.snrs_db for n in r.noises}
-    names |= {f"robust/uar_fgsm{e:g}" for e in r.fgsm_eps} | {f"robust/uar_pgd{e:g}" for e in r.pgd_eps}
+    names |= {f"robust/uar_fgsm{e:g}" for e in r.fgsm_eps} | {
+        f"robust/uar_pgd{e:g}" for e in r.pgd_eps
+    }
     names |= {f"robust/uar_cross_{c.name or c.corpus}" for c in spec.data.cross_corpus}
     names |= {"robust/uar_clean", "robust/uar_noise_mean"}
     return names
@@ -398,7 +434,9 @@ def load_define_by_run(ref: str, base: Path, src: str = "<spec>"):
     file, _, func = ref.partition(":")
     path = (base / file) if not Path(file).is_absolute() else Path(file)
     if not func or not path.is_file():
-        raise SpecError(src, "define_by_run", f"expected 'file.py:function' beside the spec, got {ref!r}")
+        raise SpecError(
+            src, "define_by_run", f"expected 'file.py:function' beside the spec, got {ref!r}"
+        )
     mod_spec = importlib.util.spec_from_file_location(f"sertune_space_{path.stem}", path)
     module = importlib.util.module_from_spec(mod_spec)  # type: ignore[arg-type]
     try:

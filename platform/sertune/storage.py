@@ -39,6 +39,14 @@ def pyarrow_fs(uri: str):
     return pafs.LocalFileSystem(), uri
 
 
+def fs_and_path(uri: str):
+    """(pyarrow filesystem or None, path) as Ray's ``storage_path`` + ``storage_filesystem`` want
+    them: remote URIs get an explicit filesystem (endpoint override) and lose their scheme."""
+    if is_remote(uri):
+        return pyarrow_fs(uri)
+    return None, uri
+
+
 def download_dir(uri: str, dest: str | Path) -> Path:
     """Copy a folder (local or remote) to ``dest``; returns ``dest``."""
     dest = Path(dest)
@@ -50,7 +58,9 @@ def download_dir(uri: str, dest: str | Path) -> Path:
 
     fs, path = pyarrow_fs(uri)
     dest.mkdir(parents=True, exist_ok=True)
-    pafs.copy_files(path, str(dest), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    pafs.copy_files(
+        path, str(dest), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem()
+    )
     return dest
 
 

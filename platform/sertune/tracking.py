@@ -27,7 +27,12 @@ from . import settings
 
 EXPERIMENT_ENV = "SERTUNE_EXPERIMENT"
 DEFAULT_EXPERIMENT = "sertune"
-TAG_SEARCH, TAG_TRIAL, TAG_STATUS, TAG_KIND = "sertune.search", "sertune.trial_id", "sertune.status", "sertune.kind"
+TAG_SEARCH, TAG_TRIAL, TAG_STATUS, TAG_KIND = (
+    "sertune.search",
+    "sertune.trial_id",
+    "sertune.status",
+    "sertune.kind",
+)
 
 
 def error_reason(text: str) -> str:
@@ -56,6 +61,10 @@ def configure(tracking_uri: str | None = None) -> str:
     import mlflow
 
     uri = settings.tracking_uri(tracking_uri)
+    from .storage import endpoint
+
+    if endpoint():  # MLflow's S3 artifact store reads its own variable
+        os.environ.setdefault("MLFLOW_S3_ENDPOINT_URL", endpoint())
     if uri.startswith("sqlite:///"):
         Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
@@ -86,8 +95,16 @@ def _numeric(d: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-REPORTED_SKIP = {"timestamp", "time_this_iter_s", "time_total_s", "pid", "time_since_restore",
-                 "iterations_since_restore", "training_iteration", "epoch"}  # fmt: skip
+REPORTED_SKIP = {
+    "timestamp",
+    "time_this_iter_s",
+    "time_total_s",
+    "pid",
+    "time_since_restore",
+    "iterations_since_restore",
+    "training_iteration",
+    "epoch",
+}
 
 
 class MLflowSearchLogger(Callback):
@@ -148,7 +165,9 @@ class MLflowSearchLogger(Callback):
 
         save_record(self.name, self.record)
         b, r = spec["budget"], spec["resources"]
-        params = {f"budget.{k}": v for k, v in b.items()} | {f"resources.{k}": v for k, v in r.items()}
+        params = {f"budget.{k}": v for k, v in b.items()} | {
+            f"resources.{k}": v for k, v in r.items()
+        }
         params |= {"seed": spec["seed"], "space": ",".join(sorted(spec["space"]))}
         params |= {f"fixed.{k}": v for k, v in spec["params"].items()}
         c.log_batch(self.parent_run_id, params=_params(params))
@@ -157,7 +176,9 @@ class MLflowSearchLogger(Callback):
             if src.is_file():
                 shutil.copy(src, Path(tmp) / "spec.yaml")
             (Path(tmp) / "spec.resolved.json").write_text(json.dumps(spec, indent=2))
-            (Path(tmp) / "data_report.json").write_text(json.dumps(self.record["data"].get("report", {}), indent=2))
+            (Path(tmp) / "data_report.json").write_text(
+                json.dumps(self.record["data"].get("report", {}), indent=2)
+            )
             c.log_artifacts(self.parent_run_id, tmp, "search")
 
     def _child(self, trial: Any) -> str:
@@ -194,7 +215,9 @@ class MLflowSearchLogger(Callback):
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._child(trial)
 
-    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+    def on_trial_result(
+        self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
+    ) -> None:
         from mlflow.entities import Metric
 
         run_id = self._child(trial)
@@ -277,5 +300,8 @@ def _best_metrics(best: dict) -> list:
     from mlflow.entities import Metric
 
     ts = int(time.time() * 1000)
-    return [Metric(f"best/{k}", float(v), ts, 0) for k, v in best.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)]  # fmt: skip
+    return [
+        Metric(f"best/{k}", float(v), ts, 0)
+        for k, v in best.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    ]

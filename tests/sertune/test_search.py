@@ -61,18 +61,30 @@ def test_smoke_single_objective(home, tmp_path):
         assert ch.data.tags["sertune.status"] in ("finished", "stopped_early")
         assert {"loss.w_aug", "loss.w_rec", "aug.p_white_noise"} <= set(ch.data.params)
         hist = c.get_metric_history(ch.info.run_id, "train_loss_rec")
-        assert len(hist) == ch.data.metrics["training_iteration"] if "training_iteration" in ch.data.metrics else len(hist) >= 1
+        assert (
+            len(hist) == ch.data.metrics["training_iteration"]
+            if "training_iteration" in ch.data.metrics
+            else len(hist) >= 1
+        )
         if ch.data.tags["sertune.status"] == "finished":
             assert "robust/uar_snr10_white" in ch.data.metrics
             robust = {a.path for a in c.list_artifacts(ch.info.run_id, "robustness")}
-            assert {"robustness/robustness.json", "robustness/uar_vs_snr.png", "robustness/uar_vs_eps.png"} <= robust
+            assert {
+                "robustness/robustness.json",
+                "robustness/uar_vs_snr.png",
+                "robustness/uar_vs_eps.png",
+            } <= robust
 
 
 def test_smoke_multi_objective_has_a_pareto_front(home, tmp_path):
     def edit(raw):
         raw["name"] = "smoke-mo"
-        raw["objective"] = {"metrics": [{"metric": "val_uar", "mode": "max"},
-                                        {"metric": "robust/uar_snr0_white", "mode": "max"}]}  # fmt: skip
+        raw["objective"] = {
+            "metrics": [
+                {"metric": "val_uar", "mode": "max"},
+                {"metric": "robust/uar_snr0_white", "mode": "max"},
+            ]
+        }
 
     spec = load_spec(spec_file(tmp_path, edit))
     assert spec.objective.multi

@@ -35,27 +35,88 @@ CASES = [
     ("unknown top-level key", lambda r: r.update(bugdet={}), "bugdet", "unknown key"),
     ("unknown nested key", lambda r: r["budget"].update(trails=3), "budget.trails", "unknown key"),
     ("wrong type", lambda r: r["budget"].update(trials="many"), "budget.trials", "integer"),
-    ("low > high", lambda r: r["space"].update({"loss.w_aug": {"type": "float", "low": 2.0, "high": 1.0}}),
-     "space.loss.w_aug", r"low \(2.0\) > high \(1.0\)"),
-    ("empty choice", lambda r: r["space"].update({"model.dropout": {"type": "choice", "values": []}}),
-     "space.model.dropout.values", "at least one value"),
-    ("log with low <= 0", lambda r: r["space"].update({"optim.lr": {"type": "float", "low": 0, "high": 1, "log": True}}),
-     "space.optim.lr.low", "log scale"),
-    ("unknown parameter", lambda r: r["space"].update({"loss.w_agu": {"type": "float", "low": 0, "high": 1}}),
-     "space.loss.w_agu", "unknown parameter"),
-    ("unknown fixed parameter", lambda r: r["params"].update({"model.layers": 3}), "params.model.layers", "unknown parameter"),
-    ("unknown trainable", lambda r: r.update(trainable="resnet"), "trainable", "unknown trainable 'resnet'"),
-    ("unknown corpus", lambda r: r["data"].update(corpus="timit"), "data.corpus", "unknown corpus 'timit'"),
-    ("missing data root", lambda r: r["data"].update(corpus="emodb", root="/no/such/emodb"), "data.root",
-     "does not exist"),
-    ("unknown metric", lambda r: r["objective"].update(metric="val_acc"), "objective.metric", "unknown metric"),
-    ("test-set objective", lambda r: r["objective"].update(metric="test_uar"), "objective.metric", "test speakers"),
+    (
+        "low > high",
+        lambda r: r["space"].update({"loss.w_aug": {"type": "float", "low": 2.0, "high": 1.0}}),
+        "space.loss.w_aug",
+        r"low \(2.0\) > high \(1.0\)",
+    ),
+    (
+        "empty choice",
+        lambda r: r["space"].update({"model.dropout": {"type": "choice", "values": []}}),
+        "space.model.dropout.values",
+        "at least one value",
+    ),
+    (
+        "log with low <= 0",
+        lambda r: r["space"].update(
+            {"optim.lr": {"type": "float", "low": 0, "high": 1, "log": True}}
+        ),
+        "space.optim.lr.low",
+        "log scale",
+    ),
+    (
+        "unknown parameter",
+        lambda r: r["space"].update({"loss.w_agu": {"type": "float", "low": 0, "high": 1}}),
+        "space.loss.w_agu",
+        "unknown parameter",
+    ),
+    (
+        "unknown fixed parameter",
+        lambda r: r["params"].update({"model.layers": 3}),
+        "params.model.layers",
+        "unknown parameter",
+    ),
+    (
+        "unknown trainable",
+        lambda r: r.update(trainable="resnet"),
+        "trainable",
+        "unknown trainable 'resnet'",
+    ),
+    (
+        "unknown corpus",
+        lambda r: r["data"].update(corpus="timit"),
+        "data.corpus",
+        "unknown corpus 'timit'",
+    ),
+    (
+        "missing data root",
+        lambda r: r["data"].update(corpus="emodb", root="/no/such/emodb"),
+        "data.root",
+        "does not exist",
+    ),
+    (
+        "unknown metric",
+        lambda r: r["objective"].update(metric="val_acc"),
+        "objective.metric",
+        "unknown metric",
+    ),
+    (
+        "test-set objective",
+        lambda r: r["objective"].update(metric="test_uar"),
+        "objective.metric",
+        "test speakers",
+    ),
     ("bad mode", lambda r: r["objective"].update(mode="maximise"), "objective.mode", "max"),
-    ("grace > epochs", lambda r: r["budget"].update(grace_epochs=9), "budget.grace_epochs", "max_epochs"),
-    ("fractional GPU above 1", lambda r: r["resources"].update(gpus_per_worker=1.5), "resources", "whole"),
-    ("value the trainable refuses", lambda r: r["params"].update({"aug.snr_db_low": 40.0}), "params.aug.snr_db_low",
-     r"snr_db_low \(40.0\) > aug.snr_db_high"),
-]  # fmt: skip
+    (
+        "grace > epochs",
+        lambda r: r["budget"].update(grace_epochs=9),
+        "budget.grace_epochs",
+        "max_epochs",
+    ),
+    (
+        "fractional GPU above 1",
+        lambda r: r["resources"].update(gpus_per_worker=1.5),
+        "resources",
+        "whole",
+    ),
+    (
+        "value the trainable refuses",
+        lambda r: r["params"].update({"aug.snr_db_low": 40.0}),
+        "params.aug.snr_db_low",
+        r"snr_db_low \(40.0\) > aug.snr_db_high",
+    ),
+]
 
 
 @pytest.mark.parametrize("case, edit, field, message", CASES, ids=[c[0] for c in CASES])
@@ -79,10 +140,17 @@ def test_not_yaml_and_missing_file(tmp_path):
 
 
 def test_cli_exits_2_with_one_line_before_ray_starts(tmp_path, home):
-    path = write(tmp_path, lambda r: r["space"].update({"loss.w_aug": {"type": "float", "low": 2.0, "high": 1.0}}))
+    path = write(
+        tmp_path,
+        lambda r: r["space"].update({"loss.w_aug": {"type": "float", "low": 2.0, "high": 1.0}}),
+    )
     t0 = time.monotonic()
-    p = subprocess.run([sys.executable, "-m", "sertune.cli", "search", "run", str(path)],
-                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    p = subprocess.run(
+        [sys.executable, "-m", "sertune.cli", "search", "run", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 2
     assert p.stderr.strip() == f"sertune: error: {path}: space.loss.w_aug: low (2.0) > high (1.0)"
     assert "Ray" not in p.stdout + p.stderr
@@ -90,8 +158,11 @@ def test_cli_exits_2_with_one_line_before_ray_starts(tmp_path, home):
 
 
 def test_set_overrides_and_define_by_run(tmp_path, home):
-    spec = load_spec(REPO / "search_spaces" / "mtl_aug.yaml", sets=["budget.trials=5", "params.optim.grad_clip=1.0"],
-                     overrides=None)  # fmt: skip
+    spec = load_spec(
+        REPO / "search_spaces" / "mtl_aug.yaml",
+        sets=["budget.trials=5", "params.optim.grad_clip=1.0"],
+        overrides=None,
+    )
     assert spec.budget.trials == 5 and spec.params["optim.grad_clip"] == 1.0
     with pytest.raises(SpecError, match="both fixed"):
         load_spec(REPO / "search_spaces" / "mtl_aug.yaml", sets=["params.loss.w_rec=0"])

@@ -6,9 +6,20 @@ import pytest
 import torch
 
 from trainables.mtl_aug.augment import (
-    BABBLE, CLEAN, FILE_NOISE, REVERB, SPECAUG, SPEED, WHITE,
-    AugmentationBank, add_noise_at_snr, reverberate, spec_augment, speed_perturb, synthetic_rir,
-)  # fmt: skip
+    BABBLE,
+    CLEAN,
+    FILE_NOISE,
+    REVERB,
+    SPECAUG,
+    SPEED,
+    WHITE,
+    AugmentationBank,
+    add_noise_at_snr,
+    reverberate,
+    spec_augment,
+    speed_perturb,
+    synthetic_rir,
+)
 from trainables.mtl_aug.config import AUG_TYPES, AugConfig, FeatureConfig
 
 FEAT = FeatureConfig(n_mels=32, segment_s=1.0)
@@ -20,7 +31,9 @@ def speechlike(b, n, device, seed=0):
     t = torch.arange(n, device=device) / 16000
     f0 = 100 + 100 * torch.rand(b, 1, generator=g, device=device)
     env = 0.5 + 0.5 * torch.sin(2 * math.pi * 3 * t)
-    return 0.2 * torch.sin(2 * math.pi * f0 * t) * env + 0.01 * torch.randn(b, n, generator=g, device=device)
+    return 0.2 * torch.sin(2 * math.pi * f0 * t) * env + 0.01 * torch.randn(
+        b, n, generator=g, device=device
+    )
 
 
 def snr_db(clean, noisy):
@@ -40,11 +53,15 @@ def test_add_noise_hits_target_snr(device, target):
     assert torch.all((snr_db(x, y) - target).abs() < 0.5)
 
 
-@pytest.mark.parametrize("kind, code", [("white_noise", WHITE), ("babble_noise", BABBLE), ("file_noise", FILE_NOISE)])
+@pytest.mark.parametrize(
+    "kind, code", [("white_noise", WHITE), ("babble_noise", BABBLE), ("file_noise", FILE_NOISE)]
+)
 def test_bank_noise_types_measure_within_half_db(device, kind, code):
     bank_audio = torch.randn(48000, device=device) * 0.1
     aug = only(kind, snr_db_low=7.0, snr_db_high=7.0)
-    bank = AugmentationBank(aug, FEAT, noise_bank=bank_audio if kind == "file_noise" else None).to(device)
+    bank = AugmentationBank(aug, FEAT, noise_bank=bank_audio if kind == "file_noise" else None).to(
+        device
+    )
     wav = speechlike(8, SEG, device)
     g = torch.Generator(device=device).manual_seed(1)
     types = torch.full((8,), code, device=device)

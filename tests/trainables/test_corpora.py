@@ -24,7 +24,9 @@ def test_iemocap_layout(tmp_path):
         sess = root / f"Session{s}"
         dialog = f"Ses0{s}F_impro01"
         lines = []
-        for i, (utt_sp, emo) in enumerate([("F", "ang"), ("M", "exc"), ("F", "neu"), ("M", "sad"), ("F", "fru"), ("M", "hap")]):
+        for i, (utt_sp, emo) in enumerate(
+            [("F", "ang"), ("M", "exc"), ("F", "neu"), ("M", "sad"), ("F", "fru"), ("M", "hap")]
+        ):
             utt = f"{dialog}_{utt_sp}{i:03d}"
             tone(sess / "sentences" / "wav" / dialog / f"{utt}.wav")
             lines.append(f"[{i}.0000 - {i}.9000]\t{utt}\t{emo}\t[2.5000, 2.5000, 2.5000]")
@@ -57,7 +59,11 @@ def test_emodb_layout(tmp_path):
         tone(tmp_path / "wav" / f"{name}.wav")
     items, excluded = scan_corpus("emodb", tmp_path)
     assert sorted((i.speaker, i.label) for i in items) == [
-        ("03", "angry"), ("03", "happy"), ("08", "neutral"), ("10", "sad")]  # fmt: skip
+        ("03", "angry"),
+        ("03", "happy"),
+        ("08", "neutral"),
+        ("10", "sad"),
+    ]
     assert excluded == {"L": 1, "A": 1}  # boredom, fear: outside the 4 classes
 
 
@@ -109,7 +115,13 @@ def test_wrong_layouts_say_what_was_expected(tmp_path, corpus, content, match):
 
 def test_broken_files_yield_a_data_report_not_an_exception(tmp_path):
     rows = ["path,label,speaker"]
-    ok = [("ok1", 16000, 1), ("ok2", 16000, 1), ("stereo", 16000, 2), ("sr44k", 44100, 1), ("sr8k", 8000, 1)]
+    ok = [
+        ("ok1", 16000, 1),
+        ("ok2", 16000, 1),
+        ("stereo", 16000, 2),
+        ("sr44k", 44100, 1),
+        ("sr8k", 8000, 1),
+    ]
     for i, (name, sr, ch) in enumerate(ok):
         tone(tmp_path / f"{name}.wav", sr=sr, channels=ch)
         rows.append(f"{name}.wav,{['angry', 'happy', 'neutral', 'sad', 'sad'][i]},s{i % 3}")
@@ -118,7 +130,9 @@ def test_broken_files_yield_a_data_report_not_an_exception(tmp_path):
     sf.write(tmp_path / "zero.wav", np.zeros((0,)), 16000)
     tone(tmp_path / "short.wav", seconds=0.05)
     sf.write(tmp_path / "silent.wav", np.zeros(16000), 16000)
-    rows += [f"{n}.wav,angry,s1" for n in ("garbage", "empty", "zero", "short", "silent", "missing")]
+    rows += [
+        f"{n}.wav,angry,s1" for n in ("garbage", "empty", "zero", "short", "silent", "missing")
+    ]
     (tmp_path / "manifest.csv").write_text("\n".join(rows) + "\n")
 
     path = build_cache("manifest", tmp_path, tmp_path / "cache", progress=lambda m: None)
@@ -154,6 +168,6 @@ def test_splits_are_speaker_independent(synth_corpus):
         groups = {k: {c.groups[i] for i in v} for k, v in s.items() if k != "unlabelled"}
         assert not groups["train"] & groups["val"] and not groups["train"] & groups["test"]
         assert not groups["val"] & groups["test"]
-        assert all((c.labels[s["unlabelled"]] == -1))
+        assert all(c.labels[s["unlabelled"]] == -1)
     with pytest.raises(ValueError, match="data.fold"):
         speaker_independent_split(c, 9)

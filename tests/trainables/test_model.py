@@ -17,7 +17,10 @@ def batch(device, b=6, labels=None):
 
 
 def grads(model):
-    return {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p)) for n, p in model.named_parameters()}
+    return {
+        n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p))
+        for n, p in model.named_parameters()
+    }
 
 
 def backward(model, feats, y, aug, w):
@@ -47,7 +50,10 @@ def test_zero_aux_weights_are_single_task_training(device):
         if name.startswith(("aug_head", "decoder")):
             assert torch.count_nonzero(g) == 0, name
     mtl = backward(model, feats, y, aug, LossConfig(w_emo=1.0, w_aug=0.5, w_rec=0.5))
-    assert torch.count_nonzero(mtl["aug_head.weight"]) > 0 and torch.count_nonzero(mtl["decoder.0.weight"]) > 0
+    assert (
+        torch.count_nonzero(mtl["aug_head.weight"]) > 0
+        and torch.count_nonzero(mtl["decoder.0.weight"]) > 0
+    )
 
 
 def test_unlabelled_rows_never_touch_the_emotion_loss(device):

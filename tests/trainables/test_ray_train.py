@@ -21,7 +21,9 @@ def test_two_cpu_workers_train_with_gloo(synth_corpus, tmp_path, tiny):
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
-        scaling_config=ray.train.ScalingConfig(num_workers=2, use_gpu=False, resources_per_worker={"CPU": 1}),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=2, use_gpu=False, resources_per_worker={"CPU": 1}
+        ),
         torch_config=TorchConfig(backend="gloo"),
         run_config=ray.train.RunConfig(name="ddp", storage_path=str(tmp_path)),
     )

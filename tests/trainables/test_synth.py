@@ -26,8 +26,15 @@ def test_manifest_lists_labelled_and_unlabelled(tmp_path):
 def test_emotions_differ_in_loudness_and_tempo():
     rng = np.random.default_rng(0)
     spk = make_speakers(2, rng)
-    rms = {e: np.mean([np.sqrt(np.mean(synth_utterance(s, e, rng) ** 2)) for s in spk for _ in range(5)])
-           for e in ("angry", "sad")}  # fmt: skip
-    dur = {e: np.mean([len(synth_utterance(s, e, rng)) for s in spk for _ in range(5)]) for e in ("angry", "sad")}
+    rms = {
+        e: np.mean(
+            [np.sqrt(np.mean(synth_utterance(s, e, rng) ** 2)) for s in spk for _ in range(5)]
+        )
+        for e in ("angry", "sad")
+    }
+    dur = {
+        e: np.mean([len(synth_utterance(s, e, rng)) for s in spk for _ in range(5)])
+        for e in ("angry", "sad")
+    }
     assert rms["angry"] > 2 * rms["sad"]
     assert dur["sad"] > dur["angry"]  # slower speech, longer utterances

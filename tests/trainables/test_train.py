@@ -5,8 +5,6 @@ import torch
 
 from trainables.mtl_aug.train import LocalSession, TrainingDiverged, load_state, train
 
-
-
 TINY = {
     "model.conv_channels": [8, 16],
     "model.lstm_hidden": 24,
@@ -29,15 +27,30 @@ def test_mtl_aug_learns_emotion_on_held_out_speakers(synth_corpus):
     """4 classes (chance 0.25), speaker-independent split, nothing tuned on the test speakers."""
     cfg = loop_config(
         synth_corpus["cache"],
-        **{"model.conv_channels": [8, 16, 32], "model.lstm_hidden": 32, "features.segment_s": 1.5,
-           "optim.epochs": 8, "optim.batch_size": 32, "optim.lr": 3e-3, "loss.w_aug": 0.3, "loss.w_rec": 0.3},
-    )  # fmt: skip
+        **{
+            "model.conv_channels": [8, 16, 32],
+            "model.lstm_hidden": 32,
+            "features.segment_s": 1.5,
+            "optim.epochs": 8,
+            "optim.batch_size": 32,
+            "optim.lr": 3e-3,
+            "loss.w_aug": 0.3,
+            "loss.w_rec": 0.3,
+        },
+    )
     history = train(cfg, LocalSession(device="cpu"))
     last = history[-1]
     print({k: round(v, 3) for k, v in last.items() if isinstance(v, float)})
     assert last["test_uar"] >= 0.60, last
     assert history[-1]["train_loss"] < history[0]["train_loss"]
-    for key in ("val_uar", "val_war", "val_f1", "train_loss_emo", "train_loss_aug", "train_loss_rec"):
+    for key in (
+        "val_uar",
+        "val_war",
+        "val_f1",
+        "train_loss_emo",
+        "train_loss_aug",
+        "train_loss_rec",
+    ):
         assert key in last
 
 
@@ -46,12 +59,22 @@ def test_resume_reproduces_the_next_epoch_exactly(synth_corpus, tmp_path):
     cfg["run"]["max_steps_per_epoch"] = 3
     full = LocalSession(device="cpu", keep_checkpoints=str(tmp_path / "full"))
     train(cfg, full)
-    resumed = LocalSession(device="cpu", checkpoint_dir=str(tmp_path / "full" / "epoch_0000"),
-                           keep_checkpoints=str(tmp_path / "resumed"))  # fmt: skip
+    resumed = LocalSession(
+        device="cpu",
+        checkpoint_dir=str(tmp_path / "full" / "epoch_0000"),
+        keep_checkpoints=str(tmp_path / "resumed"),
+    )
     train(cfg, resumed)
     assert [h["epoch"] for h in resumed.history] == [1]  # only the missing epoch ran
     a, b = full.history[-1], resumed.history[-1]
-    for key in ("train_loss", "train_loss_emo", "train_loss_aug", "train_loss_rec", "val_uar", "val_loss_emo"):
+    for key in (
+        "train_loss",
+        "train_loss_emo",
+        "train_loss_aug",
+        "train_loss_rec",
+        "val_uar",
+        "val_loss_emo",
+    ):
         assert a[key] == b[key], key
     sa = load_state(tmp_path / "full" / "epoch_0001")
     sb = load_state(tmp_path / "resumed" / "epoch_0001")
@@ -71,6 +94,8 @@ def test_checkpoint_loads_with_weights_only(synth_corpus, tmp_path):
 
 
 def test_nan_loss_fails_with_the_reason(synth_corpus):
-    cfg = loop_config(synth_corpus["cache"], **{"optim.epochs": 3, "optim.lr": 1e20, "optim.grad_clip": 0.0})
+    cfg = loop_config(
+        synth_corpus["cache"], **{"optim.epochs": 3, "optim.lr": 1e20, "optim.grad_clip": 0.0}
+    )
     with pytest.raises(TrainingDiverged, match=r"loss became (nan|inf)"):
         train(cfg, LocalSession(device="cpu"))

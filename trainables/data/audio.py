@@ -37,7 +37,9 @@ class DataReport:
     resampled: int = 0
     downmixed: int = 0
     skipped: dict[str, list[str]] = field(default_factory=dict)  # reason -> files
-    excluded_labels: dict[str, int] = field(default_factory=dict)  # label -> count (not in classes)
+    excluded_labels: dict[str, int] = field(
+        default_factory=dict
+    )  # label -> count (not in classes)
     class_counts: dict[str, int] = field(default_factory=dict)
     unlabelled: int = 0
 
@@ -110,7 +112,9 @@ def read_audio(
     try:
         x, sr = sf.read(str(path), dtype="float32", always_2d=True)  # (L, C)
     except Exception as e:  # soundfile raises several types for broken headers
-        raise AudioError("unreadable", str(e).splitlines()[0] if str(e) else type(e).__name__) from e
+        raise AudioError(
+            "unreadable", str(e).splitlines()[0] if str(e) else type(e).__name__
+        ) from e
     if x.size == 0:
         raise AudioError("empty")
     if not np.isfinite(x).all():

@@ -78,12 +78,19 @@ def build_cache(
     cache_root: str | Path,
     sample_rate: int = 16000,
     progress: Callable[[str], None] | None = None,
-) -> Path:
+) -> Path | str:
     """Decode ``corpus`` at ``root`` into ``cache_root`` unless an identical cache exists.
 
-    Returns the cache folder. Unusable files are skipped and listed in ``report.json``.
+    Returns the cache folder (a URI when ``cache_root`` is ``s3://``). Unusable files are skipped and listed in ``report.json``.
     """
     say = progress or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    if str(cache_root).startswith("s3://"):  # build on this machine, then publish
+        from .remote import publish_cache
+
+        local_root = Path(tempfile.gettempdir()) / "sertune-cache-build"
+        return publish_cache(
+            build_cache(corpus, root, local_root, sample_rate, say), str(cache_root)
+        )
     items, excluded = scan_corpus(corpus, root)
     fp = fingerprint(corpus, items, sample_rate)
     cache_root = Path(cache_root).expanduser()
@@ -150,6 +157,11 @@ def build_cache(
 
 
 def load_cache(path: str | Path) -> DecodedCorpus:
+    """Load a cache folder; an ``s3://`` cache is first pulled to this node (once, verified)."""
+    if str(path).startswith("s3://"):
+        from .remote import ensure_local
+
+        path = ensure_local(str(path))
     path = Path(path)
     if not (path / "COMPLETE").exists():
         raise FileNotFoundError(f"{path}: not a complete decoded cache (no COMPLETE marker)")
@@ -186,7 +198,10 @@ def speaker_independent_split(
     unl = idx[corpus.labels < 0]
     lab = idx[corpus.labels >= 0]
     if any(s is not None for s in corpus.splits):
-        by = {s: np.array([i for i in lab if corpus.splits[i] == s], dtype=np.int64) for s in ("train", "val", "test")}
+        by = {
+            s: np.array([i for i in lab if corpus.splits[i] == s], dtype=np.int64)
+            for s in ("train", "val", "test")
+        }
         return {**by, "unlabelled": unl}
     groups = sorted({corpus.groups[i] for i in lab})
     n = n_folds or min(5, len(groups))

@@ -80,7 +80,9 @@ _MSP_MAP = {"A": "angry", "H": "happy", "N": "neutral", "S": "sad"}
 
 
 def _msp_improv(root: Path) -> tuple[list[Utterance], dict[str, int]]:
-    label_file = next((p for p in (root / "Evalution.txt", root / "Evaluation.txt") if p.exists()), None)
+    label_file = next(
+        (p for p in (root / "Evalution.txt", root / "Evaluation.txt") if p.exists()), None
+    )
     if label_file is None:
         raise CorpusError(f"{root}: no Evalution.txt (the MSP-IMPROV label file)")
     labels: dict[str, str] = {}
@@ -100,13 +102,20 @@ def _msp_improv(root: Path) -> tuple[list[Utterance], dict[str, int]]:
             continue
         # MSP-IMPROV-S01A-F01-P-FM01: speaker F01, session 01
         speaker = wav.stem.split("-")[3]
-        items.append(Utterance(str(wav), _MSP_MAP[raw], speaker, f"session{int(speaker[1:])}", wav.stem))
+        items.append(
+            Utterance(str(wav), _MSP_MAP[raw], speaker, f"session{int(speaker[1:])}", wav.stem)
+        )
     return items, excluded
 
 
 # -- EMODB -------------------------------------------------------------------------------------
 
-_EMODB_MAP = {"W": "angry", "F": "happy", "N": "neutral", "T": "sad"}  # Wut, Freude, Neutral, Trauer
+_EMODB_MAP = {
+    "W": "angry",
+    "F": "happy",
+    "N": "neutral",
+    "T": "sad",
+}  # Wut, Freude, Neutral, Trauer
 _EMODB_NAME = re.compile(r"^(\d\d)([ab]\d\d)([WLEAFTN])([a-z])$")
 
 
@@ -155,7 +164,9 @@ def _ravdess(root: Path) -> tuple[list[Utterance], dict[str, int]]:
             if emo not in _RAVDESS_MAP:
                 excluded[emo] = excluded.get(emo, 0) + 1
                 continue
-            items.append(Utterance(str(wav), _RAVDESS_MAP[emo], f"Actor_{spk}", f"Actor_{spk}", wav.stem))
+            items.append(
+                Utterance(str(wav), _RAVDESS_MAP[emo], f"Actor_{spk}", f"Actor_{spk}", wav.stem)
+            )
     return items, excluded
 
 
@@ -189,13 +200,17 @@ def _crema_d(root: Path) -> tuple[list[Utterance], dict[str, int]]:
 def _manifest(root: Path) -> tuple[list[Utterance], dict[str, int]]:
     path = root / "manifest.csv" if root.is_dir() else root
     if not path.is_file():
-        raise CorpusError(f"{path}: manifest not found (a CSV with columns path,label,speaker[,split])")
+        raise CorpusError(
+            f"{path}: manifest not found (a CSV with columns path,label,speaker[,split])"
+        )
     items, excluded = [], {}
     with path.open(newline="") as fh:
         reader = csv.DictReader(fh)
         missing = {"path", "label", "speaker"} - set(reader.fieldnames or [])
         if missing:
-            raise CorpusError(f"{path}: missing column(s) {sorted(missing)}; need path,label,speaker[,split]")
+            raise CorpusError(
+                f"{path}: missing column(s) {sorted(missing)}; need path,label,speaker[,split]"
+            )
         for line, row in enumerate(reader, start=2):
             label = (row.get("label") or "").strip() or None
             if label is not None and label not in EMOTIONS_4:
@@ -203,7 +218,9 @@ def _manifest(root: Path) -> tuple[list[Utterance], dict[str, int]]:
                 continue
             split = (row.get("split") or "").strip() or None
             if split not in (None, "train", "val", "test"):
-                raise CorpusError(f"{path}:{line}: split must be train, val or test, got {split!r}")
+                raise CorpusError(
+                    f"{path}:{line}: split must be train, val or test, got {split!r}"
+                )
             wav = Path(row["path"])
             wav = wav if wav.is_absolute() else path.parent / wav
             spk = row["speaker"].strip()

@@ -96,7 +96,11 @@ def synth_utterance(speaker: Speaker, emotion: str, rng: np.random.Generator) ->
         t = np.arange(n) / SR
         # f0 contour: a rise-fall across the syllable scaled by the emotion's range, plus drift
         shape = np.sin(np.pi * t / dur) * rng.uniform(-0.3, 1.0)
-        f0 = f0_base * (1 + p.pitch_range * shape) * (1 + 0.01 * rng.normal(size=n).cumsum() / np.sqrt(n))
+        f0 = (
+            f0_base
+            * (1 + p.pitch_range * shape)
+            * (1 + 0.01 * rng.normal(size=n).cumsum() / np.sqrt(n))
+        )
         phase = np.cumsum(f0 / SR)
         saw = 2 * (phase % 1.0) - 1.0  # glottal pulse train (bright)
         # spectral tilt: a one-pole low-pass whose cutoff follows brightness

@@ -30,7 +30,9 @@ def speed_perturb(wav: torch.Tensor, factor: float) -> torch.Tensor:
     Like sox ``speed``: tempo and pitch change together (linear-interpolation resampling).
     """
     n_out = max(1, round(wav.shape[-1] / factor))
-    return F.interpolate(wav.unsqueeze(1), size=n_out, mode="linear", align_corners=False).squeeze(1)
+    return F.interpolate(wav.unsqueeze(1), size=n_out, mode="linear", align_corners=False).squeeze(
+        1
+    )
 
 
 def add_noise_at_snr(
@@ -82,7 +84,11 @@ def spec_augment(
     for size, width, axis in ((m, freq_width, 1), (t, time_width, 2)):
         ar = torch.arange(size, device=dev).unsqueeze(0)  # (1, size)
         for _ in range(n_masks):
-            w = (torch.rand(b, generator=generator, device=dev) * (width + 1)).long().clamp(max=size)
+            w = (
+                (torch.rand(b, generator=generator, device=dev) * (width + 1))
+                .long()
+                .clamp(max=size)
+            )
             start = (torch.rand(b, generator=generator, device=dev) * (size - w + 1)).long()
             hit = (ar >= start.unsqueeze(1)) & (ar < (start + w).unsqueeze(1))  # (B, size)
             keep &= ~(hit.unsqueeze(2) if axis == 1 else hit.unsqueeze(1))
@@ -131,7 +137,9 @@ class AugmentationBank(torch.nn.Module):
         self.logmel = LogMel(features)
         mix = aug.mix()
         if mix["file_noise"] > 0 and (noise_bank is None or noise_bank.numel() == 0):
-            raise ValueError("aug.p_file_noise > 0 but no noise files were given (data.noise_files)")
+            raise ValueError(
+                "aug.p_file_noise > 0 but no noise files were given (data.noise_files)"
+            )
         self.register_buffer("probs", torch.tensor([mix[t] for t in AUG_TYPES]), persistent=False)
         self.register_buffer(
             "noise_bank",
@@ -160,7 +168,11 @@ class AugmentationBank(torch.nn.Module):
         if bool(is_spec.any()):
             a = self.aug
             feats[is_spec] = spec_augment(
-                feats[is_spec], a.specaug_freq_width, a.specaug_time_width, a.specaug_masks, generator
+                feats[is_spec],
+                a.specaug_freq_width,
+                a.specaug_time_width,
+                a.specaug_masks,
+                generator,
             )
         return feats, types
 
@@ -193,9 +205,7 @@ class AugmentationBank(torch.nn.Module):
         )
         noise = torch.zeros_like(out)
         is_white = types == WHITE
-        noise[is_white] = torch.randn(
-            int(is_white.sum()), seg, generator=generator, device=dev
-        )
+        noise[is_white] = torch.randn(int(is_white.sum()), seg, generator=generator, device=dev)
         is_babble = types == BABBLE
         if bool(is_babble.any()):
             babble = torch.zeros_like(out)
@@ -220,5 +230,7 @@ class AugmentationBank(torch.nn.Module):
             rt60 = a.rt60_low + (a.rt60_high - a.rt60_low) * torch.rand(
                 n_rev, generator=generator, device=dev
             )
-            out[is_rev] = reverberate(out[is_rev], synthetic_rir(rt60, self.sample_rate, generator))
+            out[is_rev] = reverberate(
+                out[is_rev], synthetic_rir(rt60, self.sample_rate, generator)
+            )
         return out

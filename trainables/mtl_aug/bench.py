@@ -60,9 +60,13 @@ class _SyntheticSource:
 
 
 def run_bench(
-    device: str = "auto", batch: int | None = None, steps: int = 20, rounds: int = 3,
-    cfg: MTLAugConfig | None = None, log=print,
-) -> BenchResult:  # fmt: skip
+    device: str = "auto",
+    batch: int | None = None,
+    steps: int = 20,
+    rounds: int = 3,
+    cfg: MTLAugConfig | None = None,
+    log=print,
+) -> BenchResult:
     from .train import resolve_device
 
     dev = resolve_device(device)
@@ -121,5 +125,9 @@ def run_bench(
     for r in range(rounds):
         ceil_runs.append(timed(ceiling_step, steps))
         pipe_runs.append(timed(pipeline_step, steps))
-        log(f"round {r + 1}/{rounds}: ceiling {ceil_runs[-1]:,.0f}/s  pipeline {pipe_runs[-1]:,.0f}/s")
-    return BenchResult(float(np.median(ceil_runs)), float(np.median(pipe_runs)), count_parameters(model))
+        log(
+            f"round {r + 1}/{rounds}: ceiling {ceil_runs[-1]:,.0f}/s  pipeline {pipe_runs[-1]:,.0f}/s"
+        )
+    return BenchResult(
+        float(np.median(ceil_runs)), float(np.median(pipe_runs)), count_parameters(model)
+    )

@@ -42,7 +42,11 @@ class FeatureConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    conv_channels: tuple[int, ...] = (32, 64, 128)  # one conv block each; each halves freq and time
+    conv_channels: tuple[int, ...] = (
+        32,
+        64,
+        128,
+    )  # one conv block each; each halves freq and time
     lstm_hidden: int = 128  # per direction; the BiLSTM gives 2x this per frame
     lstm_layers: int = 1  # one layer is enough on top of the conv front end
     attn_dim: int = 64  # attention-pooling bottleneck
@@ -164,9 +168,13 @@ class MTLAugConfig:
         if sum(getattr(a, f"p_{t}") for t in AUG_TYPES) <= 0:
             raise ConfigError("aug: every p_* is 0; at least one type (e.g. p_clean) needs weight")
         if a.snr_db_low > a.snr_db_high:
-            raise ConfigError(f"aug.snr_db_low ({a.snr_db_low}) > aug.snr_db_high ({a.snr_db_high})")
+            raise ConfigError(
+                f"aug.snr_db_low ({a.snr_db_low}) > aug.snr_db_high ({a.snr_db_high})"
+            )
         if a.rt60_low <= 0 or a.rt60_low > a.rt60_high:
-            raise ConfigError(f"aug.rt60_low/high: need 0 < low <= high, got {a.rt60_low}..{a.rt60_high}")
+            raise ConfigError(
+                f"aug.rt60_low/high: need 0 < low <= high, got {a.rt60_low}..{a.rt60_high}"
+            )
         if not a.speed_factors or any(s <= 0 for s in a.speed_factors):
             raise ConfigError(f"aug.speed_factors: need positive factors, got {a.speed_factors}")
         for name in ("w_emo", "w_aug", "w_rec"):

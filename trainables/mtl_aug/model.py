@@ -65,9 +65,11 @@ class MTLAugModel(nn.Module):
         self.attn = AttentionPool(d, cfg.attn_dim)
         self.dropout = nn.Dropout(cfg.dropout)
         self.emotion_head = nn.Sequential(
-            nn.Linear(d, cfg.lstm_hidden), nn.ReLU(), nn.Dropout(cfg.dropout),
+            nn.Linear(d, cfg.lstm_hidden),
+            nn.ReLU(),
+            nn.Dropout(cfg.dropout),
             nn.Linear(cfg.lstm_hidden, cfg.n_emotions),
-        )  # fmt: skip
+        )
         self.aug_head = nn.Linear(d, len(AUG_TYPES))
         self.decoder = nn.Sequential(
             nn.Linear(d, d), nn.ReLU(), nn.Linear(d, n_mels * self.pool)

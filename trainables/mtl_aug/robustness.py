@@ -39,7 +39,9 @@ def _batches(wav: torch.Tensor, y: torch.Tensor, bs: int):
         yield wav[i : i + bs], y[i : i + bs]
 
 
-def _score(logits_fn: Logits, wav: torch.Tensor, y: torch.Tensor, n_classes: int, bs: int = 64) -> dict:
+def _score(
+    logits_fn: Logits, wav: torch.Tensor, y: torch.Tensor, n_classes: int, bs: int = 64
+) -> dict:
     cm = torch.zeros(n_classes, n_classes, dtype=torch.long)
     with torch.no_grad():
         for xb, yb in _batches(wav, y, bs):
@@ -47,7 +49,9 @@ def _score(logits_fn: Logits, wav: torch.Tensor, y: torch.Tensor, n_classes: int
     return scores(cm)
 
 
-def _attack(logits_fn: Logits, wav: torch.Tensor, y: torch.Tensor, eps: float, steps: int, bs: int = 32) -> torch.Tensor:
+def _attack(
+    logits_fn: Logits, wav: torch.Tensor, y: torch.Tensor, eps: float, steps: int, bs: int = 32
+) -> torch.Tensor:
     """FGSM (steps=1) or PGD (steps>1) under an L∞ budget ``eps`` on the waveform."""
     out = []
     alpha = eps if steps == 1 else 2.5 * eps / steps
@@ -96,14 +100,20 @@ def evaluate_robustness(
             if noise_bank is None or noise_bank.numel() == 0:
                 continue
             bank = noise_bank.to(dev)
-            starts = torch.randint(0, max(1, bank.numel() - wav.shape[1]), (wav.shape[0],), generator=g, device=dev)
-            noise = bank[(starts.unsqueeze(1) + torch.arange(wav.shape[1], device=dev)) % bank.numel()]
+            starts = torch.randint(
+                0, max(1, bank.numel() - wav.shape[1]), (wav.shape[0],), generator=g, device=dev
+            )
+            noise = bank[
+                (starts.unsqueeze(1) + torch.arange(wav.shape[1], device=dev)) % bank.numel()
+            ]
         else:
             raise ValueError(f"robustness.noises: unknown noise type {kind!r}")
         for snr in options.get("snrs_db", [20, 10, 5, 0]):
             snr_t = torch.full((wav.shape[0],), float(snr), device=dev)
             noisy = add_noise_at_snr(wav, noise, snr_t)
-            report["noise"].append({"type": kind, "snr_db": float(snr), **_score(logits_fn, noisy, y, n_classes)})
+            report["noise"].append(
+                {"type": kind, "snr_db": float(snr), **_score(logits_fn, noisy, y, n_classes)}
+            )
     for attack, eps_list, steps in (
         ("fgsm", options.get("fgsm_eps", []), 1),
         ("pgd", options.get("pgd_eps", []), int(options.get("pgd_steps", 5))),
@@ -111,10 +121,17 @@ def evaluate_robustness(
         for eps in eps_list:
             adv = _attack(logits_fn, wav, y, float(eps), steps)
             report["adversarial"].append(
-                {"attack": attack, "eps": float(eps), "steps": steps, **_score(logits_fn, adv, y, n_classes)}
+                {
+                    "attack": attack,
+                    "eps": float(eps),
+                    "steps": steps,
+                    **_score(logits_fn, adv, y, n_classes),
+                }
             )
     for name, cw, cy in cross or []:
-        report["cross_corpus"].append({"name": name, "utterances": int(cw.shape[0]), **_score(logits_fn, cw, cy, n_classes)})
+        report["cross_corpus"].append(
+            {"name": name, "utterances": int(cw.shape[0]), **_score(logits_fn, cw, cy, n_classes)}
+        )
     report["metrics"] = flatten_metrics(report)
     return report
 
@@ -159,7 +176,9 @@ def write_report(report: dict[str, Any], out: Path) -> None:
     if report["adversarial"]:
         fig, ax = plt.subplots(figsize=(5, 3.5))
         for attack in dict.fromkeys(r["attack"] for r in report["adversarial"]):
-            pts = sorted((r["eps"], r["uar"]) for r in report["adversarial"] if r["attack"] == attack)
+            pts = sorted(
+                (r["eps"], r["uar"]) for r in report["adversarial"] if r["attack"] == attack
+            )
             ax.plot([0.0] + [p[0] for p in pts], [clean] + [p[1] for p in pts], "o-", label=attack)
         ax.set_xlabel("ε (waveform L∞)")
         ax.set_ylabel("UAR")
@@ -181,11 +200,15 @@ def write_report(report: dict[str, Any], out: Path) -> None:
         lines.append("")
     if report["adversarial"]:
         lines += ["| attack | ε | UAR |", "|---|---|---|"]
-        lines += [f"| {r['attack']} | {r['eps']:g} | {r['uar']:.3f} |" for r in report["adversarial"]]
+        lines += [
+            f"| {r['attack']} | {r['eps']:g} | {r['uar']:.3f} |" for r in report["adversarial"]
+        ]
         lines.append("")
     if report["cross_corpus"]:
         lines += ["| cross-corpus | utterances | UAR |", "|---|---|---|"]
-        lines += [f"| {r['name']} | {r['utterances']} | {r['uar']:.3f} |" for r in report["cross_corpus"]]
+        lines += [
+            f"| {r['name']} | {r['utterances']} | {r['uar']:.3f} |" for r in report["cross_corpus"]
+        ]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
 
 
@@ -194,7 +217,9 @@ def logits_fn_for(model: torch.nn.Module, logmel: torch.nn.Module) -> Logits:
     return lambda wav: model(logmel(wav))["emotion"]
 
 
-def center_crops(corpus: Any, indices: np.ndarray, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def center_crops(
+    corpus: Any, indices: np.ndarray, length: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     from .train import DeviceCorpus
 
     data = DeviceCorpus(corpus, device)
@@ -203,7 +228,13 @@ def center_crops(corpus: Any, indices: np.ndarray, length: int, device: torch.de
 
 
 def trial_robustness(
-    core: torch.nn.Module, cfg: Any, corpus: Any, split: dict, data_cfg: dict, options: dict, device: torch.device
+    core: torch.nn.Module,
+    cfg: Any,
+    corpus: Any,
+    split: dict,
+    data_cfg: dict,
+    options: dict,
+    device: torch.device,
 ) -> dict[str, Any]:
     """The end-of-trial report on the test speakers (rank 0 only)."""
     from trainables.data.cache import load_cache
@@ -228,8 +259,15 @@ def trial_robustness(
         cross.append((c["name"], cw, cy))
     bank = load_noise_bank(data_cfg.get("noise_files") or [], cfg.features.sample_rate)
     report = evaluate_robustness(
-        logits_fn_for(core, logmel), wav, y, cfg.model.n_emotions, options, bank, cross,
-        corpus_name=str(corpus.path.name), seed=cfg.seed,
-    )  # fmt: skip
+        logits_fn_for(core, logmel),
+        wav,
+        y,
+        cfg.model.n_emotions,
+        options,
+        bank,
+        cross,
+        corpus_name=str(corpus.path.name),
+        seed=cfg.seed,
+    )
     core.train(was_training)
     return report

@@ -102,6 +102,16 @@ class RayTrainSession:
     def torch_device(self) -> torch.device:
         return self._device
 
+    def placement(self) -> dict[str, str]:
+        """Where this worker runs (node, assigned GPU ids): checks that packing did what was asked."""
+        import ray
+
+        ctx = ray.get_runtime_context()
+        return {
+            "placement/node": ctx.get_node_id(),
+            "placement/gpu_ids": ",".join(map(str, ray.get_gpu_ids())),
+        }
+
     def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
         if self.world_size > 1:
             import torch.distributed as dist
@@ -214,7 +224,9 @@ def evaluate(
         out = model(logmel(wav))
         y = data.labels[idx]
         cm += confusion(out["emotion"].argmax(1), y, n_classes)
-        emo_loss[0] += torch.nn.functional.cross_entropy(out["emotion"], y, reduction="sum").double()
+        emo_loss[0] += torch.nn.functional.cross_entropy(
+            out["emotion"], y, reduction="sum"
+        ).double()
         emo_loss[1] += idx.numel()
     cm = session.all_reduce_sum(cm)
     emo_loss = session.all_reduce_sum(emo_loss)
@@ -224,7 +236,9 @@ def evaluate(
     return res
 
 
-def white_noise_transform(snr_db: float, seed: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def white_noise_transform(
+    snr_db: float, seed: int
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """A deterministic white-noise perturbation at one SNR (same noise for the same utterance)."""
 
     def apply(wav: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -296,7 +310,9 @@ def train(config: dict[str, Any], session: Any) -> list[dict[str, Any]]:
     n_extra = 0 if extra is None else len(extra.offsets)
     n_labels = len(corpus.label_names)
     if cfg.model.n_emotions != n_labels:
-        raise ValueError(f"model.n_emotions ({cfg.model.n_emotions}) != classes in data ({n_labels})")
+        raise ValueError(
+            f"model.n_emotions ({cfg.model.n_emotions}) != classes in data ({n_labels})"
+        )
     val_idx = torch.from_numpy(split["val"]).to(device)
     test_idx = torch.from_numpy(split["test"]).to(device)
     train_idx_t = torch.from_numpy(train_idx).to(device)
@@ -305,11 +321,15 @@ def train(config: dict[str, Any], session: Any) -> list[dict[str, Any]]:
     # [3] Model, augmentation bank, optimiser
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     bank = AugmentationBank(
-        cfg.aug, cfg.features, load_noise_bank(data_cfg.get("noise_files") or [], cfg.features.sample_rate)
+        cfg.aug,
+        cfg.features,
+        load_noise_bank(data_cfg.get("noise_files") or [], cfg.features.sample_rate),
     ).to(device)
     logmel = bank.logmel
     core = MTLAugModel(cfg.model, cfg.features.n_mels).to(device)
-    optimizer = torch.optim.AdamW(core.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    optimizer = torch.optim.AdamW(
+        core.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay
+    )
     start_epoch = 0
     ckpt = session.get_checkpoint_dir()
     if ckpt:
@@ -337,7 +357,9 @@ def train(config: dict[str, Any], session: Any) -> list[dict[str, Any]]:
     for epoch in range(start_epoch, cfg.optim.epochs):
         torch.manual_seed(seed_for(cfg.seed, rank, epoch))  # dropout
         gen = torch.Generator(device=device).manual_seed(seed_for(cfg.seed, rank, epoch))
-        order = torch.randperm(n_train, generator=torch.Generator().manual_seed(seed_for(cfg.seed, 0, epoch)))
+        order = torch.randperm(
+            n_train, generator=torch.Generator().manual_seed(seed_for(cfg.seed, 0, epoch))
+        )
         order = order.to(device)
         model.train()
         sums = torch.zeros(5, dtype=torch.float64, device=device)  # total, emo, aug, rec, n
@@ -363,9 +385,14 @@ def train(config: dict[str, Any], session: Any) -> list[dict[str, Any]]:
             optimizer.step()
             n = pos.numel()
             sums += torch.stack(
-                [losses.total.detach() * n, losses.emotion.detach() * n, losses.aug.detach() * n,
-                 losses.reconstruction.detach() * n, torch.tensor(float(n), device=device)]
-            ).double()  # fmt: skip
+                [
+                    losses.total.detach() * n,
+                    losses.emotion.detach() * n,
+                    losses.aug.detach() * n,
+                    losses.reconstruction.detach() * n,
+                    torch.tensor(float(n), device=device),
+                ]
+            ).double()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         epoch_time = time.perf_counter() - t0
@@ -376,9 +403,15 @@ def train(config: dict[str, Any], session: Any) -> list[dict[str, Any]]:
         # [5] Validation on held-out speakers (rank shares summed), clean and at 10 dB white noise
         val = evaluate(model, logmel, data, val_idx, segment, n_labels, session)
         noisy = evaluate(
-            model, logmel, data, val_idx, segment, n_labels, session,
+            model,
+            logmel,
+            data,
+            val_idx,
+            segment,
+            n_labels,
+            session,
             transform=white_noise_transform(10.0, seed=12345),
-        )  # fmt: skip
+        )
         metrics: dict[str, Any] = {
             "epoch": epoch,
             "val_uar": val["uar"],
@@ -393,8 +426,11 @@ def train(config: dict[str, Any], session: Any) -> list[dict[str, Any]]:
             "train_samples": int(n_seen),  # summed over every worker
             "train_samples_per_s": n_seen / max(epoch_time, 1e-9),
             "train_time_s": train_time,
-            "loop_time_s": time.perf_counter() - loop_t0,  # data load + epochs so far (bench search)
+            "loop_time_s": time.perf_counter()
+            - loop_t0,  # data load + epochs so far (bench search)
         }
+        if epoch == start_epoch and hasattr(session, "placement"):
+            metrics.update(session.placement())
         last = epoch == cfg.optim.epochs - 1
         if last:  # the held-out test speakers: reported once, never optimised
             test = evaluate(model, logmel, data, test_idx, segment, n_labels, session)
@@ -403,7 +439,9 @@ def train(config: dict[str, Any], session: Any) -> list[dict[str, Any]]:
         if last and run_cfg.get("robustness") and rank == 0:
             from .robustness import trial_robustness
 
-            robust = trial_robustness(core, cfg, corpus, split, data_cfg, run_cfg["robustness"], device)
+            robust = trial_robustness(
+                core, cfg, corpus, split, data_cfg, run_cfg["robustness"], device
+            )
             metrics.update(robust["metrics"])
 
         # [6] Checkpoint (rank 0 writes) and report (every rank calls; rank 0's metrics count)
@@ -454,4 +492,3 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if threads:
         os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     train(config, RayTrainSession(run.get("device", "auto")))
-

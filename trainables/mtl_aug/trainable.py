@@ -19,9 +19,16 @@ SYNTHETIC = "synthetic"
 class MTLAugTrainable(Trainable):
     name = "mtl_aug"
     epoch_metrics = (
-        "val_uar", "val_war", "val_f1", "val_loss_emo", "val_uar_noisy",
-        "train_loss", "train_loss_emo", "train_loss_aug", "train_loss_rec",
-    )  # fmt: skip
+        "val_uar",
+        "val_war",
+        "val_f1",
+        "val_loss_emo",
+        "val_uar_noisy",
+        "train_loss",
+        "train_loss_emo",
+        "train_loss_aug",
+        "train_loss_rec",
+    )
     final_metrics = ("test_uar", "test_war", "test_f1")
 
     def param_names(self) -> set[str]:
@@ -94,9 +101,12 @@ class MTLAugTrainable(Trainable):
 
         return load_model(model_dir)
 
-    def robustness_report(self, predictor: Any, data: dict[str, Any], options: dict[str, Any], out: Path) -> dict:
+    def robustness_report(
+        self, predictor: Any, data: dict[str, Any], options: dict[str, Any], out: Path
+    ) -> dict:
         """Evaluate a loaded predictor on ``data``'s test speakers; write the report to ``out``."""
         import torch
+
         from trainables.data.cache import load_cache, speaker_independent_split
 
         from .robustness import center_crops, evaluate_robustness, logits_fn_for, write_report
@@ -111,9 +121,15 @@ class MTLAugTrainable(Trainable):
         wav, y = center_crops(corpus, test, seg, torch.device("cpu"))
         bank = load_noise_bank(data.get("noise_files") or [], cfg.features.sample_rate)
         report = evaluate_robustness(
-            logits_fn_for(predictor.model, predictor.logmel), wav, y, cfg.model.n_emotions, options,
-            bank, corpus_name=corpus.path.name, seed=cfg.seed,
-        )  # fmt: skip
+            logits_fn_for(predictor.model, predictor.logmel),
+            wav,
+            y,
+            cfg.model.n_emotions,
+            options,
+            bank,
+            corpus_name=corpus.path.name,
+            seed=cfg.seed,
+        )
         write_report(report, Path(out))
         return report
 

@@ -1,0 +1,37 @@
+# Two commands set everything up on a fresh machine; each creates the virtual environment it needs.
+#   make demo   - the main job on the embedded default (local Ray, MLflow on SQLite, synthetic corpus)
+#   make test   - the test suite (real local Ray, MLflow, S3 via moto; no GPU needed)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
+
+.PHONY: demo test lint format bench install clean
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	rm -f $(VENV)/.installed-* && touch $@
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/sertune demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+bench: $(STAMP)
+	$(VENV)/bin/sertune bench train --device cpu
+	$(VENV)/bin/sertune bench search --trials 3
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

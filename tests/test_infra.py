@@ -1,0 +1,118 @@
+"""infra/ is well formed and agrees with pyproject.toml on versions."""
+
+import re
+import tomllib
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+INFRA = REPO / "infra"
+PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
+DEPS = PYPROJECT["project"]["dependencies"]
+
+
+def pin(name: str) -> str:
+    """'2.60' for ray[...]==2.60.*, '2.11' for torch==2.11.*."""
+    for d in DEPS:
+        m = re.match(rf"^{re.escape(name)}(\[[^\]]*\])?==([\d.]+)\.\*$", d)
+        if m:
+            return m.group(2)
+    raise AssertionError(f"{name} is not pinned as ==X.Y.* in pyproject.toml")
+
+
+def docs(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+
+
+def images(obj) -> list[str]:
+    found = []
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if k == "image" and isinstance(v, str):
+                found.append(v)
+            else:
+                found += images(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            found += images(v)
+    return found
+
+
+def test_every_manifest_parses():
+    files = sorted(INFRA.rglob("*.yaml"))
+    assert len(files) >= 4
+    for f in files:
+        assert docs(f), f
+
+
+def test_sertune_images_carry_the_pinned_versions():
+    ray, torch = pin("ray"), pin("torch")
+    version = PYPROJECT["project"]["version"]
+    tag = f"{version}-ray{ray}.0-torch{torch}"
+    for f in (
+        INFRA / "kuberay" / "raycluster.yaml",
+        INFRA / "kuberay" / "rayjob.yaml",
+        INFRA / "cluster" / "aws-gpu.yaml",
+    ):
+        imgs = [i for d in docs(f) for i in images(d) if "sertune" in i]
+        assert imgs and all(i.endswith(f":{tag}") for i in imgs), (f, imgs)
+    dockerfile = (INFRA / "Dockerfile").read_text()
+    assert f"FROM rayproject/ray:{ray}.0-" in dockerfile
+    assert f'"torch=={torch}.*"' in dockerfile and f'"torchaudio=={torch}.*"' in dockerfile
+
+
+def test_raycluster_has_a_cpu_head_and_an_autoscaling_gpu_group():
+    (rc, cm) = docs(INFRA / "kuberay" / "raycluster.yaml")
+    assert rc["apiVersion"] == "ray.io/v1" and rc["kind"] == "RayCluster"
+    assert rc["spec"]["rayVersion"] == f"{pin('ray')}.0"
+    assert rc["spec"]["enableInTreeAutoscaling"] is True
+    head = rc["spec"]["headGroupSpec"]
+    assert head["rayStartParams"]["num-cpus"] == "0"
+    assert "nvidia.com/gpu" not in str(head)
+    (gpu,) = rc["spec"]["workerGroupSpecs"]
+    assert gpu["minReplicas"] < gpu["maxReplicas"]
+    limits = gpu["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert limits["nvidia.com/gpu"] == "1"
+    assert cm["kind"] == "ConfigMap" and cm["data"]["SERTUNE_STORAGE"].startswith("s3://")
+    assert not any(k.startswith("AWS_SECRET") or "PASSWORD" in k for k in cm["data"])  # no secrets
+
+
+def test_rayjob_runs_a_search_from_a_shipped_spec():
+    (job,) = docs(INFRA / "kuberay" / "rayjob.yaml")
+    assert job["kind"] == "RayJob" and job["spec"]["shutdownAfterJobFinishes"] is True
+    entry = job["spec"]["entrypoint"]
+    assert entry.startswith("sertune search run /opt/sertune/search_spaces/")
+    spec_file = entry.split()[3]
+    assert (REPO / "search_spaces" / Path(spec_file).name).exists()
+    assert job["spec"]["rayClusterSpec"]["rayVersion"] == f"{pin('ray')}.0"
+
+
+def test_mlflow_compose_is_postgres_s3_and_basic_auth():
+    (compose,) = docs(INFRA / "mlflow" / "docker-compose.yaml")
+    svc = compose["services"]
+    assert {"postgres", "minio", "mlflow"} <= set(svc)
+    cmd = svc["mlflow"]["command"]
+    assert "--app-name basic-auth" in cmd and "postgresql://" in cmd and "s3://" in cmd
+    installed = re.search(r"mlflow:v([\d.]+)", svc["mlflow"]["image"]).group(1)
+    assert f"mlflow[auth]=={installed}" in cmd
+    mlflow_floor = next(d for d in DEPS if d.startswith("mlflow"))
+    assert tuple(map(int, installed.split("."))) >= tuple(
+        map(int, mlflow_floor.split(">=")[1].split("."))
+    )
+    for s in svc.values():  # passwords come from .env, never from the file
+        for v in (s.get("environment") or {}).values():
+            assert "${" in str(v) or "PASSWORD" not in str(v)
+    ini = (INFRA / "mlflow" / "basic_auth.ini").read_text()
+    assert "authorization_function = mlflow.server.auth:authenticate_request_basic_auth" in ini
+
+
+def test_cluster_launcher_config():
+    (cfg,) = docs(INFRA / "cluster" / "aws-gpu.yaml")
+    assert cfg["provider"]["type"] == "aws"
+    gpu = cfg["available_node_types"]["gpu"]
+    assert gpu["node_config"]["InstanceType"].startswith(("g", "p"))
+    assert cfg["available_node_types"][cfg["head_node_type"]]["resources"] == {"CPU": 0}
+    assert (
+        "ami-REPLACE-ME" in (INFRA / "README.md").read_text()
+    )  # the one value operators must set
