@@ -36,13 +36,13 @@ class TrialClock(Callback):
         self.last: dict[str, dict] = {}
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        self.start[trial.trial_id] = time.monotonic()
+        self.start[trial.trial_id] = time.time()
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         self.last[trial.trial_id] = dict(result)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self.end[trial.trial_id] = time.monotonic()
+        self.end[trial.trial_id] = time.time()
 
 
 def _spec(
@@ -120,18 +120,22 @@ def run_search_bench(trials: int = 4, gpus: float = 0.0, num_cpus: int | None = 
     for label, fast, multi in configs:
         spec = _spec(home, f"bench-{len(rows)}", trials, 1, 2, multi, 1.0 if gpu_frac else 0.0)
         clock, wall = _run(spec, fast, num_cpus, gpu_frac, home)
-        over, loop = [], []
+        over, loop, before, after = [], [], [], []
         for tid, start in clock.start.items():
             if tid in clock.end and tid in clock.last:
-                lt = float(clock.last[tid].get("loop_time_s", 0.0))
+                last = clock.last[tid]
+                lt = float(last.get("loop_time_s", 0.0))
                 loop.append(lt)
                 over.append(clock.end[tid] - start - lt)
+                before.append(float(last.get("loop_started_at", start)) - start)
+                after.append(over[-1] - before[-1])
         med = statistics.median(over) if over else float("nan")
         per_trial = wall / max(1, len(over))
         rows.append((label, med, statistics.median(loop) if loop else float("nan"), per_trial))
         print(
-            f"  {label:13}  fixed overhead/trial {med:5.1f} s (median)   training loop {rows[-1][2]:4.1f} s"
-            f"   wall/trial {per_trial:5.1f} s   -> {3600 / per_trial:6.0f} trials/hour"
+            f"  {label:13}  fixed overhead/trial {med:5.1f} s (median; {statistics.median(before):4.1f} s"
+            f" before the loop starts, {statistics.median(after):4.1f} s after it ends)   training loop"
+            f" {rows[-1][2]:4.1f} s   wall/trial {per_trial:5.1f} s -> {3600 / per_trial:5.0f} trials/hour"
         )
     base = rows[0][1]
     for label, med, _, _ in rows[1:]:

@@ -287,6 +287,7 @@ def train(config: dict[str, Any], session: Any) -> list[dict[str, Any]]:
     """Train MTL-AUG as ``config`` says, reporting after every epoch through ``session``."""
     # [1] Config, device, threads
     loop_t0 = time.perf_counter()
+    loop_started_at = time.time()  # wall clock, so a driver can split a trial's fixed cost
     cfg = MTLAugConfig.from_dict(config.get("params", {}))
     data_cfg = config["data"]
     run_cfg = config.get("run", {})
@@ -426,8 +427,9 @@ def train(config: dict[str, Any], session: Any) -> list[dict[str, Any]]:
             "train_samples": int(n_seen),  # summed over every worker
             "train_samples_per_s": n_seen / max(epoch_time, 1e-9),
             "train_time_s": train_time,
-            "loop_time_s": time.perf_counter()
-            - loop_t0,  # data load + epochs so far (bench search)
+            # data load + epochs so far, and when the loop started (bench search)
+            "loop_time_s": time.perf_counter() - loop_t0,
+            "loop_started_at": loop_started_at,
         }
         if epoch == start_epoch and hasattr(session, "placement"):
             metrics.update(session.placement())
