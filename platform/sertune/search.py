@@ -174,7 +174,11 @@ def init_ray(num_cpus: int | None = None, fast: bool = True) -> None:
     # Worker stdout (Ray Train's own chatter) is off unless asked for; failures still surface
     # through each trial's error.
     worker_logs = os.environ.get("SERTUNE_WORKER_LOGS", "0") == "1"
-    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": env}, "log_to_driver": worker_logs}
+    kwargs: dict[str, Any] = {"log_to_driver": worker_logs}
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" not in os.environ:  # set by Ray Jobs for a job's driver
+        # Inside a Ray Job (`sertune search submit`) the job's runtime env already carries these,
+        # and Ray refuses to merge a second definition of the same variables.
+        kwargs["runtime_env"] = {"env_vars": env}
     if not os.environ.get("RAY_ADDRESS"):
         cpus = num_cpus or int(os.environ.get("SERTUNE_RAY_NUM_CPUS", "0")) or None
         # The dashboard must run: Ray Train's placement-group cleaner asks its state API whether a

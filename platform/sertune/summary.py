@@ -100,7 +100,7 @@ def write_search_summary(out: Path, result: Any, spec: dict[str, Any]) -> dict[s
         fig.savefig(out / "optimisation_history.png", dpi=100)
         plt.close(fig)
 
-    # parameter importances (fANOVA on the finished trials)
+    # parameter importances (Optuna's default evaluator on the finished trials)
     importances: dict[str, Any] = {}
     space = spec.get("space") or {}
     if len(ok) >= 3 and space:
@@ -126,7 +126,7 @@ def write_search_summary(out: Path, result: Any, spec: dict[str, Any]) -> dict[s
         fig, ax = plt.subplots(figsize=(6, 0.4 * len(importances) + 1.5))
         names = list(importances)[::-1]
         ax.barh(names, [importances[n] for n in names])
-        ax.set_xlabel(f"importance for {key} (fANOVA)")
+        ax.set_xlabel(f"importance for {key} (Optuna's default evaluator)")
         fig.tight_layout()
         fig.savefig(out / "param_importances.png", dpi=100)
         plt.close(fig)

@@ -239,6 +239,9 @@ class MLflowSearchLogger(Callback):
         if status == "stopped_early":
             self.client.set_tag(run_id, "sertune.stopped_by", f"scheduler at epoch {epochs}")
         ckpt = last.get("checkpoint_path")
+        scheme = self.record["path"].split("://")[0] if "://" in self.record["path"] else ""
+        if ckpt and scheme and "://" not in ckpt:  # Ray reports paths without the scheme
+            ckpt = f"{scheme}://{ckpt}"
         if ckpt:
             try:
                 self.log_trial_model(run_id, ckpt)

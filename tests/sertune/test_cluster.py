@@ -171,7 +171,9 @@ def test_submit_to_a_real_ray_head(tmp_path, home, s3):
     ray_bin = str(Path(sys.executable).with_name("ray"))
     port, dash = free_port(), free_port()
     temp = Path(f"/tmp/rt{port}")  # Ray's socket paths must stay short
-    env = {**os.environ, "SERTUNE_HOME": str(home), "RAY_AUTH_MODE": "token"}
+    # the head's `python` is this venv's, as a cluster image's would be its own
+    path = f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"
+    env = {**os.environ, "SERTUNE_HOME": str(home), "RAY_AUTH_MODE": "token", "PATH": path}
     env.pop("RAY_ADDRESS", None)
     start = subprocess.run(
         [ray_bin, "start", "--head", "--port", str(port), "--dashboard-port", str(dash), "--num-cpus", "2",
