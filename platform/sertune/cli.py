@@ -258,17 +258,22 @@ def cmd_predict(a: argparse.Namespace) -> int:
 
 
 def cmd_report(a: argparse.Namespace) -> int:
+    from trainables.data.corpora import CorpusError
+
     from .registry import report_model
 
-    out = report_model(
-        a.model_uri,
-        a.corpus,
-        a.root,
-        a.out,
-        fold=a.fold,
-        tracking_uri=a.tracking_uri,
-        max_utterances=a.max_utterances,
-    )
+    try:
+        out = report_model(
+            a.model_uri,
+            a.corpus,
+            a.root,
+            a.out,
+            fold=a.fold,
+            tracking_uri=a.tracking_uri,
+            max_utterances=a.max_utterances,
+        )
+    except (CorpusError, ValueError) as e:
+        return _fail(str(e))
     print((Path(out) / "summary.md").read_text())
     print(f"report: {out}/robustness.json, {out}/uar_vs_snr.png, {out}/uar_vs_eps.png")
     return 0

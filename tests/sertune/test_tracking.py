@@ -306,3 +306,43 @@ def test_mlflow_server_end_to_end(mlflow_server, tmp_path):
         assert abs(sum(rows[0]["probabilities"].values()) - 1) < 1e-5
     assert any((root / "artifacts").rglob("robustness.json"))  # stored by the server, not locally
     assert not (home / "mlflow.db").exists()
+
+
+def test_report_command_on_a_registered_model(sqlite_search, tmp_path, capsys):
+    from sertune.cli import main
+    from sertune.registry import promote
+
+    home, _ = sqlite_search
+    promote("track", model_name="reported")
+    out = tmp_path / "report"
+    code = main(
+        [
+            "report",
+            "models:/reported@champion",
+            "--corpus",
+            "synthetic",
+            "--root",
+            str(home / "data" / "synthetic-smoke"),
+            "--out",
+            str(out),
+            "--max-utterances",
+            "16",
+        ]
+    )
+    assert code == 0
+    report = json.loads((out / "robustness.json").read_text())
+    assert report["data"]["utterances"] == 16 and len(report["noise"]) == 8  # 2 noises x 4 SNRs
+    assert "Clean UAR" in capsys.readouterr().out
+    assert (
+        main(
+            [
+                "report",
+                "models:/reported@champion",
+                "--corpus",
+                "emodb",
+                "--root",
+                str(tmp_path / "no"),
+            ]
+        )
+        == 2
+    )
