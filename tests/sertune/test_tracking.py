@@ -72,11 +72,26 @@ def sqlite_search(tmp_path_factory):
         yield home, result
 
 
+ADMIN_PASSWORD = "s3cret-not-in-any-log"
+
+
 @pytest.fixture(scope="module")
 def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` process on a free localhost port (SQLite backend, proxied artifacts)."""
+    """A real `mlflow server` process on a free localhost port (SQLite backend, proxied artifacts)
+    that asks for credentials (MLflow's basic-auth app)."""
     root = tmp_path_factory.mktemp("server")
     port = free_port()
+    (root / "auth.ini").write_text(
+        "[mlflow]\ndefault_permission = READ\n"
+        f"database_uri = sqlite:///{root / 'auth.db'}\n"
+        f"admin_username = admin\nadmin_password = {ADMIN_PASSWORD}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+    )
+    env = {
+        **os.environ,
+        "MLFLOW_AUTH_CONFIG_PATH": str(root / "auth.ini"),
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-secret-key",
+    }
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -93,9 +108,12 @@ def mlflow_server(tmp_path_factory):
             str(root / "artifacts"),
             "--workers",
             "1",
+            "--app-name",
+            "basic-auth",
         ],
         stdout=open(root / "server.log", "w"),
         stderr=subprocess.STDOUT,
+        env=env,
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 90
@@ -292,20 +310,35 @@ def test_mlflow_models_predict_cli(sqlite_search, tmp_path):
     assert abs(sum(v for k, v in preds.items() if k.startswith("p_")) - 1) < 1e-5
 
 
-def test_mlflow_server_end_to_end(mlflow_server, tmp_path):
+def test_mlflow_server_end_to_end(mlflow_server, tmp_path, capfd):
+    """Against a real server that asks for credentials; they come from the environment only."""
+    from mlflow import MlflowClient
+
     from sertune.registry import predict_files, promote
 
     url, root = mlflow_server
     home = tmp_path / "home"
-    with Env(SERTUNE_HOME=str(home), MLFLOW_TRACKING_URI=url):
+    anonymous = dict(MLFLOW_TRACKING_USERNAME=None, MLFLOW_TRACKING_PASSWORD=None)
+    with Env(SERTUNE_HOME=str(home), MLFLOW_TRACKING_URI=url, **anonymous):
+        with pytest.raises(Exception, match="401|nauthori|credentials"):
+            MlflowClient(url).search_experiments()  # the server really asks
+    admin = dict(MLFLOW_TRACKING_USERNAME="admin", MLFLOW_TRACKING_PASSWORD=ADMIN_PASSWORD)
+    with Env(SERTUNE_HOME=str(home), MLFLOW_TRACKING_URI=url, **admin):
         run_smoke(home, "server", url)
-        check_runs_and_artifacts(tmp_path)
+        runs = check_runs_and_artifacts(tmp_path)
         v = promote("server")
         assert v["version"] == "1"
         rows = predict_files("models:/ser-mtl-aug@champion", [str(a_wav(tmp_path / "y.wav"))])
         assert abs(sum(rows[0]["probabilities"].values()) - 1) < 1e-5
+        parent = MlflowClient(url).get_run(runs[0].data.tags["mlflow.parentRunId"])
     assert any((root / "artifacts").rglob("robustness.json"))  # stored by the server, not locally
     assert not (home / "mlflow.db").exists()
+    # the password is never logged or echoed: not in runs, tags, the search record or the output
+    for r in [*runs, parent]:
+        assert ADMIN_PASSWORD not in json.dumps({**r.data.params, **r.data.tags})
+    assert ADMIN_PASSWORD not in (home / "state" / "searches" / "server.json").read_text()
+    out, err = capfd.readouterr()
+    assert ADMIN_PASSWORD not in out + err
 
 
 def test_report_command_on_a_registered_model(sqlite_search, tmp_path, capsys):
