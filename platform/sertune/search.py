@@ -105,6 +105,33 @@ def run_trial(config: dict[str, Any], fixed: dict[str, Any]) -> None:
         ),
     )
     trainer.fit()
+    _wait_until_reports_are_handed_over()
+
+
+def _wait_until_reports_are_handed_over(timeout_s: float = 60.0) -> None:
+    """Return only after Tune took the last Train report (works around a Ray 2.60 deadlock).
+
+    TuneReportCallback passes each Train report through a one-slot actor queue that the trial's
+    main thread drains into a one-slot thread queue. If this function (the trial's training
+    thread) returns while the main thread holds the last report, Tune's end-of-trial marker takes
+    the thread queue's slot first and the main thread blocks on it forever: the search hangs with
+    the trial RUNNING (seen in CI, against a slow MLflow server). Waiting until both queues are
+    empty, twice, closes that window.
+    """
+    try:
+        from ray.train._internal.session import get_session
+
+        session = get_session()
+        actor_queue = getattr(session, "_inter_actor_queue", None)
+        thread_queue = session.result_queue
+    except Exception:  # internals moved: nothing to wait for
+        return
+    deadline = time.monotonic() + timeout_s
+    quiet = 0
+    while time.monotonic() < deadline and quiet < 2:
+        empty = thread_queue.empty() and (actor_queue is None or actor_queue.empty())
+        quiet = quiet + 1 if empty else 0
+        time.sleep(0.2)
 
 
 # -- records -------------------------------------------------------------------------------------

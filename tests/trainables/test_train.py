@@ -3,16 +3,8 @@
 import pytest
 import torch
 
+from tests.conftest import TINY
 from trainables.mtl_aug.train import LocalSession, TrainingDiverged, load_state, train
-
-TINY = {
-    "model.conv_channels": [8, 16],
-    "model.lstm_hidden": 24,
-    "model.attn_dim": 16,
-    "features.n_mels": 32,
-    "features.segment_s": 1.0,
-    "optim.batch_size": 16,
-}
 
 
 def loop_config(cache, **params):
