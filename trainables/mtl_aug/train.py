@@ -375,7 +375,7 @@ def train(config: dict[str, Any], session: Any) -> list[dict[str, Any]]:
             losses = mtl_aug_loss(out, y, aug_type, cfg.loss)
             if not torch.isfinite(losses.total):
                 raise TrainingDiverged(
-                    f"loss became {float(losses.total)} at epoch {epoch} step {step} "
+                    f"loss became {float(losses.total.detach())} at epoch {epoch} step {step} "
                     f"(emo={float(losses.emotion):.4g}, aug={float(losses.aug):.4g}, "
                     f"rec={float(losses.reconstruction):.4g}); lr={cfg.optim.lr}"
                 )
