@@ -10,6 +10,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# A second trainable, registered for the whole test session (Ray workers inherit the variable).
+os.environ["SERTUNE_TRAINABLES"] = "linear=tests.linear_trainable:TRAINABLE"
+
 # A tiny MTL-AUG: seconds per epoch on one CPU core.
 TINY = {
     "model.conv_channels": [8, 16],
@@ -66,16 +69,13 @@ def synth_corpus(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ray_2cpu():
-    """Local Ray with 2 CPUs for one test module, shut down after it."""
-    import ray
+    """Local Ray with 2 CPUs for one test module, shut down after it (its own cluster only)."""
+    from sertune.cluster import init_ray, shutdown_ray
 
-    from sertune.search import init_ray
-
-    if ray.is_initialized():
-        ray.shutdown()
+    shutdown_ray()
     init_ray(num_cpus=2)
     yield
-    ray.shutdown()
+    shutdown_ray()
 
 
 @pytest.fixture

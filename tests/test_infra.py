@@ -116,3 +116,86 @@ def test_cluster_launcher_config():
     assert (
         "ami-REPLACE-ME" in (INFRA / "README.md").read_text()
     )  # the one value operators must set
+
+
+# -- KubeRay manifests against KubeRay v1.7.0's own CRD schemas (infra/kuberay/crds/) -------------
+
+
+def crd_schema(kind: str) -> dict:
+    import gzip
+
+    name = {"RayCluster": "ray.io_rayclusters.yaml.gz", "RayJob": "ray.io_rayjobs.yaml.gz"}[kind]
+    crd = yaml.safe_load(gzip.decompress((INFRA / "kuberay" / "crds" / name).read_bytes()))
+    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    return version["schema"]["openAPIV3Schema"]
+
+
+def as_json_schema(node):
+    """Kubernetes' OpenAPI dialect -> JSON Schema (int-or-string, preserved unknown fields)."""
+    if isinstance(node, list):
+        return [as_json_schema(n) for n in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: as_json_schema(v) for k, v in node.items() if not k.startswith("x-kubernetes")}
+    if node.get("x-kubernetes-int-or-string"):
+        out.pop("type", None)
+        out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+    return out
+
+
+def pruned(obj, schema, path="") -> list[str]:
+    """Fields of ``obj`` that the schema does not declare: Kubernetes would silently drop them."""
+    if isinstance(obj, dict) and schema.get("type") == "object":
+        if schema.get("x-kubernetes-preserve-unknown-fields") or "properties" not in schema:
+            return []
+        found = []
+        for k, v in obj.items():
+            if k not in schema["properties"]:
+                found.append(f"{path}.{k}")
+            else:
+                found += pruned(v, schema["properties"][k], f"{path}.{k}")
+        return found
+    if isinstance(obj, list) and "items" in schema:
+        return [p for i, v in enumerate(obj) for p in pruned(v, schema["items"], f"{path}[{i}]")]
+    return []
+
+
+def test_kuberay_manifests_validate_against_the_crd_schemas():
+    import jsonschema
+
+    checked = 0
+    for f in sorted((INFRA / "kuberay").glob("*.yaml")):
+        for doc in docs(f):
+            if doc.get("apiVersion") != "ray.io/v1":
+                continue
+            schema = crd_schema(doc["kind"])
+            jsonschema.validate(doc, as_json_schema(schema))  # types, enums, required fields
+            assert pruned(doc, schema) == [], f"{f.name}: fields Kubernetes would drop"
+            checked += 1
+    assert checked == 2
+
+
+def test_the_validator_catches_a_misplaced_field():
+    (rc, _) = docs(INFRA / "kuberay" / "raycluster.yaml")
+    rc["spec"]["headGroupSpec"]["rayStartParams"]["num-cpus"] = 0  # not a string
+    rc["spec"]["authOption"] = {"mode": "token"}  # typo: would be pruned silently
+    import jsonschema
+    import pytest
+
+    schema = crd_schema("RayCluster")
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(rc, as_json_schema(schema))
+    assert ".spec.authOption" in pruned(rc, schema)
+
+
+def test_clusters_are_token_authenticated():
+    (rc, _) = docs(INFRA / "kuberay" / "raycluster.yaml")
+    assert rc["spec"]["authOptions"]["mode"] == "token"
+    (job,) = docs(INFRA / "kuberay" / "rayjob.yaml")
+    assert job["spec"]["rayClusterSpec"]["authOptions"]["mode"] == "token"
+    (cfg,) = docs(INFRA / "cluster" / "aws-gpu.yaml")
+    assert all("RAY_AUTH_MODE=token ray start" in c
+               for c in cfg["head_start_ray_commands"][1:] + cfg["worker_start_ray_commands"][1:])  # fmt: skip
+    assert "/home/ray/.ray/auth_token" in cfg["file_mounts"]
+    readme = (INFRA / "README.md").read_text()
+    assert "RAY_AUTH_TOKEN" in readme and "auth_token" in readme

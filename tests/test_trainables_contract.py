@@ -1,4 +1,5 @@
-"""Every registered trainable passes the shared suite in ``trainable_suite.py``."""
+"""Every registered trainable passes the shared suite in ``trainable_suite.py`` - the project's
+``mtl_aug`` and the test-only ``linear`` (registered in conftest through SERTUNE_TRAINABLES)."""
 
 import importlib.util
 from pathlib import Path
@@ -16,6 +17,10 @@ _spec.loader.exec_module(suite)
 NAMES = sorted(available())
 
 
+def test_both_trainables_are_registered():
+    assert {"mtl_aug", "linear"} <= set(NAMES)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_interface(name):
     suite.check_interface(get_trainable(name))
@@ -27,24 +32,14 @@ def test_rejects_unknown_params(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_trains_reports_and_serves(name, tmp_path, tiny):
+def test_trains_reports_and_serves(name, tmp_path):
     t = get_trainable(name)
-    suite.check_trains_reports_and_serves(t, tmp_path, tiny if name == "mtl_aug" else {})
+    suite.check_trains_reports_and_serves(t, tmp_path, t.smoke_params())
 
 
-def test_mtl_aug_model_files_load_as_a_predictor(tmp_path, tiny):
-    from trainables.mtl_aug.config import MTLAugConfig
-    from trainables.mtl_aug.export import save_model
-    from trainables.mtl_aug.model import MTLAugModel
-
-    cfg = MTLAugConfig.from_dict(tiny)
-    save_model(
-        tmp_path,
-        MTLAugModel(cfg.model, cfg.features.n_mels),
-        cfg,
-        ("angry", "happy", "neutral", "sad"),
-    )
-    suite.check_load_predictor(get_trainable("mtl_aug"), tmp_path)
+@pytest.mark.parametrize("name", NAMES)
+def test_bench_train(name):
+    suite.check_bench_train(get_trainable(name))
 
 
 def test_unknown_trainable_names_the_known_ones():

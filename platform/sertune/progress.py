@@ -7,24 +7,35 @@ from typing import Any
 
 from ray.tune import Callback
 
+from .failures import trial_error_reason
+from .leaderboard import trial_epochs
+
+
+def short_config(config: dict[str, Any]) -> str:
+    return ", ".join(
+        f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+        for k, v in config.items()
+        if not k.startswith("__")
+    )
+
 
 class ProgressPrinter(Callback):
-    def __init__(self, spec: Any, log=print):
+    def __init__(self, spec: Any, log=print, budget: int | None = None):
         self.metrics = [m.metric for m in spec.objective.as_list()]
         self.max_epochs = spec.budget.max_epochs
-        self.budget = spec.budget.trials
+        self.budget = budget or spec.budget.trials
         self.log = log
         self.t0 = time.monotonic()
         self.done = 0
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "log": print}
 
     def _stamp(self) -> str:
         return f"[{time.monotonic() - self.t0:6.1f}s]"
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        cfg = ", ".join(
-            f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.config.items()
-        )
-        self.log(f"{self._stamp()} trial {trial.trial_id} started: {cfg}")
+        self.log(f"{self._stamp()} trial {trial.trial_id} started: {short_config(trial.config)}")
 
     def on_trial_result(
         self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
@@ -32,12 +43,13 @@ class ProgressPrinter(Callback):
         vals = "  ".join(
             f"{m}={result[m]:.3f}" for m in self.metrics if isinstance(result.get(m), (int, float))
         )
-        epoch = result.get("training_iteration", "?")
-        self.log(f"{self._stamp()} trial {trial.trial_id} epoch {epoch}/{self.max_epochs}  {vals}")
+        self.log(
+            f"{self._stamp()} trial {trial.trial_id} epoch {trial_epochs(result)}/{self.max_epochs}  {vals}"
+        )
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.done += 1
-        epochs = (trial.last_result or {}).get("training_iteration", 0)
+        epochs = trial_epochs(trial.last_result or {})
         how = (
             "finished"
             if epochs >= self.max_epochs
@@ -49,6 +61,4 @@ class ProgressPrinter(Callback):
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.done += 1
-        from .tracking import trial_error_reason
-
         self.log(f"{self._stamp()} trial {trial.trial_id} FAILED: {trial_error_reason(trial)}")

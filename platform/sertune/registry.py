@@ -1,16 +1,28 @@
-"""Promotion to the MLflow model registry (gated on robustness), prediction and on-demand reports."""
+"""Promotion to the MLflow model registry, gated on robustness.
+
+``promote`` picks a search's best configuration and registers one model of it under alias
+``champion`` (the previous champion becomes ``previous``). When the search was confirmed
+(``confirm:`` in the spec, or ``sertune promote --confirm-top K --seeds N``), the configuration
+with the best *mean* over its fresh seeds wins, the gates apply to the means, and the registered
+model is the seed run closest to that mean (its median), not the luckiest one. Otherwise the best
+single trial wins. Every version is tagged with where it came from.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import operator
 import re
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
-from . import __version__, settings
-from .tracking import TAG_KIND, TAG_SEARCH, TAG_STATUS, TAG_TRIAL, configure, get_experiment_id
+from . import __version__, tracking
+from .errors import GateFailed, NotFound, UsageError
+from .records import first_objective, load_record
 
 _OPS = {
     ">=": operator.ge,
@@ -22,14 +34,10 @@ _OPS = {
 _GATE = re.compile(r"^\s*([\w./-]+)\s*(>=|<=|==|>|<)\s*(-?[\d.]+(?:e-?\d+)?)\s*$")
 
 
-class GateFailed(RuntimeError):
-    """A robustness gate did not pass; ``str()`` is the gate table."""
-
-
 def parse_gate(expr: str) -> tuple[str, str, float]:
     m = _GATE.match(expr)
     if not m:
-        raise ValueError(
+        raise UsageError(
             f"--gate {expr!r}: expected METRIC OP VALUE, e.g. 'robust/uar_snr10_white>=0.5'"
         )
     return m.group(1), m.group(2), float(m.group(3))
@@ -44,18 +52,65 @@ def code_version() -> str:
             timeout=5,
             cwd=Path(__file__).resolve().parent,
         ).stdout.strip()
-    except Exception:
+    except (OSError, subprocess.SubprocessError):
         sha = ""
     return f"{__version__}+{sha}" if sha else __version__
 
 
 def trial_runs(client: Any, search: str) -> list[Any]:
-    exp = get_experiment_id(client)
+    exp = tracking.get_experiment_id(client, create=False)
     return client.search_runs(
         [exp],
-        filter_string=f"tags.`{TAG_SEARCH}` = '{search}' and tags.`{TAG_KIND}` = 'trial'",
+        filter_string=f"tags.`{tracking.TAG_SEARCH}` = '{search}' and tags.`{tracking.TAG_KIND}` = 'trial'",
         max_results=5000,
     )
+
+
+def _candidates(runs: list[Any], metric: str, mode: str) -> tuple[list[dict[str, Any]], bool]:
+    """Candidates best first: confirmed configurations (mean over seeds) if any, else trials."""
+    sign = 1 if mode == "max" else -1
+    usable = [
+        r
+        for r in runs
+        if r.data.tags.get(tracking.TAG_STATUS) in ("finished", "stopped_early")
+        and metric in r.data.metrics
+        and r.data.tags.get("sertune.model_uri")
+    ]
+    confirmed: dict[str, list[Any]] = {}
+    for r in usable:
+        if r.data.tags.get("sertune.phase") == "confirm":
+            confirmed.setdefault(r.data.tags.get("sertune.confirm_of", "?"), []).append(r)
+    if confirmed:
+        out = []
+        for origin, group in confirmed.items():
+            keys = set.intersection(*(set(g.data.metrics) for g in group))
+            means = {k: sum(g.data.metrics[k] for g in group) / len(group) for k in keys}
+            sds = {
+                k: (sum((g.data.metrics[k] - means[k]) ** 2 for g in group) / (len(group) - 1)) ** 0.5
+                if len(group) > 1 else 0.0
+                for k in keys
+            }  # fmt: skip
+            median = sorted(group, key=lambda g: g.data.metrics[metric])[len(group) // 2]
+            out.append({"metrics": means, "sd": sds, "run": median, "n": len(group),
+                        "label": f"configuration of trial {origin}", "origin": origin})  # fmt: skip
+        out.sort(key=lambda c: -sign * c["metrics"][metric])
+        return out, True
+    out = [{"metrics": dict(r.data.metrics), "sd": {}, "run": r, "n": 1,
+            "label": f"trial {r.data.tags.get(tracking.TAG_TRIAL)}", "origin": None} for r in usable]  # fmt: skip
+    out.sort(key=lambda c: -sign * c["metrics"][metric])
+    return out, False
+
+
+def _gate_table(best: dict[str, Any], parsed: list[tuple[str, str, float]]) -> tuple[list, bool]:
+    rows, failed = [], False
+    for name, op, value in parsed:
+        actual = best["metrics"].get(name)
+        ok = actual is not None and _OPS[op](actual, value)
+        failed |= not ok
+        spread = f" ± {best['sd'][name]:.3f}" if best["n"] > 1 and name in best["sd"] else ""
+        shown = "missing" if actual is None else f"{actual:.4f}{spread}"
+        rows.append((name, f"{op} {value:g}", shown, "pass" if ok else "FAIL"))
+    return rows, failed
 
 
 def promote(
@@ -65,98 +120,82 @@ def promote(
     model_name: str = "ser-mtl-aug",
     tracking_uri: str | None = None,
 ) -> dict[str, Any]:
-    """Register the best trial of ``search`` as a new version and point ``champion`` at it."""
-    from mlflow import MlflowClient
-
-    from .search import load_record
+    """Register the best configuration of ``search`` and point ``champion`` at it."""
+    import mlflow
 
     record = load_record(search)
-    uri = configure(tracking_uri or record.get("tracking_uri"))
-    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    objectives = record["spec"]["objective"]
-    first = (
-        objectives["metrics"][0]
-        if objectives.get("metrics")
-        else {"metric": objectives["metric"], "mode": objectives["mode"]}
-    )
+    c = tracking.client(tracking_uri or record.get("tracking_uri"))
+    first = first_objective(record["spec"])
     metric = objective or first["metric"]
     mode = first["mode"] if metric == first["metric"] else "max"
     parsed = [parse_gate(g) for g in gates or []]
 
-    runs = [
-        r
-        for r in trial_runs(client, search)
-        if r.data.tags.get(TAG_STATUS) in ("finished", "stopped_early")
-    ]
-    candidates = [
-        r for r in runs if metric in r.data.metrics and r.data.tags.get("sertune.model_uri")
-    ]
+    candidates, confirmed = _candidates(trial_runs(c, search), metric, mode)
     if not candidates:
-        raise ValueError(
+        raise NotFound(
             f"search {search!r}: no finished trial with metric {metric!r} and a logged model"
         )
-    candidates.sort(key=lambda r: r.data.metrics[metric], reverse=(mode == "max"))
     best = candidates[0]
-    m = best.data.metrics
-
-    rows, failed = [], False
-    for name, op, value in parsed:
-        actual = m.get(name)
-        ok = actual is not None and _OPS[op](actual, value)
-        failed |= not ok
-        rows.append(
-            (
-                name,
-                f"{op} {value:g}",
-                "missing" if actual is None else f"{actual:.4f}",
-                "pass" if ok else "FAIL",
-            )
-        )
+    rows, failed = _gate_table(best, parsed)
     if failed:
         width = max(len(r[0]) for r in rows)
+        what = "mean over seeds" if confirmed else "actual"
         lines = [
-            f"refusing to promote trial {best.data.tags.get(TAG_TRIAL)} of {search!r}: a gate failed",
-            f"  {'metric'.ljust(width)}  required   actual    result",
+            f"refusing to promote the {best['label']} of {search!r}: a gate failed",
+            f"  {'metric'.ljust(width)}  required   {what:14}  result",
         ]
-        lines += [f"  {a.ljust(width)}  {b:9}  {c:8}  {d}" for a, b, c, d in rows]
+        lines += [f"  {a.ljust(width)}  {b:9}  {c_:14}  {d}" for a, b, c_, d in rows]
         raise GateFailed("\n".join(lines))
 
+    run = best["run"]
+    value = best["metrics"][metric]
     tags = {
         "sertune.search": search,
-        "sertune.trial_id": best.data.tags.get(TAG_TRIAL, ""),
+        "sertune.trial_id": run.data.tags.get(tracking.TAG_TRIAL, ""),
         "sertune.data_fingerprint": record["data"].get("fingerprint")
-        or _parent_tag(client, best, "sertune.data_fingerprint"),
+        or _parent_tag(c, run, "sertune.data_fingerprint"),
         "sertune.code_version": code_version(),
-        "sertune.objective": f"{metric}={m[metric]:.6f}",
+        "sertune.objective": f"{metric}={value:.6f}",
         "sertune.gates": json.dumps(gates or []),
     }
+    if confirmed:
+        tags["sertune.confirmed"] = (
+            f"{metric} mean {value:.4f} ± {best['sd'].get(metric, 0.0):.4f} over {best['n']} seeds "
+            f"(configuration of trial {best['origin']}; this version is its median seed)"
+        )
     try:
-        client.get_registered_model(model_name)
-    except Exception:
-        client.create_registered_model(
-            model_name, description="MTL-AUG speech emotion models promoted by sertune"
+        c.get_registered_model(model_name)
+    except Exception as e:
+        if not tracking.is_missing(e):
+            raise
+        c.create_registered_model(
+            model_name, description="Speech emotion models promoted by sertune"
         )
     previous = None
     try:
-        previous = client.get_model_version_by_alias(model_name, "champion").version
-    except Exception:
-        pass
-    import mlflow
-
-    mv = mlflow.register_model(best.data.tags["sertune.model_uri"], model_name, tags=tags)
+        previous = c.get_model_version_by_alias(model_name, "champion").version
+    except Exception as e:
+        if not (tracking.is_missing(e) or "not found" in str(e).lower()):
+            raise
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        # MLflow prints "Registered model ... already exists" on its own; we say what happened
+        mv = mlflow.register_model(run.data.tags["sertune.model_uri"], model_name, tags=tags)
     version = str(mv.version)
-    _wait_ready(client, model_name, version)
+    _wait_ready(c, model_name, version)
     if previous:
-        client.set_registered_model_alias(model_name, "previous", previous)
-    client.set_registered_model_alias(model_name, "champion", version)
+        c.set_registered_model_alias(model_name, "previous", previous)
+    c.set_registered_model_alias(model_name, "champion", version)
     return {
         "name": model_name,
         "version": version,
         "previous": str(previous) if previous else None,
         "trial": tags["sertune.trial_id"],
         "objective": metric,
-        "value": m[metric],
-        "run_id": best.info.run_id,
+        "value": value,
+        "sd": best["sd"].get(metric) if confirmed else None,
+        "n": best["n"],
+        "confirmed": confirmed,
+        "run_id": run.info.run_id,
         "gates": rows,
     }
 
@@ -167,70 +206,8 @@ def _parent_tag(client: Any, run: Any, tag: str) -> str:
 
 
 def _wait_ready(client: Any, name: str, version: str, timeout_s: float = 60) -> None:
-    import time
-
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout_s:
         if client.get_model_version(name, version).status == "READY":
             return
         time.sleep(0.5)
-
-
-def load_pyfunc(model_uri: str, tracking_uri: str | None = None):
-    import mlflow
-
-    configure(tracking_uri)
-    return mlflow.pyfunc.load_model(model_uri)
-
-
-def predict_files(
-    model_uri: str, files: list[str], tracking_uri: str | None = None
-) -> list[dict[str, Any]]:
-    """Emotion and probabilities per file; unreadable files are reported, not fatal."""
-    import pandas as pd
-
-    from trainables.data.audio import AudioError, read_audio
-
-    model = load_pyfunc(model_uri, tracking_uri)
-    sr = model.get_raw_model().predictor.sample_rate
-    rows, waves = [], []
-    for f in files:
-        try:
-            waves.append(read_audio(f, sr))
-            rows.append({"file": f})
-        except AudioError as e:
-            rows.append({"file": f, "error": str(e)})
-    good = [r for r in rows if not r.get("error")]
-    if waves:
-        out = model.predict(pd.DataFrame({"waveform": [w.tolist() for w in waves]}))
-        for r, (_, pr) in zip(good, out.iterrows(), strict=True):
-            r["emotion"] = pr["emotion"]
-            r["probabilities"] = {c[2:]: float(pr[c]) for c in out.columns if c.startswith("p_")}
-    return rows
-
-
-def report_model(
-    model_uri: str,
-    corpus: str,
-    root: str,
-    out: str,
-    fold: int = 0,
-    tracking_uri: str | None = None,
-    max_utterances: int | None = 200,
-) -> Path:
-    """Run the robustness evaluation of a logged/registered model on a corpus's test speakers."""
-    from .trainable import get_trainable
-
-    model = load_pyfunc(model_uri, tracking_uri)
-    raw = model.get_raw_model()
-    meta_trainable = getattr(raw, "trainable", "mtl_aug")
-    trainable = get_trainable(meta_trainable)
-    data = trainable.prepare_data(
-        {"corpus": corpus, "root": root, "fold": fold}, settings.cache_root()
-    )
-    out_path = Path(out)
-    from .spec import RobustnessSpec
-
-    options = RobustnessSpec(max_utterances=max_utterances).model_dump()
-    trainable.robustness_report(raw.predictor, data, options, out_path)
-    return out_path

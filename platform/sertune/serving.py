@@ -1,10 +1,16 @@
-"""Trained models as MLflow pyfunc models, loaded without pickle.
+"""Trained models as MLflow pyfunc models that load without pickle and serve anywhere.
 
-``log_pyfunc_model`` stores the trial's ``model.safetensors`` + ``model.json`` with
-``loader_module="sertune.serving"``: MLflow loads it by calling :func:`_load_pyfunc` from the
-installed package, so nothing in the artifact is unpickled or executed. Input: a DataFrame with a
-``waveform`` column (16 kHz mono float arrays); output: ``emotion`` plus one ``p_<label>`` column
-per class (rows sum to 1).
+``log_pyfunc_model`` stores the trial's best ``model.safetensors`` + ``model.json`` with
+``loader_module="sertune.serving"`` and the code that loads it (``code/sertune`` and
+``code/trainables``, a few hundred kB of Python) beside it, so the model needs nothing from this
+checkout: its requirements are public packages (torch, torchaudio, safetensors, numpy, pandas,
+mlflow), and ``mlflow models serve`` or a fresh virtualenv with ``pip install -r
+requirements.txt`` loads it. Nothing in the artifact is unpickled; the loader rebuilds the
+network from JSON and reads tensors.
+
+Input: a DataFrame with a ``waveform`` column (16 kHz mono float arrays, any length); output:
+``emotion`` plus one ``p_<label>`` column per class (rows sum to 1). Clips go through the same
+windows as validation, test and the robustness report (``trainables.common.utterances``).
 """
 
 from __future__ import annotations
@@ -21,9 +27,10 @@ META = "sertune_model.json"
 
 
 class SERPyfuncModel:
-    def __init__(self, predictor: Any, trainable: str):
+    def __init__(self, predictor: Any, trainable: str, model_dir: str | Path):
         self.predictor = predictor
         self.trainable = trainable
+        self.model_dir = Path(model_dir)
         self.label_names = list(predictor.label_names)
 
     def get_raw_model(self) -> SERPyfuncModel:
@@ -33,9 +40,7 @@ class SERPyfuncModel:
     def predict(self, model_input: Any, params: dict | None = None):
         import pandas as pd
 
-        if isinstance(model_input, pd.DataFrame):
-            waves = list(model_input["waveform"])
-        elif isinstance(model_input, dict):
+        if isinstance(model_input, (pd.DataFrame, dict)):
             waves = list(model_input["waveform"])
         else:
             waves = list(model_input)
@@ -51,8 +56,37 @@ def _load_pyfunc(data_path: str) -> SERPyfuncModel:
 
     meta = json.loads((Path(data_path) / META).read_text())
     return SERPyfuncModel(
-        get_trainable(meta["trainable"]).load_predictor(data_path), meta["trainable"]
+        get_trainable(meta["trainable"]).load_predictor(data_path), meta["trainable"], data_path
     )
+
+
+def requirements() -> list[str]:
+    """What a served model needs: public packages only, torch at the version that trained it."""
+    import mlflow
+    import torch
+
+    torch_minor = ".".join(torch.__version__.split("+")[0].split(".")[:2])
+    return [
+        f"mlflow=={mlflow.__version__}",
+        f"torch=={torch_minor}.*",
+        f"torchaudio=={torch_minor}.*",
+        "safetensors>=0.4",
+        "numpy>=1.26",
+        "pandas>=2",
+    ]
+
+
+def code_dirs(dest: Path) -> list[str]:
+    """Copies of the ``sertune`` and ``trainables`` packages (sources only) for ``code_paths``."""
+    from importlib.util import find_spec
+
+    out = []
+    for pkg in ("sertune", "trainables"):  # located, not imported: the control plane never does
+        src = Path(find_spec(pkg).origin).parent
+        target = dest / src.name
+        shutil.copytree(src, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        out.append(str(target))
+    return out
 
 
 def log_pyfunc_model(run_id: str, model_dir: Path, trainable: str, tracking_uri: str) -> str:
@@ -67,7 +101,7 @@ def log_pyfunc_model(run_id: str, model_dir: Path, trainable: str, tracking_uri:
         data = Path(tmp) / "model"
         data.mkdir()
         for name in ("model.safetensors", "model.json"):
-            shutil.copy(model_dir / name, data / name)
+            shutil.copy(Path(model_dir) / name, data / name)
         (data / META).write_text(
             json.dumps({"trainable": trainable, "sertune_version": __version__})
         )
@@ -84,8 +118,9 @@ def log_pyfunc_model(run_id: str, model_dir: Path, trainable: str, tracking_uri:
                 name="model",
                 loader_module="sertune.serving",
                 data_path=str(data),
+                code_paths=code_dirs(Path(tmp) / "code"),
                 signature=signature,
-                input_example=example,
-                pip_requirements=[f"sertune=={__version__}"],
+                input_example=example,  # serving_input_example.json shows callers the format
+                pip_requirements=requirements(),
             )
         return info.model_uri

@@ -1,32 +1,43 @@
 """Search specs: YAML files in ``search_spaces/``, validated once, before anything starts.
 
-Every error names the file, the dotted field and what was expected, e.g.::
+Every error names the file, the dotted field and what was expected, one line each, all of them
+at once::
 
     search_spaces/x.yaml: space.loss.w_aug: low (2.0) > high (1.0)
+    search_spaces/x.yaml: budget.trails: unknown key (allowed: trials, concurrency, ...)
 
-and the CLI exits with code 2 before Ray is started. See ``search_spaces/mtl_aug.yaml`` for a
-commented example of every field.
+and the CLI exits with code 2 before Ray is started. A spec is a path or the name of a packaged
+preset (``sertune search run mtl_aug``); ``sertune search presets`` lists them. See
+``search_spaces/mtl_aug.yaml`` for a commented example of every field.
 """
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import math
+import os
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .errors import UsageError
+
 Scalar = bool | int | float | str | None
 
 
-class SpecError(ValueError):
-    """A spec is invalid. ``str()`` is one line: ``FILE: FIELD: message``."""
+class SpecError(UsageError):
+    """A spec is invalid. ``str()`` is one line per problem: ``FILE: FIELD: message``."""
 
-    def __init__(self, source: str, field: str, message: str):
-        self.source, self.field, self.message = source, field, message
-        super().__init__(f"{source}: {field}: {message}" if field else f"{source}: {message}")
+    def __init__(self, source: str, field: str = "", message: str = "", problems=None):
+        self.source = source
+        self.problems: list[tuple[str, str]] = list(problems or [(field, message)])
+        self.field, self.message = self.problems[0]
+        super().__init__(
+            "\n".join(f"{source}: {f}: {m}" if f else f"{source}: {m}" for f, m in self.problems)
+        )
 
 
 class _Strict(BaseModel):
@@ -50,6 +61,11 @@ class DataSpec(_Strict):
     synthetic: dict[
         str, int
     ] = {}  # options for the synthetic corpus (n_speakers, per_class, seed)
+    label_fraction: float = Field(
+        1.0, gt=0.0, le=1.0
+    )  # <1: semi-supervised (labels kept per speaker)
+    label_seed: int = 0  # which clips keep their labels: the same for every trial and baseline
+    allow_absolute_paths: bool = False  # manifests may point outside their own folder
 
 
 class MetricSpec(_Strict):
@@ -87,7 +103,7 @@ class BudgetSpec(_Strict):
     grace_epochs: int = Field(2, ge=1)  # ASHA: no trial is stopped before this many epochs
     reduction_factor: float = Field(3.0, gt=1.0)  # ASHA: keep the top 1/rf at each rung
     max_steps_per_epoch: int | None = Field(None, ge=1)  # cap for smoke runs
-    trial_max_failures: int = Field(0, ge=0)  # Ray Train restarts a crashed worker group
+    trial_max_failures: int = Field(2, ge=0)  # a dead worker resumes from the last checkpoint
 
 
 class ResourcesSpec(_Strict):
@@ -118,7 +134,12 @@ class RobustnessSpec(_Strict):
     fgsm_eps: list[float] = [0.001, 0.005, 0.01]  # on the waveform (full scale = 1)
     pgd_eps: list[float] = [0.005]
     pgd_steps: int = 5
-    max_utterances: int | None = 200  # of the test set, to bound the cost per trial
+    max_utterances: int | None = 200  # class-stratified sample of the test set (cost per trial)
+
+
+class ConfirmSpec(_Strict):
+    top_k: int = Field(3, ge=1)  # configurations re-trained after the search
+    seeds: int = Field(3, ge=1)  # fresh seeds each; promotion ranks them by the mean
 
 
 class SearchSpec(_Strict):
@@ -133,38 +154,94 @@ class SearchSpec(_Strict):
     space: dict[str, ParamSpec] = {}  # searched parameters (dotted names)
     define_by_run: str | None = None  # "file.py:function" beside the spec: conditional params
     robustness: RobustnessSpec | None = RobustnessSpec()  # null turns it off
+    confirm: ConfirmSpec | None = None  # re-train the top configurations with fresh seeds
+    baseline: str | None = None  # e.g. stl_baseline: the same search with the aux tasks off
+    execution: Literal["warm", "per_trial"] = (
+        "warm"  # warm slots (default) or one Train run per trial
+    )
     device: str = "auto"  # auto | cpu | cuda
 
     # filled by load_spec
     source: str = ""
 
-    def scheduler_metric(self) -> MetricSpec:
-        return self.objective.as_list()[0]
+    def select_metric(self, epoch_metrics: set[str] | tuple[str, ...]) -> MetricSpec:
+        """Which epoch metric picks a trial's best checkpoint: the first objective that is reported
+        every epoch, else validation UAR."""
+        for m in self.objective.as_list():
+            if m.metric in epoch_metrics:
+                return m
+        return MetricSpec(metric="val_uar", mode="max")
 
 
-def _fmt_loc(loc: tuple) -> str:
-    return ".".join(str(p) for p in loc)
+# -- presets ------------------------------------------------------------------------------------------
+
+
+def presets_dir() -> Path:
+    import search_spaces
+
+    return Path(search_spaces.__file__).parent
+
+
+def presets() -> dict[str, Path]:
+    """Packaged presets by name (``mtl_aug`` -> .../search_spaces/mtl_aug.yaml)."""
+    return {p.stem: p for p in sorted(presets_dir().glob("*.yaml"))}
+
+
+def resolve_spec_path(spec: str | Path) -> Path:
+    """A path as given, or a packaged preset's name (``mtl_aug``, ``mtl_aug.yaml``)."""
+    path = Path(spec)
+    if path.is_file():
+        return path
+    name = path.stem if path.suffix in (".yaml", ".yml") else path.name
+    if len(path.parts) <= 2 and name in presets():  # `mtl_aug` or `search_spaces/mtl_aug.yaml`
+        return presets()[name]
+    return path
+
+
+# -- editing a raw spec ----------------------------------------------------------------------------------
 
 
 def apply_sets(raw: dict[str, Any], sets: list[str], source: str) -> dict[str, Any]:
-    """``--set data.root=/x --set budget.trials=8``: dotted path = YAML value."""
-    import copy
-
+    """``--set data.root=/x --set budget.trials=8 --set space.loss.w_aug.low=0.1``: dotted
+    path = YAML value. Parameter names are dotted themselves (``params.loss.w_aug=0`` sets
+    ``params["loss.w_aug"]``); a searched parameter's fields follow its name."""
     raw = copy.deepcopy(raw)
+    problems = []
     for item in sets:
         key, eq, value = item.partition("=")
         if not eq or not key:
-            raise SpecError(source, "--set", f"expected KEY=VALUE, got {item!r}")
-        node = raw
+            problems.append(("--set", f"expected KEY=VALUE, got {item!r}"))
+            continue
         parts = key.split(".")
-        # params/space keys are dotted names themselves: `params.loss.w_aug=0` sets params["loss.w_aug"]
         if parts[0] in ("params", "space") and len(parts) > 1:
-            parts = [parts[0], ".".join(parts[1:])]
+            rest = ".".join(parts[1:])
+            section = raw.setdefault(parts[0], {}) or {}
+            raw[parts[0]] = section
+            owner = next(
+                (n for n in sorted(section, key=len, reverse=True) if rest.startswith(n + ".")),
+                None,
+            )
+            if parts[0] == "space" and owner is not None:
+                field = rest[len(owner) + 1 :]
+                if not isinstance(section[owner], dict):
+                    problems.append((key, f"space.{owner} is not a mapping"))
+                    continue
+                section[owner] = {**section[owner], field: yaml.safe_load(value)}
+            else:
+                section[rest] = yaml.safe_load(value)
+            continue
+        node = raw
+        bad = False
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise SpecError(source, key, "cannot --set inside a non-mapping value")
-        node[parts[-1]] = yaml.safe_load(value)
+                problems.append((key, "cannot --set inside a non-mapping value"))
+                bad = True
+                break
+        if not bad:
+            node[parts[-1]] = yaml.safe_load(value)
+    if problems:
+        raise SpecError(source, problems=problems)
     return raw
 
 
@@ -186,6 +263,8 @@ def smoke_overrides(raw: dict[str, Any]) -> dict[str, Any]:
     out["device"] = "cpu"
     out["params"] = {**raw.get("params", {}), **t.smoke_params()}
     out["space"] = {k: v for k, v in (raw.get("space") or {}).items() if k not in t.smoke_params()}
+    if raw.get("confirm") is not None:
+        out["confirm"] = {"top_k": 1, "seeds": 2}
     if raw.get("robustness") is not None:
         out["robustness"] = {
             "snrs_db": [10],
@@ -202,21 +281,26 @@ def smoke_overrides(raw: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# -- loading and validating ------------------------------------------------------------------------------
+
+
 def load_spec(
     path: str | Path,
     overrides: dict[str, Any] | None = None,
     sets: list[str] | None = None,
     smoke: bool = False,
 ) -> SearchSpec:
-    """Read, parse and fully validate a spec; raise :class:`SpecError` on the first problem.
+    """Read, parse and fully validate a spec (a path or a preset name); raise :class:`SpecError`
+    listing every problem.
 
     ``overrides`` replace top-level fields, ``sets`` are ``KEY=VALUE`` edits (``--set``), and
     ``smoke`` shrinks the search to a CPU smoke run (``--smoke``).
     """
-    path = Path(path)
+    path = resolve_spec_path(path)
     src = str(path)
     if not path.is_file():
-        raise SpecError(src, "", "spec file not found")
+        known = ", ".join(presets())
+        raise SpecError(src, "", f"spec file not found (packaged presets: {known})")
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
@@ -236,14 +320,12 @@ def load_spec(
         try:
             raw = smoke_overrides(raw)
         except UnknownTrainable as e:
-            raise SpecError(src, "trainable", str(e.args[0])) from None
-    return validate_spec(raw, src)
+            raise SpecError(src, "trainable", str(e)) from None
+    return validate_spec(raw, src, set_keys=frozenset(s.partition("=")[0] for s in sets or []))
 
 
 def _expand_paths(value: Any) -> Any:
     """``${SERTUNE_HOME}``, other environment variables and ``~`` in data paths."""
-    import os
-
     from . import settings
 
     if isinstance(value, str):
@@ -260,20 +342,57 @@ def _expand_paths(value: Any) -> Any:
     return value
 
 
-def validate_spec(raw: dict[str, Any], source: str = "<spec>") -> SearchSpec:
+def _follow_the_user(
+    raw: dict[str, Any], set_keys: frozenset[str] = frozenset()
+) -> dict[str, Any]:
+    """Defaults yield to what the user wrote: ``grace_epochs`` never exceeds ``max_epochs`` when
+    it was not chosen explicitly - left at its default, or written in a file whose
+    ``max_epochs`` the user just changed with ``--set`` (``max_epochs: 1`` alone is a valid
+    budget; ``--set budget.max_epochs=1`` on a preset with ``grace_epochs: 4`` too)."""
+    budget = raw.get("budget")
+    if not isinstance(budget, dict):
+        return raw
+    max_epochs = budget.get("max_epochs", BudgetSpec.model_fields["max_epochs"].default)
+    grace = budget.get("grace_epochs", BudgetSpec.model_fields["grace_epochs"].default)
+    explicit = "budget.grace_epochs" in set_keys or (
+        "grace_epochs" in budget and "budget.max_epochs" not in set_keys
+    )
+    if (
+        isinstance(max_epochs, int)
+        and isinstance(grace, int)
+        and grace > max_epochs
+        and not explicit
+    ):
+        raw = {**raw, "budget": {**budget, "grace_epochs": max(1, max_epochs)}}
+    return raw
+
+
+def validate_spec(
+    raw: dict[str, Any],
+    source: str = "<spec>",
+    check_paths: bool = True,
+    set_keys: frozenset[str] = frozenset(),
+) -> SearchSpec:
+    """Parse and check a raw spec; raise :class:`SpecError` with every problem found.
+    ``set_keys`` are the dotted fields the user gave on the command line (``--set``)."""
     if isinstance(raw.get("data"), dict):
         raw = {**raw, "data": _expand_paths(raw["data"])}
+    raw = _follow_the_user(raw, set_keys)
     try:
         spec = SearchSpec(**raw, source=source)
     except ValidationError as e:
-        err = e.errors()[0]
-        loc, msg = _fmt_loc(err["loc"]), err["msg"]
-        if err["type"] == "extra_forbidden":
-            msg = f"unknown key (allowed: {_allowed(err['loc'])})"
-        elif "input" in err and err["type"] not in ("missing",):
-            msg = f"{msg} (got {err['input']!r})"
-        raise SpecError(source, loc, msg) from None
-    _check_semantics(spec)
+        problems = []
+        for err in e.errors():
+            loc, msg = ".".join(str(p) for p in err["loc"]), err["msg"]
+            if err["type"] == "extra_forbidden":
+                msg = f"unknown key (allowed: {_allowed(err['loc'])})"
+            elif "input" in err and err["type"] not in ("missing",):
+                msg = f"{msg} (got {err['input']!r})"
+            problems.append((loc, msg.removeprefix("Value error, ")))
+        raise SpecError(source, problems=problems) from None
+    problems = _check_semantics(spec, check_paths)
+    if problems:
+        raise SpecError(source, problems=problems)
     return spec
 
 
@@ -293,21 +412,23 @@ def _allowed(loc: tuple) -> str:
     return ", ".join(k for k in model.model_fields if k != "source")
 
 
-def _check_semantics(spec: SearchSpec) -> None:
+def _check_semantics(spec: SearchSpec, check_paths: bool = True) -> list[tuple[str, str]]:
     from .trainable import UnknownTrainable, get_trainable
 
     src = spec.source
+    problems: list[tuple[str, str]] = []
     try:
         trainable = get_trainable(spec.trainable)
     except UnknownTrainable as e:
-        raise SpecError(src, "trainable", str(e.args[0])) from None
+        return [("trainable", str(e))]
 
     # data
     if spec.data.corpus not in trainable.corpora():
-        raise SpecError(
-            src,
-            "data.corpus",
-            f"unknown corpus {spec.data.corpus!r}; known: {', '.join(trainable.corpora())}",
+        problems.append(
+            (
+                "data.corpus",
+                f"unknown corpus {spec.data.corpus!r}; known: {', '.join(trainable.corpora())}",
+            )
         )
     refs = [("data", spec.data.corpus, spec.data.root)]
     if spec.data.unlabelled:
@@ -317,91 +438,106 @@ def _check_semantics(spec: SearchSpec) -> None:
     ]
     for field, corpus, root in refs:
         if corpus not in trainable.corpora():
-            raise SpecError(src, f"{field}.corpus", f"unknown corpus {corpus!r}")
-        if corpus != "synthetic" and not Path(root).expanduser().exists():
-            raise SpecError(src, f"{field}.root", f"data root does not exist: {root}")
-    for i, f in enumerate(spec.data.noise_files):
-        if not Path(f).expanduser().is_file():
-            raise SpecError(src, f"data.noise_files.{i}", f"noise file not found: {f}")
+            if field != "data":  # the main corpus was named above, with the known ones
+                problems.append((f"{field}.corpus", f"unknown corpus {corpus!r}"))
+            continue
+        if check_paths and corpus != "synthetic" and not Path(root).expanduser().exists():
+            problems.append((f"{field}.root", f"data root does not exist: {root}"))
+    if check_paths:
+        for i, f in enumerate(spec.data.noise_files):
+            if not Path(f).expanduser().is_file():
+                problems.append((f"data.noise_files.{i}", f"noise file not found: {f}"))
 
     # objective
-    known_metrics = trainable.metric_names() | _robust_metric_names(spec)
+    robust = spec.robustness.model_dump() if spec.robustness else None
+    cross = [c.name or c.corpus for c in spec.data.cross_corpus]
+    known_metrics = trainable.metric_names(robust, cross)
     for i, m in enumerate(spec.objective.as_list()):
         field = (
             "objective.metric" if not spec.objective.metrics else f"objective.metrics.{i}.metric"
         )
         if m.metric not in known_metrics:
-            raise SpecError(
-                src,
-                field,
-                f"unknown metric {m.metric!r}; known: {', '.join(sorted(known_metrics))}",
+            problems.append(
+                (field, f"unknown metric {m.metric!r}; known: {', '.join(sorted(known_metrics))}")
             )
-        if m.metric.startswith("test_"):
-            raise SpecError(src, field, "never optimise on the test speakers; use a val_* metric")
-        if m.metric not in trainable.epoch_metrics and not spec.objective.multi:
-            raise SpecError(
-                src,
-                field,
-                f"{m.metric!r} is only known at the end of a trial; ASHA needs an "
-                "epoch metric (e.g. val_uar), or list several metrics for a multi-objective search",
+        elif m.metric.startswith("test_"):
+            problems.append((field, "never optimise on the test speakers; use a val_* metric"))
+        elif m.metric not in trainable.epoch_metrics and not spec.objective.multi:
+            problems.append(
+                (
+                    field,
+                    f"{m.metric!r} is only known at the end of a trial; ASHA needs an epoch "
+                    "metric (e.g. val_uar), or list several metrics for a multi-objective search",
+                )
             )
     if spec.budget.grace_epochs > spec.budget.max_epochs:
-        raise SpecError(
-            src,
-            "budget.grace_epochs",
-            f"({spec.budget.grace_epochs}) > budget.max_epochs ({spec.budget.max_epochs})",
+        problems.append(
+            (
+                "budget.grace_epochs",
+                f"({spec.budget.grace_epochs}) > budget.max_epochs ({spec.budget.max_epochs})",
+            )
         )
+    if spec.baseline is not None and spec.baseline not in trainable.baselines():
+        known = ", ".join(trainable.baselines()) or "none"
+        problems.append(("baseline", f"unknown baseline {spec.baseline!r} (known: {known})"))
 
     # space and params
     names = trainable.param_names()
     for name in spec.params:
         if name not in names:
-            raise SpecError(src, f"params.{name}", f"unknown parameter for {spec.trainable}")
+            problems.append((f"params.{name}", f"unknown parameter for {spec.trainable}"))
     for name, p in spec.space.items():
         field = f"space.{name}"
         if name not in names:
-            raise SpecError(src, field, f"unknown parameter for {spec.trainable}")
-        if name in spec.params:
-            raise SpecError(src, field, "is both fixed (params) and searched (space)")
-        _check_param(src, field, p)
+            problems.append((field, f"unknown parameter for {spec.trainable}"))
+        elif name in spec.params:
+            problems.append((field, "is both fixed (params) and searched (space)"))
+        problems += _check_param(field, p)
     if spec.define_by_run:
-        load_define_by_run(spec.define_by_run, Path(src).parent, src)
+        try:
+            load_define_by_run(spec.define_by_run, Path(src).parent, src)
+        except SpecError as e:
+            problems += e.problems
+    if problems:  # the dry runs below only make sense on a well-formed spec
+        return problems
 
     # the fixed params alone, then every corner of the space, must give a trainable config
     try:
         trainable.validate_params(dict(spec.params))
     except ValueError as e:
         named = [k for k in spec.params if k in str(e)]
-        raise SpecError(src, f"params.{named[0]}" if named else "params", str(e)) from None
+        return [(f"params.{named[0]}" if named else "params", str(e))]
     for corner in _corners(spec):
         try:
             trainable.validate_params({**spec.params, **corner})
         except ValueError as e:
             named = [k for k in corner if k in str(e)] or list(corner)
-            raise SpecError(src, f"space.{named[0]}", f"{e} (at {corner})") from None
+            return [(f"space.{named[0]}", f"{e} (at {corner})")]
+    return []
 
 
-def _check_param(src: str, field: str, p: ParamSpec) -> None:
+def _check_param(field: str, p: ParamSpec) -> list[tuple[str, str]]:
     if p.type == "choice":
         if not p.values:
-            raise SpecError(src, f"{field}.values", "a choice needs at least one value")
+            return [(f"{field}.values", "a choice needs at least one value")]
         if p.low is not None or p.high is not None:
-            raise SpecError(src, field, "a choice takes `values`, not low/high")
-        return
+            return [(field, "a choice takes `values`, not low/high")]
+        return []
     if p.values is not None:
-        raise SpecError(src, f"{field}.values", f"only a choice takes values (type is {p.type})")
+        return [(f"{field}.values", f"only a choice takes values (type is {p.type})")]
     if p.low is None or p.high is None:
-        raise SpecError(src, field, f"a {p.type} needs low and high")
+        return [(field, f"a {p.type} needs low and high")]
     if not (math.isfinite(p.low) and math.isfinite(p.high)):
-        raise SpecError(src, field, "low and high must be finite")
+        return [(field, "low and high must be finite")]
     if p.low > p.high:
-        raise SpecError(src, f"{field}", f"low ({p.low}) > high ({p.high})")
+        return [(field, f"low ({p.low}) > high ({p.high})")]
     if p.log and p.low <= 0:
-        raise SpecError(src, f"{field}.low", f"a log scale needs low > 0, got {p.low}")
+        return [(f"{field}.low", f"a log scale needs low > 0, got {p.low}")]
     if p.type == "int" and not (float(p.low).is_integer() and float(p.high).is_integer()):
-        raise SpecError(src, field, f"an int needs whole low/high, got {p.low}..{p.high}")
+        return [(field, f"an int needs whole low/high, got {p.low}..{p.high}")]
     if p.step is not None and (p.step <= 0 or p.log):
-        raise SpecError(src, f"{field}.step", "step must be > 0 and cannot be combined with log")
+        return [(f"{field}.step", "step must be > 0 and cannot be combined with log")]
+    return []
 
 
 def _corners(spec: SearchSpec) -> list[dict[str, Any]]:
@@ -414,19 +550,6 @@ def _corners(spec: SearchSpec) -> list[dict[str, Any]]:
             cast = int if p.type == "int" else float
             lo[name], hi[name] = cast(p.low), cast(p.high)
     return [lo, hi] if spec.space else [{}]
-
-
-def _robust_metric_names(spec: SearchSpec) -> set[str]:
-    r = spec.robustness
-    if r is None:
-        return set()
-    names = {f"robust/uar_snr{int(s)}_{n}" for s in r.snrs_db for n in r.noises}
-    names |= {f"robust/uar_fgsm{e:g}" for e in r.fgsm_eps} | {
-        f"robust/uar_pgd{e:g}" for e in r.pgd_eps
-    }
-    names |= {f"robust/uar_cross_{c.name or c.corpus}" for c in spec.data.cross_corpus}
-    names |= {"robust/uar_clean", "robust/uar_noise_mean"}
-    return names
 
 
 def load_define_by_run(ref: str, base: Path, src: str = "<spec>"):

@@ -84,3 +84,56 @@ def list_objects(uri: str) -> list[str]:
         if not page.get("IsTruncated"):
             return keys
         token = page["NextContinuationToken"]
+
+
+def upload_dir(local: str | Path, uri: str) -> str:
+    """Copy a local folder to ``uri`` (a local path or ``s3://``); returns ``uri``."""
+    if not is_remote(uri):
+        dest = uri[len("file://") :] if uri.startswith("file://") else uri
+        shutil.copytree(local, dest, dirs_exist_ok=True)
+        return uri
+    import pyarrow.fs as pafs
+
+    fs, path = pyarrow_fs(uri)
+    fs.create_dir(path, recursive=True)
+    pafs.copy_files(
+        str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs
+    )
+    return uri
+
+
+def list_dirs(uri: str) -> list[str]:
+    """Names of the folders directly under ``uri`` (empty when it does not exist)."""
+    import pyarrow.fs as pafs
+
+    fs, path = pyarrow_fs(uri) if is_remote(uri) else (pafs.LocalFileSystem(), uri)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    except OSError:
+        return []
+    return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
+
+
+def exists(uri: str) -> bool:
+    import pyarrow.fs as pafs
+
+    fs, path = pyarrow_fs(uri) if is_remote(uri) else (pafs.LocalFileSystem(), uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def remove_dir(uri: str) -> None:
+    import pyarrow.fs as pafs
+
+    fs, path = pyarrow_fs(uri) if is_remote(uri) else (pafs.LocalFileSystem(), uri)
+    try:
+        fs.delete_dir(path)
+    except (FileNotFoundError, OSError):
+        pass
+
+
+def write_text(uri: str, text: str) -> None:
+    import pyarrow.fs as pafs
+
+    fs, path = pyarrow_fs(uri) if is_remote(uri) else (pafs.LocalFileSystem(), uri)
+    with fs.open_output_stream(path) as out:
+        out.write(text.encode())

@@ -2,23 +2,32 @@
 
 ``sertune search submit SPEC --address http://HEAD:8265`` ships the project in the job's runtime
 environment (``py_modules``: the ``sertune``, ``trainables`` and ``search_spaces`` packages; the
-spec in ``working_dir``) and runs ``sertune search run`` as the job's entrypoint on the head, so a
-submitted search is the same code path as a local one. Where results go is configuration
+spec in ``working_dir``) and runs ``sertune search run`` as the job's entrypoint on the cluster,
+so a submitted search is the same code path as a local one. Where results go is configuration
 (``SERTUNE_STORAGE``, ``SERTUNE_CACHE``, ``MLFLOW_TRACKING_URI``, ``AWS_ENDPOINT_URL``) and travels
-in the job's environment; credentials do not — each node uses its own AWS credential chain, and
-MLflow credentials must be set on the cluster.
+in the job's environment; credentials never do: each node uses its own AWS credential chain, and
+MLflow credentials are set on the cluster.
+
+Ray 2.60 clusters are token-authenticated by default. The token is taken from Ray's standard
+places - ``RAY_AUTH_TOKEN``, the file in ``RAY_AUTH_TOKEN_PATH``, ``~/.ray/auth_token`` - and sent
+only as the HTTP ``Authorization`` header: it is never logged, recorded or part of the job.
+Right after a head starts its job agent may not be up yet ("No available agent"): submission
+retries that for up to ``SUBMIT_RETRY_S`` seconds.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from .search import FAST_ENV, load_record, save_record
+from .errors import NotFound, ServiceError, UsageError
+from .ray_compat import FAST_ENV
+from .records import load_record, now, save_record
 
 # Settings (not secrets) a submitted search takes from the submitter's environment.
 FORWARDED = (
@@ -32,25 +41,94 @@ FORWARDED = (
     "MLFLOW_S3_ENDPOINT_URL",
     "AWS_DEFAULT_REGION",
 )
+SUBMIT_RETRY_S = 60.0
+TOKEN_PLACES = "RAY_AUTH_TOKEN, the file named by RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token"
+
+
+def auth_token() -> str | None:
+    """The cluster token from Ray's standard places, or None."""
+    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    if token:
+        return token
+    for path in (os.environ.get("RAY_AUTH_TOKEN_PATH"), str(Path.home() / ".ray" / "auth_token")):
+        if path and Path(path).expanduser().is_file():
+            text = Path(path).expanduser().read_text().strip()
+            if text:
+                return text
+    return None
+
+
+def without_userinfo(uri: str) -> str:
+    """``https://user:secret@host/`` -> ``https://host/``: credentials never travel in a URI."""
+    return re.sub(r"^([a-z][a-z0-9+.-]*://)[^/@]*@", r"\1", uri)
+
+
+def _explain(e: Exception, address: str) -> ServiceError:
+    text = str(e)
+    if (
+        "401" in text
+        or "Missing authentication token" in text
+        or "Authentication required" in text
+    ):
+        return ServiceError(
+            f"Ray cluster {address} requires an auth token and none was found; set {TOKEN_PLACES} "
+            "(on the head: `ray get-auth-token`)"
+        )
+    if "403" in text or "Invalid authentication token" in text or "Authentication failed" in text:
+        return ServiceError(f"Ray cluster {address} refused the auth token from {TOKEN_PLACES}")
+    if (
+        isinstance(e, ConnectionError)
+        or "Failed to connect" in text
+        or "Connection refused" in text
+    ):
+        return ServiceError(
+            f"Ray cluster {address}: unreachable (is the dashboard at this address?)"
+        )
+    return ServiceError(
+        f"Ray cluster {address}: {text.splitlines()[0][:300] if text else type(e).__name__}"
+    )
 
 
 def _client(address: str):
     from ray.job_submission import JobSubmissionClient
 
-    return JobSubmissionClient(address)
+    token = auth_token()
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    try:
+        return JobSubmissionClient(address, headers=headers)
+    except Exception as e:  # noqa: BLE001 - every failure becomes one line naming the cause
+        raise _explain(e, address) from None
+
+
+def _call(address: str, fn, *args, **kwargs):
+    """A Jobs API call with the transient 'no agent yet' error retried for SUBMIT_RETRY_S."""
+    deadline = time.monotonic() + SUBMIT_RETRY_S
+    delay = 1.0
+    while True:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001
+            transient = "No available agent" in str(e) or "try again later" in str(e)
+            if transient and time.monotonic() < deadline:
+                time.sleep(delay)
+                delay = min(8.0, delay * 2)
+                continue
+            raise _explain(e, address) from None
 
 
 def _package_dirs() -> list[str]:
-    import search_spaces
-    import sertune
-    import trainables
+    from importlib.util import find_spec
 
-    return [str(Path(m.__file__).parent) for m in (sertune, trainables, search_spaces)]
+    # located, not imported: the control plane never imports a trainable
+    return [
+        str(Path(find_spec(p).origin).parent) for p in ("sertune", "trainables", "search_spaces")
+    ]
 
 
 def submit(
-    spec: Any, spec_path: str, address: str, wait: bool = False, tracking_uri: str | None = None
-) -> str:
+    spec: Any, spec_path: str, address: str, wait: bool = False, tracking_uri: str | None = None,
+    log=print,
+) -> str:  # fmt: skip
     """Submit ``spec`` as a Ray Job; record it locally; return the submission id."""
     client = _client(address)
     stage = Path(tempfile.mkdtemp(prefix="sertune-job-"))
@@ -62,10 +140,14 @@ def submit(
     env = {k: os.environ[k] for k in FORWARDED if os.environ.get(k)}
     if tracking_uri:
         env["MLFLOW_TRACKING_URI"] = tracking_uri
+    if "MLFLOW_TRACKING_URI" in env:
+        env["MLFLOW_TRACKING_URI"] = without_userinfo(env["MLFLOW_TRACKING_URI"])
     env.update(FAST_ENV)
     env["PYTHONUNBUFFERED"] = "1"
     entrypoint = f"python -m sertune.cli search run {src.name} --name {spec.name}"
-    sid = client.submit_job(
+    sid = _call(
+        address,
+        client.submit_job,
         entrypoint=entrypoint,
         submission_id=f"sertune-{spec.name}-{int(time.time())}",
         runtime_env={"working_dir": str(stage), "py_modules": _package_dirs(), "env_vars": env},
@@ -77,7 +159,7 @@ def submit(
             "name": spec.name,
             "spec": spec.model_dump(),
             "source": str(src),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "created": now(),
             "path": f"{env.get('SERTUNE_STORAGE', '(on the cluster)')}/{spec.name}",
             "tracking_uri": env.get("MLFLOW_TRACKING_URI", "(the cluster's default)"),
             "status": "submitted",
@@ -86,28 +168,35 @@ def submit(
             "data": {},
         },
     )
-    print(f"submitted search {spec.name!r} to {address} as job {sid}")
-    print(
-        f"follow it: sertune search logs {spec.name}   status: sertune search status {spec.name}"
-    )
+    log(f"submitted search {spec.name!r} to {address} as job {sid}")
+    log(f"follow it: sertune search logs {spec.name}   status: sertune search status {spec.name}")
     if wait:
         return sid if follow(spec.name) == "SUCCEEDED" else ""
     return sid
 
 
+def _submitted(name: str) -> dict[str, Any]:
+    record = load_record(name)
+    if not record.get("submission_id"):
+        raise UsageError(f"{name!r} ran locally, not as a Ray Job; its output went to the "
+                         "terminal that ran it")  # fmt: skip
+    return record
+
+
 def follow(name: str, poll_s: float = 2.0) -> str:
     """Print the job's logs as they come until it ends; return its final status."""
-    record = load_record(name)
-    client = _client(record["address"])
+    record = _submitted(name)
+    address = record["address"]
+    client = _client(address)
     seen = 0
     while True:
-        logs = client.get_job_logs(record["submission_id"])
+        logs = _call(address, client.get_job_logs, record["submission_id"])
         if len(logs) > seen:
             print(logs[seen:], end="", flush=True)
             seen = len(logs)
-        status = str(client.get_job_status(record["submission_id"]))
+        status = str(_call(address, client.get_job_status, record["submission_id"]))
         if status.split(".")[-1] in ("SUCCEEDED", "FAILED", "STOPPED"):
-            logs = client.get_job_logs(record["submission_id"])
+            logs = _call(address, client.get_job_logs, record["submission_id"])
             print(logs[seen:], end="", flush=True)
             record["status"] = status.split(".")[-1].lower()
             save_record(name, record)
@@ -116,23 +205,29 @@ def follow(name: str, poll_s: float = 2.0) -> str:
 
 
 def job_status(record: dict[str, Any]) -> str:
-    client = _client(record["address"])
-    info = client.get_job_info(record["submission_id"])
-    return f"job {record['submission_id']} on {record['address']}: {info.status} {info.message or ''}".strip()
+    address = record["address"]
+    client = _client(address)
+    try:
+        info = _call(address, client.get_job_info, record["submission_id"])
+    except ServiceError as e:
+        if "does not exist" in str(e) or "404" in str(e):
+            raise NotFound(f"job {record['submission_id']} is not known to {address}") from None
+        raise
+    return (
+        f"job {record['submission_id']} on {address}: {info.status} {info.message or ''}".strip()
+    )
 
 
 def job_logs(name: str) -> str:
-    record = load_record(name)
-    if not record.get("submission_id"):
-        return f"{name} ran locally; its output went to the terminal that ran it"
-    return _client(record["address"]).get_job_logs(record["submission_id"])
+    record = _submitted(name)
+    return _call(
+        record["address"], _client(record["address"]).get_job_logs, record["submission_id"]
+    )
 
 
 def job_stop(name: str) -> str:
-    record = load_record(name)
-    if not record.get("submission_id"):
-        return f"{name} is not a submitted search"
-    ok = _client(record["address"]).stop_job(record["submission_id"])
+    record = _submitted(name)
+    ok = _call(record["address"], _client(record["address"]).stop_job, record["submission_id"])
     return (
         f"stop requested for job {record['submission_id']}" if ok else "the job had already ended"
     )

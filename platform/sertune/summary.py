@@ -1,12 +1,24 @@
-"""The search summary on the parent run: leaderboard, optimisation history, parameter
-importances, and the Pareto front when several objectives were searched."""
+"""The search summary on the parent run: plots that answer "which aux weights and augmentations
+matter?", and the leaderboard.
+
+* ``leaderboard.csv`` / ``leaderboard.md`` - every trial, best first, in sertune's words;
+* ``optimisation_history.png`` - the objective of each trial in the order they started, labelled
+  with the trial ids the console and the MLflow runs show, and the best so far;
+* ``slices.png`` - the objective against each searched parameter (one panel each);
+* ``param_importances.png``/``.json`` - Optuna's importances, with a caveat below 10 trials;
+* ``pareto_front.png``/``.json`` - when several objectives were searched.
+"""
 
 from __future__ import annotations
 
 import csv
 import json
+import math
+import warnings
 from pathlib import Path
 from typing import Any
+
+TRUST_IMPORTANCES = 10  # fewer finished trials than this: importances are mostly noise
 
 
 def _distributions(space: dict[str, dict]) -> dict[str, Any]:
@@ -42,19 +54,39 @@ def pareto_front(points: list[tuple[float, ...]], modes: list[str]) -> list[int]
     return front
 
 
-def write_search_summary(out: Path, result: Any, spec: dict[str, Any]) -> dict[str, Any] | None:
-    """Write the summary files into ``out``; return the best trial's row (or None)."""
+def _plt():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def write_search_summary(out: Path, result: Any, spec: dict[str, Any]) -> dict[str, Any] | None:
+    """Write the summary files into ``out``; return the best trial's row (or None)."""
     metrics = result.metrics
     key, mode = metrics[0]["metric"], metrics[0]["mode"]
     rows = result.rows
-    ok = [r for r in rows if r["status"] == "done" and isinstance(r.get(key), (int, float))]
+    ok = [r for r in rows if r["state"] in ("finished", "stopped") and _num(r.get(key))]
+    _leaderboard(out, rows, metrics)
+    _history(out, ok, key, mode, result.name)
+    space = spec.get("space") or {}
+    _slices(out, ok, key, space, result.name)
+    _importances(out, ok, key, mode, space)
+    if len(metrics) > 1:
+        _pareto(out, rows, metrics)
+    if not ok:
+        return None
+    best = ok[0]  # rows come sorted best first
+    return {"trial": best["trial"], **{k: v for k, v in best.items() if _num(v)}}
 
-    # leaderboard
+
+def _num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _leaderboard(out: Path, rows: list[dict], metrics: list[dict]) -> None:
     cols = [
         "trial",
         "status",
@@ -64,117 +96,155 @@ def write_search_summary(out: Path, result: Any, spec: dict[str, Any]) -> dict[s
     params = sorted({k for r in rows for k in (r["config"] or {})})
     with (out / "leaderboard.csv").open("w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow([*cols, *params, "error"])
+        w.writerow([*cols, *params])
         for r in rows:
             w.writerow(
-                [r.get(c, "") for c in cols]
-                + [(r["config"] or {}).get(p, "") for p in params]
-                + [r.get("error") or ""]
+                [r.get(c, "") for c in cols] + [(r["config"] or {}).get(p, "") for p in params]
             )
     md = ["| # | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
     for i, r in enumerate(rows, 1):
         md.append(
             f"| {i} | "
             + " | ".join(
-                f"{r[c]:.4f}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols
+                f"{r[c]:.3f}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols
             )
             + " |"
         )
     (out / "leaderboard.md").write_text("\n".join(md) + "\n")
 
-    # optimisation history (trial order = creation order)
-    by_id = sorted(ok, key=lambda r: r["trial"])
-    if by_id:
-        vals = [r[key] for r in by_id]
-        best_so_far = [
-            max(vals[: i + 1]) if mode == "max" else min(vals[: i + 1]) for i in range(len(vals))
-        ]
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot(range(1, len(vals) + 1), vals, "o", label=key)
-        ax.plot(range(1, len(vals) + 1), best_so_far, "-", label="best so far")
-        ax.set_xlabel("trial")
-        ax.set_ylabel(key)
-        ax.set_title(f"Optimisation history: {result.name}")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / "optimisation_history.png", dpi=100)
-        plt.close(fig)
 
-    # parameter importances (Optuna's default evaluator on the finished trials)
+def _history(out: Path, ok: list[dict], key: str, mode: str, name: str) -> None:
+    if not ok:
+        return
+    plt = _plt()
+    by_start = sorted(ok, key=lambda r: (r.get("started") or 0, r["trial"]))
+    vals = [r[key] for r in by_start]
+    pick = max if mode == "max" else min
+    best_so_far = [pick(vals[: i + 1]) for i in range(len(vals))]
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(vals) + 2), 4))
+    xs = range(len(vals))
+    colors = ["C0" if r["state"] == "finished" else "C1" for r in by_start]
+    ax.scatter(xs, vals, c=colors, zorder=3)
+    ax.plot(xs, best_so_far, "-", c="C2", label="best so far")
+    ax.scatter([], [], c="C0", label="finished")
+    ax.scatter([], [], c="C1", label="stopped early")
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels([r["trial"] for r in by_start], rotation=60, ha="right", fontsize=7)
+    ax.set_xlabel("trial (in the order it started)")
+    ax.set_ylabel(key)
+    ax.set_title(f"Optimisation history: {name}", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "optimisation_history.png", dpi=100)
+    plt.close(fig)
+
+
+def _slices(out: Path, ok: list[dict], key: str, space: dict, name: str) -> None:
+    params = [p for p in space if any(p in (r["config"] or {}) for r in ok)]
+    if not ok or not params:
+        return
+    plt = _plt()
+    cols = min(4, len(params))
+    nrows = math.ceil(len(params) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 2.8 * nrows), squeeze=False)
+    for ax, p in zip(axes.flat, params, strict=False):
+        pts = [(r["config"][p], r[key]) for r in ok if p in (r["config"] or {})]
+        xs = [x for x, _ in pts]
+        if all(isinstance(x, (int, float)) for x in xs):
+            ax.scatter(xs, [y for _, y in pts], s=18)
+            if space[p].get("log"):
+                ax.set_xscale("log")
+        else:  # a choice: one column per value
+            labels = sorted({str(x) for x in xs})
+            ax.scatter([labels.index(str(x)) for x in xs], [y for _, y in pts], s=18)
+            ax.set_xticks(range(len(labels)))
+            ax.set_xticklabels(labels, fontsize=7)
+        ax.set_title(p, fontsize=9)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(params) :]:
+        ax.axis("off")
+    for ax in axes[:, 0]:
+        ax.set_ylabel(key, fontsize=8)
+    fig.suptitle(f"{key} against each searched parameter: {name}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out / "slices.png", dpi=100)
+    plt.close(fig)
+
+
+def _importances(out: Path, ok: list[dict], key: str, mode: str, space: dict) -> None:
     importances: dict[str, Any] = {}
-    space = spec.get("space") or {}
     if len(ok) >= 3 and space:
-        try:
-            import optuna
+        import optuna
 
-            optuna.logging.set_verbosity(optuna.logging.WARNING)
-            dists = _distributions(space)
-            study = optuna.create_study(direction="maximize" if mode == "max" else "minimize")
-            for r in ok:
-                p = {k: v for k, v in (r["config"] or {}).items() if k in dists}
-                if len(p) == len(dists):
-                    study.add_trial(
-                        optuna.trial.create_trial(params=p, distributions=dists, value=r[key])
-                    )
-            importances = optuna.importance.get_param_importances(study)
-        except Exception as e:  # too few or too uniform trials
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        dists = _distributions(space)
+        study = optuna.create_study(direction="maximize" if mode == "max" else "minimize")
+        for r in ok:
+            p = {k: v for k, v in (r["config"] or {}).items() if k in dists}
+            if len(p) == len(dists):
+                study.add_trial(
+                    optuna.trial.create_trial(params=p, distributions=dists, value=r[key])
+                )
+        try:
+            with warnings.catch_warnings():  # "importances will be equal": the caveat says so
+                warnings.simplefilter("ignore")
+                importances = optuna.importance.get_param_importances(study)
+        except (ValueError, RuntimeError) as e:  # too few or too uniform trials
             importances = {"note": f"importances unavailable: {e}"}
     else:
         importances = {"note": "importances need >= 3 finished trials and a searched space"}
-    (out / "param_importances.json").write_text(json.dumps(importances, indent=2))
+    caveat = (
+        f"only {len(ok)} finished trials: treat these importances as a hint, not a finding"
+        if len(ok) < TRUST_IMPORTANCES
+        else ""
+    )
+    (out / "param_importances.json").write_text(
+        json.dumps({**importances, **({"caveat": caveat} if caveat else {})}, indent=2)
+    )
     if importances and "note" not in importances:
-        fig, ax = plt.subplots(figsize=(6, 0.4 * len(importances) + 1.5))
+        plt = _plt()
+        fig, ax = plt.subplots(figsize=(6, 0.4 * len(importances) + 1.8))
         names = list(importances)[::-1]
         ax.barh(names, [importances[n] for n in names])
         ax.set_xlabel(f"importance for {key} (Optuna's default evaluator)")
+        if caveat:
+            ax.set_title(caveat, fontsize=8, color="C3")
         fig.tight_layout()
         fig.savefig(out / "param_importances.png", dpi=100)
         plt.close(fig)
 
-    # Pareto front
-    if len(metrics) > 1:
-        names = [m["metric"] for m in metrics]
-        pts = [r for r in rows if all(isinstance(r.get(n), (int, float)) for n in names)]
-        front = pareto_front(
-            [tuple(r[n] for n in names) for r in pts], [m["mode"] for m in metrics]
+
+def _pareto(out: Path, rows: list[dict], metrics: list[dict]) -> None:
+    names = [m["metric"] for m in metrics]
+    pts = [r for r in rows if all(_num(r.get(n)) for n in names)]
+    front = pareto_front([tuple(r[n] for n in names) for r in pts], [m["mode"] for m in metrics])
+    (out / "pareto_front.json").write_text(
+        json.dumps(
+            [
+                {
+                    "trial": pts[i]["trial"],
+                    **{n: pts[i][n] for n in names},
+                    "config": pts[i]["config"],
+                }
+                for i in front
+            ],  # fmt: skip
+            indent=2,
         )
-        (out / "pareto_front.json").write_text(
-            json.dumps(
-                [
-                    {
-                        "trial": pts[i]["trial"],
-                        **{n: pts[i][n] for n in names},
-                        "config": pts[i]["config"],
-                    }
-                    for i in front
-                ],
-                indent=2,
-            )
-        )
-        if pts:
-            fig, ax = plt.subplots(figsize=(5, 4))
-            ax.scatter(
-                [r[names[0]] for r in pts],
-                [r[names[1]] for r in pts],
-                c="lightgray",
-                label="trials",
-            )
-            ax.scatter(
-                [pts[i][names[0]] for i in front],
-                [pts[i][names[1]] for i in front],
-                c="C3",
-                label="Pareto front",
-            )
-            ax.set_xlabel(names[0])
-            ax.set_ylabel(names[1])
-            ax.legend()
-            fig.tight_layout()
-            fig.savefig(out / "pareto_front.png", dpi=100)
-            plt.close(fig)
-    if not ok:
-        return None
-    best = ok[0]  # rows come sorted best first
-    return {
-        "trial": best["trial"],
-        **{k: v for k, v in best.items() if isinstance(v, (int, float))},
-    }
+    )
+    if not pts:
+        return
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    ax.scatter(
+        [r[names[0]] for r in pts], [r[names[1]] for r in pts], c="lightgray", label="trials"
+    )
+    ax.scatter([pts[i][names[0]] for i in front], [pts[i][names[1]] for i in front], c="C3",
+               label="Pareto front")  # fmt: skip
+    for i in front:
+        ax.annotate(pts[i]["trial"], (pts[i][names[0]], pts[i][names[1]]), fontsize=7)
+    ax.set_xlabel(names[0])
+    ax.set_ylabel(names[1])
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "pareto_front.png", dpi=100)
+    plt.close(fig)

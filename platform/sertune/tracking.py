@@ -1,29 +1,37 @@
 """The one place that talks to MLflow.
 
-Run hierarchy: one parent run per search (spec artifact, search settings as tags, the data report,
-and at the end the leaderboard, optimisation history, parameter importances and, for several
-objectives, the Pareto front); one nested child run per trial (params, per-epoch metrics incl. each
-loss term, the model as a pyfunc, the robustness report and plots; status tag ``finished``,
-``stopped_early`` or ``failed`` with the reason).
+* :func:`configure` / :func:`ensure_store` / :func:`check_store` - the store, created once under a
+  file lock (SQLite: two first searches at once must not both run MLflow's migrations) and in
+  WAL mode (one writer per search plus readers such as ``sertune ui``); a server is checked,
+  credentials included, before anything starts.
+* :class:`Journal` - every record a search writes (runs, params, metrics, tags, artifacts,
+  models) goes to an append-only journal on disk first; a writer thread applies it to MLflow in
+  order. An MLflow outage neither stops training nor loses a record: the journal buffers, the
+  console says MLflow is unreachable and when it caught up, and what is still pending when the
+  driver stops is replayed by the next command on that search.
 
-Only the driver logs (from a Tune callback), so a SQLite store has a single writer and a remote
-cluster's workers need no MLflow credentials. Credentials for a server that asks for them come
+Run hierarchy: one parent run per search, one nested child run per trial (see
+``sertune.search_logger``). Only the driver writes, so a SQLite store has a single writer per
+search and a remote cluster's workers need no MLflow credentials. Credentials for a server come
 from the environment (``MLFLOW_TRACKING_USERNAME``/``PASSWORD``/``TOKEN``) and are never logged.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
 import shutil
-import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ray.tune import Callback
-
 from . import settings
+from .errors import NotFound, ServiceError
 
 EXPERIMENT_ENV = "SERTUNE_EXPERIMENT"
 DEFAULT_EXPERIMENT = "sertune"
@@ -35,276 +43,455 @@ TAG_SEARCH, TAG_TRIAL, TAG_STATUS, TAG_KIND = (
 )
 
 
-def error_reason(text: str) -> str:
-    """The one line of a traceback that says why a trial failed (e.g. the NaN loss message)."""
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    for marker in ("TrainingDiverged:", "Error:", "Exception:"):
-        hits = [ln for ln in lines if marker in ln]
-        if hits:
-            return hits[-1][:500]
-    return (lines[-1] if lines else "unknown error")[:500]
+# -- the store --------------------------------------------------------------------------------------
 
 
-def trial_error_reason(trial: Any) -> str:
-    text = ""
-    try:
-        err = trial.get_error()
-        text = str(err) if err else ""
-    except Exception:
-        pass
-    if not text and getattr(trial, "error_file", None) and os.path.exists(trial.error_file):
-        text = Path(trial.error_file).read_text()
-    return error_reason(text)
+def is_server(uri: str) -> bool:
+    return uri.startswith(("http://", "https://", "databricks"))
 
 
 def configure(tracking_uri: str | None = None) -> str:
+    """Point MLflow (this process) at the store; return its URI."""
     import mlflow
 
-    uri = settings.tracking_uri(tracking_uri)
     from .storage import endpoint
 
+    uri = settings.tracking_uri(tracking_uri)
     if endpoint():  # MLflow's S3 artifact store reads its own variable
         os.environ.setdefault("MLFLOW_S3_ENDPOINT_URL", endpoint())
-    if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+    # Fail fast and let the journal retry: MLflow's own backoff would block for minutes.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     return uri
 
 
-def get_experiment_id(client: Any) -> str:
-    name = os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT)
-    exp = client.get_experiment_by_name(name)
+def sqlite_path(uri: str) -> Path | None:
+    return Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
+
+
+def ensure_store(tracking_uri: str | None = None) -> str:
+    """Create or upgrade a local store exactly once, whoever else starts at the same moment."""
+    uri = configure(tracking_uri)
+    db = sqlite_path(uri)
+    if db is None:
+        return uri
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a second process waits here, then finds it ready
+        from mlflow.store.model_registry.sqlalchemy_store import (
+            SqlAlchemyStore as RegistryStore,
+        )
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+        SqlAlchemyStore(uri, settings.artifact_root())
+        RegistryStore(uri)
+        import sqlite3
+
+        with sqlite3.connect(db, timeout=30) as con:  # readers (the UI) never block the writer
+            con.execute("PRAGMA journal_mode=WAL")
+    return uri
+
+
+def check_store(tracking_uri: str | None = None) -> str:
+    """Before a search starts: the store exists (created if local) and answers; a server accepts
+    our credentials. Raise :class:`ServiceError` with one line otherwise."""
+    uri = ensure_store(tracking_uri)
+    if not is_server(uri):
+        return uri
+    from mlflow import MlflowClient
+
+    old = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    try:
+        MlflowClient(uri).search_experiments(max_results=1)
+    except Exception as e:
+        raise ServiceError(f"MLflow tracking server {uri}: {_why(e)}") from None
+    finally:
+        if old is None:
+            os.environ.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES", None)
+        else:
+            os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = old
+    return uri
+
+
+def _why(e: Exception) -> str:
+    text = str(e)
+    if "401" in text or "Unauthorized" in text or "403" in text:
+        return (
+            "credentials refused (set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, "
+            "or MLFLOW_TRACKING_TOKEN)"
+        )
+    if (
+        "Connection refused" in text
+        or "Max retries exceeded" in text
+        or "Failed to establish" in text
+    ):
+        return "unreachable (connection refused; is the server running?)"
+    if "timed out" in text.lower():
+        return "unreachable (timed out)"
+    return text.splitlines()[0][:200] if text else type(e).__name__
+
+
+def client(tracking_uri: str | None = None):
+    from mlflow import MlflowClient
+
+    uri = ensure_store(tracking_uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def experiment_name() -> str:
+    return os.environ.get(EXPERIMENT_ENV, DEFAULT_EXPERIMENT)
+
+
+def get_experiment_id(c: Any, create: bool = True) -> str:
+    """The ``sertune`` experiment (``$SERTUNE_EXPERIMENT``); created with our artifact root."""
+    name = experiment_name()
+    exp = c.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
+    if not create:
+        raise NotFound(f"MLflow experiment {name!r} does not exist in {c.tracking_uri}")
     root = settings.artifact_root()
     if root.startswith("file://"):
         Path(root[len("file://") :]).mkdir(parents=True, exist_ok=True)
-    uri = settings.tracking_uri()
     # A server decides its own artifact root; a local store gets ours.
-    loc = None if uri.startswith(("http://", "https://")) else f"{root.rstrip('/')}/{name}"
-    return client.create_experiment(name, artifact_location=loc)
+    loc = None if is_server(c.tracking_uri) else f"{root.rstrip('/')}/{name}"
+    try:
+        return c.create_experiment(name, artifact_location=loc)
+    except Exception as e:
+        if _code(e) == "RESOURCE_ALREADY_EXISTS":  # another process created it just now
+            return c.get_experiment_by_name(name).experiment_id
+        raise
 
 
-def _numeric(d: dict[str, Any]) -> dict[str, float]:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            continue
-        out[k] = float(v)
-    return out
+def _code(e: Exception) -> str:
+    return str(getattr(e, "error_code", "") or "")
 
 
-REPORTED_SKIP = {
-    "timestamp",
-    "time_this_iter_s",
-    "time_total_s",
-    "pid",
-    "time_since_restore",
-    "iterations_since_restore",
-    "training_iteration",
-    "epoch",
-}
+def is_missing(e: Exception) -> bool:
+    """An MLflow error that means 'no such thing' (and nothing else: a 401 is not missing)."""
+    return _code(e) == "RESOURCE_DOES_NOT_EXIST"
 
 
-class MLflowSearchLogger(Callback):
-    """Tune callback: parent + child runs; everything picklable (Tune saves callbacks)."""
+def clean_value(v: Any) -> float | None:
+    """A metric as MLflow should show it: finite, without float32 noise (0.6000000238 -> 0.6)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        return None
+    return float(f"{float(v):.6g}")
 
-    def __init__(self, record: dict[str, Any], spec: Any, log=print):
-        self.uri = record["tracking_uri"]
-        self.name = record["name"]
-        self.record = record
-        self.max_epochs = spec.budget.max_epochs
-        self.trainable = spec.trainable
-        self.parent_run_id: str | None = record.get("parent_run_id")
-        self.trial_runs: dict[str, str] = {}
-        self.log = log
+
+# -- the journal -------------------------------------------------------------------------------------
+
+
+class Journal:
+    """Append-only records of one search on disk, applied to MLflow in order by a thread.
+
+    Layout under ``$SERTUNE_HOME/state/journal/<search>/``: ``ops.jsonl`` (one record per line),
+    ``applied`` (how many are in MLflow), ``runs.json`` (record key -> MLflow run id and the last
+    step logged), ``spool/`` (files staged for upload).
+    """
+
+    BATCH = 900  # metrics per log_batch call (MLflow accepts 1000)
+
+    def __init__(self, search: str, tracking_uri: str, log: Callable[[str], None] = print):
+        self.search, self.uri, self.log = search, tracking_uri, log
+        self.dir = settings.local_state_dir() / "journal" / search
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "spool").mkdir(exist_ok=True)
+        self._lock = threading.Condition()
+        self._ops: list[dict[str, Any]] = self._read_ops()
+        self._applied = self._read_int("applied")
+        self._runs: dict[str, dict[str, Any]] = self._read_json("runs.json", {})
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self._down_since: float | None = None
+        self._replayed = 0
         self._client = None
+        self.on_run: Callable[[str, str], None] | None = None  # (key, run_id) once created
+        self.write_seconds = 0.0  # time spent in MLflow calls (bench scale)
+        self.calls = 0
 
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        state["_client"] = None
-        return state
+    # -- persistence ---------------------------------------------------------------------------
+    def _read_ops(self) -> list[dict[str, Any]]:
+        path = self.dir / "ops.jsonl"
+        if not path.exists():
+            return []
+        out = []
+        for line in path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut by a crash: the ones before it count
+                break
+        return out
 
-    # -- plumbing --------------------------------------------------------------------------------
+    def _read_int(self, name: str) -> int:
+        try:
+            return int((self.dir / name).read_text())
+        except (OSError, ValueError):
+            return 0
+
+    def _read_json(self, name: str, default):
+        try:
+            return json.loads((self.dir / name).read_text())
+        except (OSError, ValueError):
+            return default
+
+    def _write(self, name: str, text: str) -> None:
+        tmp = self.dir / f".{name}.tmp"
+        tmp.write_text(text)
+        tmp.replace(self.dir / name)
+
+    @property
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._ops) - self._applied
+
+    def run_id(self, key: str) -> str | None:
+        return (self._runs.get(key) or {}).get("run_id")
+
+    def keys(self) -> list[str]:
+        return list(self._runs)
+
+    # -- producers -----------------------------------------------------------------------------
+    def append(self, op: dict[str, Any]) -> None:
+        line = json.dumps(op, default=str)
+        with self._lock:
+            with (self.dir / "ops.jsonl").open("a") as fh:
+                fh.write(line + "\n")
+            self._ops.append(op)
+            self._lock.notify_all()
+
+    def stage(self, src: str | Path) -> str:
+        """Copy a folder into the spool (it may vanish before the writer uploads it)."""
+        dest = self.dir / "spool" / uuid.uuid4().hex[:12]
+        shutil.copytree(src, dest)
+        return str(dest)
+
+    # -- the writer thread ------------------------------------------------------------------------
+    def start(self) -> Journal:
+        if self._thread is None or not self._thread.is_alive():
+            self._stop = False
+            self._thread = threading.Thread(target=self._loop, name="sertune-mlflow", daemon=True)
+            self._thread.start()
+        return self
+
+    def drain(self, timeout_s: float) -> int:
+        """Wait until every record is in MLflow or ``timeout_s`` passed; return how many wait."""
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            while self._applied < len(self._ops) and time.monotonic() < deadline:
+                self._lock.wait(timeout=0.2)
+            return len(self._ops) - self._applied
+
+    def close(self, timeout_s: float = 120.0) -> int:
+        left = self.drain(timeout_s)
+        self._stop = True
+        with self._lock:
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if left:
+            self.log(
+                f"[mlflow] {left} record(s) of {self.search!r} not yet in MLflow; they are kept in "
+                f"{self.dir} and sent by the next `sertune search sync|status|resume {self.search}`"
+            )
+        else:
+            self._compact()
+        return left
+
+    def _compact(self) -> None:
+        with self._lock:
+            if self._applied == len(self._ops):
+                self._ops, self._applied = [], 0
+                (self.dir / "ops.jsonl").write_text("")
+                self._write("applied", "0")
+                shutil.rmtree(self.dir / "spool", ignore_errors=True)
+                (self.dir / "spool").mkdir(exist_ok=True)
+
+    def _loop(self) -> None:
+        backoff = 1.0
+        while True:
+            with self._lock:
+                while self._applied >= len(self._ops) and not self._stop:
+                    self._lock.wait(timeout=0.5)
+                if self._applied >= len(self._ops) and self._stop:
+                    return
+                batch, n = self._next_batch()
+            try:
+                self._apply(batch)
+            except Exception as e:  # noqa: BLE001 - classified below: retry or skip
+                if _permanent(e):
+                    self.log(f"[mlflow] a record could not be written and is skipped: {_why(e)}")
+                else:
+                    if self._down_since is None:
+                        self._down_since = time.monotonic()
+                        self.log(
+                            f"[mlflow] {self.uri} unreachable ({_why(e)}); records are kept and "
+                            "training goes on"
+                        )
+                    time.sleep(backoff)
+                    backoff = min(30.0, backoff * 2)
+                    continue
+            backoff = 1.0
+            with self._lock:
+                self._applied += n
+                self._write("applied", str(self._applied))
+                self._lock.notify_all()
+            if self._down_since is not None:
+                self._replayed += n
+                if self.pending == 0:
+                    self.log(
+                        f"[mlflow] caught up after {time.monotonic() - self._down_since:.0f}s "
+                        f"({self._replayed} records sent in order)"
+                    )
+                    self._down_since, self._replayed = None, 0
+
+    def _next_batch(self) -> tuple[list[dict[str, Any]], int]:
+        """The next record, or several metric records of one run merged into one call."""
+        first = self._ops[self._applied]
+        if first["op"] != "metrics":
+            return [first], 1
+        batch, count = [first], 1
+        total = len(first["metrics"])
+        for op in self._ops[self._applied + 1 :]:
+            if op["op"] != "metrics" or op["key"] != first["key"]:
+                break
+            if total + len(op["metrics"]) > self.BATCH:
+                break
+            batch.append(op)
+            total += len(op["metrics"])
+            count += 1
+        return batch, count
+
+    # -- applying records --------------------------------------------------------------------------
     @property
     def client(self):
         if self._client is None:
-            from mlflow import MlflowClient
-
-            configure(self.uri)
-            self._client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
-            self._ensure_parent()
+            self._client = client(self.uri)
         return self._client
 
-    def _ensure_parent(self) -> None:
-        c = self._client
-        if self.parent_run_id:
-            try:
-                c.get_run(self.parent_run_id)
-                c.update_run(self.parent_run_id, status="RUNNING")
-                return
-            except Exception:
-                self.parent_run_id = None
-        exp = get_experiment_id(c)
-        spec = self.record["spec"]
-        tags = {
-            TAG_SEARCH: self.name,
-            TAG_KIND: "search",
-            "sertune.trainable": spec["trainable"],
-            "sertune.corpus": spec["data"]["corpus"],
-            "sertune.data_fingerprint": self.record["data"].get("fingerprint", ""),
-            "sertune.objective": json.dumps([m for m in _objectives(spec)]),
-            "sertune.storage": self.record["path"],
-            "mlflow.runName": self.name,
-        }
-        run = c.create_run(exp, tags=tags, run_name=self.name)
-        self.parent_run_id = run.info.run_id
-        self.record["parent_run_id"] = self.parent_run_id
-        from .search import save_record
+    def _remember(self, key: str, **values: Any) -> None:
+        self._runs.setdefault(key, {}).update(values)
+        self._write("runs.json", json.dumps(self._runs))
 
-        save_record(self.name, self.record)
-        b, r = spec["budget"], spec["resources"]
-        params = {f"budget.{k}": v for k, v in b.items()} | {
-            f"resources.{k}": v for k, v in r.items()
-        }
-        params |= {"seed": spec["seed"], "space": ",".join(sorted(spec["space"]))}
-        params |= {f"fixed.{k}": v for k, v in spec["params"].items()}
-        c.log_batch(self.parent_run_id, params=_params(params))
-        with tempfile.TemporaryDirectory() as tmp:
-            src = Path(self.record.get("source", ""))
-            if src.is_file():
-                shutil.copy(src, Path(tmp) / "spec.yaml")
-            (Path(tmp) / "spec.resolved.json").write_text(json.dumps(spec, indent=2))
-            (Path(tmp) / "data_report.json").write_text(
-                json.dumps(self.record["data"].get("report", {}), indent=2)
-            )
-            c.log_artifacts(self.parent_run_id, tmp, "search")
+    def _apply(self, batch: list[dict[str, Any]]) -> None:
+        t0 = time.perf_counter()
+        self.calls += 1
+        try:
+            op = batch[0]
+            kind = op["op"]
+            if kind == "metrics":
+                self._metrics(batch)
+            else:
+                getattr(self, f"_op_{kind}")(op)
+        finally:
+            self.write_seconds += time.perf_counter() - t0
 
-    def _child(self, trial: Any) -> str:
-        tid = trial.trial_id
-        if tid in self.trial_runs:
-            return self.trial_runs[tid]
+    def _find_run(self, tags: dict[str, str]) -> str | None:
         c = self.client
-        found = c.search_runs(
-            [c.get_run(self.parent_run_id).info.experiment_id],
-            filter_string=f"tags.`{TAG_TRIAL}` = '{tid}' and tags.`{TAG_SEARCH}` = '{self.name}'",
-            max_results=1,
-        )
-        if found:
-            run_id = found[0].info.run_id
-            c.update_run(run_id, status="RUNNING")
-        else:
-            run = c.create_run(
-                c.get_run(self.parent_run_id).info.experiment_id,
-                run_name=f"{self.name}-{tid}",
-                tags={
-                    "mlflow.parentRunId": self.parent_run_id,
-                    TAG_SEARCH: self.name,
-                    TAG_TRIAL: tid,
-                    TAG_KIND: "trial",
-                    TAG_STATUS: "running",
-                },
-            )
-            run_id = run.info.run_id
-            c.log_batch(run_id, params=_params(trial.config))
-        self.trial_runs[tid] = run_id
-        return run_id
+        exp = get_experiment_id(c)
+        flt = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+        found = c.search_runs([exp], filter_string=flt, max_results=1)
+        return found[0].info.run_id if found else None
 
-    # -- Tune callback hooks -----------------------------------------------------------------------
-    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._child(trial)
+    def _op_run(self, op: dict[str, Any]) -> None:
+        """Create a run (or find the one a previous driver created) for record key ``op['key']``."""
+        from mlflow.entities import Param
 
-    def on_trial_result(
-        self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
-    ) -> None:
+        c, key = self.client, op["key"]
+        run_id = self.run_id(key) or self._find_run(op["identity"])
+        if run_id:
+            try:
+                c.update_run(run_id, status="RUNNING")
+            except Exception as e:
+                if not is_missing(e):
+                    raise
+                run_id = None  # deleted by hand: start a new one
+        if not run_id:
+            tags = dict(op["tags"])
+            if op.get("parent"):
+                tags["mlflow.parentRunId"] = self.run_id(op["parent"]) or ""
+            run_id = c.create_run(
+                get_experiment_id(c), tags=tags, run_name=op.get("run_name")
+            ).info.run_id
+            params = [Param(str(k), str(v)[:6000]) for k, v in op.get("params", {}).items()]
+            for i in range(0, len(params), 90):
+                c.log_batch(run_id, params=params[i : i + 90])
+        self._remember(key, run_id=run_id)
+        if self.on_run:
+            self.on_run(key, run_id)
+
+    def _metrics(self, batch: list[dict[str, Any]]) -> None:
         from mlflow.entities import Metric
 
-        run_id = self._child(trial)
-        step = int(result.get("training_iteration", 0))
-        ts = int(result.get("timestamp", 0) * 1000)
-        metrics = [
-            Metric(k, v, ts, step)
-            for k, v in _numeric(result).items()
-            if k not in REPORTED_SKIP and not k.startswith("config/")
-        ]
-        self.client.log_batch(run_id, metrics=metrics)
+        key = batch[0]["key"]
+        run_id = self.run_id(key)
+        if run_id is None:
+            raise RuntimeError(f"journal: no run for {key!r} yet")
+        last = (self._runs.get(key) or {}).get("step", -1)
+        metrics, top = [], last
+        for op in batch:
+            step = int(op.get("step", 0))
+            if op.get("dedupe", True) and step <= last:
+                continue  # an epoch logged before a crash and reported again on resume
+            top = max(top, step)
+            metrics += [Metric(k, v, int(ts), step) for k, v, ts in op["metrics"]]
+        for i in range(0, len(metrics), self.BATCH):
+            self.client.log_batch(run_id, metrics=metrics[i : i + self.BATCH])
+        if top != last:
+            self._remember(key, step=top)
 
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        run_id = self._child(trial)
-        last = trial.last_result or {}
-        epochs = int(last.get("training_iteration", 0))
-        status = "finished" if epochs >= self.max_epochs else "stopped_early"
-        self.client.set_tag(run_id, TAG_STATUS, status)
-        if status == "stopped_early":
-            self.client.set_tag(run_id, "sertune.stopped_by", f"scheduler at epoch {epochs}")
-        ckpt = last.get("checkpoint_path")
-        scheme = self.record["path"].split("://")[0] if "://" in self.record["path"] else ""
-        if ckpt and scheme and "://" not in ckpt:  # Ray reports paths without the scheme
-            ckpt = f"{scheme}://{ckpt}"
-        if ckpt:
-            try:
-                self.log_trial_model(run_id, ckpt)
-            except Exception as e:  # the run stays, with the reason
-                self.client.set_tag(run_id, "sertune.model_error", str(e)[:500])
-                self.log(f"[mlflow] could not log the model of trial {trial.trial_id}: {e}")
-        self.client.set_terminated(run_id, "FINISHED")
+    def _op_tags(self, op: dict[str, Any]) -> None:
+        from mlflow.entities import RunTag
 
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        run_id = self._child(trial)
-        self.client.set_tag(run_id, TAG_STATUS, "failed")
-        self.client.set_tag(run_id, "sertune.failure_reason", trial_error_reason(trial))
-        self.client.set_terminated(run_id, "FAILED")
+        run_id = self.run_id(op["key"])
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in op["tags"].items()])
 
-    # -- artifacts ------------------------------------------------------------------------------------
-    def log_trial_model(self, run_id: str, checkpoint_path: str) -> None:
+    def _op_artifacts(self, op: dict[str, Any]) -> None:
+        from .storage import download_dir
+
+        run_id = self.run_id(op["key"])
+        src = op["src"]
+        if "://" in src and not src.startswith("file://"):
+            local = download_dir(src, self.dir / "spool" / uuid.uuid4().hex[:12])
+        else:
+            local = Path(src.removeprefix("file://"))
+        if not local.exists():
+            raise FileNotFoundError(f"{src}: gone before it reached MLflow")
+        if local.is_dir():
+            self.client.log_artifacts(run_id, str(local), op.get("path"))
+        else:
+            self.client.log_artifact(run_id, str(local), op.get("path"))
+
+    def _op_model(self, op: dict[str, Any]) -> None:
         from .serving import log_pyfunc_model
         from .storage import download_dir
 
-        with tempfile.TemporaryDirectory(prefix="sertune-model-") as tmp:
-            local = download_dir(checkpoint_path, Path(tmp) / "ckpt")
-            report_dir = local / "robustness"
-            if report_dir.is_dir():
-                self.client.log_artifacts(run_id, str(report_dir), "robustness")
-            if (local / "metrics.json").exists():
-                self.client.log_artifact(run_id, str(local / "metrics.json"))
-            model_uri = log_pyfunc_model(run_id, local, self.trainable, self.uri)
-            self.client.set_tag(run_id, "sertune.model_uri", model_uri)
-            self.client.set_tag(run_id, "sertune.checkpoint", checkpoint_path)
+        run_id = self.run_id(op["key"])
+        src = op["src"]
+        if "://" in src and not src.startswith("file://"):
+            local = download_dir(src, self.dir / "spool" / uuid.uuid4().hex[:12])
+        else:
+            local = Path(src.removeprefix("file://"))
+        uri = log_pyfunc_model(run_id, local, op["trainable"], self.uri)
+        self.client.set_tag(run_id, "sertune.model_uri", uri)
 
-    def finish(self, result: Any, grid: Any) -> None:
-        from .summary import write_search_summary
+    def _op_end(self, op: dict[str, Any]) -> None:
+        self.client.set_terminated(self.run_id(op["key"]), op["status"])
 
+    def _op_experiment_tags(self, op: dict[str, Any]) -> None:
         c = self.client
-        with tempfile.TemporaryDirectory() as tmp:
-            best = write_search_summary(Path(tmp), result, self.record["spec"])
-            c.log_artifacts(self.parent_run_id, tmp, "summary")
-        if best:
-            c.set_tag(self.parent_run_id, "sertune.best_trial", best["trial"])
-            c.log_batch(self.parent_run_id, metrics=_best_metrics(best))
-        c.set_tag(self.parent_run_id, "sertune.trials_failed", str(result.errors))
-        c.set_terminated(self.parent_run_id, "FINISHED")
+        exp = get_experiment_id(c)
+        for k, v in op["tags"].items():
+            c.set_experiment_tag(exp, k, v)
 
 
-def _objectives(spec: dict) -> list[dict]:
-    o = spec["objective"]
-    return o["metrics"] if o.get("metrics") else [{"metric": o["metric"], "mode": o["mode"]}]
-
-
-def _params(d: dict[str, Any]):
-    from mlflow.entities import Param
-
-    return [Param(str(k), str(v)[:6000]) for k, v in d.items()]
-
-
-def _best_metrics(best: dict) -> list:
-    import time
-
-    from mlflow.entities import Metric
-
-    ts = int(time.time() * 1000)
-    return [
-        Metric(f"best/{k}", float(v), ts, 0)
-        for k, v in best.items()
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-    ]
+def _permanent(e: Exception) -> bool:
+    """Errors a retry cannot fix (a bad value, a file gone): skip the record, say so."""
+    if isinstance(e, (FileNotFoundError, NotFound)):
+        return True
+    code = _code(e)
+    return code in ("INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "BAD_REQUEST")

@@ -1,32 +1,120 @@
-"""The trainable interface: what sertune needs from anything it searches.
+"""The trainable interface: everything the control plane asks of a model family, and nothing more.
 
-A trainable is found by name through the ``sertune.trainables`` entry point group (the project
-registers ``mtl_aug``), so the control plane never imports a particular model at module level.
-Every trainable passes the shared suite in ``tests/trainable_suite.py``.
+sertune searches, trains, evaluates, serves and benchmarks a trainable only through the methods
+below; it never imports a particular one. A trainable is found by name:
+
+1. the ``sertune.trainables`` entry point group (the project registers ``mtl_aug``),
+2. ``SERTUNE_TRAINABLES="name=module:attribute,..."`` for trainables that are not installed as a
+   distribution (tests register a second, linear trainable this way; Ray workers inherit the
+   variable),
+3. a built-in fallback for ``mtl_aug`` when the distribution's metadata is absent (a Ray
+   ``py_modules`` upload, a model served from its own ``code/`` folder).
+
+Every registered trainable passes the shared suite in ``tests/trainable_suite.py``.
+
+The training loop gets a *session* (:class:`Session`) from the control plane: in-process, a Ray
+Train worker, or a warm slot that runs trial after trial. The loop never imports Ray itself.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
-# Fallback when the distribution's entry points are not installed (e.g. a Ray working_dir).
+from .errors import UsageError
+
+# Fallback when the distribution's entry points are not installed (a Ray py_modules upload, a
+# served model's code folder).
 _BUILTIN = {"mtl_aug": "trainables.mtl_aug.trainable:TRAINABLE"}
+EXTRA_ENV = "SERTUNE_TRAINABLES"
+
+
+class Session(Protocol):
+    """What a training loop may ask of where it runs (see ``sertune.sessions``)."""
+
+    rank: int
+    world_size: int
+
+    def torch_device(self) -> Any:
+        """The ``torch.device`` this worker trains on."""
+
+    def all_reduce_sum(self, tensor: Any) -> Any:
+        """Sum a tensor over every worker of the trial (identity for one worker)."""
+
+    def wrap_model(self, model: Any) -> Any:
+        """The model as this session trains it (DDP across several workers)."""
+
+    def get_checkpoint_dir(self) -> str | None:
+        """A local folder to resume from, or None for a fresh start."""
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        """Hand one epoch's metrics (and rank 0's checkpoint folder) to the control plane.
+
+        May raise ``TrialStopped`` when the control plane no longer wants this trial (a scheduler
+        stopped it, the search was interrupted): the loop lets it propagate."""
+
+    def poll(self) -> None:
+        """Called between steps; raises ``TrialStopped`` as soon as the trial is not wanted."""
+
+    def cache(self) -> dict[str, Any]:
+        """A dict that outlives this trial on this worker (warm slots keep corpora resident)."""
+
+
+class TrialStopped(Exception):
+    """Raised by a session inside the loop: the control plane stopped this trial."""
+
+
+@dataclass(frozen=True)
+class TrainBench:
+    """What ``bench_train`` measures: samples/s of the model step alone and of the whole pipeline."""
+
+    ceiling: float  # samples/s: fwd + bwd + step on features already on the device
+    pipeline: float  # samples/s: waveform -> augmentation -> features -> the same step
+    params: int  # model parameters
+
+    @property
+    def ratio(self) -> float:
+        return self.pipeline / self.ceiling
+
+
+@dataclass(frozen=True)
+class CorpusCache:
+    """A decoded corpus cache as the control plane reports it (``sertune data cache``)."""
+
+    path: str
+    fingerprint: str
+    utterances: int
+    megabytes: float
+    report_summary: str
+
+
+class Predictor(Protocol):
+    """A loaded model: 16 kHz mono float waveforms in, class probabilities out."""
+
+    label_names: list[str]
+    sample_rate: int
+
+    def predict_proba(self, waveforms: list[Any]) -> Any:
+        """(n,) list of (L_i,) float arrays -> (n, n_classes) probabilities, rows sum to 1."""
 
 
 class Trainable(ABC):
-    """A model family that sertune can search, train, evaluate and serve."""
+    """A model family that sertune can search, train, evaluate, serve and benchmark."""
 
     #: registry name, as written in a spec's ``trainable:`` field
     name: str = ""
     #: metrics reported after every epoch (candidates for objectives and schedulers)
     epoch_metrics: tuple[str, ...] = ()
-    #: metrics reported once at the end of a trial (test set, robustness)
+    #: metrics reported once per trial, from its best-validation epoch (test speakers)
     final_metrics: tuple[str, ...] = ()
 
+    # -- the search space ----------------------------------------------------------------------
     @abstractmethod
     def param_names(self) -> set[str]:
         """Every dotted parameter name a spec may set or search (``loss.w_aug``)."""
@@ -35,6 +123,22 @@ class Trainable(ABC):
     def validate_params(self, params: dict[str, Any]) -> None:
         """Raise ``ValueError`` naming the field when ``params`` cannot train."""
 
+    def smoke_params(self) -> dict[str, Any]:
+        """Parameters that make a trial tiny (``--smoke``): seconds on one CPU core."""
+        return {}
+
+    def baselines(self) -> dict[str, dict[str, Any]]:
+        """Named baselines of this trainable: fixed parameters that turn a spec into its baseline
+        with the same data, folds, budget and seeds (``baseline: stl_baseline``)."""
+        return {}
+
+    def metric_names(
+        self, robustness: dict[str, Any] | None = None, cross_corpus: list[str] | None = None
+    ) -> set[str]:
+        """Every metric a trial of this trainable reports under these robustness options."""
+        return set(self.epoch_metrics) | set(self.final_metrics)
+
+    # -- data ----------------------------------------------------------------------------------
     @abstractmethod
     def corpora(self) -> tuple[str, ...]:
         """Corpus adapter names this trainable reads."""
@@ -47,27 +151,59 @@ class Trainable(ABC):
         with ``fingerprint`` and ``report`` (a data report dict) added."""
 
     @abstractmethod
-    def train_loop_per_worker(self) -> Callable[[dict[str, Any]], None]:
-        """The ``train_loop_per_worker`` for ``ray.train.torch.TorchTrainer``."""
+    def cache_corpus(self, corpus: str, root: str, cache_root: str) -> CorpusCache:
+        """Decode one corpus into the cache (``sertune data cache``)."""
 
     @abstractmethod
-    def run_local(self, config: dict[str, Any]) -> list[dict[str, Any]]:
-        """Train in this process (no Ray); return the per-epoch metrics."""
+    def synthesise_corpus(self, out: str, **options: Any) -> Path:
+        """Write a synthetic corpus for tests and demos; return its manifest."""
 
     @abstractmethod
-    def load_predictor(self, model_dir: str) -> Any:
-        """Load a saved model without pickle: an object with ``predict_proba(list of (L,) float
-        arrays) -> (n, C)``, ``label_names`` and ``sample_rate``."""
+    def read_audio(self, path: str, sample_rate: int) -> Any:
+        """One file as a mono float waveform; raise ``sertune.errors.DataError`` if unusable."""
 
-    def smoke_params(self) -> dict[str, Any]:
-        """Parameters that make a trial tiny (``--smoke``): seconds on one CPU core."""
-        return {}
+    # -- training ------------------------------------------------------------------------------
+    @abstractmethod
+    def train(self, config: dict[str, Any], session: Session) -> list[dict[str, Any]]:
+        """Train one configuration, reporting every epoch through ``session``; return the history.
 
-    def metric_names(self) -> set[str]:
-        return set(self.epoch_metrics) | set(self.final_metrics)
+        ``config`` = ``{"params": {...}, "data": prepare_data(...), "run": {...}}``. The last
+        report carries ``final_metrics`` and ``robust/*`` of the best-validation epoch; every
+        checkpoint folder holds ``best/`` (the servable model of that epoch)."""
+
+    @abstractmethod
+    def evaluate_checkpoint(
+        self, checkpoint_dir: str, data: dict[str, Any], run: dict[str, Any], device: str = "cpu"
+    ) -> dict[str, Any]:
+        """Test and robustness figures of a checkpoint's best model (for trials a scheduler stopped
+        before their last epoch). Writes the robustness report into ``checkpoint_dir/best``."""
+
+    # -- serving and reports -------------------------------------------------------------------
+    @abstractmethod
+    def load_predictor(self, model_dir: str | Path) -> Predictor:
+        """Load a saved model without pickle."""
+
+    @abstractmethod
+    def robustness_report(
+        self,
+        model_dir: str | Path,
+        data: dict[str, Any],
+        options: dict[str, Any],
+        out: Path,
+        split: str = "test",
+        title: str = "",
+    ) -> dict[str, Any]:
+        """Evaluate a saved model on ``data`` (``split``: ``test`` speakers or ``all``); write
+        ``robustness.json``, plots (named ``title``) and ``summary.md`` into ``out``."""
+
+    @abstractmethod
+    def bench_train(
+        self, device: str, batch: int | None, steps: int, rounds: int, log: Callable = print
+    ) -> TrainBench:
+        """``sertune bench train``: the input pipeline against the model step it feeds."""
 
 
-class UnknownTrainable(KeyError):
+class UnknownTrainable(UsageError):
     pass
 
 
@@ -76,6 +212,10 @@ def available() -> dict[str, str]:
     found = dict(_BUILTIN)
     for ep in entry_points(group="sertune.trainables"):
         found[ep.name] = ep.value
+    for item in filter(None, os.environ.get(EXTRA_ENV, "").split(",")):
+        name, _, target = item.partition("=")
+        if name.strip() and ":" in target:
+            found[name.strip()] = target.strip()
     return found
 
 

@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections import Counter
 from pathlib import Path
@@ -76,15 +77,17 @@ def keys(prefix: str) -> list[str]:
 
 
 def test_fake_gpu_cluster_packs_trials_as_the_spec_asks(tmp_path, home, monkeypatch):
-    """Two nodes with one (fake) GPU each; 0.5 GPU per trial: two trials share each GPU."""
+    """Two nodes with one (fake) GPU each; 0.5 GPU per trial: four warm slots, two sharing each
+    node's GPU, none on the GPU-less head; every trial ran on a slot's GPU 0."""
     import ray
     from ray.cluster_utils import Cluster
 
+    from sertune.cluster import shutdown_ray
     from sertune.search import run_search
     from sertune.spec import load_spec
 
-    if ray.is_initialized():
-        ray.shutdown()
+    shutdown_ray()
+    monkeypatch.setenv("RAY_worker_maximum_startup_concurrency", "8")
     cluster = Cluster(
         initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": True}
     )
@@ -102,33 +105,37 @@ def test_fake_gpu_cluster_packs_trials_as_the_spec_asks(tmp_path, home, monkeypa
 
         result = run_search(load_spec(write_spec(tmp_path, "packing", edit)), log=lambda *a: None)
         assert result.errors == 0 and len(result.rows) == 4
+        slots = [
+            pg["bundles_to_node_id"][0]
+            for pg in ray.util.placement_group_table().values()
+            if pg["bundles"].get(0, {}).get("GPU") == 0.5
+        ]
         from ray.tune import ExperimentAnalysis
 
-        from sertune.search import experiment_path
+        from sertune.records import experiment_path
 
         ea = ExperimentAnalysis(experiment_path("packing"))
-        placements = []
-        for t in ea.trials:
-            first = t.metric_analysis  # noqa: F841 - ensure results loaded
-            df = ea.trial_dataframes[t.trial_id]
-            row = df.iloc[0]
-            placements.append((row["placement/node"], str(row["placement/gpu_ids"])))
-        worker_ids = {n.node_id for n in nodes}
-        per_node = Counter(node for node, _ in placements)
-        assert set(per_node) == worker_ids  # never on the GPU-less head
-        assert sorted(per_node.values()) == [2, 2]  # two 0.5-GPU trials per one-GPU node
-        assert all(gpus == "0" for _, gpus in placements)  # each trial got (a share of) GPU 0
+        placements = [
+            (ea.trial_dataframes[t.trial_id].iloc[0]["placement/node"],
+             str(ea.trial_dataframes[t.trial_id].iloc[0]["placement/gpu_ids"]))
+            for t in ea.trials
+        ]  # fmt: skip
     finally:
-        ray.shutdown()
+        shutdown_ray()
         cluster.shutdown()
+    worker_ids = {n.node_id for n in nodes}
+    assert sorted(Counter(slots).values()) == [2, 2] and set(slots) == worker_ids
+    assert {node for node, _ in placements} <= worker_ids  # never on the GPU-less head
+    assert all(gpus == "0" for _, gpus in placements)  # each trial got (a share of) GPU 0
 
 
 def test_s3_storage_checkpoints_cache_and_mlflow_artifacts(tmp_path, home, s3, monkeypatch):
     import pyarrow.fs as pafs
-    import ray
 
-    from sertune.registry import predict_files, promote
-    from sertune.search import init_ray, run_search
+    from sertune.cluster import init_ray, shutdown_ray
+    from sertune.inference import predict_files
+    from sertune.registry import promote
+    from sertune.search import run_search
     from sertune.spec import load_spec
     from sertune.storage import pyarrow_fs
 
@@ -136,13 +143,12 @@ def test_s3_storage_checkpoints_cache_and_mlflow_artifacts(tmp_path, home, s3, m
     monkeypatch.setenv("SERTUNE_CACHE", "s3://sertune/cache")
     monkeypatch.setenv("SERTUNE_ARTIFACT_ROOT", "s3://sertune/mlartifacts")
     monkeypatch.setenv("SERTUNE_NODE_CACHE", str(tmp_path / "node-cache"))
-    if ray.is_initialized():
-        ray.shutdown()
+    shutdown_ray()
     init_ray(num_cpus=2)
     try:
         result = run_search(load_spec(write_spec(tmp_path, "s3search")), log=lambda *a: None)
     finally:
-        ray.shutdown()
+        shutdown_ray()
     assert result.errors == 0 and result.path == "s3://sertune/searches/s3search"
     ckpts = [k for k in keys("s3://sertune/searches/s3search/_train/") if k.endswith("/state.pt")]
     assert ckpts, keys("s3://sertune/searches/")
@@ -165,41 +171,73 @@ def test_s3_storage_checkpoints_cache_and_mlflow_artifacts(tmp_path, home, s3, m
     assert abs(sum(rows[0]["probabilities"].values()) - 1) < 1e-5
 
 
-def test_submit_to_a_real_ray_head(tmp_path, home, s3):
-    """`ray start --head` on localhost; `sertune search submit` through Ray Jobs; results in
-    MLflow and S3."""
+@pytest.fixture(scope="module")
+def token_head(tmp_path_factory):
+    """A real `ray start --head --block` with token authentication (Ray 2.60's default), in its
+    own session and temp dir; stopped by its own processes, nothing else on the machine."""
+    from tests.procs import kill_owned
+
+    tmp_path = tmp_path_factory.mktemp("head")
+    home = tmp_path / "home"
     ray_bin = str(Path(sys.executable).with_name("ray"))
     port, dash = free_port(), free_port()
-    temp = Path(f"/tmp/rt{port}")  # Ray's socket paths must stay short
+    temp = f"/tmp/rt{port}"  # Ray's socket paths must stay short
+    token = tmp_path / "cluster.token"
+    token.write_text("sertune-test-" + os.urandom(16).hex())
+    # distinctive fake secrets: the node's own credential chain has them, nothing may copy them
+    secrets = {"AWS_SECRET_ACCESS_KEY": "SECRETaws" + os.urandom(8).hex(),
+               "MLFLOW_TRACKING_PASSWORD": "SECRETmlflow" + os.urandom(8).hex()}  # fmt: skip
     # the head's `python` is this venv's, as a cluster image's would be its own
     path = f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"
-    env = {**os.environ, "SERTUNE_HOME": str(home), "RAY_AUTH_MODE": "token", "PATH": path}
+    env = {**os.environ, "SERTUNE_HOME": str(home), "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN_PATH": str(token), "PATH": path, "AWS_ACCESS_KEY_ID": "testing",
+           "MLFLOW_TRACKING_USERNAME": "someone", **secrets}  # fmt: skip
     env.pop("RAY_ADDRESS", None)
-    start = subprocess.run(
-        [ray_bin, "start", "--head", "--port", str(port), "--dashboard-port", str(dash), "--num-cpus", "2",
-         "--include-dashboard", "true", "--dashboard-host", "127.0.0.1", "--temp-dir", str(temp),
-         "--disable-usage-stats"],
-        env=env, capture_output=True, text=True, timeout=180,
+    log = tmp_path / "head.log"
+    head = subprocess.Popen(
+        [ray_bin, "start", "--head", "--block", "--port", str(port), "--dashboard-port", str(dash),
+         "--num-cpus", "2", "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
+         "--temp-dir", temp, "--disable-usage-stats"],
+        env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
-    assert start.returncode == 0, start.stdout[-2000:] + start.stderr[-2000:]
     try:
-        db = tmp_path / "team-mlflow.db"
-        sub_env = {**env, "SERTUNE_STORAGE": "s3://sertune/submitted",
-                   "MLFLOW_TRACKING_URI": f"sqlite:///{db}"}  # fmt: skip
-        spec = write_spec(tmp_path, "submitted")
-        p = subprocess.run(
-            [sys.executable, "-m", "sertune.cli", "search", "submit", str(spec),
-             "--address", f"http://127.0.0.1:{dash}", "--wait"],
-            env=sub_env, capture_output=True, text=True, timeout=900,
-        )  # fmt: skip
-        out = p.stdout + p.stderr
-        assert p.returncode == 0, out[-4000:]
-        assert "best trials of 'submitted' (2 trials, 0 failed)" in out
-        status = subprocess.run([sys.executable, "-m", "sertune.cli", "search", "status", "submitted"],
-                                env=sub_env, capture_output=True, text=True, timeout=120)  # fmt: skip
-        assert "SUCCEEDED" in status.stdout, status.stdout + status.stderr
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{dash}/api/version", timeout=2)
+                break
+            except urllib.error.HTTPError:  # 401: up, and asking for the token
+                break
+            except OSError:
+                assert head.poll() is None, log.read_text()[-3000:]
+                time.sleep(0.5)
+        yield {"address": f"http://127.0.0.1:{dash}", "token": token, "env": env, "temp": temp,
+               "secrets": secrets, "home": home}  # fmt: skip
     finally:
-        subprocess.run([ray_bin, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        kill_owned(session=head.pid, temp_dir=temp)
+
+
+def test_submit_to_a_token_authenticated_head(tmp_path, home, s3, token_head):
+    """`sertune search submit` finds the token in Ray's standard places, never ships it, and the
+    search runs on the head; results land in MLflow and S3. No credential (the token, AWS and
+    MLflow secrets) reaches a file under the Ray temp dir, SERTUNE_HOME or the MLflow store."""
+    db = tmp_path / "team-mlflow.db"
+    sub_env = {**token_head["env"], "SERTUNE_STORAGE": "s3://sertune/submitted",
+               "MLFLOW_TRACKING_URI": f"sqlite:///{db}"}  # fmt: skip
+    sub_env.pop("RAY_AUTH_MODE")  # the client needs no Ray setting, only the token
+    spec = write_spec(tmp_path, "submitted")
+    p = subprocess.run(
+        [sys.executable, "-m", "sertune.cli", "search", "submit", str(spec),
+         "--address", token_head["address"], "--wait"],
+        env=sub_env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out[-4000:]
+    assert "best trials of 'submitted' (2 trials, 0 failed" in out
+    assert token_head["token"].read_text() not in out
+    status = subprocess.run([sys.executable, "-m", "sertune.cli", "search", "status", "submitted"],
+                            env=sub_env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert "SUCCEEDED" in status.stdout, status.stdout + status.stderr
 
     from mlflow import MlflowClient
 
@@ -210,6 +248,39 @@ def test_submit_to_a_real_ray_head(tmp_path, home, s3):
     ckpts = [
         k for k in keys("s3://sertune/submitted/submitted/_train/") if k.endswith("/state.pt")
     ]
+    assert len({k.split("/_train/")[1].split("/")[0] for k in ckpts}) == 2  # both checkpointed
+
+
+def test_submit_without_a_token_says_where_to_put_it(tmp_path, home, token_head):
+    env = {
+        **token_head["env"],
+        "HOME": str(tmp_path),
+        "RAY_AUTH_TOKEN_PATH": str(tmp_path / "none"),
+    }
+    env.pop("RAY_AUTH_MODE")
+    p = subprocess.run(
+        [sys.executable, "-m", "sertune.cli", "search", "submit", str(write_spec(tmp_path, "x")),
+         "--address", token_head["address"]],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert p.returncode == 2, p.stdout + p.stderr
+    lines = p.stderr.strip().splitlines()
     assert (
-        len({k.split("/_train/")[1].split("/")[0] for k in ckpts}) == 2
-    )  # both trials checkpointed
+        len(lines) == 1 and "requires an auth token" in lines[0] and "RAY_AUTH_TOKEN" in lines[0]
+    )
+
+
+def test_a_second_ray_instance_on_the_host_does_not_disturb_a_search(tmp_path, home, token_head):
+    """Another Ray (the head above) runs on this host: the search addresses its own cluster."""
+    from sertune.cluster import shutdown_ray
+    from sertune.search import run_search
+    from sertune.spec import load_spec
+
+    shutdown_ray()
+    try:
+        result = run_search(
+            load_spec(write_spec(tmp_path, "beside")), num_cpus=2, log=lambda *a: None
+        )
+    finally:
+        shutdown_ray()
+    assert result.errors == 0 and result.finished == 2

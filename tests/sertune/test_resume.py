@@ -1,5 +1,10 @@
-"""A real crash: the search runs as a subprocess, is SIGKILLed after a trial finished, and
-`sertune search resume` completes it without re-running finished trials."""
+"""A real crash: the search runs as a subprocess and is SIGKILLed in the middle of a trial.
+
+`sertune search status` then says it crashed (not "running"), and `sertune search resume`
+completes it: finished trials are not re-run, and the interrupted trial continues from its last
+checkpoint so that its history reads as if it had never been interrupted (MLflow steps 1..N
+once each, status finished, the leaderboard's epochs N).
+"""
 
 import os
 import re
@@ -12,99 +17,109 @@ from pathlib import Path
 
 import yaml
 
+from tests.procs import kill_owned
+
 REPO = Path(__file__).resolve().parents[2]
+EPOCHS = 8
 
 
-def sertune(*args, env):
+def sertune(*args):
     return [sys.executable, "-m", "sertune.cli", *args]
 
 
-def test_resume_after_sigkill(home, tmp_path):
+def test_resume_after_sigkill_mid_trial(home, tmp_path):
     raw = yaml.safe_load((REPO / "search_spaces" / "smoke.yaml").read_text())
     raw.update(name="crash", robustness=None)
+    # epochs of ~1 s, so Tune saves its state (every 2 s) while a trial is half-way
+    raw["params"].update({"model.conv_channels": [8, 16, 32], "model.lstm_hidden": 32,
+                          "optim.min_steps_per_epoch": 36})  # fmt: skip
     raw["budget"].update(
-        trials=3, concurrency=1, max_epochs=2, grace_epochs=2, max_steps_per_epoch=2
+        trials=3, concurrency=1, max_epochs=EPOCHS, grace_epochs=EPOCHS, max_steps_per_epoch=40
     )
     spec = tmp_path / "crash.yaml"
     spec.write_text(yaml.safe_dump(raw))
+    ray_tmp = f"/tmp/rs{os.getpid()}"  # Ray's socket paths must stay short
     env = {
         **os.environ,
         "SERTUNE_HOME": str(home),
         "SERTUNE_RAY_NUM_CPUS": "2",
+        "SERTUNE_RAY_TEMP_DIR": ray_tmp,
         "PYTHONUNBUFFERED": "1",
     }
-
-    proc = subprocess.Popen(
-        sertune("search", "run", str(spec), env=env),
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+    proc = subprocess.Popen(sertune("search", "run", str(spec)), env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
     lines: list[str] = []
     threading.Thread(
         target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True
     ).start()
     finished: set[str] = set()
-    first_finish = None
+    victim = None
+    seen: dict[str, float] = {}  # when each "trial X started" line arrived
+    state = home / "searches" / "crash"
     deadline = time.monotonic() + 300
     try:
         while time.monotonic() < deadline:
             text = "".join(lines)
             finished = set(re.findall(r"trial (\w+) finished", text))
-            started = re.findall(r"trial (\w+) started", text)
-            if finished and first_finish is None:
-                first_finish = time.monotonic()
-            # kill while the next trial runs, after one finished and the state was saved (every 2 s)
-            if (
-                finished
-                and len(started) > len(finished)
-                and time.monotonic() - first_finish > 4
-                and re.search(rf"trial {started[-1]} epoch 1/2", text)
-            ):
+            for t in re.findall(r"trial (\w+) started", text):
+                seen.setdefault(t, time.time())
+            saved = max(
+                (p.stat().st_mtime for p in state.glob("experiment_state-*.json")), default=0
+            )
+            # Tune saves its state every 2 s: once a saved state knows a finished trial and the
+            # running one, kill the driver while that one is in the middle of its epochs
+            mid = [t for t, e in re.findall(rf"trial (\w+) epoch (\d)/{EPOCHS}", text)
+                   if t not in finished and 2 <= int(e) <= EPOCHS - 2 and saved > seen[t] + 0.5]  # fmt: skip
+            if finished and mid:
+                victim = mid[-1]
                 break
             assert proc.poll() is None, "".join(lines)[-3000:]
-            time.sleep(0.2)
+            time.sleep(0.1)
         else:
-            raise AssertionError("no trial finished in time:\n" + "".join(lines)[-3000:])
+            raise AssertionError(
+                "no trial reached the kill point in time:\n" + "".join(lines)[-3000:]
+            )
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray processes it started
         proc.wait(timeout=30)
     finally:
-        subprocess.run(
-            [str(Path(sys.executable).with_name("ray")), "stop", "--force"], capture_output=True
-        )
+        kill_owned(session=proc.pid, temp_dir=ray_tmp)  # only what this test started
     assert proc.returncode == -signal.SIGKILL
     before = "".join(lines)
-    assert "best trials" not in before  # it really died mid-search
+    assert "best trials" not in before and victim not in finished
 
-    resumed = subprocess.run(
-        sertune("search", "resume", "crash", env=env),
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
+    status = subprocess.run(sertune("search", "status", "crash"), env=env, capture_output=True,
+                            text=True, timeout=120)  # fmt: skip
+    assert "crashed — resume with: sertune search resume crash" in status.stdout, (
+        status.stdout + status.stderr
     )
+
+    resumed = subprocess.run(sertune("search", "resume", "crash"), env=env, capture_output=True,
+                             text=True, timeout=600)  # fmt: skip
+    kill_owned(temp_dir=ray_tmp)
     out = resumed.stdout + resumed.stderr
     assert resumed.returncode == 0, before[-2000:] + "\n----- resume -----\n" + out[-3000:]
     restarted = set(re.findall(r"trial (\w+) started", out))
-    assert not (restarted & finished), (
-        f"finished trials re-run: {restarted & finished}\n{before}\n{out}"
-    )
+    assert not (restarted & finished), f"finished trials re-run: {restarted & finished}\n{out}"
+    assert re.search(rf"trial {victim} epoch {EPOCHS}/{EPOCHS}", out), out
+    assert not re.search(rf"trial {victim} epoch 1/{EPOCHS}", out), out  # continued, not restarted
     table = out[out.index("best trials") :]
-    assert "(3 trials, 0 failed)" in table
-    for tid in finished:
-        assert tid in table
+    assert "(3 trials, 0 failed, 0 stopped early)" in table
+    for row in [ln for ln in table.splitlines() if re.match(r"^\d+\s", ln)]:
+        assert re.search(rf"\s finished\s+{EPOCHS}\s", row), row
 
-    from ray.tune import ExperimentAnalysis
+    from mlflow import MlflowClient
 
-    ea = ExperimentAnalysis(str(home / "searches" / "crash"))
-    assert len(ea.trials) == 3 and {t.status for t in ea.trials} == {"TERMINATED"}
-    status = subprocess.run(
-        sertune("search", "status", "crash", env=env),
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
+    from sertune import settings
+
+    c = MlflowClient(settings.tracking_uri())
+    exp = c.get_experiment_by_name("sertune").experiment_id
+    (run,) = c.search_runs([exp], f"tags.`sertune.trial_id` = '{victim}'")
+    assert run.data.tags["sertune.status"] == "finished" and run.info.status == "FINISHED"
+    steps = [m.step for m in c.get_metric_history(run.info.run_id, "val_uar")]
+    assert sorted(steps) == list(range(1, EPOCHS + 1)), steps  # each epoch once, the real epoch
+
+    status = subprocess.run(sertune("search", "status", "crash"), env=env, capture_output=True,
+                            text=True, timeout=120)  # fmt: skip
+    assert "search crash: finished" in status.stdout and "3 finished" in status.stdout, (
+        status.stdout
     )
-    assert '"TERMINATED": 3' in status.stdout

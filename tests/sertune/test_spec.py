@@ -169,3 +169,27 @@ def test_set_overrides_and_define_by_run(tmp_path, home):
     bad = write(tmp_path, lambda r: r.update(define_by_run="nowhere.py:space"))
     with pytest.raises(SpecError, match="define_by_run"):
         load_spec(bad)
+
+
+def test_the_baseline_preset_is_mtl_aug_with_the_aux_tasks_off(home):
+    """A fair baseline: the same space, data, budget and seeds; only the auxiliary weights fixed."""
+    from sertune.confirm import baseline_spec
+
+    mtl, stl = load_spec("mtl_aug"), load_spec("stl_baseline")
+    assert set(mtl.space) - set(stl.space) == {"loss.w_aug", "loss.w_rec"}
+    assert {k: v for k, v in mtl.space.items() if k in stl.space} == stl.space
+    assert stl.params == {**mtl.params, "loss.w_aug": 0.0, "loss.w_rec": 0.0}
+    for field in ("data", "budget", "resources", "robustness", "confirm", "seed", "objective",
+                  "define_by_run", "execution"):  # fmt: skip
+        assert getattr(mtl, field) == getattr(stl, field), field
+    derived = baseline_spec(load_spec("mtl_aug", sets=["baseline=stl_baseline"]))
+    assert derived.name == "mtl-aug--stl_baseline"
+    assert derived.space == stl.space and derived.params == stl.params
+
+
+def test_presets_by_name_from_anywhere(home, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # outside the checkout
+    assert load_spec("mtl_aug").name == "mtl-aug"
+    assert load_spec("smoke.yaml").name == "smoke"
+    with pytest.raises(SpecError, match="packaged presets: conditional|packaged presets: demo"):
+        load_spec("nope")

@@ -173,7 +173,8 @@ def check_runs_and_artifacts(tmp_path):
 
 
 def test_sqlite_end_to_end(sqlite_search, tmp_path):
-    from sertune.registry import predict_files, promote
+    from sertune.inference import predict_files
+    from sertune.registry import promote
 
     home, result = sqlite_search
     runs = check_runs_and_artifacts(tmp_path)
@@ -239,7 +240,8 @@ def test_promoted_model_loads_without_pickle_or_training_code(
     """Nothing in the artifact is unpickled; the training loop need not even be importable."""
     import torch
 
-    from sertune.registry import load_pyfunc, promote
+    from sertune.inference import load_pyfunc
+    from sertune.registry import promote
 
     promote("track", model_name="nopickle")
 
@@ -314,7 +316,8 @@ def test_mlflow_server_end_to_end(mlflow_server, tmp_path, capfd):
     """Against a real server that asks for credentials; they come from the environment only."""
     from mlflow import MlflowClient
 
-    from sertune.registry import predict_files, promote
+    from sertune.inference import predict_files
+    from sertune.registry import promote
 
     url, root = mlflow_server
     home = tmp_path / "home"
@@ -379,3 +382,86 @@ def test_report_command_on_a_registered_model(sqlite_search, tmp_path, capsys):
         )
         == 2
     )
+
+
+def _start_server(root: Path, port: int) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
+         "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
+        stdout=open(root / "server.log", "a"), stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+            return proc
+        except Exception:
+            assert proc.poll() is None, (root / "server.log").read_text()[-3000:]
+            time.sleep(0.5)
+    raise AssertionError("mlflow server did not start")
+
+
+def test_an_mlflow_outage_loses_no_record(tmp_path):
+    """The tracking server goes down in the middle of a search and comes back: training goes on,
+    the console says MLflow is unreachable and when it caught up, and every record arrives in
+    order (each trial's val_uar at steps 1..N, every run closed, every model logged)."""
+    import os
+    import re
+    import signal
+    import threading
+
+    from mlflow import MlflowClient
+
+    from tests.procs import kill_owned
+
+    root, home, port = tmp_path / "server", tmp_path / "home", free_port()
+    root.mkdir()
+    server = _start_server(root, port)
+    raw = yaml.safe_load((REPO / "search_spaces" / "smoke.yaml").read_text())
+    raw.update(name="outage", robustness=None)
+    raw["budget"].update(trials=3, concurrency=1, max_epochs=3, grace_epochs=3)
+    raw["params"]["optim.min_steps_per_epoch"] = 36  # epochs of a second or so
+    spec = tmp_path / "outage.yaml"
+    spec.write_text(yaml.safe_dump(raw))
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "SERTUNE_HOME": str(home), "SERTUNE_RAY_NUM_CPUS": "2",
+           "PYTHONUNBUFFERED": "1", "MLFLOW_TRACKING_URI": url}  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "sertune.cli", "search", "run", str(spec)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # fmt: skip
+    lines: list[str] = []
+    threading.Thread(
+        target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True
+    ).start()
+    try:
+        deadline = time.monotonic() + 300
+        while not re.search(r"trial \w+ epoch 1/3", "".join(lines)):
+            assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)[-3000:]
+            time.sleep(0.1)
+        os.killpg(server.pid, signal.SIGTERM)  # the outage
+        server.wait(timeout=30)
+        time.sleep(12)
+        server = _start_server(root, port)  # back, same store
+        proc.wait(timeout=600)
+    finally:
+        kill_owned(session=proc.pid)
+    out = "".join(lines)
+    assert proc.returncode == 0, out[-4000:]
+    assert re.search(rf"\[mlflow\] {re.escape(url)} unreachable", out), out
+    assert re.search(r"\[mlflow\] caught up after \d+s \(\d+ records sent in order\)", out), out
+    try:
+        c = MlflowClient(url)
+        runs = c.search_runs([c.get_experiment_by_name("sertune").experiment_id],
+                             "tags.`sertune.search` = 'outage'")  # fmt: skip
+        trials = [r for r in runs if r.data.tags["sertune.kind"] == "trial"]
+        assert len(runs) == 4 and len(trials) == 3
+        for r in runs:
+            assert r.info.status == "FINISHED", r.info
+        for r in trials:
+            hist = c.get_metric_history(r.info.run_id, "val_uar")
+            assert [m.step for m in hist] == [1, 2, 3], [m.step for m in hist]
+            assert r.data.tags.get("sertune.model_uri")
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)

@@ -33,7 +33,7 @@ def test_iemocap_layout(tmp_path):
         evald = sess / "dialog" / "EmoEvaluation"
         evald.mkdir(parents=True)
         (evald / f"{dialog}.txt").write_text("% header\n\n" + "\n\n".join(lines) + "\n")
-    items, excluded = scan_corpus("iemocap", tmp_path)  # the parent folder works too
+    items, excluded, _ = scan_corpus("iemocap", tmp_path)  # the parent folder works too
     assert len(items) == 10 and excluded == {"fru": 2}
     assert {i.label for i in items} == {"angry", "happy", "neutral", "sad"}  # exc and hap -> happy
     assert {i.group for i in items} == {"Session1", "Session2"}
@@ -48,7 +48,7 @@ def test_msp_improv_layout(tmp_path):
             tone(tmp_path / "Audio" / f"session{int(spk[1:])}" / f"S0{j}A" / "P" / f"{stem}.wav")
             lines.append(f"UTD-IMPROV-S0{j}A-{spk}-P-FM0{j}.avi; {emo}; A:3.0; V:3.0; D:3.0; N:5")
     (tmp_path / "Evalution.txt").write_text("\n".join(lines) + "\n")
-    items, excluded = scan_corpus("msp_improv", tmp_path)
+    items, excluded, _ = scan_corpus("msp_improv", tmp_path)
     assert len(items) == 12 and excluded == {"O": 3}
     assert {i.group for i in items} == {"session1", "session2"}
     assert {i.speaker for i in items} == {"F01", "M01", "F02"}
@@ -57,7 +57,7 @@ def test_msp_improv_layout(tmp_path):
 def test_emodb_layout(tmp_path):
     for name in ("03a01Wa", "03a01Fa", "08b02Na", "10a05Tb", "11a01Lc", "12a01Ab"):
         tone(tmp_path / "wav" / f"{name}.wav")
-    items, excluded = scan_corpus("emodb", tmp_path)
+    items, excluded, _ = scan_corpus("emodb", tmp_path)
     assert sorted((i.speaker, i.label) for i in items) == [
         ("03", "angry"),
         ("03", "happy"),
@@ -72,7 +72,7 @@ def test_ravdess_layout(tmp_path):
         for emo in ("01", "02", "03", "04", "05"):
             tone(tmp_path / f"Actor_{actor}" / f"03-01-{emo}-01-01-01-{actor}.wav")
         tone(tmp_path / f"Actor_{actor}" / f"03-02-05-01-01-01-{actor}.wav")  # song
-    items, excluded = scan_corpus("ravdess", tmp_path)
+    items, excluded, _ = scan_corpus("ravdess", tmp_path)
     assert len(items) == 8
     assert excluded == {"02": 2, "modality03-channel02": 2}  # calm; song
     assert {i.speaker for i in items} == {"Actor_01", "Actor_02"}
@@ -82,7 +82,7 @@ def test_crema_d_layout(tmp_path):
     for actor in ("1001", "1002"):
         for emo in ("ANG", "HAP", "NEU", "SAD", "DIS", "FEA"):
             tone(tmp_path / "AudioWAV" / f"{actor}_DFA_{emo}_XX.wav")
-    items, excluded = scan_corpus("crema_d", tmp_path)
+    items, excluded, _ = scan_corpus("crema_d", tmp_path)
     assert len(items) == 8 and excluded == {"DIS": 2, "FEA": 2}
 
 
@@ -92,7 +92,7 @@ def test_manifest_with_unlabelled_rows_and_splits(tmp_path):
     (tmp_path / "manifest.csv").write_text(
         "path,label,speaker,split\na.wav,angry,s1,train\nb.wav,,s2,train\nc.wav,sad,s3,test\n"
     )
-    items, _ = scan_corpus("manifest", tmp_path)
+    items, _, _ = scan_corpus("manifest", tmp_path)
     assert [i.label for i in items] == ["angry", None, "sad"]
     assert [i.split for i in items] == ["train", "train", "test"]
 
@@ -171,3 +171,19 @@ def test_splits_are_speaker_independent(synth_corpus):
         assert all(c.labels[s["unlabelled"]] == -1)
     with pytest.raises(ValueError, match="data.fold"):
         speaker_independent_split(c, 9)
+
+
+def test_label_fraction_keeps_a_speaker_stratified_share_of_training_labels(synth_corpus):
+    c = load_cache(synth_corpus["cache"])
+    full = speaker_independent_split(c, 0)
+    part = speaker_independent_split(c, 0, label_fraction=0.2, label_seed=0)
+    assert (part["val"] == full["val"]).all() and (part["test"] == full["test"]).all()
+    assert set(part["train"]) | set(part["unlabelled"]) == set(full["train"]) | set(
+        full["unlabelled"]
+    )
+    for spk in {c.speakers[i] for i in full["train"]}:
+        n = sum(c.speakers[i] == spk for i in full["train"])
+        kept = sum(c.speakers[i] == spk for i in part["train"])
+        assert kept == max(1, round(0.2 * n))  # every training speaker keeps its share
+    again = speaker_independent_split(c, 0, label_fraction=0.2, label_seed=0)
+    assert (again["train"] == part["train"]).all()  # deterministic: same labels for every trial

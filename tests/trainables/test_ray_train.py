@@ -11,10 +11,11 @@ def test_two_cpu_workers_train_with_gloo(synth_corpus, tmp_path, tiny):
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from trainables.mtl_aug.train import train_loop_per_worker
+    from sertune.trials import train_loop_per_worker
 
     config = {
-        "params": {**tiny, "optim.epochs": 2},
+        "trainable": "mtl_aug",
+        "params": {**tiny, "optim.epochs": 2, "optim.min_steps_per_epoch": 1},
         "data": {"cache": str(synth_corpus["cache"]), "fold": 0},
         "run": {"device": "cpu", "threads": 1, "max_steps_per_epoch": 3},
     }
@@ -34,6 +35,6 @@ def test_two_cpu_workers_train_with_gloo(synth_corpus, tmp_path, tiny):
     # the loss sums cover both workers' samples: 2 workers x 3 steps x batch 16 per epoch
     assert m["train_samples"] == 2 * 3 * 16
     ckpt = Path(result.checkpoint.path)
-    assert (ckpt / "state.pt").exists() and (ckpt / "model.safetensors").exists()
+    assert (ckpt / "state.pt").exists() and (ckpt / "best" / "model.safetensors").exists()
     saved = json.loads((ckpt / "metrics.json").read_text())
     assert saved["val_uar"] == m["val_uar"]

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
+from sertune.sessions import LocalSession
 from tests.conftest import TINY
-from trainables.mtl_aug.train import LocalSession, TrainingDiverged, load_state, train
+from trainables.mtl_aug.train import TrainingDiverged, load_state, train
 
 
 def loop_config(cache, **params):

@@ -15,10 +15,12 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
+from sertune.errors import DataError
+
 MIN_DURATION_S = 0.25  # shorter than a syllable: nothing to learn emotion from
 
 
-class AudioError(Exception):
+class AudioError(DataError):
     """A file cannot be used; ``reason`` is a short machine-friendly tag."""
 
     def __init__(self, reason: str, detail: str = ""):

@@ -15,6 +15,7 @@ never decoded twice. A trial moves ``audio.npy`` onto its device once (an IEMOCA
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -29,9 +30,9 @@ from pathlib import Path
 import numpy as np
 
 from .audio import AudioError, DataReport, read_audio
-from .corpora import EMOTIONS_4, Utterance, scan_corpus
+from .corpora import EMOTIONS_4, CorpusError, Utterance, scan_corpus
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: int16 = round(x * 32768), so 16-bit files round-trip exactly
 
 
 def fingerprint(corpus: str, items: list[Utterance], sample_rate: int) -> str:
@@ -78,10 +79,12 @@ def build_cache(
     cache_root: str | Path,
     sample_rate: int = 16000,
     progress: Callable[[str], None] | None = None,
+    allow_absolute_paths: bool = False,
 ) -> Path | str:
     """Decode ``corpus`` at ``root`` into ``cache_root`` unless an identical cache exists.
 
-    Returns the cache folder (a URI when ``cache_root`` is ``s3://``). Unusable files are skipped and listed in ``report.json``.
+    Returns the cache folder (a URI when ``cache_root`` is ``s3://``). Unusable files are skipped
+    and listed in ``report.json``, with the reason; so are manifest paths outside the corpus root.
     """
     say = progress or (lambda msg: print(msg, file=sys.stderr, flush=True))
     if str(cache_root).startswith("s3://"):  # build on this machine, then publish
@@ -89,18 +92,32 @@ def build_cache(
 
         local_root = Path(tempfile.gettempdir()) / "sertune-cache-build"
         return publish_cache(
-            build_cache(corpus, root, local_root, sample_rate, say), str(cache_root)
+            build_cache(corpus, root, local_root, sample_rate, say, allow_absolute_paths),
+            str(cache_root),
         )
-    items, excluded = scan_corpus(corpus, root)
+    items, excluded, rejected = scan_corpus(corpus, root, allow_absolute_paths)
     fp = fingerprint(corpus, items, sample_rate)
     cache_root = Path(cache_root).expanduser()
     out = cache_root / f"{corpus}-{fp[:16]}"
     if (out / "COMPLETE").exists():
         return out
     cache_root.mkdir(parents=True, exist_ok=True)
+    with open(cache_root / f".{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent searches decode a corpus once
+        if (out / "COMPLETE").exists():
+            return out
+        return _decode(corpus, root, items, excluded, rejected, fp, out, sample_rate, say)
+
+
+def _decode(corpus, root, items, excluded, rejected, fp, out, sample_rate, say) -> Path:
+    cache_root = out.parent
     tmp = Path(tempfile.mkdtemp(prefix=f".{corpus}-", dir=cache_root))
-    report = DataReport(corpus=corpus, found=len(items) + sum(excluded.values()))
+    n_rejected = sum(len(v) for v in rejected.values())
+    report = DataReport(corpus=corpus, found=len(items) + sum(excluded.values()) + n_rejected)
     report.excluded_labels = dict(excluded)
+    for reason, paths in rejected.items():
+        for p in paths:
+            report.skip(p, reason)
     chunks, rows, offset = [], [], 0
     t0, last = time.monotonic(), time.monotonic()
     for n, it in enumerate(items, start=1):
@@ -109,7 +126,7 @@ def build_cache(
         except AudioError as e:
             report.skip(it.path, e.reason)
             continue
-        pcm = np.clip(np.round(x * 32767.0), -32768, 32767).astype(np.int16)
+        pcm = np.clip(np.round(x * 32768.0), -32768, 32767).astype(np.int16)
         chunks.append(pcm)
         label = EMOTIONS_4.index(it.label) if it.label is not None else -1
         if it.label is None:
@@ -135,7 +152,7 @@ def build_cache(
     report.used = len(rows)
     if not rows:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise ValueError(f"{root}: no usable audio in corpus {corpus!r}\n{report.summary()}")
+        raise CorpusError(f"{root}: no usable audio in corpus {corpus!r}\n{report.summary()}")
     np.save(tmp / "audio.npy", np.concatenate(chunks))
     index = {
         "version": CACHE_VERSION,
@@ -185,7 +202,11 @@ def load_cache(path: str | Path) -> DecodedCorpus:
 
 
 def speaker_independent_split(
-    corpus: DecodedCorpus, fold: int = 0, n_folds: int | None = None
+    corpus: DecodedCorpus,
+    fold: int = 0,
+    n_folds: int | None = None,
+    label_fraction: float = 1.0,
+    label_seed: int = 0,
 ) -> dict[str, np.ndarray]:
     """Indices of ``train``, ``val``, ``test`` and ``unlabelled`` with no speaker group shared.
 
@@ -193,7 +214,34 @@ def speaker_independent_split(
     (default: one per group, at most 5). Fold ``fold`` is the test set, the next fold the
     validation set (what searches optimise), the rest trains. A manifest's own split column
     wins over folds. Unlabelled utterances only ever train (auxiliary losses).
+
+    ``label_fraction`` < 1 is the semi-supervised setting: of each training speaker's labelled
+    utterances only that share (at least one) keeps its label; the rest join ``unlabelled``.
+    The choice depends only on ``label_seed``, so every trial, seed and baseline of a search sees
+    the same labels. Validation and test keep theirs.
     """
+    split = _split(corpus, fold, n_folds)
+    if label_fraction < 1.0:
+        keep, drop = _label_share(corpus, split["train"], label_fraction, label_seed)
+        unlabelled = np.sort(np.concatenate([split["unlabelled"], drop]))
+        split = {**split, "train": keep, "unlabelled": unlabelled}
+    return split
+
+
+def _label_share(
+    corpus: DecodedCorpus, train: np.ndarray, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    keep, drop = [], []
+    for spk in sorted({corpus.speakers[i] for i in train}):
+        mine = rng.permutation(np.array([i for i in train if corpus.speakers[i] == spk]))
+        n = max(1, int(round(fraction * len(mine))))
+        keep.append(mine[:n])
+        drop.append(mine[n:])
+    return np.sort(np.concatenate(keep)), np.sort(np.concatenate(drop)).astype(np.int64)
+
+
+def _split(corpus: DecodedCorpus, fold: int, n_folds: int | None) -> dict[str, np.ndarray]:
     idx = np.arange(len(corpus))
     unl = idx[corpus.labels < 0]
     lab = idx[corpus.labels >= 0]

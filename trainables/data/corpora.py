@@ -21,11 +21,15 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
+
+from sertune.errors import DataError
 
 EMOTIONS_4: tuple[str, ...] = ("angry", "happy", "neutral", "sad")
+OUTSIDE_ROOT = "outside_corpus_root"  # data-report reason for a manifest path that leaves its root
 
 
-class CorpusError(ValueError):
+class CorpusError(DataError):
     """The corpus root or its metadata is not what the adapter expects; names the path."""
 
 
@@ -37,6 +41,14 @@ class Utterance:
     group: str  # speaker-independent fold unit (session or speaker)
     utt_id: str
     split: str | None = None  # only when the corpus itself fixes the split (manifest column)
+
+
+class Scan(NamedTuple):
+    """What an adapter found: usable utterances, labels left out, files refused (reason -> paths)."""
+
+    items: list[Utterance]
+    excluded: dict[str, int]
+    rejected: dict[str, list[str]]
 
 
 # -- IEMOCAP -----------------------------------------------------------------------------------
@@ -197,13 +209,17 @@ def _crema_d(root: Path) -> tuple[list[Utterance], dict[str, int]]:
 # -- generic manifest --------------------------------------------------------------------------
 
 
-def _manifest(root: Path) -> tuple[list[Utterance], dict[str, int]]:
+def _manifest(root: Path, allow_absolute_paths: bool = False) -> Scan:
+    """A CSV ``path,label,speaker[,split]``. Paths are relative to the manifest's folder; one that
+    leaves it (``../x.wav``, an absolute path, a symlink pointing out) is refused with the reason
+    ``outside_corpus_root`` unless the spec sets ``data.allow_absolute_paths``."""
     path = root / "manifest.csv" if root.is_dir() else root
     if not path.is_file():
         raise CorpusError(
             f"{path}: manifest not found (a CSV with columns path,label,speaker[,split])"
         )
-    items, excluded = [], {}
+    items, excluded, rejected = [], {}, {}
+    base = path.parent.resolve()
     with path.open(newline="") as fh:
         reader = csv.DictReader(fh)
         missing = {"path", "label", "speaker"} - set(reader.fieldnames or [])
@@ -223,12 +239,15 @@ def _manifest(root: Path) -> tuple[list[Utterance], dict[str, int]]:
                 )
             wav = Path(row["path"])
             wav = wav if wav.is_absolute() else path.parent / wav
+            if not allow_absolute_paths and not wav.resolve().is_relative_to(base):
+                rejected.setdefault(OUTSIDE_ROOT, []).append(row["path"])
+                continue
             spk = row["speaker"].strip()
             items.append(Utterance(str(wav), label, spk, spk, wav.stem, split))
-    return items, excluded
+    return Scan(items, excluded, rejected)
 
 
-ADAPTERS: dict[str, Callable[[Path], tuple[list[Utterance], dict[str, int]]]] = {
+ADAPTERS: dict[str, Callable[..., tuple[list[Utterance], dict[str, int]] | Scan]] = {
     "iemocap": _iemocap,
     "msp_improv": _msp_improv,
     "emodb": _emodb,
@@ -238,11 +257,14 @@ ADAPTERS: dict[str, Callable[[Path], tuple[list[Utterance], dict[str, int]]]] = 
 }
 
 
-def scan_corpus(corpus: str, root: str | Path) -> tuple[list[Utterance], dict[str, int]]:
-    """List a corpus's utterances and the labels left out (label -> count)."""
+def scan_corpus(corpus: str, root: str | Path, allow_absolute_paths: bool = False) -> Scan:
+    """List a corpus's utterances, the labels left out (label -> count) and refused files."""
     if corpus not in ADAPTERS:
         raise CorpusError(f"unknown corpus {corpus!r}; known: {', '.join(sorted(ADAPTERS))}")
     root = Path(root).expanduser()
     if not root.exists():
         raise CorpusError(f"{root}: data root does not exist")
-    return ADAPTERS[corpus](root)
+    if corpus == "manifest":
+        return _manifest(root, allow_absolute_paths)
+    items, excluded = ADAPTERS[corpus](root)
+    return Scan(items, excluded, {})

@@ -1,7 +1,7 @@
 """The augmentation bank and log-mel features, batched on the training device.
 
-DESIGN.md measured why this runs on the device: augment + features on one CPU thread manage
-~500 samples/s while the GPU model eats ~8,700/s. Every sample of a batch draws one augmentation
+Why on the device (docs/architecture.md, "Measured figures"): augmentation + features on one CPU
+thread manage ~500 samples/s while the GPU model step eats ~8,700/s. Every sample of a batch draws one augmentation
 type from the mix; that type index is the label of the augmentation-type auxiliary task.
 
 All randomness comes from the ``generator`` argument, so a batch is a pure function of
@@ -15,6 +15,8 @@ import math
 import torch
 import torch.nn.functional as F
 import torchaudio
+
+from trainables.common.noise import add_noise_at_snr
 
 from .config import AUG_TYPES, AugConfig, FeatureConfig
 
@@ -33,19 +35,6 @@ def speed_perturb(wav: torch.Tensor, factor: float) -> torch.Tensor:
     return F.interpolate(wav.unsqueeze(1), size=n_out, mode="linear", align_corners=False).squeeze(
         1
     )
-
-
-def add_noise_at_snr(
-    wav: torch.Tensor, noise: torch.Tensor, snr_db: torch.Tensor, eps: float = 1e-10
-) -> torch.Tensor:
-    """Mix ``noise`` into ``wav`` (both (B, L)) so that 10·log10(P_signal / P_noise) = ``snr_db`` (B,).
-
-    Silent rows stay silent (there is no signal to set a ratio against).
-    """
-    p_sig = wav.pow(2).mean(dim=-1)
-    p_noise = noise.pow(2).mean(dim=-1).clamp_min(eps)
-    scale = torch.sqrt(p_sig / (p_noise * torch.pow(10.0, snr_db / 10.0)))
-    return wav + noise * scale.unsqueeze(-1)
 
 
 def synthetic_rir(
@@ -160,10 +149,12 @@ class AugmentationBank(torch.nn.Module):
         wav: torch.Tensor,
         generator: torch.Generator,
         types: torch.Tensor | None = None,
+        valid: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``valid`` (B, Lc) marks real samples of zero-padded short clips (noise goes there)."""
         if types is None:
             types = self.sample_types(wav.shape[0], generator)
-        feats = self.logmel(self.augment_waveform(wav, types, generator))  # (B, M, T)
+        feats = self.logmel(self.augment_waveform(wav, types, generator, valid))  # (B, M, T)
         is_spec = types == SPECAUG
         if bool(is_spec.any()):
             a = self.aug
@@ -177,13 +168,19 @@ class AugmentationBank(torch.nn.Module):
         return feats, types
 
     def augment_waveform(
-        self, wav: torch.Tensor, types: torch.Tensor, generator: torch.Generator
+        self,
+        wav: torch.Tensor,
+        types: torch.Tensor,
+        generator: torch.Generator,
+        valid: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The waveform-domain part: (B, Lc) crops -> (B, segment) augmented waveforms."""
         a, dev = self.aug, wav.device
         b = wav.shape[0]
         seg = self.segment
         out = wav[:, :seg].clone()  # (B, seg): every type but speed uses the first segment
+        valid_crop = valid
+        valid = valid[:, :seg].clone() if valid is not None else None
 
         # Speed: groups of one factor, resampled together, then cut to one segment.
         is_speed = types == SPEED
@@ -198,6 +195,9 @@ class AugmentationBank(torch.nn.Module):
                     if fast.shape[-1] < seg:
                         fast = F.pad(fast, (0, seg - fast.shape[-1]))
                     out[rows] = fast[:, :seg]
+                    if valid is not None:  # the clip's real samples move with the speed
+                        n_real = valid_crop[rows].sum(-1).float().div(fac).round().long()
+                        valid[rows] = torch.arange(seg, device=dev) < n_real.unsqueeze(1)
 
         # Additive noise (white, babble, file) at a per-sample SNR.
         snr = a.snr_db_low + (a.snr_db_high - a.snr_db_low) * torch.rand(
@@ -220,8 +220,10 @@ class AugmentationBank(torch.nn.Module):
             idx = (starts.unsqueeze(1) + torch.arange(seg, device=dev)) % self.noise_bank.numel()
             noise[is_file] = self.noise_bank[idx]
         noisy = is_white | is_babble | is_file
-        if bool(noisy.any()):
-            out[noisy] = add_noise_at_snr(out[noisy], noise[noisy], snr[noisy])
+        if bool(noisy.any()):  # SNR over each clip's own samples, not its padding
+            out[noisy] = add_noise_at_snr(
+                out[noisy], noise[noisy], snr[noisy], None if valid is None else valid[noisy]
+            )
 
         # Reverb: synthetic room impulse responses.
         is_rev = types == REVERB

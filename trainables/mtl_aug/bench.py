@@ -2,32 +2,24 @@
 
 (a) ceiling: fwd + bwd + optimiser step on log-mel features already on the device;
 (b) pipeline: waveform crops → augmentation bank → log-mel → the same step, all on the device.
-The last line printed is ``pipeline/ceiling: 0.NN`` (target on a GPU: >= 0.85, DESIGN.md).
+The last line printed is ``pipeline/ceiling: 0.NN`` (target on a GPU: >= 0.85, see
+docs/architecture.md, "Measured figures").
 Both run in the same process, interleaved in rounds, so a noisy machine hurts both alike.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from sertune.trainable import TrainBench
+from trainables.common.utterances import Utterances
+
 from .augment import AugmentationBank
 from .config import MTLAugConfig
 from .model import MTLAugModel, count_parameters, mtl_aug_loss
-
-
-@dataclass
-class BenchResult:
-    ceiling: float  # samples/s
-    pipeline: float  # samples/s
-    params: int
-
-    @property
-    def ratio(self) -> float:
-        return self.pipeline / self.ceiling
 
 
 class _SyntheticSource:
@@ -35,8 +27,6 @@ class _SyntheticSource:
 
     def __init__(self, n: int, seconds: float, device: torch.device, seed: int = 0):
         from trainables.data.synth import make_speakers, synth_utterance
-
-        from .train import DeviceCorpus
 
         rng = np.random.default_rng(seed)
         spk = make_speakers(4, rng)
@@ -46,16 +36,7 @@ class _SyntheticSource:
             w = synth_utterance(spk[i % 4], emos[i % 4], rng)
             reps = int(np.ceil(seconds * 16000 / len(w))) + 1
             waves.append(np.tile(w, reps)[: int(seconds * 16000 * 1.2)])
-        pcm = np.concatenate(waves)
-        lengths = np.array([len(w) for w in waves], dtype=np.int64)
-        offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-
-        class _C:  # the fields DeviceCorpus reads
-            audio = (pcm * 32767).astype(np.int16)
-
-        _C.offsets, _C.lengths = offsets, lengths
-        _C.labels = np.arange(n, dtype=np.int64) % 4
-        self.data = DeviceCorpus(_C, device)  # type: ignore[arg-type]
+        self.data = Utterances.from_waveforms(waves, device, labels=np.arange(n) % 4)
         self.n = n
 
 
@@ -66,10 +47,10 @@ def run_bench(
     rounds: int = 3,
     cfg: MTLAugConfig | None = None,
     log=print,
-) -> BenchResult:
-    from .train import resolve_device
-
-    dev = resolve_device(device)
+) -> TrainBench:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
     batch = batch or (256 if dev.type == "cuda" else 32)
     cfg = cfg or MTLAugConfig()
     torch.manual_seed(0)
@@ -87,7 +68,7 @@ def run_bench(
 
     def draw() -> tuple[torch.Tensor, torch.Tensor]:
         sel = idx_all[torch.randint(0, src.n, (batch,), generator=gen, device=dev)]
-        return src.data.crops(sel, bank.crop_length, gen), src.data.labels[sel]
+        return src.data.crops(sel, bank.crop_length, gen)[0], src.data.labels[sel]
 
     def step(feats: torch.Tensor, y: torch.Tensor, aug: torch.Tensor) -> None:
         out = model(feats)
@@ -128,6 +109,6 @@ def run_bench(
         log(
             f"round {r + 1}/{rounds}: ceiling {ceil_runs[-1]:,.0f}/s  pipeline {pipe_runs[-1]:,.0f}/s"
         )
-    return BenchResult(
+    return TrainBench(
         float(np.median(ceil_runs)), float(np.median(pipe_runs)), count_parameters(model)
     )

@@ -36,8 +36,8 @@ class FeatureConfig:
     sample_rate: int = 16000  # every corpus is decoded to 16 kHz mono in the cache
     n_fft: int = 400  # 25 ms window, the usual for speech
     hop_length: int = 160  # 10 ms hop
-    n_mels: int = 64  # 64 log-mel bands, as measured in DESIGN.md
-    segment_s: float = 3.0  # training crop; utterances are cropped/padded to this
+    n_mels: int = 64  # 64 log-mel bands: the usual SER front end
+    segment_s: float = 3.0  # one model input: training crops it, longer clips are windowed by it
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,8 @@ class LossConfig:
 class OptimConfig:
     lr: float = 1e-3  # Adam default works for this model size
     weight_decay: float = 1e-4  # AdamW decoupled decay
-    batch_size: int = 64  # per worker
+    batch_size: int = 64  # per worker, an upper bound: small corpora get smaller batches
+    min_steps_per_epoch: int = 8  # batch shrinks so even ~300 clips give this many steps
     epochs: int = 10  # max epochs; schedulers may stop earlier
     grad_clip: float = 5.0  # LSTMs like a clip
 
@@ -186,8 +187,10 @@ class MTLAugConfig:
             raise ConfigError(
                 f"features.n_mels ({f.n_mels}) must be divisible by 2**len(model.conv_channels)"
             )
-        if o.batch_size < 2 or o.epochs < 1 or o.lr <= 0:
-            raise ConfigError("optim: need batch_size >= 2, epochs >= 1, lr > 0")
+        if o.batch_size < 2 or o.epochs < 1 or o.lr <= 0 or o.min_steps_per_epoch < 1:
+            raise ConfigError(
+                "optim: need batch_size >= 2, epochs >= 1, lr > 0, min_steps_per_epoch >= 1"
+            )
 
 
 def _build(sub_cls: type, values: dict[str, Any], section: str) -> Any:

@@ -1,18 +1,24 @@
-"""The MTL-AUG training loop: one function for Ray Train workers and for plain in-process runs.
+"""The MTL-AUG training loop: one function for every place a trial runs.
 
-``train(config, session)`` is the loop; a *session* supplies rank, world size, device,
-cross-worker sums, reporting and the checkpoint to resume from. :class:`LocalSession` runs it in
-this process (tests, ``sertune bench``); :func:`train_loop_per_worker` wraps it for
-``ray.train.torch.TorchTrainer`` (1..N workers, DDP when N > 1, rank 0 reports metrics aggregated
-over every worker).
+``train(config, session)`` is the loop; the *session* (``sertune.sessions``: in-process, a Ray
+Train worker, a warm slot) supplies rank, world size, device, cross-worker sums, reporting, the
+checkpoint to resume from and a cache that outlives the trial. Rank 0 reports metrics aggregated
+over every worker.
 
 The loop config (a plain dict, so it pickles to workers)::
 
     {"params": {...MTLAugConfig, nested or dotted keys...},
      "data": {"cache": DIR, "unlabelled_cache": DIR | None, "fold": 0, "n_folds": None,
-              "noise_files": [...]},
+              "label_fraction": 1.0, "label_seed": 0, "noise_files": [...],
+              "cross_corpus": [{"name": .., "cache": DIR}], "fingerprint": ..},
      "run": {"device": "auto", "max_steps_per_epoch": None, "threads": None,
-             "robustness": {...} | None}}
+             "select": {"metric": "val_uar", "mode": "max"}, "robustness": {...} | None,
+             "title": "trial id"}}
+
+Every epoch's checkpoint holds ``state.pt`` (resume: weights, optimiser, epoch, the best epoch so
+far) and ``best/`` (the best-validation model so far: ``model.safetensors``, ``model.json``,
+``metrics.json``). The last epoch evaluates ``best/`` on the test speakers and for robustness;
+that model is what MLflow logs and the registry serves.
 
 Determinism: the batch order of epoch e depends only on (seed, e); augmentation and dropout of
 rank r in epoch e only on (seed, r, e). Checkpoints are taken at epoch ends, so resuming one
@@ -21,175 +27,87 @@ reproduces the following steps exactly.
 
 from __future__ import annotations
 
+import copy
 import json
-import os
+import math
+import shutil
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from trainables.common.metrics import confusion, scores
+from trainables.common.noise import add_noise_flat
+from trainables.common.robustness import evaluate_robustness, make_noise, write_report
+from trainables.common.utterances import (
+    Utterances,
+    Windowing,
+    stratified_subset,
+    utterance_logits,
+)
 from trainables.data.audio import read_audio
 from trainables.data.cache import DecodedCorpus, load_cache, speaker_independent_split
 
-from .augment import AugmentationBank, LogMel, add_noise_at_snr
+from .augment import AugmentationBank, LogMel
 from .config import MTLAugConfig
-from .metrics import confusion, scores
+from .export import forward_fn, load_model, save_model, windowing_for
 from .model import UNLABELLED, MTLAugModel, mtl_aug_loss
 
 STATE_FILE = "state.pt"
+BEST = "best"
+NOISY_VAL_SNR_DB = 10.0
+DEFAULT_SELECT = {"metric": "val_uar", "mode": "max"}
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the trial fails with this reason."""
 
 
-# -- sessions ----------------------------------------------------------------------------------
-
-
-@dataclass
-class LocalSession:
-    """Run the loop in this process: world size 1, reports kept in ``history``."""
-
-    device: str = "auto"
-    checkpoint_dir: str | None = None  # resume from here
-    keep_checkpoints: str | None = None  # copy each epoch's checkpoint under this folder
-    on_report: Callable[[dict[str, Any], str | None], None] | None = None
-    history: list[dict[str, Any]] = field(default_factory=list)
-    rank: int = 0
-    world_size: int = 1
-
-    def torch_device(self) -> torch.device:
-        return resolve_device(self.device)
-
-    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
-        return t
-
-    def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
-        return model
-
-    def get_checkpoint_dir(self) -> str | None:
-        return self.checkpoint_dir
-
-    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
-        kept = None
-        if checkpoint_dir and self.keep_checkpoints:
-            import shutil
-
-            kept = str(Path(self.keep_checkpoints) / f"epoch_{metrics['epoch']:04d}")
-            shutil.copytree(checkpoint_dir, kept, dirs_exist_ok=True)
-        self.history.append(dict(metrics, checkpoint=kept))
-        if self.on_report:
-            self.on_report(metrics, kept or checkpoint_dir)
-
-
-class RayTrainSession:
-    """The same contract inside a Ray Train worker (Train V2)."""
-
-    def __init__(self, device: str = "auto"):
-        import ray.train
-        import ray.train.torch
-
-        self._ctx = ray.train.get_context()
-        self.rank = self._ctx.get_world_rank()
-        self.world_size = self._ctx.get_world_size()
-        self._device = ray.train.torch.get_device() if device == "auto" else torch.device(device)
-
-    def torch_device(self) -> torch.device:
-        return self._device
-
-    def placement(self) -> dict[str, str]:
-        """Where this worker runs (node, assigned GPU ids): checks that packing did what was asked."""
-        import ray
-
-        ctx = ray.get_runtime_context()
-        return {
-            "placement/node": ctx.get_node_id(),
-            "placement/gpu_ids": ",".join(map(str, ray.get_gpu_ids())),
-        }
-
-    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
-        if self.world_size > 1:
-            import torch.distributed as dist
-
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return t
-
-    def wrap_model(self, model: torch.nn.Module) -> torch.nn.Module:
-        import ray.train.torch
-
-        return ray.train.torch.prepare_model(model, move_to_device=self._device)
-
-    def get_checkpoint_dir(self) -> str | None:
-        import ray.train
-
-        ckpt = ray.train.get_checkpoint()
-        if ckpt is None:
-            return None
-        return ckpt.to_directory()
-
-    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
-        import ray.train
-
-        ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=ckpt)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def seed_for(seed: int, rank: int, epoch: int) -> int:
     return (seed * 1_000_003 + rank * 7919 + epoch * 104_729) % (2**31 - 1)
 
 
-# -- data on the device --------------------------------------------------------------------------
+# -- data on the device, resident across the trials of a worker ------------------------------------
 
 
-class DeviceCorpus:
-    """A decoded corpus moved onto the device once; crops batches by index arithmetic."""
+class Resident:
+    """Corpora and the noise bank on one device, kept in the session's cache across trials.
 
-    def __init__(self, corpus: DecodedCorpus, device: torch.device):
-        self.audio = torch.from_numpy(np.array(corpus.audio)).to(device)  # int16 (N,), a copy
-        self.offsets = torch.from_numpy(corpus.offsets).to(device)
-        self.lengths = torch.from_numpy(corpus.lengths).to(device)
-        self.labels = torch.from_numpy(corpus.labels).to(device)
-        self.device = device
+    A warm slot trains trial after trial on the same data fingerprint: the corpus is decoded,
+    copied to the device and indexed once, not once per trial.
+    """
 
-    def crops(
-        self,
-        idx: torch.Tensor,
-        length: int,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """(B,) utterance indices -> (B, length) float waveforms.
+    MAX_ENTRIES = 4
 
-        Random crops when a generator is given (training), centre crops otherwise; utterances
-        shorter than ``length`` are zero-padded.
-        """
-        off, ln = self.offsets[idx], self.lengths[idx]
-        slack = (ln - length).clamp_min(0)
-        if generator is None:
-            start = off + slack // 2
-        else:
-            r = torch.rand(idx.shape[0], generator=generator, device=self.device)
-            start = off + (r * (slack + 1).float()).long().clamp_max(slack)
-        ar = torch.arange(length, device=self.device)
-        valid = ar.unsqueeze(0) < ln.unsqueeze(1)  # (B, length)
-        pos = torch.where(valid, start.unsqueeze(1) + ar, torch.zeros_like(ar))
-        return self.audio[pos].float().mul_(valid) / 32768.0
+    def __init__(self, cache: dict[str, Any], device: torch.device):
+        self.cache, self.device = cache, device
 
+    def _get(self, key: str, build):
+        store = self.cache.setdefault("mtl_aug.resident", {})
+        full = f"{self.device}|{key}"
+        if full not in store:
+            while len(store) >= self.MAX_ENTRIES:
+                store.pop(next(iter(store)))
+            store[full] = build()
+        return store[full]
 
-def load_noise_bank(files: list[str], sample_rate: int) -> torch.Tensor | None:
-    if not files:
-        return None
-    return torch.from_numpy(np.concatenate([read_audio(f, sample_rate) for f in files]))
+    def corpus(self, path: str) -> tuple[DecodedCorpus, Utterances]:
+        def build():
+            c = load_cache(path)
+            return c, Utterances.from_corpus(c, self.device)
+
+        return self._get(f"corpus:{path}", build)
+
+    def noise_bank(self, files: list[str], sample_rate: int) -> torch.Tensor | None:
+        if not files:
+            return None
+        return self._get(
+            f"noise:{sample_rate}:{'|'.join(files)}",
+            lambda: torch.from_numpy(np.concatenate([read_audio(f, sample_rate) for f in files])),
+        )
 
 
 # -- evaluation ------------------------------------------------------------------------------------
@@ -197,57 +115,92 @@ def load_noise_bank(files: list[str], sample_rate: int) -> torch.Tensor | None:
 
 @torch.no_grad()
 def evaluate(
-    model: torch.nn.Module,
-    logmel: LogMel,
-    data: DeviceCorpus,
-    indices: torch.Tensor,
-    segment: int,
+    forward,
+    utts: Utterances,
+    indices: np.ndarray,
+    windowing: Windowing,
     n_classes: int,
     session: Any,
-    batch_size: int = 128,
-    transform: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    noise_snr_db: float | None = None,
+    seed: int = 12345,
 ) -> dict[str, float]:
-    """UAR/WAR/F1 of ``indices`` (this rank's share), summed over every worker.
+    """UAR/WAR/F1 and emotion loss of clips ``indices`` (this rank's share), summed over workers.
 
-    ``transform(wav, idx)`` perturbs the waveforms first (noise for robustness checks).
+    ``noise_snr_db`` adds white noise at that SNR over each clip's own samples first (the same
+    noise every epoch).
     """
-    was_training = model.training
-    model.eval()
-    mine = indices[session.rank :: session.world_size]
-    cm = torch.zeros(n_classes, n_classes, dtype=torch.long, device=data.device)
-    emo_loss = torch.zeros(2, dtype=torch.float64, device=data.device)
-    for i in range(0, mine.numel(), batch_size):
-        idx = mine[i : i + batch_size]
-        wav = data.crops(idx, segment)
-        if transform is not None:
-            wav = transform(wav, idx)
-        out = model(logmel(wav))
-        y = data.labels[idx]
-        cm += confusion(out["emotion"].argmax(1), y, n_classes)
-        emo_loss[0] += torch.nn.functional.cross_entropy(
-            out["emotion"], y, reduction="sum"
-        ).double()
-        emo_loss[1] += idx.numel()
+    mine = torch.as_tensor(
+        np.asarray(indices)[session.rank :: session.world_size], device=utts.device
+    )
+    cm = torch.zeros(n_classes, n_classes, dtype=torch.long, device=utts.device)
+    loss = torch.zeros(2, dtype=torch.float64, device=utts.device)
+    if mine.numel():
+        sub = utts.select(mine)
+        if noise_snr_db is not None:
+            g = torch.Generator(device=utts.device).manual_seed(seed + int(mine[0]))
+            noise = make_noise("white", sub, g, None)
+            sub = sub.with_audio(
+                add_noise_flat(sub.audio, noise, sub.owner(), len(sub), noise_snr_db)
+            )
+        logits = utterance_logits(forward, sub, windowing)
+        cm += confusion(logits.argmax(1), sub.labels, n_classes)
+        loss[0] += torch.nn.functional.cross_entropy(logits, sub.labels, reduction="sum").double()
+        loss[1] += mine.numel()
     cm = session.all_reduce_sum(cm)
-    emo_loss = session.all_reduce_sum(emo_loss)
-    model.train(was_training)
+    loss = session.all_reduce_sum(loss)
     res = scores(cm.cpu())
-    res["loss_emo"] = float(emo_loss[0] / emo_loss[1].clamp_min(1))
+    res["loss_emo"] = float(loss[0] / loss[1].clamp_min(1))
     return res
 
 
-def white_noise_transform(
-    snr_db: float, seed: int
-) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """A deterministic white-noise perturbation at one SNR (same noise for the same utterance)."""
-
-    def apply(wav: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        g = torch.Generator(device=wav.device).manual_seed(seed + int(idx[0]))
-        noise = torch.randn(wav.shape, generator=g, device=wav.device)
-        snr = torch.full((wav.shape[0],), float(snr_db), device=wav.device)
-        return add_noise_at_snr(wav, noise, snr)
-
-    return apply
+def final_evaluation(
+    model: torch.nn.Module,
+    cfg: MTLAugConfig,
+    data_cfg: dict[str, Any],
+    run_cfg: dict[str, Any],
+    resident: Resident,
+    out: Path,
+) -> dict[str, float]:
+    """Test and robustness figures of ``model`` (the best-validation one); the robustness report
+    goes to ``out/robustness``. One process, whole sets: used at a trial's last epoch and for
+    trials a scheduler stopped (``MTLAugTrainable.evaluate_checkpoint``)."""
+    corpus, utts = resident.corpus(data_cfg["cache"])
+    split = speaker_independent_split(corpus, data_cfg.get("fold", 0), data_cfg.get("n_folds"))
+    windowing = windowing_for(cfg)
+    logmel = LogMel(cfg.features).to(resident.device)
+    was_training = model.training
+    model.eval()
+    fwd = forward_fn(model, logmel)
+    metrics: dict[str, float] = {}
+    with torch.no_grad():
+        test = utts.select(split["test"])
+        logits = utterance_logits(fwd, test, windowing)
+        res = scores(confusion(logits.argmax(1), test.labels, cfg.model.n_emotions).cpu())
+    metrics.update({f"test_{k}": v for k, v in res.items()})
+    options = run_cfg.get("robustness")
+    if options:
+        cap = options.get("max_utterances")
+        pick = split["test"][stratified_subset(corpus.labels[split["test"]], cap, cfg.seed)]
+        cross = []
+        for c in data_cfg.get("cross_corpus") or []:
+            cc, cu = resident.corpus(c["cache"])
+            lab = np.nonzero(cc.labels >= 0)[0]  # the whole corpus: every labelled clip
+            cross.append((c["name"], cu.select(lab[stratified_subset(cc.labels[lab], cap, 0)])))
+        report = evaluate_robustness(
+            fwd,
+            utts.select(pick),
+            windowing,
+            cfg.model.n_emotions,
+            options,
+            resident.noise_bank(data_cfg.get("noise_files") or [], cfg.features.sample_rate),
+            cross,
+            corpus_name=corpus.path.name,
+            seed=cfg.seed,
+        )
+        write_report(report, out / "robustness", run_cfg.get("title", ""), cfg.model.n_emotions)
+        metrics.update(report["metrics"])
+    model.train(was_training)
+    return metrics
 
 
 # -- checkpoints ------------------------------------------------------------------------------------
@@ -259,11 +212,10 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     epoch: int,
     cfg: MTLAugConfig,
+    best: dict[str, Any],
     label_names: tuple[str, ...],
 ) -> None:
-    """Everything to resume (state.pt) and to serve (model.safetensors + model.json), no pickle."""
-    from .export import save_model
-
+    """state.pt (resume, weights only, no pickle of objects) and best/ (serve)."""
     core = getattr(model, "module", model)
     state = {
         "model": core.state_dict(),
@@ -271,13 +223,23 @@ def save_checkpoint(
         "epoch": epoch,
         "rng": {"torch_cpu": torch.get_rng_state(), "seed": cfg.seed},
         "config": cfg.to_json(),
+        "best": json.dumps({k: v for k, v in best.items() if k != "state"}),
     }
     torch.save(state, directory / STATE_FILE)
-    save_model(directory, core, cfg, label_names)
+    best_model = MTLAugModel(cfg.model, cfg.features.n_mels)
+    best_model.load_state_dict(best["state"])
+    save_model(directory / BEST, best_model, cfg, label_names)
+    (directory / BEST / "metrics.json").write_text(json.dumps(best["metrics"]))
 
 
 def load_state(directory: str | Path) -> dict[str, Any]:
     return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+def _better(value: float, than: float | None, mode: str) -> bool:
+    if than is None:
+        return True
+    return value > than if mode == "max" else value < than
 
 
 # -- the loop ------------------------------------------------------------------------------------------
@@ -291,6 +253,7 @@ def train(config: dict[str, Any], session: Any) -> list[dict[str, Any]]:
     cfg = MTLAugConfig.from_dict(config.get("params", {}))
     data_cfg = config["data"]
     run_cfg = config.get("run", {})
+    select = run_cfg.get("select") or DEFAULT_SELECT
     if run_cfg.get("threads"):
         torch.set_num_threads(int(run_cfg["threads"]))
     device = session.torch_device()
@@ -298,59 +261,69 @@ def train(config: dict[str, Any], session: Any) -> list[dict[str, Any]]:
     if device.type == "cuda":
         torch.cuda.set_device(device)
 
-    # [2] Data onto the device once; speaker-independent split
-    corpus = load_cache(data_cfg["cache"])
-    split = speaker_independent_split(corpus, data_cfg.get("fold", 0), data_cfg.get("n_folds"))
-    data = DeviceCorpus(corpus, device)
-    train_idx = np.concatenate([split["train"], split["unlabelled"]])
-    extra = None
-    if data_cfg.get("unlabelled_cache"):  # a separate unlabelled pool: auxiliary losses only
-        extra_corpus = load_cache(data_cfg["unlabelled_cache"])
-        extra = DeviceCorpus(extra_corpus, device)
-        extra.labels = torch.full_like(extra.labels, UNLABELLED)
-    n_extra = 0 if extra is None else len(extra.offsets)
+    # [2] Data on the device (resident across trials); speaker-independent split
+    resident = Resident(session.cache(), device)
+    corpus, utts = resident.corpus(data_cfg["cache"])
+    split = speaker_independent_split(
+        corpus,
+        data_cfg.get("fold", 0),
+        data_cfg.get("n_folds"),
+        data_cfg.get("label_fraction", 1.0),
+        data_cfg.get("label_seed", 0),
+    )
     n_labels = len(corpus.label_names)
     if cfg.model.n_emotions != n_labels:
         raise ValueError(
             f"model.n_emotions ({cfg.model.n_emotions}) != classes in data ({n_labels})"
         )
-    val_idx = torch.from_numpy(split["val"]).to(device)
-    test_idx = torch.from_numpy(split["test"]).to(device)
+    train_idx = np.concatenate([split["train"], split["unlabelled"]])
+    train_labels = utts.labels.clone()  # this trial's view: demoted clips lose their labels
+    train_labels[torch.as_tensor(split["unlabelled"], device=device)] = UNLABELLED
+    extra = None
+    if data_cfg.get("unlabelled_cache"):  # a separate unlabelled pool: auxiliary losses only
+        extra = resident.corpus(data_cfg["unlabelled_cache"])[1]
+    n_extra = 0 if extra is None else len(extra)
     train_idx_t = torch.from_numpy(train_idx).to(device)
     n_train = len(train_idx) + n_extra
 
-    # [3] Model, augmentation bank, optimiser
+    # [3] Model, augmentation bank, optimiser; resume
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     bank = AugmentationBank(
         cfg.aug,
         cfg.features,
-        load_noise_bank(data_cfg.get("noise_files") or [], cfg.features.sample_rate),
+        resident.noise_bank(data_cfg.get("noise_files") or [], cfg.features.sample_rate),
     ).to(device)
-    logmel = bank.logmel
+    windowing = windowing_for(cfg)
     core = MTLAugModel(cfg.model, cfg.features.n_mels).to(device)
     optimizer = torch.optim.AdamW(
         core.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay
     )
     start_epoch = 0
+    best: dict[str, Any] = {"epoch": None, "value": None, "metrics": {}, "state": None}
     ckpt = session.get_checkpoint_dir()
     if ckpt:
         state = load_state(ckpt)
         core.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch = int(state["epoch"]) + 1
+        best.update(json.loads(state["best"]))
+        best["state"] = load_model(Path(ckpt) / BEST).model.state_dict()
     model = session.wrap_model(core)
     if ckpt and start_epoch >= cfg.optim.epochs:
         # Resumed after the last epoch (the driver died before it recorded the end): report the
         # saved final metrics again so the trial ends with its real result instead of none.
         final = json.loads((Path(ckpt) / "metrics.json").read_text())
-        session.report(final, None)
+        with tempfile.TemporaryDirectory(prefix="sertune-ckpt-") as tmp:
+            shutil.copytree(ckpt, tmp, dirs_exist_ok=True)
+            session.report(final, tmp if rank == 0 else None)
         return [final]
 
-    bs = cfg.optim.batch_size
-    steps = max(1, n_train // (bs * world))
+    # A small corpus gets a smaller batch rather than one step per epoch.
+    bs = max(2, min(cfg.optim.batch_size, n_train // (cfg.optim.min_steps_per_epoch * world)))
+    steps = max(1, math.ceil(n_train / (bs * world)))
     if run_cfg.get("max_steps_per_epoch"):
         steps = min(steps, int(run_cfg["max_steps_per_epoch"]))
-    segment = bank.segment
+    fwd = forward_fn(model, bank.logmel)
     history: list[dict[str, Any]] = []
     train_time = 0.0
 
@@ -360,24 +333,24 @@ def train(config: dict[str, Any], session: Any) -> list[dict[str, Any]]:
         gen = torch.Generator(device=device).manual_seed(seed_for(cfg.seed, rank, epoch))
         order = torch.randperm(
             n_train, generator=torch.Generator().manual_seed(seed_for(cfg.seed, 0, epoch))
-        )
-        order = order.to(device)
+        ).to(device)
         model.train()
         sums = torch.zeros(5, dtype=torch.float64, device=device)  # total, emo, aug, rec, n
         t0 = time.perf_counter()
         for step in range(steps):
+            session.poll()  # a stopped trial stops here, not at the end of the epoch
             pos = order[(step * world + rank) * bs : (step * world + rank + 1) * bs]
             if pos.numel() < 2:
                 pos = order[:bs]
-            wav, y = _gather(data, extra, train_idx_t, pos, bank.crop_length, gen)
-            feats, aug_type = bank(wav, gen)  # (B, M, T), (B,)
+            wav, valid, y = _gather(utts, extra, train_idx_t, train_labels, pos, bank, gen)
+            feats, aug_type = bank(wav, gen, valid=valid)  # (B, M, T), (B,)
             out = model(feats)
             losses = mtl_aug_loss(out, y, aug_type, cfg.loss)
             if not torch.isfinite(losses.total):
                 raise TrainingDiverged(
                     f"loss became {float(losses.total.detach())} at epoch {epoch} step {step} "
-                    f"(emo={float(losses.emotion):.4g}, aug={float(losses.aug):.4g}, "
-                    f"rec={float(losses.reconstruction):.4g}); lr={cfg.optim.lr}"
+                    f"(emo={float(losses.emotion.detach()):.4g}, aug={float(losses.aug.detach()):.4g}, "
+                    f"rec={float(losses.reconstruction.detach()):.4g}); lr={cfg.optim.lr}"
                 )
             optimizer.zero_grad(set_to_none=True)
             losses.total.backward()
@@ -402,19 +375,14 @@ def train(config: dict[str, Any], session: Any) -> list[dict[str, Any]]:
         n_seen = float(sums[4])
 
         # [5] Validation on held-out speakers (rank shares summed), clean and at 10 dB white noise
-        val = evaluate(model, logmel, data, val_idx, segment, n_labels, session)
+        model.eval()
+        val = evaluate(fwd, utts, split["val"], windowing, n_labels, session)
         noisy = evaluate(
-            model,
-            logmel,
-            data,
-            val_idx,
-            segment,
-            n_labels,
-            session,
-            transform=white_noise_transform(10.0, seed=12345),
+            fwd, utts, split["val"], windowing, n_labels, session, noise_snr_db=NOISY_VAL_SNR_DB
         )
         metrics: dict[str, Any] = {
             "epoch": epoch,
+            "epochs_done": epoch + 1,  # what schedulers and MLflow steps count
             "val_uar": val["uar"],
             "val_war": val["war"],
             "val_f1": val["f1"],
@@ -424,6 +392,7 @@ def train(config: dict[str, Any], session: Any) -> list[dict[str, Any]]:
             "train_loss_emo": float(sums[1]) / n_seen,
             "train_loss_aug": float(sums[2]) / n_seen,
             "train_loss_rec": float(sums[3]) / n_seen,
+            "train_batch": bs,
             "train_samples": int(n_seen),  # summed over every worker
             "train_samples_per_s": n_seen / max(epoch_time, 1e-9),
             "train_time_s": train_time,
@@ -431,66 +400,76 @@ def train(config: dict[str, Any], session: Any) -> list[dict[str, Any]]:
             "loop_time_s": time.perf_counter() - loop_t0,
             "loop_started_at": loop_started_at,
         }
+        value = metrics.get(select["metric"], metrics["val_uar"])
+        if _better(value, best["value"], select.get("mode", "max")):
+            best.update(
+                epoch=epoch,
+                value=value,
+                metrics={k: v for k, v in metrics.items() if k.startswith("val_")},
+                state={k: v.detach().cpu().clone() for k, v in core.state_dict().items()},
+            )
+        metrics["best_epoch"] = best["epoch"]
         if epoch == start_epoch and hasattr(session, "placement"):
             metrics.update(session.placement())
-        last = epoch == cfg.optim.epochs - 1
-        if last:  # the held-out test speakers: reported once, never optimised
-            test = evaluate(model, logmel, data, test_idx, segment, n_labels, session)
-            metrics.update({f"test_{k}": v for k, v in test.items() if k != "loss_emo"})
-        robust = None
-        if last and run_cfg.get("robustness") and rank == 0:
-            from .robustness import trial_robustness
-
-            robust = trial_robustness(
-                core, cfg, corpus, split, data_cfg, run_cfg["robustness"], device
-            )
-            metrics.update(robust["metrics"])
 
         # [6] Checkpoint (rank 0 writes) and report (every rank calls; rank 0's metrics count)
         with tempfile.TemporaryDirectory(prefix="sertune-ckpt-") as tmp:
             ckpt_dir = None
             if rank == 0:
-                save_checkpoint(Path(tmp), model, optimizer, epoch, cfg, corpus.label_names)
+                save_checkpoint(Path(tmp), model, optimizer, epoch, cfg, best, corpus.label_names)
+                if epoch == cfg.optim.epochs - 1:  # the best model, on the test speakers
+                    best_model = copy.deepcopy(core)
+                    best_model.load_state_dict(best["state"])
+                    metrics.update(
+                        final_evaluation(
+                            best_model, cfg, data_cfg, run_cfg, resident, Path(tmp) / BEST
+                        )
+                    )
                 (Path(tmp) / "metrics.json").write_text(json.dumps(metrics))
-                if robust is not None:
-                    from .robustness import write_report
-
-                    write_report(robust, Path(tmp) / "robustness")
                 ckpt_dir = tmp
             session.report(metrics, ckpt_dir)
         history.append(metrics)
     return history
 
 
+def evaluate_checkpoint(
+    checkpoint_dir: str, data_cfg: dict[str, Any], run_cfg: dict[str, Any], device: str, cache
+) -> dict[str, float]:
+    """Test and robustness figures of a checkpoint's ``best/`` model (a stopped trial's result)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    predictor = load_model(Path(checkpoint_dir) / BEST)
+    model = predictor.model.to(dev)
+    return final_evaluation(
+        model, predictor.cfg, data_cfg, run_cfg, Resident(cache, dev), Path(checkpoint_dir) / BEST
+    )
+
+
 def _gather(
-    data: DeviceCorpus,
-    extra: DeviceCorpus | None,
+    utts: Utterances,
+    extra: Utterances | None,
     train_idx: torch.Tensor,
+    train_labels: torch.Tensor,
     pos: torch.Tensor,
-    length: int,
+    bank: AugmentationBank,
     gen: torch.Generator,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Positions in the training pool -> (waveform crops, emotion labels or -1)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Positions in the training pool -> (crops, valid mask, emotion labels or -1)."""
+    length = bank.crop_length
     n_main = train_idx.numel()
     if extra is None:
         idx = train_idx[pos]
-        return data.crops(idx, length, gen), data.labels[idx]
+        wav, valid = utts.crops(idx, length, gen)
+        return wav, valid, train_labels[idx]
     in_main = pos < n_main
-    wav = torch.empty(pos.numel(), length, device=data.device)
-    y = torch.full((pos.numel(),), UNLABELLED, dtype=torch.long, device=data.device)
+    wav = torch.zeros(pos.numel(), length, device=utts.device)
+    valid = torch.zeros(pos.numel(), length, dtype=torch.bool, device=utts.device)
+    y = torch.full((pos.numel(),), UNLABELLED, dtype=torch.long, device=utts.device)
     if bool(in_main.any()):
         idx = train_idx[pos[in_main]]
-        wav[in_main] = data.crops(idx, length, gen)
-        y[in_main] = data.labels[idx]
+        wav[in_main], valid[in_main] = utts.crops(idx, length, gen)
+        y[in_main] = train_labels[idx]
     if bool((~in_main).any()):
-        wav[~in_main] = extra.crops(pos[~in_main] - n_main, length, gen)
-    return wav, y
-
-
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Entry point for ``ray.train.torch.TorchTrainer(train_loop_per_worker=...)``."""
-    run = config.get("run", {})
-    threads = run.get("threads")
-    if threads:
-        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
-    train(config, RayTrainSession(run.get("device", "auto")))
+        wav[~in_main], valid[~in_main] = extra.crops(pos[~in_main] - n_main, length, gen)
+    return wav, valid, y

@@ -9,14 +9,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sertune.trainable import Trainable
+from sertune.trainable import Session, Trainable, TrainBench
+from trainables.common.corpus_hooks import CorpusHooks
 
 from .config import ConfigError, MTLAugConfig
 
-SYNTHETIC = "synthetic"
 
-
-class MTLAugTrainable(Trainable):
+class MTLAugTrainable(CorpusHooks, Trainable):
     name = "mtl_aug"
     epoch_metrics = (
         "val_uar",
@@ -52,102 +51,91 @@ class MTLAugTrainable(Trainable):
             "optim.batch_size": 16,
         }
 
-    def corpora(self) -> tuple[str, ...]:
-        from trainables.data.corpora import ADAPTERS
+    def baselines(self) -> dict[str, dict[str, Any]]:
+        # The single-task baseline: the same model, data, augmentation and budget, with both
+        # auxiliary heads switched off. Augmented input still trains it; it is not told which
+        # augmentation it saw, and unlabelled clips teach it nothing.
+        return {"stl_baseline": {"loss.w_aug": 0.0, "loss.w_rec": 0.0}}
 
-        return (*sorted(ADAPTERS), SYNTHETIC)
+    def metric_names(
+        self, robustness: dict[str, Any] | None = None, cross_corpus: list[str] | None = None
+    ) -> set[str]:
+        from trainables.common.robustness import robust_metric_names
 
-    def prepare_data(
-        self, data: dict[str, Any], cache_root: str, progress: Callable[[str], None] | None = None
+        return super().metric_names() | robust_metric_names(robustness, cross_corpus)
+
+    # -- training -----------------------------------------------------------------------------
+    def train(self, config: dict[str, Any], session: Session) -> list[dict[str, Any]]:
+        from .train import train
+
+        return train(config, session)
+
+    def evaluate_checkpoint(
+        self, checkpoint_dir: str, data: dict[str, Any], run: dict[str, Any], device: str = "cpu"
     ) -> dict[str, Any]:
-        from trainables.data.cache import build_cache, load_cache
+        from .train import evaluate_checkpoint
 
-        def cache(corpus: str, root: str) -> str:
-            if corpus == SYNTHETIC:
-                corpus, root = "manifest", str(ensure_synthetic(root, data.get("synthetic", {})))
-            return str(build_cache(corpus, root, cache_root, progress=progress))
+        return evaluate_checkpoint(checkpoint_dir, data, run, device, cache={})
 
-        main = cache(data["corpus"], data["root"])
-        loaded = load_cache(main)
-        out: dict[str, Any] = {
-            "cache": main,
-            "fold": int(data.get("fold", 0)),
-            "n_folds": data.get("n_folds"),
-            "noise_files": [str(Path(p).expanduser()) for p in data.get("noise_files") or []],
-            "fingerprint": loaded.fingerprint,
-            "report": loaded.report.to_dict(),
-        }
-        if data.get("unlabelled"):
-            u = data["unlabelled"]
-            out["unlabelled_cache"] = cache(u["corpus"], u["root"])
-        out["cross_corpus"] = [
-            {"name": c.get("name", c["corpus"]), "cache": cache(c["corpus"], c["root"])}
-            for c in data.get("cross_corpus") or []
-        ]
-        return out
-
-    def train_loop_per_worker(self) -> Callable[[dict[str, Any]], None]:
-        from .train import train_loop_per_worker
-
-        return train_loop_per_worker
-
-    def run_local(self, config: dict[str, Any]) -> list[dict[str, Any]]:
-        from .train import LocalSession, train
-
-        return train(config, LocalSession(device=config.get("run", {}).get("device", "auto")))
-
+    # -- serving and reports ----------------------------------------------------------------------
     def load_predictor(self, model_dir: str | Path):
         from .export import load_model
 
         return load_model(model_dir)
 
     def robustness_report(
-        self, predictor: Any, data: dict[str, Any], options: dict[str, Any], out: Path
-    ) -> dict:
-        """Evaluate a loaded predictor on ``data``'s test speakers; write the report to ``out``."""
+        self,
+        model_dir: str | Path,
+        data: dict[str, Any],
+        options: dict[str, Any],
+        out: Path,
+        split: str = "test",
+        title: str = "",
+    ) -> dict[str, Any]:
+        """A saved model on ``data``'s test speakers (``split="test"``) or on every labelled clip of
+        the corpus (``"all"``, e.g. a cross corpus); a cap takes a class-stratified sample."""
+        import numpy as np
         import torch
 
+        from trainables.common.robustness import evaluate_robustness, write_report
+        from trainables.common.utterances import Utterances, stratified_subset
         from trainables.data.cache import load_cache, speaker_independent_split
 
-        from .robustness import center_crops, evaluate_robustness, logits_fn_for, write_report
-        from .train import load_noise_bank
+        from .train import Resident
 
+        predictor = self.load_predictor(model_dir)
         cfg = predictor.cfg
         corpus = load_cache(data["cache"])
-        test = speaker_independent_split(corpus, data.get("fold", 0), data.get("n_folds"))["test"]
-        if options.get("max_utterances"):
-            test = test[: int(options["max_utterances"])]
-        seg = int(round(cfg.features.segment_s * cfg.features.sample_rate))
-        wav, y = center_crops(corpus, test, seg, torch.device("cpu"))
-        bank = load_noise_bank(data.get("noise_files") or [], cfg.features.sample_rate)
+        if split == "all":
+            idx = np.nonzero(corpus.labels >= 0)[0]
+        else:
+            idx = speaker_independent_split(corpus, data.get("fold", 0), data.get("n_folds"))[
+                "test"
+            ]
+        idx = idx[stratified_subset(corpus.labels[idx], options.get("max_utterances"), cfg.seed)]
+        utts = Utterances.from_corpus(corpus, torch.device("cpu")).select(idx)
         report = evaluate_robustness(
-            logits_fn_for(predictor.model, predictor.logmel),
-            wav,
-            y,
+            predictor.forward,
+            utts,
+            predictor.windowing,
             cfg.model.n_emotions,
             options,
-            bank,
+            Resident({}, torch.device("cpu")).noise_bank(
+                data.get("noise_files") or [], cfg.features.sample_rate
+            ),
             corpus_name=corpus.path.name,
+            split=split,
             seed=cfg.seed,
         )
-        write_report(report, Path(out))
+        write_report(report, Path(out), title, cfg.model.n_emotions)
         return report
 
-    def bench_train(self, device: str, batch: int | None, steps: int, rounds: int, log=print):
+    def bench_train(
+        self, device: str, batch: int | None, steps: int, rounds: int, log: Callable = print
+    ) -> TrainBench:
         from .bench import run_bench
 
         return run_bench(device=device, batch=batch, steps=steps, rounds=rounds, log=log)
-
-
-def ensure_synthetic(root: str | Path, options: dict[str, Any] | None = None) -> Path:
-    """The synthetic corpus at ``root``, generated there first if it is not there yet."""
-    from trainables.data.synth import synthesise_corpus
-
-    root = Path(root).expanduser()
-    manifest = root / "manifest.csv"
-    if not manifest.exists():
-        synthesise_corpus(root, **(options or {}))
-    return manifest
 
 
 TRAINABLE = MTLAugTrainable()

@@ -1,0 +1,1 @@
+"""Benchmarks that print figures and ratios: ``sertune bench search|scale|faults``."""

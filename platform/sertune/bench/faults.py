@@ -1,0 +1,515 @@
+"""``sertune bench faults``: fault drills end to end, one line each with what was lost.
+
+Every drill runs real processes - ``sertune`` searches as subprocesses, a real ``mlflow server``,
+``ray start --head`` with token authentication, real SIGKILL / SIGINT - in its own temporary
+``SERTUNE_HOME``, and stops only what it started (by process session and Ray temp dir; never
+``ray stop``). Target: every line says ``lost 0``, no hang longer than its documented timeout.
+
+| drill            | what happens                                          | what counts as lost            |
+|------------------|-------------------------------------------------------|--------------------------------|
+| driver_kill      | SIGKILL the driver mid-trial, then ``search resume``   | epochs missing/doubled, trials re-run |
+| worker_kill      | SIGKILL a warm slot's Train worker mid-trial           | epochs missing or doubled      |
+| sigint           | Ctrl-C mid-search, then ``search resume``             | trials missing, wrong statuses |
+| mlflow_outage    | the tracking server is down 60 s mid-search           | metric points never recorded   |
+| mlflow_down      | an unreachable ``--tracking-uri``                     | anything started (must be 0)   |
+| two_first        | two first searches at once on a fresh home            | searches failed, store broken  |
+| second_ray       | another Ray instance runs on the host                 | trials not finished            |
+| resources        | ``cpus_per_worker: 64`` on this machine               | seconds past the refusal limit |
+| token_head       | submit to a token-authenticated ``ray start --head``  | trials not finished            |
+| secrets          | fake AWS/MLflow secrets; search, promote, submit      | files containing a secret      |
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+# -- stopping what a drill (or a test) started, and nothing else -------------------------------------
+
+
+def processes() -> list[tuple[int, int, str]]:
+    """(pid, session id, command line) of every live, non-zombie process we can read."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            if fields[0] == "Z":  # a zombie: already dead, waiting for its parent
+                continue
+            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, ValueError, IndexError):
+            continue
+        out.append((int(d.name), int(fields[3]), cmd))
+    return out
+
+
+def owned(session: int | None = None, temp_dir: str | None = None) -> list[int]:
+    """Processes of one session (a process started with ``start_new_session``), and Ray
+    processes that name ``temp_dir`` (its ``--temp-dir``) on their command line."""
+    me = os.getpid()
+    return [
+        pid
+        for pid, sid, cmd in processes()
+        if pid != me
+        and ((session is not None and sid == session) or (temp_dir and temp_dir in cmd))
+    ]
+
+
+def kill_owned(
+    session: int | None = None, temp_dir: str | None = None, timeout: float = 20
+) -> int:
+    """SIGKILL what :func:`owned` finds; wait until it is gone."""
+    pids = owned(session, temp_dir)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and owned(session, temp_dir):
+        time.sleep(0.2)
+    return len(pids)
+
+
+# -- helpers -------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Drill:
+    """A temporary home, a spec writer and subprocess runners for one drill."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.root = Path(tempfile.mkdtemp(prefix=f"sertune-drill-{name}-"))
+        self.home = self.root / "home"
+        self.ray_tmp = f"/tmp/sd{os.getpid() % 100000}{name[:3]}"  # Ray's socket paths stay short
+        self.env = {**os.environ, "SERTUNE_HOME": str(self.home), "SERTUNE_RAY_NUM_CPUS": "2",
+                    "SERTUNE_RAY_TEMP_DIR": self.ray_tmp, "PYTHONUNBUFFERED": "1"}  # fmt: skip
+        for k in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "SERTUNE_STORAGE"):
+            self.env.pop(k, None)
+
+    def spec(self, name: str, edit: Callable[[dict], None] | None = None) -> Path:
+        import yaml
+
+        from ..spec import presets
+
+        raw = yaml.safe_load(presets()["smoke"].read_text())
+        raw["name"] = name
+        raw["robustness"] = None
+        raw["params"]["optim.min_steps_per_epoch"] = 36  # epochs of about a second
+        if edit:
+            edit(raw)
+        path = self.root / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        return path
+
+    def cli(
+        self, *args: str, timeout: float = 900, env: dict | None = None
+    ) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "sertune.cli", *args], capture_output=True,
+                              text=True, timeout=timeout, env=env or self.env)  # fmt: skip
+
+    def start(self, *args: str, env: dict | None = None) -> tuple[subprocess.Popen, list[str]]:
+        proc = subprocess.Popen([sys.executable, "-m", "sertune.cli", *args], env=env or self.env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)  # fmt: skip
+        lines: list[str] = []
+        threading.Thread(
+            target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True
+        ).start()
+        return proc, lines
+
+    @staticmethod
+    def wait_for(
+        lines: list[str], pattern: str, proc: subprocess.Popen, timeout: float = 600
+    ) -> re.Match:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            m = re.search(pattern, "".join(lines))
+            if m:
+                return m
+            if proc.poll() is not None:
+                raise RuntimeError(f"ended before {pattern!r}: {''.join(lines)[-800:]}")
+            time.sleep(0.1)
+        raise TimeoutError(f"no {pattern!r} within {timeout:.0f}s")
+
+    def clean(self, proc: subprocess.Popen | None = None) -> None:
+        kill_owned(session=proc.pid if proc else None, temp_dir=self.ray_tmp)
+
+    def runs(self, search: str, uri: str | None = None) -> list[Any]:
+        from mlflow import MlflowClient
+
+        c = MlflowClient(uri or f"sqlite:///{self.home / 'mlflow.db'}")
+        exp = c.get_experiment_by_name("sertune")
+        return (
+            c.search_runs([exp.experiment_id], f"tags.`sertune.search` = '{search}'")
+            if exp
+            else []
+        )
+
+    def epoch_gaps(self, search: str, epochs: int, uri: str | None = None) -> int:
+        """Metric points missing or doubled across a search's finished trial runs."""
+        from mlflow import MlflowClient
+
+        c = MlflowClient(uri or f"sqlite:///{self.home / 'mlflow.db'}")
+        lost = 0
+        for r in self.runs(search, uri):
+            if r.data.tags.get("sertune.kind") != "trial":
+                continue
+            steps = [m.step for m in c.get_metric_history(r.info.run_id, "val_uar")]
+            want = list(range(1, int(r.data.metrics.get("epochs_done", epochs)) + 1))
+            lost += len(set(want) ^ set(steps)) + (len(steps) - len(set(steps)))
+        return lost
+
+
+def start_mlflow(root: Path, port: int) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
+         "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
+        stdout=open(root / "server.log", "a"), stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+            return proc
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError((root / "server.log").read_text()[-800:]) from None
+            time.sleep(0.5)
+    raise TimeoutError("mlflow server did not start in 120 s")
+
+
+def start_token_head(
+    d: Drill, extra_env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen, str, dict]:
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    port, dash = free_port(), free_port()
+    token = d.root / "cluster.token"
+    token.write_text("sertune-drill-" + os.urandom(16).hex())
+    env = {**d.env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
+           "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}", **(extra_env or {})}  # fmt: skip
+    env.pop("SERTUNE_RAY_TEMP_DIR", None)
+    head = subprocess.Popen(
+        [ray_bin, "start", "--head", "--block", "--port", str(port), "--dashboard-port", str(dash),
+         "--num-cpus", "2", "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
+         "--temp-dir", d.ray_tmp + "h", "--disable-usage-stats"],
+        env=env, stdout=open(d.root / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{dash}/api/version", timeout=2)
+            break
+        except urllib.error.HTTPError:  # 401: up and asking for the token
+            break
+        except OSError:
+            if head.poll() is not None:
+                raise RuntimeError((d.root / "head.log").read_text()[-800:]) from None
+            time.sleep(0.5)
+    return head, f"http://127.0.0.1:{dash}", env
+
+
+# -- the drills ------------------------------------------------------------------------------------------
+
+
+def driver_kill(d: Drill) -> tuple[int, str]:
+    """SIGKILL the driver mid-trial, then `sertune search resume`."""
+    spec = d.spec(
+        "crash",
+        lambda r: r["budget"].update(trials=3, concurrency=1, max_epochs=6, grace_epochs=6),
+    )
+    proc, lines = d.start("search", "run", str(spec))
+    state = d.home / "searches" / "crash"
+    seen: dict[str, float] = {}
+    try:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            text = "".join(lines)
+            finished = set(re.findall(r"trial (\w+) finished", text))
+            for t in re.findall(r"trial (\w+) started", text):
+                seen.setdefault(t, time.time())
+            saved = max(
+                (p.stat().st_mtime for p in state.glob("experiment_state-*.json")), default=0
+            )
+            mid = [t for t, e in re.findall(r"trial (\w+) epoch (\d)/6", text)
+                   if t not in finished and 2 <= int(e) <= 4 and saved > seen[t] + 0.5]  # fmt: skip
+            if finished and mid:
+                break
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        d.clean(proc)
+    resumed = d.cli("search", "resume", "crash")
+    d.clean()
+    rerun = set(re.findall(r"trial (\w+) started", resumed.stdout)) & finished
+    lost = (
+        d.epoch_gaps("crash", 6)
+        + len(rerun)
+        + (0 if "(3 trials, 0 failed" in resumed.stdout else 1)
+    )
+    return lost, f"resume exit {resumed.returncode}, {len(rerun)} finished trials re-run"
+
+
+def worker_kill(d: Drill) -> tuple[int, str]:
+    """SIGKILL a warm slot's Ray Train worker mid-trial."""
+    spec = d.spec(
+        "wk", lambda r: r["budget"].update(trials=1, concurrency=1, max_epochs=5, grace_epochs=5)
+    )
+    proc, lines = d.start("search", "run", str(spec))
+    try:
+        d.wait_for(lines, r"trial \w+ epoch 2/5", proc)
+        workers = [
+            pid
+            for pid, sid, cmd in processes()
+            if sid == proc.pid and cmd.startswith("ray::RayTrainWorker")
+        ]
+        for pid in workers:
+            os.kill(pid, signal.SIGKILL)
+        proc.wait(timeout=600)
+    finally:
+        d.clean(proc)
+    epochs = [int(e) for e in re.findall(r"trial \w+ epoch (\d)/5", "".join(lines))]
+    lost = (
+        len(set(range(1, 6)) ^ set(epochs))
+        + len(epochs)
+        - len(set(epochs))
+        + (proc.returncode != 0)
+    )
+    return (
+        lost,
+        f"killed {len(workers)} worker(s), epochs reported {epochs}, exit {proc.returncode}",
+    )
+
+
+def sigint(d: Drill) -> tuple[int, str]:
+    """Ctrl-C mid-search, then `sertune search resume`."""
+    spec = d.spec(
+        "stop", lambda r: r["budget"].update(trials=3, concurrency=1, max_epochs=4, grace_epochs=4)
+    )
+    proc, lines = d.start("search", "run", str(spec))
+    try:
+        d.wait_for(lines, r"trial \w+ epoch 2/4", proc)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+    finally:
+        d.clean(proc)
+    marked = json.loads((d.home / "state" / "searches" / "stop.json").read_text())["status"]
+    resumed = d.cli("search", "resume", "stop")
+    d.clean()
+    ok = (
+        proc.returncode == 130
+        and marked == "interrupted"
+        and "(3 trials, 0 failed" in resumed.stdout
+    )
+    return (0 if ok else 1) + d.epoch_gaps(
+        "stop", 4
+    ), f"exit {proc.returncode}, marked {marked}, resume exit {resumed.returncode}"
+
+
+def mlflow_outage(d: Drill, down_s: float = 60.0) -> tuple[int, str]:
+    """The tracking server is down 60 s in the middle of a search."""
+    root, port = d.root / "server", free_port()
+    root.mkdir()
+    server = start_mlflow(root, port)
+    uri = f"http://127.0.0.1:{port}"
+    spec = d.spec(
+        "outage",
+        lambda r: r["budget"].update(trials=3, concurrency=1, max_epochs=4, grace_epochs=4),
+    )
+    proc, lines = d.start("search", "run", str(spec), "--tracking-uri", uri)
+    try:
+        d.wait_for(lines, r"trial \w+ epoch 1/4", proc)
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+        time.sleep(down_s)
+        server = start_mlflow(root, port)
+        proc.wait(timeout=900)
+        lost = d.epoch_gaps("outage", 4, uri) + sum(
+            r.info.status != "FINISHED" for r in d.runs("outage", uri)
+        )
+        lost += proc.returncode != 0
+        said = bool(re.search(r"unreachable", "".join(lines))) and "caught up" in "".join(lines)
+    finally:
+        d.clean(proc)
+        os.killpg(server.pid, signal.SIGTERM)
+    return lost, f"console said unreachable + caught up: {said}, exit {proc.returncode}"
+
+
+def mlflow_down(d: Drill) -> tuple[int, str]:
+    """An unreachable --tracking-uri: refused before anything starts."""
+    t0 = time.monotonic()
+    p = d.cli(
+        "search", "run", str(d.spec("down")), "--tracking-uri", f"http://127.0.0.1:{free_port()}"
+    )
+    started = int(bool(re.search(r"trial \w+ started", p.stdout))) + int(
+        (d.home / "cache").exists()
+    )
+    return started + (
+        p.returncode != 2
+    ), f"exit {p.returncode} in {time.monotonic() - t0:.1f}s: {p.stderr.strip()[:90]}"
+
+
+def two_first(d: Drill) -> tuple[int, str]:
+    """Two first searches at once on a fresh SERTUNE_HOME."""
+    a, la = d.start("search", "run", str(d.spec("one")))
+    b, lb = d.start("search", "run", str(d.spec("two")))
+    try:
+        a.wait(timeout=900)
+        b.wait(timeout=900)
+    finally:
+        d.clean(a)
+        d.clean(b)
+    check = d.cli("search", "list")
+    lost = (a.returncode != 0) + (b.returncode != 0) + (check.returncode != 0)
+    lost += sum(
+        len([r for r in d.runs(s) if r.data.tags.get("sertune.kind") == "trial"]) != 2
+        for s in ("one", "two")
+    )
+    return lost, f"exits {a.returncode}, {b.returncode}; store readable: {check.returncode == 0}"
+
+
+def second_ray(d: Drill) -> tuple[int, str]:
+    """Another Ray instance runs on the host during a search (ASHA stops trials)."""
+    head, _, _ = start_token_head(d)
+    try:
+        spec = d.spec(
+            "beside",
+            lambda r: r["budget"].update(trials=4, concurrency=2, max_epochs=3, grace_epochs=1),
+        )
+        p = d.cli("search", "run", str(spec), timeout=900)
+    finally:
+        kill_owned(session=head.pid, temp_dir=d.ray_tmp + "h")
+        d.clean()
+    return (p.returncode != 0) + (
+        0 if "(4 trials, 0 failed" in p.stdout else 1
+    ), f"exit {p.returncode}"
+
+
+def resources(d: Drill, limit_s: float = 60.0) -> tuple[int, str]:
+    """cpus_per_worker: 64 on this machine."""
+    t0 = time.monotonic()
+    p = d.cli(
+        "search", "run", str(d.spec("huge", lambda r: r["resources"].update(cpus_per_worker=64)))
+    )
+    d.clean()
+    took = time.monotonic() - t0
+    ok = p.returncode == 2 and "resources.cpus_per_worker" in p.stderr
+    return (0 if ok else 1) + int(
+        max(0.0, took - limit_s)
+    ), f"exit {p.returncode} after {took:.0f}s: {p.stderr.strip()[-90:]}"
+
+
+def token_head(d: Drill) -> tuple[int, str]:
+    """Submit to a token-authenticated `ray start --head`."""
+    head, address, env = start_token_head(d)
+    try:
+        client = {**env}
+        client.pop("RAY_AUTH_MODE")
+        p = d.cli(
+            "search", "submit", str(d.spec("sub")), "--address", address, "--wait", env=client
+        )
+    finally:
+        kill_owned(session=head.pid, temp_dir=d.ray_tmp + "h")
+    return (p.returncode != 0) + (
+        0 if "(2 trials, 0 failed" in p.stdout else 1
+    ), f"exit {p.returncode}"
+
+
+def secrets(d: Drill) -> tuple[int, str]:
+    """Fake AWS and MLflow secrets in the environment; a search, a promotion and a submission."""
+    fake = {"AWS_ACCESS_KEY_ID": "AKIAFAKE" + os.urandom(4).hex(),
+            "AWS_SECRET_ACCESS_KEY": "SECRETaws" + os.urandom(8).hex(),
+            "MLFLOW_TRACKING_USERNAME": "someone", "MLFLOW_TRACKING_PASSWORD": "SECRETmlflow" + os.urandom(8).hex()}  # fmt: skip
+    d.env.update(fake)
+    run = d.cli("search", "run", str(d.spec("sec")))
+    promote = d.cli("promote", "sec")
+    head, address, env = start_token_head(d)
+    try:
+        client = {**env}
+        client.pop("RAY_AUTH_MODE")
+        sub = d.cli(
+            "search", "submit", str(d.spec("sec-sub")), "--address", address, "--wait", env=client
+        )
+    finally:
+        kill_owned(session=head.pid, temp_dir=d.ray_tmp + "h")
+        d.clean()
+    needles = [
+        fake["AWS_SECRET_ACCESS_KEY"],
+        fake["MLFLOW_TRACKING_PASSWORD"],
+        (d.root / "cluster.token").read_text(),
+    ]
+    hits = []
+    for root in (Path(d.ray_tmp), Path(d.ray_tmp + "h"), d.home):
+        for f in root.rglob("*") if root.exists() else []:
+            if f.is_file() and not f.is_symlink():
+                try:
+                    data = f.read_bytes()
+                except OSError:
+                    continue
+                hits += [str(f) for n in needles if n.encode() in data]
+    for out in (run, promote, sub):
+        hits += ["console"] * sum(n in out.stdout + out.stderr for n in needles)
+    failed = (run.returncode != 0) + (promote.returncode != 0) + (sub.returncode != 0)
+    return (
+        len(hits) + failed,
+        f"{len(hits)} file(s) with a secret; exits {run.returncode}/{promote.returncode}/{sub.returncode}",
+    )
+
+
+DRILLS: dict[str, Callable[[Drill], tuple[int, str]]] = {
+    "driver_kill": driver_kill,
+    "worker_kill": worker_kill,
+    "sigint": sigint,
+    "mlflow_outage": mlflow_outage,
+    "mlflow_down": mlflow_down,
+    "two_first": two_first,
+    "second_ray": second_ray,
+    "resources": resources,
+    "token_head": token_head,
+    "secrets": secrets,
+}
+
+
+def run_drills(only: list[str] | None = None) -> int:
+    names = only or list(DRILLS)
+    unknown = set(names) - set(DRILLS)
+    if unknown:
+        print(f"unknown drill(s): {', '.join(sorted(unknown))}; see --list", file=sys.stderr)
+        return 2
+    failures = 0
+    for name in names:
+        d = Drill(name)
+        t0 = time.monotonic()
+        try:
+            lost, detail = DRILLS[name](d)
+        except Exception as e:  # noqa: BLE001 - a drill that breaks is reported, the next one runs
+            lost, detail = (
+                1,
+                f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}",
+            )
+            d.clean()
+        failures += lost > 0
+        print(f"{name:14} lost {lost}   ({detail}; {time.monotonic() - t0:.0f}s)", flush=True)
+    return 1 if failures else 0

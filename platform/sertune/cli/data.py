@@ -1,0 +1,64 @@
+"""``sertune data``: synthesise a corpus, decode one into the cache (through the trainable)."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from . import command
+
+
+def add(sub) -> None:
+    data = sub.add_parser("data", help="corpora: synthesise one, decode one into the cache")
+    dsub = data.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
+    s = command(
+        dsub,
+        "synth",
+        "write a synthetic emotional-speech corpus (wav files + manifest.csv)",
+        "sertune data synth --out /tmp/synth --speakers 8 --per-class 12",
+    )
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--seed", type=int, default=0, help="same seed, same corpus")
+    s.add_argument("--speakers", type=int, default=8, help="speakers, alternating male/female")
+    s.add_argument("--per-class", type=int, default=12, help="utterances per speaker and emotion")
+    s.add_argument("--unlabelled", type=int, default=0, help="extra unlabelled utterances")
+    s.add_argument("--trainable", default="mtl_aug", help=argparse.SUPPRESS)
+    s.set_defaults(func=synth)
+    c = command(
+        dsub,
+        "cache",
+        "decode a corpus once into the cache and print its data report",
+        "sertune data cache emodb /data/emodb\nsertune data cache manifest /data/mine/manifest.csv",
+    )
+    c.add_argument("corpus", help="iemocap | msp_improv | emodb | ravdess | crema_d | manifest")
+    c.add_argument("root", help="the corpus folder as distributed (or the manifest CSV)")
+    c.add_argument("--cache", help="cache root (default $SERTUNE_HOME/cache)")
+    c.add_argument("--trainable", default="mtl_aug", help=argparse.SUPPRESS)
+    c.set_defaults(func=cache)
+
+
+def synth(a: argparse.Namespace) -> int:
+    from ..trainable import get_trainable
+
+    t0 = time.monotonic()
+    manifest = get_trainable(a.trainable).synthesise_corpus(
+        a.out, n_speakers=a.speakers, per_class=a.per_class, n_unlabelled=a.unlabelled, seed=a.seed
+    )
+    n = sum(1 for _ in manifest.open()) - 1
+    print(
+        f"wrote {n} utterances ({a.speakers} speakers) and {manifest} in {time.monotonic() - t0:.1f}s"
+    )
+    return 0
+
+
+def cache(a: argparse.Namespace) -> int:
+    from .. import settings
+    from ..trainable import get_trainable
+
+    c = get_trainable(a.trainable).cache_corpus(a.corpus, a.root, a.cache or settings.cache_root())
+    print(c.report_summary)
+    print(
+        f"cache: {c.path} (fingerprint {c.fingerprint[:16]}, {c.utterances} utterances, "
+        f"{c.megabytes:.1f} MB int16)"
+    )
+    return 0

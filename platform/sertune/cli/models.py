@@ -1,0 +1,112 @@
+"""``sertune promote | predict | report``: the registry and using its models."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from . import command, tracking_option
+
+
+def add(sub) -> None:
+    pr = command(
+        sub,
+        "promote",
+        "register a search's best model, gated on robustness (alias champion)",
+        "sertune promote mtl-aug --gate 'robust/uar_snr10_babble>=0.45' --gate 'robust/uar_pgd0.005>=0.3'\n"
+        "sertune promote mtl-aug --confirm-top 3 --seeds 3   # re-train the top 3 first, rank by mean",
+        parents=[tracking_option()],
+    )
+    pr.add_argument("search", help="search name")
+    pr.add_argument("--objective", help="metric to pick the best by (default: the search's first)")
+    pr.add_argument(
+        "--gate",
+        action="append",
+        metavar="EXPR",
+        help="e.g. 'robust/uar_snr10_white>=0.5' (repeatable; all must pass; means when confirmed)",
+    )
+    pr.add_argument("--name", default="ser-mtl-aug", help="registered model name")
+    pr.add_argument("--confirm-top", type=int, metavar="K",
+                    help="first re-train the K best configurations with --seeds fresh seeds")  # fmt: skip
+    pr.add_argument(
+        "--seeds", type=int, default=3, help="fresh seeds per configuration with --confirm-top"
+    )
+    pr.add_argument("--num-cpus", type=int, help="CPUs for local Ray during --confirm-top")
+    pr.set_defaults(func=promote)
+
+    pd = command(
+        sub,
+        "predict",
+        "emotion probabilities for audio files (a folder reads its wav/flac/ogg files)",
+        "sertune predict models:/ser-mtl-aug@champion a.wav b.wav\n"
+        "sertune predict models:/ser-mtl-aug@champion recordings/ --format csv > out.csv",
+        parents=[tracking_option()],
+    )
+    pd.add_argument(
+        "model_uri", help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/ID/model or a folder"
+    )
+    pd.add_argument("files", nargs="+", help="audio files and/or folders")
+    pd.add_argument(
+        "--format", choices=("text", "json", "csv"), default="text", help="output format"
+    )
+    pd.set_defaults(func=predict)
+
+    rp = command(
+        sub,
+        "report",
+        "robustness report of a model on a corpus (noise × SNR, FGSM/PGD × ε)",
+        "sertune report models:/ser-mtl-aug@champion --corpus emodb --root /data/emodb --split all",
+        parents=[tracking_option()],
+    )
+    rp.add_argument("model_uri")
+    rp.add_argument(
+        "--corpus", required=True, help="corpus adapter (e.g. manifest, emodb, synthetic)"
+    )
+    rp.add_argument("--root", required=True, help="the corpus folder (or manifest)")
+    rp.add_argument("--fold", type=int, default=0, help="test speaker group with --split test")
+    rp.add_argument("--split", choices=("test", "all"), default="test",
+                    help="test: that fold's speakers; all: every labelled clip (a cross corpus)")  # fmt: skip
+    rp.add_argument("--out", default="robustness-report", help="output folder")
+    rp.add_argument("--max-utterances", type=int, default=200,
+                    help="cap, as a class-stratified sample (0: no cap)")  # fmt: skip
+    rp.set_defaults(func=report)
+
+
+def promote(a: argparse.Namespace) -> int:
+    from ..registry import promote as do_promote
+
+    if a.confirm_top:
+        from ..search import confirm_search
+        from .search import _print_result
+
+        _print_result(confirm_search(a.search, a.confirm_top, a.seeds, num_cpus=a.num_cpus,
+                                     verbose=a.verbose))  # fmt: skip
+    v = do_promote(a.search, objective=a.objective, gates=a.gate or [], model_name=a.name,
+                   tracking_uri=a.tracking_uri)  # fmt: skip
+    spread = f" ± {v['sd']:.4f} over {v['n']} seeds" if v["confirmed"] else ""
+    print(f"registered {v['name']} version {v['version']} (trial {v['trial']}, "
+          f"{v['objective']}={v['value']:.4f}{spread})")  # fmt: skip
+    print(
+        f"alias champion -> version {v['version']}"
+        + (f"; previous -> version {v['previous']}" if v.get("previous") else "")
+    )
+    print(f"use it: sertune predict models:/{v['name']}@champion FILE.wav")
+    return 0
+
+
+def predict(a: argparse.Namespace) -> int:
+    from ..inference import format_predictions, predict_files
+
+    rows = predict_files(a.model_uri, a.files, tracking_uri=a.tracking_uri)
+    print(format_predictions(rows, a.format))
+    return 0 if all(not r.get("error") for r in rows) else 1
+
+
+def report(a: argparse.Namespace) -> int:
+    from ..inference import report_model
+
+    out = report_model(a.model_uri, a.corpus, a.root, a.out, fold=a.fold, split=a.split,
+                       tracking_uri=a.tracking_uri, max_utterances=a.max_utterances or None)  # fmt: skip
+    print((Path(out) / "summary.md").read_text())
+    print(f"report: {out}/robustness.json, {out}/uar_vs_snr.png, {out}/uar_vs_eps.png")
+    return 0

@@ -1,0 +1,130 @@
+"""``sertune demo | ui | bench``: the tour, the MLflow UI, and benchmarks that print figures."""
+
+from __future__ import annotations
+
+import argparse
+
+from . import command, tracking_option
+
+
+def add_demo(sub) -> None:
+    d = command(
+        sub,
+        "demo",
+        "the one-command tour: synthetic corpus, small search, promotion, prediction",
+        "sertune demo\nSERTUNE_HOME=/tmp/try sertune demo --trials 4",
+        parents=[tracking_option()],
+    )
+    d.add_argument("--trials", type=int, default=6, help="trials in the demo search")
+    d.add_argument("--concurrency", type=int, default=2, help="trials at a time")
+    d.add_argument("--epochs", type=int, default=4, help="max epochs per trial")
+    d.add_argument("--name", default="demo", help="search name")
+    d.set_defaults(func=demo)
+
+
+def add(sub) -> None:
+    ui = command(
+        sub,
+        "ui",
+        "the MLflow UI on the default store, opened on the trials table",
+        "sertune ui\nsertune ui --port 5050 --host 0.0.0.0",
+        parents=[tracking_option()],
+    )
+    ui.add_argument("--host", default="127.0.0.1", help="interface to listen on")
+    ui.add_argument("--port", type=int, default=5000, help="port to listen on")
+    ui.add_argument("--workers", type=int, default=1, help="server processes (1 fits a laptop)")
+    ui.set_defaults(func=run_ui)
+
+    b = sub.add_parser("bench", help="benchmarks that print figures and ratios")
+    bsub = b.add_subparsers(dest="bench_command", required=True, metavar="SUBCOMMAND")
+    bt = command(bsub, "train", "on-device pipeline vs. model-step ceiling (samples/s)",
+                 "sertune bench train --device cuda --batch 256")  # fmt: skip
+    bt.add_argument("--device", default="auto", help="cpu | cuda | auto")
+    bt.add_argument("--batch", type=int, help="batch size (default 256 on cuda, 32 on cpu)")
+    bt.add_argument("--steps", type=int, default=20, help="steps per timed round")
+    bt.add_argument("--rounds", type=int, default=3, help="interleaved rounds, median reported")
+    bt.add_argument("--trainable", default="mtl_aug", help=argparse.SUPPRESS)
+    bt.set_defaults(func=bench_train)
+
+    bs = command(
+        bsub,
+        "search",
+        "fixed cost per trial: warm slots against one Train run per trial, side by side; packing",
+        "sertune bench search --trials 8\nsertune bench search --fractional-gpus 0.25",
+    )
+    bs.add_argument("--trials", type=int, default=8, help="short sequential trials per mode")
+    bs.add_argument("--fractional-gpus", type=float, default=0.0,
+                    help="GPU share per packed slot (needs a GPU; 0 packs CPU slots)")  # fmt: skip
+    bs.add_argument("--num-cpus", type=int, help="CPUs for local Ray (default: all)")
+    bs.set_defaults(func=bench_search)
+
+    sc = command(
+        bsub,
+        "scale",
+        "driver and MLflow cost per trial at 100, 300, 1000 trials on a fake multi-GPU cluster",
+        "sertune bench scale\nsertune bench scale --sizes 100 300 1000 --trial-seconds 2",
+    )
+    sc.add_argument(
+        "--sizes", type=int, nargs="+", default=[100, 300, 1000], help="trials per run"
+    )
+    sc.add_argument(
+        "--trial-seconds", type=float, default=2.0, help="simulated training per trial"
+    )
+    sc.add_argument("--epochs", type=int, default=4, help="reports per trial")
+    sc.add_argument("--slots", type=int, default=8, help="concurrent trials (fake GPUs)")
+    sc.set_defaults(func=bench_scale)
+
+    bf = command(
+        bsub,
+        "faults",
+        "fault drills end to end: one line per drill with what was lost",
+        "sertune bench faults\nsertune bench faults --only sigint worker_kill",
+    )
+    bf.add_argument("--only", nargs="+", help="run only these drills")
+    bf.add_argument("--list", action="store_true", help="list the drills and exit")
+    bf.set_defaults(func=bench_faults)
+
+
+def demo(a: argparse.Namespace) -> int:
+    from ..demo import run_demo
+
+    return run_demo(trials=a.trials, concurrency=a.concurrency, epochs=a.epochs, name=a.name,
+                    verbose=a.verbose)  # fmt: skip
+
+
+def run_ui(a: argparse.Namespace) -> int:
+    from ..ui import serve_ui
+
+    return serve_ui(a.host, a.port, a.tracking_uri, workers=a.workers)
+
+
+def bench_train(a: argparse.Namespace) -> int:
+    from ..trainable import get_trainable
+
+    r = get_trainable(a.trainable).bench_train(a.device, a.batch, a.steps, a.rounds)
+    print(f"(a) ceiling  (train step on features on the device): {r.ceiling:,.0f} samples/s")
+    print(f"(b) pipeline (waveform -> augment -> log-mel -> step): {r.pipeline:,.0f} samples/s")
+    print(f"pipeline/ceiling: {r.ratio:.2f}")
+    return 0
+
+
+def bench_search(a: argparse.Namespace) -> int:
+    from ..bench.search import run_search_bench
+
+    return run_search_bench(trials=a.trials, gpus=a.fractional_gpus, num_cpus=a.num_cpus)
+
+
+def bench_scale(a: argparse.Namespace) -> int:
+    from ..bench.scale import run_scale_bench
+
+    return run_scale_bench(a.sizes, a.trial_seconds, a.epochs, a.slots)
+
+
+def bench_faults(a: argparse.Namespace) -> int:
+    from ..bench.faults import DRILLS, run_drills
+
+    if a.list:
+        for name, drill in DRILLS.items():
+            print(f"{name:18} {drill.__doc__.splitlines()[0]}")
+        return 0
+    return run_drills(a.only)

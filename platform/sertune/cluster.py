@@ -1,0 +1,191 @@
+"""The Ray cluster a search runs on: start or join it, address it explicitly, check it can run
+one trial before anything starts.
+
+* Local (default): Ray starts in this process with the CPUs asked for (``--num-cpus``) and its
+  dashboard (Ray Train's placement-group cleaner needs the state API behind it).
+* Joined: ``RAY_ADDRESS`` names a cluster (``ray start`` head, KubeRay, a Ray Job's own cluster).
+
+Either way, once connected this process and every trial address *this* cluster through
+``RAY_ADDRESS``: Ray helpers that auto-detect "the" local cluster die when a second Ray instance
+runs on the host (another user's search, a notebook, the remains of a killed driver).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import Any
+
+from . import ray_compat
+from .errors import ResourceError
+
+# Settings every worker needs to reach S3; credentials are never among them (each node uses its
+# own AWS credential chain).
+STORAGE_SETTINGS = ("AWS_ENDPOINT_URL", "SERTUNE_S3_ENDPOINT", "MLFLOW_S3_ENDPOINT_URL",
+                    "AWS_DEFAULT_REGION")  # fmt: skip
+SCALE_UP_TIMEOUT_ENV = "SERTUNE_SCALE_UP_TIMEOUT_S"
+DEFAULT_SCALE_UP_TIMEOUT_S = 600.0
+
+_started_here = False
+_connected_here = False  # this module set RAY_ADDRESS and must put the old value back
+_saved_address: str | None = None
+
+
+def in_ray_job() -> bool:
+    return "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ  # set by Ray Jobs for a job's driver
+
+
+def worker_env(fast: bool = True) -> dict[str, str]:
+    """Environment for the cluster's workers: Train's polling knob and where S3 lives."""
+    env = dict(ray_compat.FAST_ENV) if fast else {}
+    for key in STORAGE_SETTINGS:
+        if os.environ.get(key):
+            env[key] = os.environ[key]
+    return env
+
+
+def init_ray(num_cpus: int | None = None, fast: bool = True, verbose: bool = False) -> str:
+    """Start local Ray, or join the cluster in ``RAY_ADDRESS``; return the cluster's address."""
+    import ray
+
+    global _started_here, _saved_address, _connected_here
+    ray_compat.keep_credentials_out_of_runtime_envs()
+    if ray.is_initialized():
+        return ray.get_runtime_context().gcs_address
+    env = worker_env(fast)
+    for k, v in env.items():  # the local raylet's workers inherit the driver's environment
+        os.environ.setdefault(k, v)
+    worker_logs = verbose or os.environ.get("SERTUNE_WORKER_LOGS", "0") == "1"
+    kwargs: dict[str, Any] = {
+        "log_to_driver": worker_logs,
+        "logging_level": logging.INFO if verbose else logging.ERROR,
+    }
+    if not in_ray_job():
+        # Inside a Ray Job (`sertune search submit`) the job's runtime env already carries these,
+        # and Ray refuses to merge a second definition of the same variables.
+        kwargs["runtime_env"] = {"env_vars": env}
+    _saved_address = os.environ.get("RAY_ADDRESS")
+    if not _saved_address:
+        cpus = num_cpus or int(os.environ.get("SERTUNE_RAY_NUM_CPUS", "0")) or None
+        kwargs.update(num_cpus=cpus, include_dashboard=True)
+        if os.environ.get(
+            "SERTUNE_RAY_TEMP_DIR"
+        ):  # a private session folder (tests, shared hosts)
+            kwargs["_temp_dir"] = os.environ["SERTUNE_RAY_TEMP_DIR"]
+        _started_here = True
+    else:
+        _started_here = False
+    ray.init(**kwargs)
+    address = ray.get_runtime_context().gcs_address
+    os.environ["RAY_ADDRESS"] = address
+    _connected_here = True
+    ray_compat.propagate_to_trials(("RAY_ADDRESS",))
+    return address
+
+
+def shutdown_ray() -> None:
+    """Disconnect (and stop a cluster started here); forget the explicit address."""
+    import ray
+
+    global _started_here, _connected_here, _saved_address
+    if ray.is_initialized():
+        ray.shutdown()
+    if _connected_here:
+        if _saved_address:
+            os.environ["RAY_ADDRESS"] = _saved_address
+        else:
+            os.environ.pop("RAY_ADDRESS", None)
+    _started_here = _connected_here = False
+    _saved_address = None
+
+
+def started_here() -> bool:
+    return _started_here
+
+
+# -- can the cluster run one trial? --------------------------------------------------------------------
+
+
+def trial_bundles(resources: dict[str, Any]) -> list[dict[str, float]]:
+    """What one trial asks Ray for: one bundle per Train worker."""
+    bundle = {"CPU": float(resources["cpus_per_worker"])}
+    if resources.get("gpus_per_worker"):
+        bundle["GPU"] = float(resources["gpus_per_worker"])
+    return [dict(bundle) for _ in range(int(resources["workers"]))]
+
+
+def _alive_nodes() -> list[dict[str, float]]:
+    import ray
+
+    return [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
+
+
+def how_many_fit(bundles: list[dict[str, float]], nodes: list[dict[str, float]]) -> int:
+    """How many trials of ``bundles`` the nodes hold at once (first-fit, largest bundles first)."""
+    free = [dict(n) for n in nodes]
+    count = 0
+    while True:
+        for b in sorted(bundles, key=lambda b: (-b.get("GPU", 0), -b["CPU"])):
+            node = next(
+                (f for f in free if all(f.get(k, 0.0) + 1e-9 >= v for k, v in b.items())), None
+            )
+            if node is None:
+                return count
+            for k, v in b.items():
+                node[k] = node.get(k, 0.0) - v
+        count += 1
+        if count >= 10_000:
+            return count
+
+
+def _describe(nodes: list[dict[str, float]]) -> str:
+    if not nodes:
+        return "no alive nodes"
+    big = max(nodes, key=lambda n: (n.get("GPU", 0), n.get("CPU", 0)))
+    cpu = sum(n.get("CPU", 0) for n in nodes)
+    gpu = sum(n.get("GPU", 0) for n in nodes)
+    return (
+        f"the largest node has {big.get('CPU', 0):g} CPU, {big.get('GPU', 0):g} GPU "
+        f"({len(nodes)} node(s), {cpu:g} CPU and {gpu:g} GPU in all)"
+    )
+
+
+def check_resources(spec: Any, log=print) -> int:
+    """Refuse a search whose trial can never be placed; return how many trials fit at once.
+
+    A cluster started here cannot grow: refuse at once (exit 2, naming ``resources.*``). A joined
+    cluster may be autoscaling: wait for a node that fits, saying what is awaited, up to
+    ``$SERTUNE_SCALE_UP_TIMEOUT_S`` (default 600 s), then refuse.
+    """
+    r = spec.resources.model_dump()
+    bundles = trial_bundles(r)
+    need = f"one trial needs {r['workers']} worker(s) × {r['cpus_per_worker']:g} CPU" + (
+        f" + {r['gpus_per_worker']:g} GPU" if r["gpus_per_worker"] else ""
+    )
+    field = "resources.gpus_per_worker" if r["gpus_per_worker"] else "resources.cpus_per_worker"
+    nodes = _alive_nodes()
+    fit = how_many_fit(bundles, nodes)
+    if fit:
+        return fit
+    if started_here():
+        raise ResourceError(f"{spec.source}: {field}: {need}; {_describe(nodes)} (local Ray)")
+    timeout = float(os.environ.get(SCALE_UP_TIMEOUT_ENV, DEFAULT_SCALE_UP_TIMEOUT_S))
+    t0 = last = time.monotonic()
+    log(
+        f"[sertune] waiting up to {timeout:.0f}s for the cluster to scale up: {need}; {_describe(nodes)}"
+    )
+    while time.monotonic() - t0 < timeout:
+        time.sleep(2.0)
+        nodes = _alive_nodes()
+        fit = how_many_fit(bundles, nodes)
+        if fit:
+            log(f"[sertune] the cluster can place a trial now ({_describe(nodes)})")
+            return fit
+        if time.monotonic() - last > 30:
+            last = time.monotonic()
+            log(f"[sertune] still waiting ({time.monotonic() - t0:.0f}s): {_describe(nodes)}")
+    raise ResourceError(
+        f"{spec.source}: {field}: {need}; after {timeout:.0f}s {_describe(nodes)} "
+        f"(set {SCALE_UP_TIMEOUT_ENV} to wait longer)"
+    )

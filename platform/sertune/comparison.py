@@ -1,0 +1,163 @@
+"""Two searches on the same data, side by side: ``sertune compare A B`` and a search's baseline.
+
+Each search is represented by its winning configuration: the best confirmed configuration (mean
+± sd over its fresh seeds) when the search was confirmed, else its best single trial (no spread).
+A verdict is given only where the difference exceeds the seed spread of both sides
+(|Δ| > sd_A + sd_B); single runs get none.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from . import tracking
+from .errors import NotFound, UsageError
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    from .confirm import _stats as stats
+
+    return stats(values)
+
+
+def search_figures(client: Any, search: str) -> dict[str, Any]:
+    """The winning configuration of ``search`` as MLflow recorded it."""
+    exp = tracking.get_experiment_id(client, create=False)
+    runs = client.search_runs(
+        [exp], filter_string=f"tags.`{tracking.TAG_SEARCH}` = '{search}'", max_results=5000
+    )
+    parent = next((r for r in runs if r.data.tags.get(tracking.TAG_KIND) == "search"), None)
+    if parent is None:
+        raise NotFound(f"no search named {search!r} in MLflow ({client.tracking_uri})")
+    objective = json.loads(parent.data.tags.get("sertune.objective", "[]"))[0]
+    key, sign = objective["metric"], (1 if objective["mode"] == "max" else -1)
+    trials = [r for r in runs if r.data.tags.get(tracking.TAG_KIND) == "trial"]
+    confirmed: dict[str, list[Any]] = defaultdict(list)
+    for r in trials:
+        if (
+            r.data.tags.get("sertune.phase") == "confirm"
+            and r.data.tags.get(tracking.TAG_STATUS) == "finished"
+        ):
+            confirmed[r.data.tags.get("sertune.confirm_of", "?")].append(r)
+    out = {"search": search, "objective": objective,
+           "fingerprint": parent.data.tags.get("sertune.data_fingerprint", "")}  # fmt: skip
+    if confirmed:
+
+        def mean_of(group):
+            vals = [g.data.metrics[key] for g in group if key in g.data.metrics]
+            return sum(vals) / len(vals) if vals else -math.inf * sign
+
+        origin, group = max(confirmed.items(), key=lambda kv: sign * mean_of(kv[1]))
+        metrics = {k for g in group for k in g.data.metrics}
+        out.update(source=f"confirmed: {len(group)} seeds", configuration_of=origin)
+        out["stats"] = {
+            k: _stats([g.data.metrics[k] for g in group if k in g.data.metrics])
+            for k in sorted(metrics)
+        }
+        return out
+    done = [r for r in trials if key in r.data.metrics and r.data.tags.get(tracking.TAG_STATUS)
+            in ("finished", "stopped_early")]  # fmt: skip
+    if not done:
+        raise UsageError(f"search {search!r} has no finished trial with {key!r}")
+    best = max(done, key=lambda r: sign * r.data.metrics[key])
+    out.update(
+        source="best single run (no seed spread)",
+        configuration_of=best.data.tags.get(tracking.TAG_TRIAL),
+    )
+    out["stats"] = {k: _stats([v]) for k, v in sorted(best.data.metrics.items())}
+    return out
+
+
+def compare(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    """Rows for the objective, test figures and every ``robust/*`` metric both sides have."""
+    key = a["objective"]["metric"]
+    wanted = [key, "test_uar"] + sorted(k for k in a["stats"] if k.startswith("robust/"))
+    rows = []
+    for m in dict.fromkeys(wanted):
+        sa, sb = a["stats"].get(m), b["stats"].get(m)
+        if not sa or not sb:
+            continue
+        diff = sa["mean"] - sb["mean"]
+        if sa["n"] < 2 or sb["n"] < 2:
+            verdict = "no verdict (single run)"
+        elif abs(diff) > sa["sd"] + sb["sd"]:
+            verdict = f"{a['search'] if diff > 0 else b['search']} higher"
+        else:
+            verdict = "within the seed spread"
+        rows.append({"metric": m, "a": sa, "b": sb, "diff": diff, "verdict": verdict})
+    same_data = a["fingerprint"] == b["fingerprint"]
+    return {"a": a, "b": b, "rows": rows, "same_data": same_data}
+
+
+def format_comparison(c: dict[str, Any]) -> str:
+    a, b = c["a"], c["b"]
+    lines = [
+        f"A = {a['search']} ({a['source']}, configuration of trial {a['configuration_of']})",
+        f"B = {b['search']} ({b['source']}, configuration of trial {b['configuration_of']})",
+    ]
+    if not c["same_data"]:
+        lines.append("WARNING: the two searches ran on different data (fingerprints differ)")
+    lines.append("")
+    width = max([len("metric")] + [len(r["metric"]) for r in c["rows"]])
+    lines.append(
+        f"{'metric'.ljust(width)}  {'A mean ± sd':>15}  {'B mean ± sd':>15}  {'A - B':>7}  verdict"
+    )
+    for r in c["rows"]:
+        fa = f"{r['a']['mean']:.3f} ± {r['a']['sd']:.3f}"
+        fb = f"{r['b']['mean']:.3f} ± {r['b']['sd']:.3f}"
+        lines.append(
+            f"{r['metric'].ljust(width)}  {fa:>15}  {fb:>15}  {r['diff']:+7.3f}  {r['verdict']}"
+        )
+    return "\n".join(lines)
+
+
+def plot_comparison(c: dict[str, Any], out: Path) -> Path | None:
+    """UAR against SNR for each noise type, both searches, error bars = seed sd."""
+    import re
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pattern = re.compile(r"^robust/uar_snr(-?\d+)_(\w+)$")
+    series: dict[tuple[str, str], list[tuple[float, float, float]]] = defaultdict(list)
+    for side in ("a", "b"):
+        for m, s in c[side]["stats"].items():
+            hit = pattern.match(m)
+            if hit:
+                series[(side, hit.group(2))].append((float(hit.group(1)), s["mean"], s["sd"]))
+    if not series:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for (side, noise), pts in sorted(series.items()):
+        pts.sort()
+        name = c[side]["search"]
+        clean = c[side]["stats"].get("robust/uar_clean")
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts],
+                    marker="o" if side == "a" else "s", ls="-" if side == "a" else "--",
+                    capsize=3, label=f"{name} · {noise}")  # fmt: skip
+        if clean and side == "a":
+            ax.axhline(clean["mean"], c="gray", ls=":", lw=1)
+    ax.set_xlabel("SNR over the utterance (dB)")
+    ax.set_ylabel("test UAR (mean ± sd over seeds)")
+    ax.set_ylim(0, 1)
+    ax.set_title(f"{c['a']['search']} vs {c['b']['search']} under noise", fontsize=10)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def write_comparison(c: dict[str, Any], out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "comparison.json").write_text(json.dumps(c, indent=2, default=str))
+    (out / "comparison.md").write_text("```\n" + format_comparison(c) + "\n```\n")
+    png = plot_comparison(c, out / "uar_vs_snr_comparison.png")
+    return [p for p in (out / "comparison.json", out / "comparison.md", png) if p]

@@ -1,0 +1,207 @@
+"""Every place sertune works around Ray 2.60 behaviour, in one module.
+
+Each workaround names its cause, the symptom it prevents and the Ray version it was written
+against. Those that reach into Ray internals warn (never skip silently) when the internal has
+moved, and ``tests/sertune/test_ray_compat.py`` fails on a Ray upgrade that moves any of them
+(:func:`missing_internals`). docs/architecture.md lists them with their reasons.
+
+| workaround                              | why                                                              |
+|-----------------------------------------|------------------------------------------------------------------|
+| :data:`FAST_ENV`                        | Train V2's controller polls workers every 2 s: +4 s per trial   |
+| :func:`wait_until_reports_are_handed_over` | per-trial mode: a trial thread returning early deadlocks Tune |
+| :func:`set_restored_callbacks`          | ``Tuner.restore`` keeps the pickled callbacks, not ours          |
+| :func:`strict_metric_checking`          | end-of-trial objectives are absent from epoch results           |
+| :func:`keep_credentials_out_of_runtime_envs` | Tune copies ``AWS_*`` secrets into trial actors' runtime env (logged) |
+| :func:`quiet`                           | banners, hints and per-trial chatter on the console (Tune's new |
+|                                         | output engine ignores verbose=0; the raylet warns of slot starts)|
+| dashboard on (``sertune.cluster``)      | Train's placement-group cleaner needs the state API             |
+| explicit ``RAY_ADDRESS`` (``sertune.cluster``) | that cleaner auto-detects "the" cluster and dies beside a second one |
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+RAY_VERSION = "2.60"
+
+# Train V2's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (default 2 s):
+# a per-trial TorchTrainer waits ~2 polls to start and ~2 to end, and each worker's one-slot
+# result queue caps reports at one per poll. 0.1 s costs nothing measurable.
+FAST_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}
+
+_log = logging.getLogger("sertune")
+
+
+def _moved(what: str) -> None:
+    warnings.warn(
+        f"sertune: Ray internal {what} is not where Ray {RAY_VERSION} had it; the workaround that "
+        "uses it is off (see sertune/ray_compat.py)",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+
+
+def wait_until_reports_are_handed_over(timeout_s: float = 60.0) -> None:
+    """Return only after Tune took the last Train report (per-trial mode; Ray 2.60 deadlock).
+
+    TuneReportCallback passes each Train report through a one-slot actor queue that the trial's
+    main thread drains into a one-slot thread queue. If the trial's training thread returns while
+    the main thread holds the last report, Tune's end-of-trial marker takes the thread queue's
+    slot first and the main thread blocks on it forever: the search hangs with the trial RUNNING
+    (seen in CI against a slow MLflow server). Waiting until both queues are empty, twice,
+    closes that window.
+    """
+    try:
+        from ray.train._internal.session import get_session
+
+        session = get_session()
+        actor_queue = getattr(session, "_inter_actor_queue", None)
+        thread_queue = session.result_queue
+    except (ImportError, AttributeError):
+        _moved("ray.train._internal.session.get_session().result_queue")
+        return
+    deadline = time.monotonic() + timeout_s
+    quiet_polls = 0
+    while time.monotonic() < deadline and quiet_polls < 2:
+        empty = thread_queue.empty() and (actor_queue is None or actor_queue.empty())
+        quiet_polls = quiet_polls + 1 if empty else 0
+        time.sleep(0.2)
+
+
+def set_restored_callbacks(tuner: Any, callbacks: list[Any]) -> None:
+    """``Tuner.restore`` runs with the callbacks pickled at the first start; ours carry live
+    state (the MLflow journal, the console), so put them back in."""
+    try:
+        tuner._local_tuner._run_config.callbacks = callbacks
+    except AttributeError:
+        _moved("Tuner._local_tuner._run_config")
+
+
+@contextlib.contextmanager
+def strict_metric_checking(enabled: bool) -> Iterator[None]:
+    """Tune checks that every result carries the searcher's metrics. A multi-objective search on
+    end-of-trial metrics (``robust/*``) has them in the last result only, so the check is off for
+    that search, and back to what it was afterwards."""
+    key = "TUNE_DISABLE_STRICT_METRIC_CHECKING"
+    old = os.environ.get(key)
+    if not enabled:
+        os.environ[key] = "1"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
+
+
+CREDENTIAL_PREFIXES = ("AWS_ACCESS_KEY", "AWS_SECRET", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN")
+
+
+def keep_credentials_out_of_runtime_envs() -> None:
+    """Tune (``ray.tune.execution.class_cache``) copies the driver's ``AWS_ACCESS_KEY_ID``,
+    ``AWS_SECRET_ACCESS_KEY`` and session tokens into every trial actor's ``runtime_env``, which
+    Ray's runtime-env agent writes to its log in plain text. Every node has its own credential
+    chain (instance role, its own environment, ``~/.aws``), so drop them from the list."""
+    try:
+        from ray.tune.execution import class_cache
+    except ImportError:
+        _moved("ray.tune.execution.class_cache")
+        return
+    names = getattr(class_cache, "ENV_VARS_TO_PROPAGATE", None)
+    if names is None:
+        _moved("ray.tune.execution.class_cache.ENV_VARS_TO_PROPAGATE")
+        return
+    class_cache.ENV_VARS_TO_PROPAGATE = {n for n in names if not n.startswith(CREDENTIAL_PREFIXES)}
+
+
+def propagate_to_trials(names: tuple[str, ...]) -> None:
+    """Add variables to those Tune copies from the driver into trial actors (``RAY_ADDRESS``)."""
+    try:
+        from ray.tune.execution import class_cache
+    except ImportError:
+        _moved("ray.tune.execution.class_cache")
+        return
+    class_cache.ENV_VARS_TO_PROPAGATE = set(class_cache.ENV_VARS_TO_PROPAGATE) | set(names)
+
+
+class _DropRestoreHint(logging.Filter):
+    """Tune prints ``Tuner.restore(...)`` after an interrupt; sertune prints its own resume
+    command (``sertune search resume NAME``) instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return "Tuner.restore(" not in msg and "Trials did not complete" not in msg
+
+
+QUIET_LOGGERS = (
+    "ray",
+    "ray.tune",
+    "ray.train",
+    "ray._private.authentication",
+    "ray._private.worker",
+    "mlflow",
+    "alembic",
+)
+
+
+def quiet(verbose: bool = False) -> None:
+    """Keep the console to sertune's own lines unless ``--verbose``: no Ray banner, token-auth
+    notice, TensorBoard hint, MLflow's per-model ``Validating input example`` chatter."""
+    for name in ("ray.tune.tune", "ray.tune.impl.tuner_internal"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropRestoreHint) for f in logger.filters):
+            logger.addFilter(_DropRestoreHint())
+    if verbose:
+        return
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+    # Tune's new output engine prints its experiment table and a TensorBoard hint whatever the
+    # verbosity (Ray 2.60); the legacy one honours verbose=0.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # store creation, input validation
+    # The raylet warns once more than 4 x this many workers start at once; a search with warm
+    # slots starts ~5 processes per slot by design.
+    os.environ.setdefault(
+        "RAY_worker_maximum_startup_concurrency", str(max(4, os.cpu_count() or 1))
+    )
+    warnings.filterwarnings("ignore", module="ray")
+
+
+def missing_internals() -> list[str]:
+    """The Ray internals the workarounds above rely on that this Ray does not have."""
+    missing = []
+    try:
+        from ray.train._internal.session import get_session  # noqa: F401
+    except ImportError:
+        missing.append("ray.train._internal.session.get_session")
+    try:
+        from ray.tune.execution import class_cache
+
+        if not hasattr(class_cache, "ENV_VARS_TO_PROPAGATE"):
+            missing.append("ray.tune.execution.class_cache.ENV_VARS_TO_PROPAGATE")
+    except ImportError:
+        missing.append("ray.tune.execution.class_cache")
+    try:
+        from ray.tune.impl.tuner_internal import TunerInternal
+
+        if "_run_config" not in TunerInternal.__init__.__code__.co_names:
+            missing.append("TunerInternal._run_config")
+    except ImportError:
+        missing.append("ray.tune.impl.tuner_internal.TunerInternal")
+    try:
+        from ray.train.v2._internal.constants import HEALTH_CHECK_INTERVAL_S_ENV_VAR
+
+        if HEALTH_CHECK_INTERVAL_S_ENV_VAR not in FAST_ENV:
+            missing.append("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
+    except ImportError:
+        missing.append("ray.train.v2._internal.constants")
+    return missing

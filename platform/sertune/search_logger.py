@@ -1,0 +1,420 @@
+"""A search in MLflow: the Tune callback that turns trial events into journal records.
+
+One parent run per search (spec, data report, search settings; at the end the leaderboard,
+plots and ``best/*``) and one nested child run per trial: params, per-epoch metrics with the
+trial's real epoch as step, the best-validation model as a pickle-free pyfunc, its robustness
+report, and a status tag: ``finished``, ``stopped_early`` (with the epoch), ``failed`` (with the
+reason) or ``interrupted``. Trials a scheduler stopped are evaluated afterwards on their best
+checkpoint, so they get test and robustness figures too.
+
+Records go through :class:`sertune.tracking.Journal`; nothing here calls MLflow directly.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from ray.tune import Callback
+
+from . import tracking
+from .failures import trial_error_reason
+from .leaderboard import trial_epochs
+from .records import objectives, save_record
+
+PARENT = "parent"
+
+# Tune bookkeeping, never metrics
+REPORTED_SKIP = {
+    "timestamp",
+    "time_this_iter_s",
+    "time_total_s",
+    "pid",
+    "time_since_restore",
+    "iterations_since_restore",
+    "training_iteration",
+    "epoch",
+    "done",
+    "loop_started_at",
+    "checkpoint_dir_name",
+}
+
+
+def metric_rows(result: dict[str, Any], ts_ms: int) -> list[list[Any]]:
+    rows = []
+    for k, v in result.items():
+        if k in REPORTED_SKIP or k.startswith(("config/", "placement/")):
+            continue
+        value = tracking.clean_value(v)
+        if value is not None:
+            rows.append([k, value, ts_ms])
+    return rows
+
+
+class MLflowSearchLogger(Callback):
+    """Tune callback: parent + child runs through the journal; picklable (Tune saves callbacks)."""
+
+    def __init__(
+        self, record: dict[str, Any], spec: Any, log=print, evaluator=None, tag: str = ""
+    ):
+        self.uri = record["tracking_uri"]
+        self.name = record["name"]
+        self.record = record
+        self.max_epochs = spec.budget.max_epochs
+        self.trainable = spec.trainable
+        self.log = log
+        self.evaluator = evaluator  # evaluates stopped trials' best checkpoints
+        self.tag = tag  # e.g. "confirm": extra tag on the child runs of this Tuner
+        self.open_trials: set[str] = set()
+        self.journal: tracking.Journal | None = None
+        self._stopped: dict[str, int] = {}
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state.update(journal=None, evaluator=None, log=print)
+        return state
+
+    # -- the parent ------------------------------------------------------------------------------
+    def start(self, resumed: bool = False) -> MLflowSearchLogger:
+        self.journal = tracking.Journal(self.name, self.uri, self.log)
+        self.journal.on_run = self._on_run
+        self.journal.start()
+        spec = self.record["spec"]
+        tags = {
+            tracking.TAG_SEARCH: self.name,
+            tracking.TAG_KIND: "search",
+            tracking.TAG_STATUS: "running",
+            "sertune.trainable": spec["trainable"],
+            "sertune.corpus": spec["data"]["corpus"],
+            "sertune.data_fingerprint": self.record["data"].get("fingerprint", ""),
+            "sertune.objective": json.dumps(objectives(spec)),
+            "sertune.storage": self.record["path"],
+            "mlflow.runName": self.name,
+        }
+        if self.record.get("baseline_of"):
+            tags["sertune.baseline_of"] = self.record["baseline_of"]
+        b, r = spec["budget"], spec["resources"]
+        params = {f"budget.{k}": v for k, v in b.items()} | {
+            f"resources.{k}": v for k, v in r.items()
+        }
+        params |= {"seed": spec["seed"], "space": ",".join(sorted(spec["space"]))}
+        params |= {f"fixed.{k}": v for k, v in spec["params"].items()}
+        params |= {"execution": spec.get("execution", "warm")}
+        self.journal.append(
+            {
+                "op": "run",
+                "key": PARENT,
+                "identity": {tracking.TAG_SEARCH: self.name, tracking.TAG_KIND: "search"},
+                "run_name": self.name,
+                "tags": tags,
+                "params": params,
+            }
+        )
+        if resumed:
+            self.journal.append(
+                {"op": "tags", "key": PARENT, "tags": {tracking.TAG_STATUS: "running"}}
+            )
+            return self
+        with tempfile.TemporaryDirectory() as tmp:
+            src = Path(self.record.get("source", ""))
+            if src.is_file():
+                (Path(tmp) / "spec.yaml").write_text(src.read_text())
+            (Path(tmp) / "spec.resolved.json").write_text(json.dumps(spec, indent=2))
+            (Path(tmp) / "data_report.json").write_text(
+                json.dumps(self.record["data"].get("report", {}), indent=2)
+            )
+            self.journal.append(
+                {
+                    "op": "artifacts",
+                    "key": PARENT,
+                    "src": self.journal.stage(tmp),
+                    "path": "search",
+                }
+            )
+        return self
+
+    def _on_run(self, key: str, run_id: str) -> None:
+        if key == PARENT and self.record.get("parent_run_id") != run_id:
+            self.record["parent_run_id"] = run_id
+            save_record(self.name, self.record)
+
+    @property
+    def parent_run_id(self) -> str | None:
+        return self.journal.run_id(PARENT) if self.journal else self.record.get("parent_run_id")
+
+    # -- children ---------------------------------------------------------------------------------
+    def _child(self, trial: Any) -> str:
+        tid = trial.trial_id
+        if tid not in self.open_trials:
+            self.open_trials.add(tid)
+            tags = {
+                tracking.TAG_SEARCH: self.name,
+                tracking.TAG_TRIAL: tid,
+                tracking.TAG_KIND: "trial",
+                tracking.TAG_STATUS: "running",
+            }
+            if self.tag:
+                tags["sertune.phase"] = self.tag
+            for k, v in (trial.config or {}).items():
+                if k.startswith("__"):  # confirm runs carry their origin in the config
+                    tags[f"sertune.{k.strip('_')}"] = str(v)
+            self.journal.append(
+                {
+                    "op": "run",
+                    "key": tid,
+                    "parent": PARENT,
+                    "identity": {tracking.TAG_SEARCH: self.name, tracking.TAG_TRIAL: tid},
+                    "run_name": f"{self.name}-{tid}",
+                    "tags": tags,
+                    "params": {
+                        k: v for k, v in (trial.config or {}).items() if not k.startswith("__")
+                    },
+                }
+            )
+        return tid
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._child(trial)
+
+    def on_trial_result(
+        self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
+    ) -> None:
+        key = self._child(trial)
+        ts = int(result.get("timestamp", time.time()) * 1000)
+        self.journal.append(
+            {
+                "op": "metrics",
+                "key": key,
+                "step": trial_epochs(result),
+                "metrics": metric_rows(result, ts),
+            }
+        )
+
+    def _checkpoint_uri(self, result: dict[str, Any]) -> str | None:
+        ckpt = result.get("checkpoint_path")
+        scheme = self.record["path"].split("://")[0] if "://" in self.record["path"] else ""
+        if ckpt and scheme and "://" not in ckpt:  # Ray reports paths without the scheme
+            ckpt = f"{scheme}://{ckpt}"
+        return ckpt
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        key = self._child(trial)
+        last = trial.last_result or {}
+        epochs = trial_epochs(last)
+        finished = epochs >= self.max_epochs
+        tags = {tracking.TAG_STATUS: "finished" if finished else "stopped_early"}
+        if not finished:
+            tags["sertune.stopped_by"] = f"scheduler at epoch {epochs}"
+        if "best_epoch" in last:
+            tags["sertune.best_epoch"] = str(int(last["best_epoch"]) + 1)
+        self.journal.append({"op": "tags", "key": key, "tags": tags})
+        ckpt = self._checkpoint_uri(last)
+        if ckpt:
+            best = f"{ckpt.rstrip('/')}/best"
+            self.journal.append(
+                {"op": "model", "key": key, "src": best, "trainable": self.trainable}
+            )
+            if not finished and self.evaluator is not None:  # its best epoch's test figures, later
+                self._stopped[key] = epochs
+                self.evaluator.submit(key, ckpt)
+                self.open_trials.discard(key)
+                return
+            if self.record["spec"].get("robustness"):
+                self.journal.append(
+                    {
+                        "op": "artifacts",
+                        "key": key,
+                        "src": f"{best}/robustness",
+                        "path": "robustness",
+                    }
+                )
+        self.journal.append({"op": "end", "key": key, "status": "FINISHED"})
+        self.open_trials.discard(key)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        key = self._child(trial)
+        self.journal.append(
+            {
+                "op": "tags",
+                "key": key,
+                "tags": {
+                    tracking.TAG_STATUS: "failed",
+                    "sertune.failure_reason": trial_error_reason(trial),
+                },
+            }
+        )
+        self.journal.append({"op": "end", "key": key, "status": "FAILED"})
+        self.open_trials.discard(key)
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        self.collect_evaluations()
+
+    # -- evaluations of stopped trials ---------------------------------------------------------------
+    def collect_evaluations(self, wait_s: float = 0.0) -> None:
+        if self.evaluator is None:
+            return
+        for key, outcome in self.evaluator.ready(wait_s):
+            if outcome.get("error"):
+                self.journal.append(
+                    {
+                        "op": "tags",
+                        "key": key,
+                        "tags": {"sertune.evaluation_error": outcome["error"][:500]},
+                    }
+                )
+            else:
+                step = self._stopped.get(key, 0)
+                ts = int(time.time() * 1000)
+                rows = [
+                    [k, v, ts]
+                    for k, v in outcome["metrics"].items()
+                    if tracking.clean_value(v) is not None
+                ]
+                rows = [[k, tracking.clean_value(v), t] for k, v, t in rows]
+                self.journal.append(
+                    {"op": "metrics", "key": key, "step": step, "metrics": rows, "dedupe": False}
+                )
+                if outcome.get("files"):
+                    with tempfile.TemporaryDirectory() as tmp:
+                        for name, data in outcome["files"].items():
+                            (Path(tmp) / name).write_bytes(data)
+                        self.journal.append(
+                            {
+                                "op": "artifacts",
+                                "key": key,
+                                "src": self.journal.stage(tmp),
+                                "path": "robustness",
+                            }
+                        )
+            self.journal.append({"op": "end", "key": key, "status": "FINISHED"})
+
+    # -- the end ----------------------------------------------------------------------------------------
+    def finish(self, result: Any, status: str = "finished", wait_s: float = 600.0) -> None:
+        """Close the search: wait for stopped trials' evaluations, summary on the parent."""
+        from .summary import write_search_summary
+
+        if self.evaluator is not None and self.evaluator.pending:
+            self.log(
+                f"[sertune] evaluating {self.evaluator.pending} stopped trial(s) on their best epoch"
+            )
+            deadline = time.monotonic() + wait_s
+            while self.evaluator.pending and time.monotonic() < deadline:
+                self.collect_evaluations(wait_s=1.0)
+        with tempfile.TemporaryDirectory() as tmp:
+            best = write_search_summary(Path(tmp), result, self.record["spec"])
+            self.journal.append(
+                {
+                    "op": "artifacts",
+                    "key": PARENT,
+                    "src": self.journal.stage(tmp),
+                    "path": "summary",
+                }
+            )
+        tags = {tracking.TAG_STATUS: status, "sertune.trials_failed": str(result.errors)}
+        if best:
+            tags["sertune.best_trial"] = best["trial"]
+            ts = int(time.time() * 1000)
+            keep = {m["metric"] for m in objectives(self.record["spec"])}
+            rows = [
+                [f"best/{k}", tracking.clean_value(v), ts]
+                for k, v in best.items()
+                if tracking.clean_value(v) is not None
+                and (k in keep or k.startswith(("val_", "test_", "robust/")))
+            ]
+            self.journal.append(
+                {"op": "metrics", "key": PARENT, "step": 0, "metrics": rows, "dedupe": False}
+            )
+        self.journal.append({"op": "tags", "key": PARENT, "tags": tags})
+        self.journal.append(
+            {
+                "op": "end",
+                "key": PARENT,
+                "status": "FINISHED" if status == "finished" else "FAILED",
+            }
+        )
+
+    def log_confirmation(self, groups: list[dict[str, Any]]) -> None:
+        """The confirmation table (mean ± sd per configuration) on the parent run."""
+        from .confirm import format_confirmation
+
+        if not groups:
+            return
+        key = objectives(self.record["spec"])[0]["metric"]
+        shown = [key] + [m for m in ("test_uar", "robust/uar_snr10_white", "robust/uar_clean")
+                         if m != key and m in groups[0]["stats"]]  # fmt: skip
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "confirmation.json").write_text(json.dumps(groups, indent=2))
+            (Path(tmp) / "confirmation.md").write_text(
+                "```\n" + format_confirmation(groups, shown) + "\n```\n"
+            )
+            self.journal.append(
+                {
+                    "op": "artifacts",
+                    "key": PARENT,
+                    "src": self.journal.stage(tmp),
+                    "path": "confirmation",
+                }
+            )
+        best = groups[0]
+        ts = int(time.time() * 1000)
+        rows = [
+            [f"confirmed/{k}_mean", tracking.clean_value(s["mean"]), ts]
+            for k, s in best["stats"].items()
+        ]
+        rows += [
+            [f"confirmed/{k}_sd", tracking.clean_value(s["sd"]), ts]
+            for k, s in best["stats"].items()
+        ]
+        self.journal.append(
+            {"op": "metrics", "key": PARENT, "step": 0, "metrics": rows, "dedupe": False}
+        )
+        self.journal.append(
+            {
+                "op": "tags",
+                "key": PARENT,
+                "tags": {"sertune.confirmed_best": best["configuration_of"]},
+            }
+        )
+
+    def log_comparison(self, name: str, baseline: str) -> None:
+        """Side by side with the baseline search, from what MLflow holds of both."""
+        from .comparison import compare, format_comparison, search_figures, write_comparison
+
+        self.journal.drain(600)
+        c = tracking.client(self.uri)
+        try:
+            cmp = compare(search_figures(c, name), search_figures(c, baseline))
+        except Exception as e:  # noqa: BLE001 - a comparison must not fail the search
+            self.log(f"[sertune] no comparison with {baseline!r}: {e}")
+            return
+        self.log(f"\n[sertune] {name} vs its baseline {baseline}:\n{format_comparison(cmp)}")
+        with tempfile.TemporaryDirectory() as tmp:
+            write_comparison(cmp, Path(tmp))
+            self.journal.append(
+                {
+                    "op": "artifacts",
+                    "key": PARENT,
+                    "src": self.journal.stage(tmp),
+                    "path": "comparison",
+                }
+            )
+        self.journal.append({"op": "tags", "key": PARENT, "tags": {"sertune.baseline": baseline}})
+
+    def interrupted(self) -> None:
+        """Ctrl-C / SIGTERM: open trials become KILLED + ``interrupted``, so is the parent."""
+        for key in sorted(self.open_trials):
+            self.journal.append(
+                {"op": "tags", "key": key, "tags": {tracking.TAG_STATUS: "interrupted"}}
+            )
+            self.journal.append({"op": "end", "key": key, "status": "KILLED"})
+        self.open_trials.clear()
+        self.journal.append(
+            {"op": "tags", "key": PARENT, "tags": {tracking.TAG_STATUS: "interrupted"}}
+        )
+        self.journal.append({"op": "end", "key": PARENT, "status": "KILLED"})
+
+    def close(self, timeout_s: float = 120.0) -> int:
+        return self.journal.close(timeout_s) if self.journal else 0

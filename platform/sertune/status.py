@@ -1,0 +1,133 @@
+"""``sertune search status`` and ``list``: how far a search got, in sertune's words.
+
+A search whose driver died without a word (SIGKILL, a lost node) reads ``crashed`` here, never
+``running``; trials read ``finished``, ``stopped early at epoch k``, ``failed: <reason>``,
+``interrupted``. Pending MLflow records of the search are sent first (its journal).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from .leaderboard import rank, trial_row
+from .records import effective_status, first_objective, load_record, objectives
+from .storage import fs_and_path
+
+
+def search_status(name: str) -> dict[str, Any]:
+    """Trials per state and the best so far, read from the saved Tune state."""
+    from ray.tune import ExperimentAnalysis
+
+    record = load_record(name)
+    spec = record["spec"]
+    out: dict[str, Any] = {
+        "name": name,
+        "path": record["path"],
+        "status": effective_status(record),
+        "phase": record.get("phase"),
+        "created": record["created"],
+        "budget": spec["budget"]["trials"],
+        "tracking_uri": record.get("tracking_uri"),
+        "parent_run_id": record.get("parent_run_id"),
+        "trials": {},
+        "rows": [],
+    }
+    fs, path = fs_and_path(record["path"])
+    try:
+        ea = ExperimentAnalysis(path, storage_filesystem=fs)
+    except Exception as e:  # noqa: BLE001 - nothing saved yet (a search that just started)
+        out["note"] = f"no trial state yet ({type(e).__name__})"
+        return out
+    obj = objectives(spec)
+    rows = [
+        trial_row(
+            t.trial_id,
+            t.last_result or {},
+            t.config,
+            spec["budget"]["max_epochs"],
+            obj,
+            error=_reason(t),
+            tune_status=t.status,
+        )  # fmt: skip
+        for t in ea.trials
+    ]
+    if out["status"] in ("crashed", "interrupted"):
+        for r in rows:
+            if r["status"] in ("running", "pending"):
+                r["status"] = "interrupted"
+    rows = rank(rows, obj[0])
+    out["rows"] = rows
+    out["trials"] = dict(Counter(_bucket(r) for r in rows))
+    first = first_objective(spec)["metric"]
+    best = next(
+        (
+            r
+            for r in rows
+            if isinstance(r.get(first), (int, float)) and r["state"] in ("finished", "stopped")
+        ),
+        None,
+    )
+    if best:
+        out["best"] = {"trial": best["trial"], first: best[first], "config": best["config"]}
+    return out
+
+
+def _reason(trial: Any) -> str | None:
+    if trial.status != "ERROR":
+        return None
+    from .failures import trial_error_reason
+
+    return trial_error_reason(trial)
+
+
+def _bucket(row: dict[str, Any]) -> str:
+    s = row["status"]
+    return (
+        s.split(":")[0]
+        if s.startswith("failed")
+        else ("stopped early" if s.startswith("stopped") else s)
+    )
+
+
+def mlflow_url(record: dict[str, Any], ui: str = "http://127.0.0.1:5000") -> str | None:
+    """Where the search's parent run opens in the MLflow UI (``sertune ui`` for a local store)."""
+    from . import tracking
+
+    run = record.get("parent_run_id")
+    if not run:
+        return None
+    uri = record.get("tracking_uri", "")
+    base = uri.rstrip("/") if tracking.is_server(uri) else ui
+    try:
+        exp = tracking.get_experiment_id(tracking.client(uri), create=False)
+    except Exception:  # noqa: BLE001 - a URL is a courtesy; the store may be offline
+        return f"{base} (run {run})"
+    return f"{base}/#/experiments/{exp}/runs/{run}"
+
+
+def format_status(s: dict[str, Any], record: dict[str, Any]) -> str:
+    phase = f" ({s['phase']} phase)" if s.get("phase") not in (None, "done", "search") else ""
+    lines = [f"search {s['name']}: {s['status']}{phase}"]
+    if s["status"] in ("crashed", "interrupted"):
+        lines[0] += f" — resume with: sertune search resume {s['name']}"
+    lines.append(f"  created {s['created']}, budget {s['budget']} trials, trials in {s['path']}")
+    if s.get("note"):
+        lines.append(f"  {s['note']}")
+    if s["trials"]:
+        lines.append("  trials: " + ", ".join(f"{n} {k}" for k, n in sorted(s["trials"].items())))
+    if s.get("best"):
+        b = s["best"]
+        metric = next(k for k in b if k not in ("trial", "config"))
+        cfg = ", ".join(
+            f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+            for k, v in sorted(b["config"].items())
+        )
+        lines.append(f"  best so far: trial {b['trial']}  {metric}={b[metric]:.3f}  ({cfg})")
+    failed = [r for r in s["rows"] if r["state"] == "failed"]
+    for r in failed[:5]:
+        lines.append(f"  trial {r['trial']} {r['status']}")
+    url = mlflow_url(record)
+    if url:
+        lines.append(f"  MLflow: {url}")
+    return "\n".join(lines)

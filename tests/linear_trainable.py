@@ -1,0 +1,250 @@
+"""A second, deliberately small trainable, registered only in tests: a linear classifier on
+log-mel statistics (per-band mean and standard deviation of one segment).
+
+It exists to prove the trainable contract is complete: it implements every hook the control
+plane calls, passes the shared suite (``tests/trainable_suite.py``) and runs a smoke search,
+promotion and prediction end to end (``tests/sertune/test_second_trainable.py``). Registered
+through ``SERTUNE_TRAINABLES`` (``tests/conftest.py``), never installed.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torchaudio
+
+from sertune.trainable import Trainable, TrainBench
+from trainables.common.corpus_hooks import CorpusHooks
+from trainables.common.metrics import confusion, scores
+from trainables.common.robustness import evaluate_robustness, robust_metric_names, write_report
+from trainables.common.utterances import Utterances, Windowing, utterance_logits
+from trainables.data.cache import load_cache, speaker_independent_split
+
+DEFAULTS = {
+    "features.n_mels": 32,  # mel bands; the classifier sees 2x this many statistics
+    "features.segment_s": 1.0,  # one input window
+    "optim.lr": 0.05,  # plain SGD on a convex problem: large steps are fine
+    "optim.epochs": 3,
+    "optim.batch_size": 32,
+    "seed": 0,
+}
+FORMAT = "sertune.linear/1"
+
+
+def _config(params: dict[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(params) - set(DEFAULTS))
+    if unknown:
+        raise ValueError(f"Unknown config key: {', '.join(unknown)}")
+    cfg = {**DEFAULTS, **params}
+    if cfg["optim.lr"] <= 0 or int(cfg["optim.epochs"]) < 1:
+        raise ValueError("optim.lr must be > 0 and optim.epochs >= 1")
+    return cfg
+
+
+class LinearModel(torch.nn.Module):
+    def __init__(self, n_mels: int, n_classes: int = 4):
+        super().__init__()
+        self.mel = torchaudio.transforms.MelSpectrogram(
+            16000, n_fft=400, hop_length=160, n_mels=n_mels
+        )
+        self.norm = torch.nn.BatchNorm1d(2 * n_mels, affine=False)
+        self.linear = torch.nn.Linear(2 * n_mels, n_classes)
+
+    def forward(self, wav: torch.Tensor) -> torch.Tensor:  # (B, L) -> (B, C)
+        m = torch.log(self.mel(wav) + 1e-6)  # (B, M, T)
+        return self.linear(self.norm(torch.cat([m.mean(-1), m.std(-1)], dim=1)))
+
+
+class LinearPredictor:
+    def __init__(self, model: LinearModel, cfg: dict[str, Any], labels: list[str]):
+        self.model, self.cfg, self.label_names = model.eval(), cfg, labels
+        self.sample_rate = 16000
+        self.windowing = Windowing.for_segment(int(cfg["features.segment_s"] * 16000))
+
+    def forward(self, wav: torch.Tensor) -> torch.Tensor:
+        return self.model(wav)
+
+    @torch.no_grad()
+    def predict_proba(self, waveforms: list) -> np.ndarray:
+        logits = utterance_logits(
+            self.forward, Utterances.from_waveforms(waveforms), self.windowing
+        )
+        return torch.softmax(logits, -1).numpy()
+
+
+def save(directory: Path, model: LinearModel, cfg: dict[str, Any], labels, metrics=None) -> None:
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(
+        {k: v.contiguous() for k, v in model.state_dict().items()},
+        str(directory / "model.safetensors"),
+    )
+    (directory / "model.json").write_text(
+        json.dumps({"format": FORMAT, "config": cfg, "labels": list(labels)})
+    )
+    (directory / "metrics.json").write_text(json.dumps(metrics or {}))
+
+
+def load(directory: str | Path) -> LinearPredictor:
+    from safetensors.torch import load_file
+
+    meta = json.loads((Path(directory) / "model.json").read_text())
+    model = LinearModel(int(meta["config"]["features.n_mels"]), len(meta["labels"]))
+    model.load_state_dict(load_file(str(Path(directory) / "model.safetensors")))
+    return LinearPredictor(model, meta["config"], meta["labels"])
+
+
+def _scores(predictor: LinearPredictor, utts: Utterances) -> dict[str, float]:
+    with torch.no_grad():
+        logits = utterance_logits(predictor.forward, utts, predictor.windowing)
+    return scores(confusion(logits.argmax(1), utts.labels, 4))
+
+
+def _final(predictor: LinearPredictor, data: dict, run: dict, out: Path) -> dict[str, float]:
+    corpus = load_cache(data["cache"])
+    test = speaker_independent_split(corpus, data.get("fold", 0))["test"]
+    utts = Utterances.from_corpus(corpus, torch.device("cpu")).select(test)
+    metrics = {f"test_{k}": v for k, v in _scores(predictor, utts).items()}
+    if run.get("robustness"):
+        report = evaluate_robustness(
+            predictor.forward, utts, predictor.windowing, 4, run["robustness"]
+        )
+        write_report(report, out / "robustness", run.get("title", ""), 4)
+        metrics.update(report["metrics"])
+    return metrics
+
+
+class LinearTrainable(CorpusHooks, Trainable):
+    name = "linear"
+    epoch_metrics = ("val_uar", "val_war", "val_f1", "val_uar_noisy", "train_loss")
+    final_metrics = ("test_uar", "test_war", "test_f1")
+
+    def param_names(self) -> set[str]:
+        return set(DEFAULTS)
+
+    def validate_params(self, params: dict[str, Any]) -> None:
+        _config(params)
+
+    def smoke_params(self) -> dict[str, Any]:
+        return {"features.n_mels": 16}
+
+    def metric_names(self, robustness=None, cross_corpus=None) -> set[str]:
+        return super().metric_names() | robust_metric_names(robustness, cross_corpus)
+
+    def train(self, config: dict[str, Any], session) -> list[dict[str, Any]]:
+        t0, started = time.perf_counter(), time.time()
+        cfg = _config(config.get("params", {}))
+        data, run = config["data"], config.get("run", {})
+        corpus = load_cache(data["cache"])
+        split = speaker_independent_split(corpus, data.get("fold", 0))
+        utts = Utterances.from_corpus(corpus, torch.device("cpu"))
+        val = utts.select(split["val"])
+        torch.manual_seed(int(cfg["seed"]))
+        model = LinearModel(int(cfg["features.n_mels"]))
+        opt = torch.optim.SGD(model.parameters(), lr=cfg["optim.lr"], momentum=0.9)
+        seg = int(cfg["features.segment_s"] * 16000)
+        start, best = 0, {"value": -1.0, "epoch": -1, "state": None}
+        ckpt = session.get_checkpoint_dir()
+        if ckpt:
+            state = torch.load(Path(ckpt) / "state.pt", weights_only=True)
+            model.load_state_dict(state["model"])
+            start = int(state["epoch"]) + 1
+            best = {
+                **json.loads(state["best"]),
+                "state": load(Path(ckpt) / "best").model.state_dict(),
+            }
+        history = []
+        for epoch in range(start, int(cfg["optim.epochs"])):
+            g = torch.Generator().manual_seed(int(cfg["seed"]) * 100 + epoch)
+            order = torch.from_numpy(split["train"])[
+                torch.randperm(len(split["train"]), generator=g)
+            ]
+            model.train()
+            losses = []
+            for i in range(0, len(order), int(cfg["optim.batch_size"])):
+                session.poll()
+                idx = order[i : i + int(cfg["optim.batch_size"])]
+                wav, _ = utts.crops(idx, seg, g)
+                loss = torch.nn.functional.cross_entropy(model(wav), utts.labels[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                losses.append(float(loss.detach()))
+            predictor = LinearPredictor(model, cfg, list(corpus.label_names))
+            v = _scores(predictor, val)
+            noise = 0.05 * torch.randn(val.audio.shape, generator=g)
+            vn = _scores(predictor, val.with_audio(val.audio + noise))
+            metrics = {"epoch": epoch, "epochs_done": epoch + 1, "val_uar": v["uar"], "val_war": v["war"],
+                       "val_f1": v["f1"], "val_uar_noisy": vn["uar"], "train_loss": float(np.mean(losses)),
+                       "loop_time_s": time.perf_counter() - t0, "loop_started_at": started}  # fmt: skip
+            if v["uar"] > best["value"]:
+                best = {
+                    "value": v["uar"],
+                    "epoch": epoch,
+                    "state": {k: t.clone() for k, t in model.state_dict().items()},
+                }
+            metrics["best_epoch"] = best["epoch"]
+            with tempfile.TemporaryDirectory() as tmp:
+                best_model = LinearModel(int(cfg["features.n_mels"]))
+                best_model.load_state_dict(best["state"])
+                save(
+                    Path(tmp) / "best",
+                    best_model,
+                    cfg,
+                    corpus.label_names,
+                    {"val_uar": best["value"]},
+                )
+                if epoch == int(cfg["optim.epochs"]) - 1:
+                    metrics.update(_final(load(Path(tmp) / "best"), data, run, Path(tmp) / "best"))
+                torch.save({"model": model.state_dict(), "epoch": epoch,
+                            "best": json.dumps({k: v for k, v in best.items() if k != "state"})},
+                           Path(tmp) / "state.pt")  # fmt: skip
+                (Path(tmp) / "metrics.json").write_text(json.dumps(metrics))
+                session.report(metrics, tmp)
+            history.append(metrics)
+        return history
+
+    def evaluate_checkpoint(self, checkpoint_dir, data, run, device="cpu") -> dict[str, Any]:
+        best = Path(checkpoint_dir) / "best"
+        return _final(load(best), data, run, best)
+
+    def load_predictor(self, model_dir):
+        return load(model_dir)
+
+    def robustness_report(self, model_dir, data, options, out, split="test", title="") -> dict:
+        predictor = load(model_dir)
+        corpus = load_cache(data["cache"])
+        idx = (np.nonzero(corpus.labels >= 0)[0] if split == "all"
+               else speaker_independent_split(corpus, data.get("fold", 0))["test"])  # fmt: skip
+        utts = Utterances.from_corpus(corpus, torch.device("cpu")).select(idx)
+        report = evaluate_robustness(
+            predictor.forward, utts, predictor.windowing, 4, options, split=split
+        )
+        write_report(report, Path(out), title, 4)
+        return report
+
+    def bench_train(self, device, batch, steps, rounds, log=print) -> TrainBench:
+        model = LinearModel(32)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        wav = torch.randn(batch or 32, 16000)
+        y = torch.randint(0, 4, (wav.shape[0],))
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            loss = torch.nn.functional.cross_entropy(model(wav), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        rate = steps * wav.shape[0] / (time.perf_counter() - t0)
+        return TrainBench(
+            ceiling=rate, pipeline=rate, params=sum(p.numel() for p in model.parameters())
+        )
+
+
+TRAINABLE = LinearTrainable()

@@ -1,0 +1,105 @@
+"""The data half of the trainable contract, shared by every trainable that reads SER corpora.
+
+The control plane never imports the data layer: ``sertune data synth|cache``, the search's data
+preparation and ``sertune predict``'s file reading all come through these hooks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sertune.trainable import CorpusCache
+
+SYNTHETIC = "synthetic"
+
+
+class CorpusHooks:
+    """Mix into a ``sertune.trainable.Trainable`` that trains on decoded corpus caches."""
+
+    def corpora(self) -> tuple[str, ...]:
+        from trainables.data.corpora import ADAPTERS
+
+        return (*sorted(ADAPTERS), SYNTHETIC)
+
+    def prepare_data(
+        self, data: dict[str, Any], cache_root: str, progress: Callable[[str], None] | None = None
+    ) -> dict[str, Any]:
+        """Decode (or reuse) every corpus the spec names; return the loop's data config."""
+        from trainables.data.cache import build_cache, load_cache
+
+        def cache(corpus: str, root: str) -> str:
+            if corpus == SYNTHETIC:
+                corpus, root = "manifest", str(ensure_synthetic(root, data.get("synthetic", {})))
+            return str(
+                build_cache(
+                    corpus,
+                    root,
+                    cache_root,
+                    progress=progress,
+                    allow_absolute_paths=bool(data.get("allow_absolute_paths")),
+                )
+            )
+
+        main = cache(data["corpus"], data["root"])
+        loaded = load_cache(main)
+        out: dict[str, Any] = {
+            "cache": main,
+            "fold": int(data.get("fold", 0)),
+            "n_folds": data.get("n_folds"),
+            "label_fraction": float(data.get("label_fraction", 1.0)),
+            "label_seed": int(data.get("label_seed", 0)),
+            "noise_files": [str(Path(p).expanduser()) for p in data.get("noise_files") or []],
+            "fingerprint": loaded.fingerprint,
+            "report": loaded.report.to_dict(),
+        }
+        if data.get("unlabelled"):
+            u = data["unlabelled"]
+            out["unlabelled_cache"] = cache(u["corpus"], u["root"])
+        out["cross_corpus"] = [
+            {"name": c.get("name") or c["corpus"], "cache": cache(c["corpus"], c["root"])}
+            for c in data.get("cross_corpus") or []
+        ]
+        return out
+
+    def cache_corpus(self, corpus: str, root: str, cache_root: str) -> CorpusCache:
+        from trainables.data.cache import build_cache, load_cache
+
+        path = build_cache(corpus, root, cache_root)
+        c = load_cache(path)
+        return CorpusCache(
+            path=str(path),
+            fingerprint=c.fingerprint,
+            utterances=len(c),
+            megabytes=c.audio.nbytes / 1e6,
+            report_summary=c.report.summary(),
+        )
+
+    def synthesise_corpus(self, out: str, **options: Any) -> Path:
+        from trainables.data.synth import synthesise_corpus
+
+        return synthesise_corpus(out, **options)
+
+    def read_audio(self, path: str, sample_rate: int):
+        from trainables.data.audio import read_audio
+
+        return read_audio(path, sample_rate)
+
+
+def ensure_synthetic(root: str | Path, options: dict[str, Any] | None = None) -> Path:
+    """The synthetic corpus at ``root``, generated there first if it is not there yet."""
+    import fcntl
+
+    from trainables.data.synth import synthesise_corpus
+
+    root = Path(root).expanduser()
+    manifest = root / "manifest.csv"
+    if manifest.exists():
+        return manifest
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root.parent / f".{root.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two first searches at once generate it once
+        if not manifest.exists():
+            synthesise_corpus(root, **(options or {}))
+    return manifest
