@@ -67,6 +67,11 @@ def init_ray(num_cpus: int | None = None, fast: bool = True, verbose: bool = Fal
         kwargs["runtime_env"] = {"env_vars": env}
     _saved_address = os.environ.get("RAY_ADDRESS")
     if not _saved_address:
+        # The raylet warns once more than 4 x this many workers start at once; warm slots start
+        # ~5 processes each by design (proxy, slot task, controller, worker, cleaner).
+        os.environ.setdefault(
+            "RAY_worker_maximum_startup_concurrency", str(max(4, os.cpu_count() or 1))
+        )
         cpus = num_cpus or int(os.environ.get("SERTUNE_RAY_NUM_CPUS", "0")) or None
         kwargs.update(num_cpus=cpus, include_dashboard=True)
         if os.environ.get(

@@ -51,6 +51,9 @@ def trial_row(
     error: str | None = None,
     tune_status: str | None = None,
 ) -> dict[str, Any]:
+    from .tuner import flat_config
+
+    config = flat_config(config)
     epochs = trial_epochs(metrics)
     if error:
         state, label = "failed", f"failed: {error}"

@@ -12,6 +12,9 @@ from .leaderboard import trial_epochs
 
 
 def short_config(config: dict[str, Any]) -> str:
+    from .tuner import flat_config
+
+    config = flat_config(config)
     return ", ".join(
         f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
         for k, v in config.items()

@@ -147,7 +147,10 @@ class MLflowSearchLogger(Callback):
 
     # -- children ---------------------------------------------------------------------------------
     def _child(self, trial: Any) -> str:
+        from .tuner import flat_config
+
         tid = trial.trial_id
+        config = flat_config(trial.config)
         if tid not in self.open_trials:
             self.open_trials.add(tid)
             tags = {
@@ -158,7 +161,7 @@ class MLflowSearchLogger(Callback):
             }
             if self.tag:
                 tags["sertune.phase"] = self.tag
-            for k, v in (trial.config or {}).items():
+            for k, v in config.items():
                 if k.startswith("__"):  # confirm runs carry their origin in the config
                     tags[f"sertune.{k.strip('_')}"] = str(v)
             self.journal.append(
@@ -169,9 +172,7 @@ class MLflowSearchLogger(Callback):
                     "identity": {tracking.TAG_SEARCH: self.name, tracking.TAG_TRIAL: tid},
                     "run_name": f"{self.name}-{tid}",
                     "tags": tags,
-                    "params": {
-                        k: v for k, v in (trial.config or {}).items() if not k.startswith("__")
-                    },
+                    "params": {k: v for k, v in config.items() if not k.startswith("__")},
                 }
             )
         return tid

@@ -76,8 +76,19 @@ def trial_fixed(spec: SearchSpec, name: str, data: dict[str, Any]) -> dict[str, 
     }
 
 
+POINT = "__point"  # a fixed configuration (confirmation runs): Tune grid-searches over these
+
+
+def flat_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A trial's configuration, whether Optuna proposed it or it is a fixed point."""
+    if POINT not in (config or {}):
+        return dict(config or {})
+    return {**config[POINT], **{k: v for k, v in config.items() if k != POINT}}
+
+
 def loop_config(fixed: dict[str, Any], config: dict[str, Any], trial_id: str) -> dict[str, Any]:
     """The trainable's ``train(config, session)`` config for one trial."""
+    config = flat_config(config)
     params = {**fixed["params"], **{k: v for k, v in config.items() if not k.startswith("__")}}
     return {
         "params": params,
@@ -117,10 +128,12 @@ def build_tuner(
         )
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     metrics = spec.objective.as_list()
-    if points is not None:
-        searcher: Any = BasicVariantGenerator(points_to_evaluate=points)
+    param_space = None
+    if points is not None:  # one trial per point, as given (no leakage of keys between them)
+        searcher: Any = BasicVariantGenerator()
         scheduler: Any = FIFOScheduler()
-        samples = len(points)
+        samples = 1
+        param_space = {POINT: tune.grid_search(points)}
     else:
         space = SpaceFunction(
             {k: v.model_dump() for k, v in spec.space.items()},
@@ -153,6 +166,7 @@ def build_tuner(
     fs, root = fs_and_path(settings.storage_root())
     return tune.Tuner(
         trainable_fn,
+        param_space=param_space,
         tune_config=tune.TuneConfig(
             search_alg=searcher,
             scheduler=scheduler,

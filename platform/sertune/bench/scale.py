@@ -58,8 +58,10 @@ def run_scale_bench(
     import ray
     from ray.cluster_utils import Cluster
 
+    from ..ray_compat import quiet
     from ..search import run_search
 
+    quiet()
     home = Path(tempfile.mkdtemp(prefix="sertune-scale-"))
     os.environ["SERTUNE_HOME"] = str(home)
     os.environ["SERTUNE_TRAINABLES"] = ",".join(

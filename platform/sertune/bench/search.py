@@ -114,6 +114,9 @@ def _fixed_costs(clock: TrialClock) -> tuple[list[float], list[float], list[floa
 def run_search_bench(trials: int = 8, gpus: float = 0.0, num_cpus: int | None = None) -> int:
     import torch
 
+    from ..ray_compat import quiet
+
+    quiet()
     home = Path(tempfile.mkdtemp(prefix="sertune-bench-"))
     os.environ["SERTUNE_HOME"] = str(home)
     os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = "2"
