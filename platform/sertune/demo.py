@@ -46,10 +46,15 @@ def run_demo(
     search_s = time.monotonic() - t_search
     print(format_result(result, settings.tracking_uri()))
 
-    print("\n[demo 2/4] promoting the best trial (gate: robust/uar_snr10_white >= 0.3)")
+    print(
+        "\n[demo 2/4] promoting the best trial that passes the gate robust/uar_snr10_white >= 0.3"
+    )
     model_uri = None
     try:
         v = promote(name, gates=["robust/uar_snr10_white>=0.3"])
+        for skipped in v["passed_over"]:
+            print(f"  passed over the {skipped['label']} ({v['objective']}={skipped['value']:.3f}): "
+                  f"failed {', '.join(skipped['failed'])}")  # fmt: skip
         print(
             f"registered {v['name']} version {v['version']} from trial {v['trial']} "
             f"({v['objective']}={v['value']:.3f}); alias champion -> {v['version']}"

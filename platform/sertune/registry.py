@@ -1,7 +1,8 @@
 """Promotion to the MLflow model registry, gated on robustness.
 
-``promote`` picks a search's best configuration and registers one model of it under alias
-``champion`` (the previous champion becomes ``previous``). When the search was confirmed
+``promote`` picks a search's best configuration that passes every gate and registers one model
+of it under alias ``champion`` (the previous champion becomes ``previous``); better candidates a
+gate turned down are named. When the search was confirmed
 (``confirm:`` in the spec, or ``sertune promote --confirm-top K --seeds N``), the configuration
 with the best *mean* over its fresh seeds wins, the gates apply to the means, and the registered
 model is the seed run closest to that mean (its median), not the luckiest one. Otherwise the best
@@ -135,13 +136,21 @@ def promote(
         raise NotFound(
             f"search {search!r}: no finished trial with metric {metric!r} and a logged model"
         )
-    best = candidates[0]
-    rows, failed = _gate_table(best, parsed)
-    if failed:
+    # The best candidate that passes every gate: a gate is a floor for the champion, so a better
+    # but fragile configuration is passed over (and named), never promoted.
+    passed_over = []
+    for best in candidates:
+        rows, failed = _gate_table(best, parsed)
+        if not failed:
+            break
+        passed_over.append((best, rows))
+    else:
+        best, rows = passed_over[0]
         width = max(len(r[0]) for r in rows)
         what = "mean over seeds" if confirmed else "actual"
         lines = [
-            f"refusing to promote the {best['label']} of {search!r}: a gate failed",
+            f"refusing to promote: no {'configuration' if confirmed else 'trial'} of {search!r} "
+            f"passes every gate; the best, {best['label']}:",
             f"  {'metric'.ljust(width)}  required   {what:14}  result",
         ]
         lines += [f"  {a.ljust(width)}  {b:9}  {c_:14}  {d}" for a, b, c_, d in rows]
@@ -197,6 +206,14 @@ def promote(
         "confirmed": confirmed,
         "run_id": run.info.run_id,
         "gates": rows,
+        "passed_over": [
+            {
+                "label": b["label"],
+                "value": b["metrics"][metric],
+                "failed": [r[0] for r in rs if r[3] == "FAIL"],
+            }
+            for b, rs in passed_over
+        ],  # fmt: skip
     }
 
 

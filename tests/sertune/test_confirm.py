@@ -77,6 +77,15 @@ def test_a_confirmed_promotion_registers_the_best_mean_not_the_best_seed(home, t
     mv = c.get_model_version("steady", v["version"])
     assert "mean 0.7100 ± 0.0100 over 3 seeds" in mv.tags["sertune.confirmed"]
 
+    # a gate is a floor for the champion: the best configuration failing it is passed over, named
+    w = promote("steady", gates=["val_uar<=0.65"], model_name="steady")
+    assert w["run_id"] == runs["B2"] and w["value"] == pytest.approx(
+        0.5833, abs=1e-4
+    )  # B's median
+    assert w["passed_over"] == [
+        {"label": "configuration of trial A", "value": pytest.approx(0.71), "failed": ["val_uar"]}
+    ]
+
 
 @pytest.mark.usefixtures("ray_2cpu")
 def test_confirmation_and_a_fair_baseline_run_through_the_same_machinery(home, tmp_path):

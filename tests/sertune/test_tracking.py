@@ -223,7 +223,7 @@ def test_gate_failure_refuses_with_a_table(sqlite_search, capsys):
     )
     err = capsys.readouterr().err
     assert code == 3
-    assert "refusing to promote" in err and "FAIL" in err and "pass" in err
+    assert "refusing to promote: no trial" in err and "FAIL" in err and "pass" in err
     assert "robust/uar_snr10_white" in err
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException

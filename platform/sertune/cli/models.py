@@ -83,6 +83,9 @@ def promote(a: argparse.Namespace) -> int:
                                      verbose=a.verbose))  # fmt: skip
     v = do_promote(a.search, objective=a.objective, gates=a.gate or [], model_name=a.name,
                    tracking_uri=a.tracking_uri)  # fmt: skip
+    for skipped in v["passed_over"]:
+        print(f"passed over the {skipped['label']} ({v['objective']}={skipped['value']:.4f}): "
+              f"failed {', '.join(skipped['failed'])}")  # fmt: skip
     spread = f" ± {v['sd']:.4f} over {v['n']} seeds" if v["confirmed"] else ""
     print(f"registered {v['name']} version {v['version']} (trial {v['trial']}, "
           f"{v['objective']}={v['value']:.4f}{spread})")  # fmt: skip
