@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 
-.PHONY: demo test lint format bench install clean
+.PHONY: demo test lint format bench install clean ui-check
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
@@ -32,7 +32,14 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/sertune bench train --device cpu
-	$(VENV)/bin/sertune bench search --trials 3
+	$(VENV)/bin/sertune bench search --trials 8
+
+# The MLflow UI in a real browser: Playwright drives Debian's Chromium (apt-get install chromium);
+# screenshots land in ui-check/.
+ui-check: $(STAMP)
+	@command -v chromium >/dev/null || { echo "ui-check needs Chromium: apt-get install chromium"; exit 2; }
+	$(PY) -m pip install -q "playwright>=1.40"
+	SERTUNE_UI_SHOTS=$(CURDIR)/ui-check $(PY) -m pytest -q -m browser tests/sertune/test_ui.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -26,6 +26,37 @@ from .leaderboard import trial_epochs
 from .records import objectives, save_record
 
 PARENT = "parent"
+NOTE = "mlflow.note.content"  # the run page's description: markdown, shown first
+
+
+def image(path: str, title: str) -> str:
+    """A markdown image of one of the run's own artifacts, as the MLflow UI serves them."""
+    return f"![{title}](get-artifact?path={path.replace('/', '%2F')}&run_uuid={{run_id}})"
+
+
+def trial_note(trial_id: str, result: dict[str, Any], epochs: int, stopped: bool) -> str:
+    """A trial's run page, first thing: which epoch it is, its robustness plots, the figures."""
+    best = result.get("best_epoch")
+    lines = [
+        f"**Trial {trial_id}** — {'stopped early by the scheduler' if stopped else 'finished'} "
+        f"after {epochs} epoch(s); its result is its best-validation epoch"
+        + (f" ({int(best) + 1})." if best is not None else "."),
+        "",
+        image("robustness/uar_vs_snr.png", "UAR vs SNR"),
+        image("robustness/uar_vs_eps.png", "UAR vs adversarial ε"),
+        "",
+        "| figure | UAR |",
+        "|---|---|",
+    ]
+    for k in ("val_uar", "test_uar", "robust/uar_clean"):
+        if isinstance(result.get(k), (int, float)):
+            lines.append(f"| {k} | {result[k]:.3f} |")
+    for k in sorted(k for k in result if k.startswith("robust/") and k != "robust/uar_clean"):
+        if isinstance(result[k], (int, float)):
+            lines.append(f"| {k} | {result[k]:.3f} |")
+    lines += ["", "Report: Artifacts → robustness (robustness.json, summary.md)."]
+    return "\n".join(lines)
+
 
 # Tune bookkeeping, never metrics
 REPORTED_SKIP = {
@@ -232,6 +263,8 @@ class MLflowSearchLogger(Callback):
                         "path": "robustness",
                     }
                 )
+                note = trial_note(key, last, epochs, stopped=False)
+                self.journal.append({"op": "tags", "key": key, "tags": {NOTE: note}})
         self.journal.append({"op": "end", "key": key, "status": "FINISHED"})
         self.open_trials.discard(key)
 
@@ -278,6 +311,8 @@ class MLflowSearchLogger(Callback):
                 self.journal.append(
                     {"op": "metrics", "key": key, "step": step, "metrics": rows, "dedupe": False}
                 )
+                note = trial_note(key, outcome["metrics"], step, stopped=True)
+                self.journal.append({"op": "tags", "key": key, "tags": {NOTE: note}})
                 if outcome.get("files"):
                     with tempfile.TemporaryDirectory() as tmp:
                         for name, data in outcome["files"].items():
@@ -314,7 +349,8 @@ class MLflowSearchLogger(Callback):
                     "path": "summary",
                 }
             )
-        tags = {tracking.TAG_STATUS: status, "sertune.trials_failed": str(result.errors)}
+        tags = {tracking.TAG_STATUS: status, "sertune.trials_failed": str(result.errors),
+                NOTE: self._parent_note(result)}  # fmt: skip
         if best:
             tags["sertune.best_trial"] = best["trial"]
             ts = int(time.time() * 1000)
@@ -336,6 +372,30 @@ class MLflowSearchLogger(Callback):
                 "status": "FINISHED" if status == "finished" else "FAILED",
             }
         )
+
+    def _parent_note(self, result: Any) -> str:
+        from .leaderboard import format_table
+
+        lines = [
+            f"**Search {self.name}** — {len(result.rows)} trials, {result.errors} failed, "
+            f"{sum(r['state'] == 'stopped' for r in result.rows)} stopped early. The trials are the "
+            "child runs; each result is the trial's best-validation epoch.",
+            "",
+            "```",
+            format_table(result),
+            "```",
+            "",
+            image("summary/optimisation_history.png", "optimisation history"),
+            image("summary/slices.png", "objective against each searched parameter"),
+            image("summary/param_importances.png", "parameter importances"),
+        ]
+        if len(result.metrics) > 1:
+            lines.append(image("summary/pareto_front.png", "Pareto front"))
+        lines += [
+            "",
+            "Everything: Artifacts → summary (leaderboard.csv, plots), search (spec, data report).",
+        ]
+        return "\n".join(lines)
 
     def log_confirmation(self, groups: list[dict[str, Any]]) -> None:
         """The confirmation table (mean ± sd per configuration) on the parent run."""

@@ -78,6 +78,11 @@ def ensure_store(tracking_uri: str | None = None) -> str:
     db = sqlite_path(uri)
     if db is None:
         return uri
+    import mlflow
+
+    ready = db.with_name(f"{db.name}.ready-{mlflow.__version__}")  # schema of this MLflow: done
+    if db.exists() and ready.exists():
+        return uri
     db.parent.mkdir(parents=True, exist_ok=True)
     with open(db.with_name(db.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # a second process waits here, then finds it ready
@@ -92,6 +97,7 @@ def ensure_store(tracking_uri: str | None = None) -> str:
 
         with sqlite3.connect(db, timeout=30) as con:  # readers (the UI) never block the writer
             con.execute("PRAGMA journal_mode=WAL")
+        ready.touch()
     return uri
 
 
@@ -445,10 +451,12 @@ class Journal:
             self._remember(key, step=top)
 
     def _op_tags(self, op: dict[str, Any]) -> None:
+        """Tags; ``{run_id}`` in a value (a note's image links) becomes the run's id."""
         from mlflow.entities import RunTag
 
         run_id = self.run_id(op["key"])
-        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in op["tags"].items()])
+        tags = [RunTag(k, str(v).replace("{run_id}", run_id)) for k, v in op["tags"].items()]
+        self.client.log_batch(run_id, tags=tags)
 
     def _op_artifacts(self, op: dict[str, Any]) -> None:
         from .storage import download_dir
