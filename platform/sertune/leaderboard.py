@@ -77,6 +77,8 @@ def trial_row(
         # when it started: creation order for the optimisation history
         "started": float(metrics.get("timestamp", 0) or 0)
         - float(metrics.get("time_total_s", 0) or 0),
+        "ended": float(metrics.get("timestamp", 0) or 0),
+        "loop_started_at": metrics.get("loop_started_at"),  # when its training began (benches)
     }
     for k in (*SHOWN, "val_war", "val_f1", "best_epoch"):
         if k in metrics:

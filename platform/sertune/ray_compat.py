@@ -2,7 +2,7 @@
 
 Each workaround names its cause, the symptom it prevents and the Ray version it was written
 against. Those that reach into Ray internals warn (never skip silently) when the internal has
-moved, and ``tests/sertune/test_ray_compat.py`` fails on a Ray upgrade that moves any of them
+moved, and ``tests/test_architecture.py`` fails on a Ray upgrade that moves any of them
 (:func:`missing_internals`). docs/architecture.md lists them with their reasons.
 
 | workaround                              | why                                                              |
@@ -13,7 +13,7 @@ moved, and ``tests/sertune/test_ray_compat.py`` fails on a Ray upgrade that move
 | :func:`strict_metric_checking`          | end-of-trial objectives are absent from epoch results           |
 | :func:`keep_credentials_out_of_runtime_envs` | Tune copies ``AWS_*`` secrets into trial actors' runtime env (logged) |
 | :func:`quiet`                           | banners, hints and per-trial chatter on the console (Tune's new |
-|                                         | output engine ignores verbose=0; the raylet warns of slot starts)|
+|                                         | output engine ignores verbose=0; the raylet's worker-pool notice)|
 | dashboard on (``sertune.cluster``)      | Train's placement-group cleaner needs the state API             |
 | explicit ``RAY_ADDRESS`` (``sertune.cluster``) | that cleaner auto-detects "the" cluster and dies beside a second one |
 """
@@ -168,12 +168,36 @@ def quiet(verbose: bool = False) -> None:
     # verbosity (Ray 2.60); the legacy one honours verbose=0.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # store creation, input validation
-    # The raylet warns once more than 4 x this many workers start at once; a search with warm
-    # slots starts ~5 processes per slot by design.
-    os.environ.setdefault(
-        "RAY_worker_maximum_startup_concurrency", str(max(4, os.cpu_count() or 1))
-    )
     warnings.filterwarnings("ignore", module="ray")
+    _drop_worker_pool_notices()
+
+
+_WORKER_POOL_NOTICE = "PYTHON worker processes have been started on node"
+
+
+def _drop_worker_pool_notices() -> None:
+    """The raylet tells the driver each time more than 4 x min(CPUs, startup concurrency) worker
+    processes start at once; warm slots start ~5 processes each by design, so a search would
+    print it again and again. The driver prints these through one function; filter that one."""
+    try:
+        from ray._private import worker
+    except ImportError:
+        _moved("ray._private.worker")
+        return
+    original = getattr(worker, "print_to_stdstream", None)
+    if original is None:
+        _moved("ray._private.worker.print_to_stdstream")
+        return
+    if getattr(original, "_sertune_filtered", False):
+        return
+
+    def print_to_stdstream(data, ignore_prefix: bool):
+        lines = [ln for ln in data.get("lines", []) if _WORKER_POOL_NOTICE not in str(ln)]
+        if lines:
+            original({**data, "lines": lines}, ignore_prefix)
+
+    print_to_stdstream._sertune_filtered = True  # type: ignore[attr-defined]
+    worker.print_to_stdstream = print_to_stdstream
 
 
 def missing_internals() -> list[str]:
@@ -197,6 +221,13 @@ def missing_internals() -> list[str]:
             missing.append("TunerInternal._run_config")
     except ImportError:
         missing.append("ray.tune.impl.tuner_internal.TunerInternal")
+    try:
+        from ray._private import worker
+
+        if not hasattr(worker, "print_to_stdstream"):
+            missing.append("ray._private.worker.print_to_stdstream")
+    except ImportError:
+        missing.append("ray._private.worker")
     try:
         from ray.train.v2._internal.constants import HEALTH_CHECK_INTERVAL_S_ENV_VAR
 

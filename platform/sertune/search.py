@@ -36,11 +36,14 @@ from .search_logger import MLflowSearchLogger
 from .spec import SearchSpec, validate_spec
 from .storage import fs_and_path
 from .trainable import get_trainable
-from .tuner import build_tuner, trial_fixed
+from .tuner import build_tuner, trial_fixed, tune_callbacks
 
-# Save Tune's experiment state every 2 s (its "auto" waits >= 10 s): a crashed driver then loses
-# at most 2 s of bookkeeping, and the state of a few dozen trials costs milliseconds.
-os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
+
+def state_save_period(trials: int) -> str:
+    """How often Tune saves the search's state: every 2 s (a crashed driver loses at most 2 s of
+    bookkeeping; trials keep their own checkpoints), longer for big searches, whose state costs
+    more to write each time: 20 s at 1,000 trials keeps the cost linear in the search's size."""
+    return os.environ.get("SERTUNE_STATE_SAVE_S") or f"{max(2.0, trials / 50):g}"
 
 
 # -- where trials run ------------------------------------------------------------------------------
@@ -305,7 +308,8 @@ def _phase(name, spec, record, logger, execution, stop, restore, log, points=Non
     tuner = build_tuner(spec, tune_name, trainable, callbacks=callbacks, restore=restore,
                         points=points, reuse_actors=execution.reuse_actors(fifo))  # fmt: skip
     if restore:
-        ray_compat.set_restored_callbacks(tuner, callbacks)
+        ray_compat.set_restored_callbacks(tuner, tune_callbacks(callbacks))
+    os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = state_save_period(budget or spec.budget.trials)
     with ray_compat.strict_metric_checking(not end_metrics), stop.tune_loop():
         grid = tuner.fit()
     if stop.fired:

@@ -100,6 +100,7 @@ class MLflowSearchLogger(Callback):
         self.evaluator = evaluator  # evaluates stopped trials' best checkpoints
         self.tag = tag  # e.g. "confirm": extra tag on the child runs of this Tuner
         self.open_trials: set[str] = set()
+        self.resumed = False  # a resumed search may find its trials' runs already in MLflow
         self.journal: tracking.Journal | None = None
         self._stopped: dict[str, int] = {}
 
@@ -110,6 +111,7 @@ class MLflowSearchLogger(Callback):
 
     # -- the parent ------------------------------------------------------------------------------
     def start(self, resumed: bool = False) -> MLflowSearchLogger:
+        self.resumed = resumed
         self.journal = tracking.Journal(self.name, self.uri, self.log)
         self.journal.on_run = self._on_run
         self.journal.start()
@@ -201,6 +203,7 @@ class MLflowSearchLogger(Callback):
                     "key": tid,
                     "parent": PARENT,
                     "identity": {tracking.TAG_SEARCH: self.name, tracking.TAG_TRIAL: tid},
+                    "lookup": self.resumed,  # a new search's trials are new runs: no search
                     "run_name": f"{self.name}-{tid}",
                     "tags": tags,
                     "params": {k: v for k, v in config.items() if not k.startswith("__")},

@@ -145,14 +145,19 @@ def submit(
     env.update(FAST_ENV)
     env["PYTHONUNBUFFERED"] = "1"
     entrypoint = f"python -m sertune.cli search run {src.name} --name {spec.name}"
-    sid = _call(
-        address,
-        client.submit_job,
-        entrypoint=entrypoint,
-        submission_id=f"sertune-{spec.name}-{int(time.time())}",
-        runtime_env={"working_dir": str(stage), "py_modules": _package_dirs(), "env_vars": env},
-        metadata={"sertune.search": spec.name, "sertune.spec": src.name},
-    )
+    try:  # the working dir is uploaded by submit_job; the local copy is not needed after
+        sid = _call(
+            address,
+            client.submit_job,
+            entrypoint=entrypoint,
+            submission_id=f"sertune-{spec.name}-{int(time.time())}",
+            runtime_env={
+                "working_dir": str(stage), "py_modules": _package_dirs(), "env_vars": env,
+            },
+            metadata={"sertune.search": spec.name, "sertune.spec": src.name},
+        )  # fmt: skip
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     save_record(
         spec.name,
         {

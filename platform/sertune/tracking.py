@@ -196,8 +196,8 @@ class Journal:
     """Append-only records of one search on disk, applied to MLflow in order by a thread.
 
     Layout under ``$SERTUNE_HOME/state/journal/<search>/``: ``ops.jsonl`` (one record per line),
-    ``applied`` (how many are in MLflow), ``runs.json`` (record key -> MLflow run id and the last
-    step logged), ``spool/`` (files staged for upload).
+    ``applied`` (how many are in MLflow), ``runs.jsonl`` (record key -> MLflow run id and the
+    last step logged, appended), ``spool/`` (files staged for upload).
     """
 
     BATCH = 900  # metrics per log_batch call (MLflow accepts 1000)
@@ -210,7 +210,10 @@ class Journal:
         self._lock = threading.Condition()
         self._ops: list[dict[str, Any]] = self._read_ops()
         self._applied = self._read_int("applied")
-        self._runs: dict[str, dict[str, Any]] = self._read_json("runs.json", {})
+        for op in self._ops[self._applied :]:
+            # left by a driver that stopped: it may have created the run without remembering it
+            op["lookup"] = True
+        self._runs: dict[str, dict[str, Any]] = self._read_runs()
         self._thread: threading.Thread | None = None
         self._stop = False
         self._down_since: float | None = None
@@ -239,11 +242,18 @@ class Journal:
         except (OSError, ValueError):
             return 0
 
-    def _read_json(self, name: str, default):
-        try:
-            return json.loads((self.dir / name).read_text())
-        except (OSError, ValueError):
-            return default
+    def _read_runs(self) -> dict[str, dict[str, Any]]:
+        """``runs.jsonl``: one line per change (a run created, a step logged); the last wins."""
+        runs: dict[str, dict[str, Any]] = {}
+        path = self.dir / "runs.jsonl"
+        if path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:  # a line cut by a crash
+                    break
+                runs.setdefault(entry.pop("key"), {}).update(entry)
+        return runs
 
     def _write(self, name: str, text: str) -> None:
         tmp = self.dir / f".{name}.tmp"
@@ -316,6 +326,8 @@ class Journal:
                 self._write("applied", "0")
                 shutil.rmtree(self.dir / "spool", ignore_errors=True)
                 (self.dir / "spool").mkdir(exist_ok=True)
+                lines = [json.dumps({"key": k, **v}) for k, v in self._runs.items()]
+                self._write("runs.jsonl", "".join(line + "\n" for line in lines))
 
     def _loop(self) -> None:
         backoff = 1.0
@@ -332,6 +344,8 @@ class Journal:
                 if _permanent(e):
                     self.log(f"[mlflow] a record could not be written and is skipped: {_why(e)}")
                 else:
+                    for op in batch:  # the call may have landed before the failure
+                        op["lookup"] = True
                     if self._down_since is None:
                         self._down_since = time.monotonic()
                         self.log(
@@ -356,21 +370,22 @@ class Journal:
                     self._down_since, self._replayed = None, 0
 
     def _next_batch(self) -> tuple[list[dict[str, Any]], int]:
-        """The next record, or several metric records of one run merged into one call."""
+        """The next record; or every metric record up to the next other record, grouped by run.
+
+        Runs are independent, so interleaved epochs of concurrent trials become one ``log_batch``
+        per run (order within a run is kept; a group replayed after a failure is deduplicated by
+        step). Under load the backlog grows and so do the batches: writes per trial stay flat.
+        """
         first = self._ops[self._applied]
         if first["op"] != "metrics":
             return [first], 1
-        batch, count = [first], 1
-        total = len(first["metrics"])
-        for op in self._ops[self._applied + 1 :]:
-            if op["op"] != "metrics" or op["key"] != first["key"]:
+        window, total = [], 0
+        for op in self._ops[self._applied : self._applied + 1000]:
+            if op["op"] != "metrics" or total + len(op["metrics"]) > 20 * self.BATCH:
                 break
-            if total + len(op["metrics"]) > self.BATCH:
-                break
-            batch.append(op)
+            window.append(op)
             total += len(op["metrics"])
-            count += 1
-        return batch, count
+        return window, len(window)
 
     # -- applying records --------------------------------------------------------------------------
     @property
@@ -380,25 +395,38 @@ class Journal:
         return self._client
 
     def _remember(self, key: str, **values: Any) -> None:
+        """Append, never rewrite: the cost of a record stays flat however many runs exist."""
         self._runs.setdefault(key, {}).update(values)
-        self._write("runs.json", json.dumps(self._runs))
+        with (self.dir / "runs.jsonl").open("a") as fh:
+            fh.write(json.dumps({"key": key, **values}) + "\n")
 
     def _apply(self, batch: list[dict[str, Any]]) -> None:
         t0 = time.perf_counter()
-        self.calls += 1
         try:
             op = batch[0]
             kind = op["op"]
             if kind == "metrics":
-                self._metrics(batch)
+                by_run: dict[str, list[dict[str, Any]]] = {}
+                for m in batch:
+                    by_run.setdefault(m["key"], []).append(m)
+                for ops in by_run.values():
+                    self.calls += 1
+                    self._metrics(ops)
             else:
+                self.calls += 1
                 getattr(self, f"_op_{kind}")(op)
         finally:
             self.write_seconds += time.perf_counter() - t0
 
+    @property
+    def experiment_id(self) -> str:
+        if getattr(self, "_experiment_id", None) is None:
+            self._experiment_id = get_experiment_id(self.client)
+        return self._experiment_id
+
     def _find_run(self, tags: dict[str, str]) -> str | None:
         c = self.client
-        exp = get_experiment_id(c)
+        exp = self.experiment_id
         flt = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
         found = c.search_runs([exp], filter_string=flt, max_results=1)
         return found[0].info.run_id if found else None
@@ -408,7 +436,9 @@ class Journal:
         from mlflow.entities import Param
 
         c, key = self.client, op["key"]
-        run_id = self.run_id(key) or self._find_run(op["identity"])
+        run_id = self.run_id(key)
+        if run_id is None and op.get("lookup", True):  # a resumed search: the run may exist
+            run_id = self._find_run(op["identity"])
         if run_id:
             try:
                 c.update_run(run_id, status="RUNNING")
@@ -421,7 +451,7 @@ class Journal:
             if op.get("parent"):
                 tags["mlflow.parentRunId"] = self.run_id(op["parent"]) or ""
             run_id = c.create_run(
-                get_experiment_id(c), tags=tags, run_name=op.get("run_name")
+                self.experiment_id, tags=tags, run_name=op.get("run_name")
             ).info.run_id
             params = [Param(str(k), str(v)[:6000]) for k, v in op.get("params", {}).items()]
             for i in range(0, len(params), 90):
@@ -491,10 +521,8 @@ class Journal:
         self.client.set_terminated(self.run_id(op["key"]), op["status"])
 
     def _op_experiment_tags(self, op: dict[str, Any]) -> None:
-        c = self.client
-        exp = get_experiment_id(c)
         for k, v in op["tags"].items():
-            c.set_experiment_tag(exp, k, v)
+            self.client.set_experiment_tag(self.experiment_id, k, v)
 
 
 def _permanent(e: Exception) -> bool:

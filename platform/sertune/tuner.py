@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,16 @@ from .storage import fs_and_path
 from .trainable import get_trainable
 
 TIME_ATTR = "epochs_done"
+
+
+def tune_callbacks(callbacks: list[Any]) -> list[Any]:
+    """Ours, plus Tune's JSON and CSV result files (``search status`` and analyses read them).
+    Tune's automatic TensorBoard writer is left out: nobody reads it, and at a thousand trials
+    it is a few percent of the driver's time."""
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    return [*callbacks, JsonLoggerCallback(), CSVLoggerCallback()]
 
 
 class SpaceFunction:
@@ -178,8 +189,12 @@ def build_tuner(
             name=name,
             storage_path=root,
             storage_filesystem=fs,
-            callbacks=callbacks or [],
+            callbacks=tune_callbacks(callbacks or []),
             verbose=0,
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            # Tune defaults checkpoint_at_end to True for class trainables (the warm proxy): with
+            # num_to_keep=1 every trial's end then forces a save of the whole search's state, a
+            # cost that grows with the search (x1.7 driver time per trial at 1,000 trials). The
+            # trials' checkpoints live with the trainable; Tune keeps none of its own.
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_at_end=False),
         ),
     )

@@ -465,3 +465,79 @@ def test_an_mlflow_outage_loses_no_record(tmp_path):
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
+
+
+def test_a_registered_model_serves_without_this_checkout(sqlite_search, tmp_path):
+    """The model carries the code that loads it and needs only public packages: in a Python
+    where `sertune` and `trainables` are not importable (third-party packages only), it loads,
+    predicts, and `mlflow models serve` answers a REST request."""
+    import mlflow
+
+    from sertune import settings
+    from sertune.registry import promote
+    from tests.procs import kill_owned
+
+    promote("track", model_name="portable")
+    mlflow.set_tracking_uri(settings.tracking_uri())
+    mlflow.set_registry_uri(settings.tracking_uri())
+    model = mlflow.artifacts.download_artifacts(
+        "models:/portable@champion", dst_path=str(tmp_path / "m")
+    )
+    reqs = (Path(model) / "requirements.txt").read_text()
+    assert "sertune" not in reqs and "torch==2.11.*" in reqs
+
+    # a Python with this venv's third-party packages but not the project (no editable finder)
+    env_dir = tmp_path / "env"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env_dir)], check=True)
+    site = next(p for p in sys.path if p.endswith("site-packages"))
+    (next(env_dir.glob("lib/python*/site-packages")) / "deps.pth").write_text(site + "\n")
+    py = str(env_dir / "bin" / "python")
+    uvicorn = env_dir / "bin" / "uvicorn"  # the console script `mlflow models serve` runs
+    uvicorn.write_text(f"#!{py}\nimport sys\nfrom uvicorn.main import main\nsys.exit(main())\n")
+    uvicorn.chmod(0o755)
+    clean = {"PATH": f"{env_dir / 'bin'}:/usr/bin:/bin", "HOME": str(tmp_path)}
+    code = (
+        "import importlib.util, sys, numpy as np, pandas as pd, mlflow.pyfunc\n"
+        "assert importlib.util.find_spec('sertune') is None, 'the checkout leaked in'\n"
+        f"m = mlflow.pyfunc.load_model({model!r})\n"
+        "out = m.predict(pd.DataFrame({'waveform': [np.zeros(8000).tolist(), (0.1*np.ones(40000)).tolist()]}))\n"
+        "print(sys.modules['sertune.serving'].__file__)\n"
+        "print(out.to_json(orient='records'))\n"
+    )
+    p = subprocess.run(
+        [py, "-c", code], cwd=tmp_path, env=clean, capture_output=True, text=True, timeout=300
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    loaded_from, rows = p.stdout.strip().splitlines()[-2:]
+    assert loaded_from.startswith(str(Path(model) / "code"))  # the model's own copy of the loader
+    rows = json.loads(rows)
+    assert len(rows) == 2 and all(
+        abs(sum(v for k, v in r.items() if k.startswith("p_")) - 1) < 1e-5 for r in rows
+    )
+
+    port = free_port()
+    server = subprocess.Popen(
+        [py, "-m", "mlflow", "models", "serve", "-m", model, "-p", str(port), "--env-manager", "local"],
+        cwd=tmp_path, env=clean, stdout=open(tmp_path / "serve.log", "w"), stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        body = json.dumps(
+            {"dataframe_split": {"columns": ["waveform"], "data": [[[0.0] * 8000]]}}
+        ).encode()
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                             headers={"Content-Type": "application/json"})  # fmt: skip
+                answer = json.loads(urllib.request.urlopen(req, timeout=10).read())
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, (
+                    tmp_path / "serve.log"
+                ).read_text()[-3000:]
+                time.sleep(1)
+        (pred,) = answer["predictions"]
+        assert pred["emotion"] in ("angry", "happy", "neutral", "sad")
+    finally:
+        kill_owned(session=server.pid)

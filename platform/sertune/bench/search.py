@@ -16,6 +16,7 @@ aggregate training samples/s with one slot alone.
 from __future__ import annotations
 
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -117,9 +118,11 @@ def run_search_bench(trials: int = 8, gpus: float = 0.0, num_cpus: int | None = 
     from ..ray_compat import quiet
 
     quiet()
+    from ..search import state_save_period
+
     home = Path(tempfile.mkdtemp(prefix="sertune-bench-"))
     os.environ["SERTUNE_HOME"] = str(home)
-    os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = "2"
+    os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = state_save_period(trials)
     has_gpu = torch.cuda.is_available()
     gpu_frac = gpus if (gpus and has_gpu) else 0.0
     print(
@@ -172,4 +175,5 @@ def run_search_bench(trials: int = 8, gpus: float = 0.0, num_cpus: int | None = 
         f"{rates[k]:,.0f} samples/s"
     )
     print(f"packed/alone: {rates[k] / rates[1]:.2f}")
+    shutil.rmtree(home, ignore_errors=True)
     return 0

@@ -29,8 +29,19 @@ AWS_ENDPOINT_URL (S3-compatible stores), RAY_ADDRESS (join a cluster).
 """
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Examples keep their lines; every option shows its default."""
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Examples keep their lines; every option with a default shows it (once)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (
+            "default" in text
+            or default in (None, False, argparse.SUPPRESS)
+            or action.option_strings == []
+        ):
+            return text
+        return f"{text} (default: {default})"
 
 
 def command(sub, name: str, help: str, example: str, parents=(), **kw) -> argparse.ArgumentParser:
