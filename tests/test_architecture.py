@@ -39,6 +39,21 @@ def test_every_module_has_a_place_in_the_layers():
     assert not unplaced, f"add these to [tool.importlinter] layers in pyproject.toml: {unplaced}"
 
 
+def test_no_module_imports_another_that_imports_it_back():
+    """Stricter than import-linter's sibling contract: a package and its own modules count too
+    (a command module importing ``sertune.cli`` while ``sertune.cli`` imports it)."""
+    import grimp
+
+    graph = grimp.build_graph("sertune", "trainables", "search_spaces")
+    cycles = [
+        " -> ".join(graph.find_shortest_chain(importer=b, imported=a))
+        for a in sorted(graph.modules)
+        for b in sorted(graph.find_modules_directly_imported_by(a))
+        if a != b and graph.chain_exists(importer=b, imported=a)
+    ]
+    assert cycles == [], "imports that close a cycle (back chains):\n" + "\n".join(cycles)
+
+
 def _lint(root: Path) -> subprocess.CompletedProcess:
     env = {"PYTHONPATH": f"{root / 'platform'}:{root}", "PATH": str(Path(sys.executable).parent)}
     return subprocess.run([str(Path(sys.executable).with_name("lint-imports")), "--no-cache"],

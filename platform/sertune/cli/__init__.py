@@ -14,6 +14,7 @@ import sys
 import traceback
 
 from ..errors import GateFailed, SertuneError
+from .options import common
 
 EPILOG = """\
 quick start (embedded default: local Ray, MLflow on SQLite under ~/.sertune, synthetic corpus):
@@ -27,52 +28,6 @@ quick start (embedded default: local Ray, MLflow on SQLite under ~/.sertune, syn
 environment: SERTUNE_HOME (default ~/.sertune), MLFLOW_TRACKING_URI, SERTUNE_STORAGE (s3://...),
 AWS_ENDPOINT_URL (S3-compatible stores), RAY_ADDRESS (join a cluster).
 """
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Examples keep their lines; every option with a default shows it (once)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        default = action.default
-        if (
-            "default" in text
-            or default in (None, False, argparse.SUPPRESS)
-            or action.option_strings == []
-        ):
-            return text
-        return f"{text} (default: {default})"
-
-
-def command(sub, name: str, help: str, example: str, parents=(), **kw) -> argparse.ArgumentParser:
-    """A subcommand whose ``--help`` shows what it does, an example and every default."""
-    return sub.add_parser(
-        name,
-        help=help,
-        description=help[:1].upper() + help[1:] + ".",
-        epilog="example:\n" + "\n".join(f"  {line}" for line in example.strip().splitlines()),
-        formatter_class=HelpFormatter,
-        parents=[common(), *parents],
-        **kw,
-    )
-
-
-def common() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                   help="show the traceback of a failure")  # fmt: skip
-    p.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
-                   help="show Ray's and MLflow's own output too")  # fmt: skip
-    return p
-
-
-def tracking_option() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(add_help=False)
-    p.add_argument(
-        "--tracking-uri",
-        help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or sqlite:///$SERTUNE_HOME/mlflow.db)",
-    )
-    return p
 
 
 def build_parser() -> argparse.ArgumentParser:

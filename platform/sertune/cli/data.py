@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from . import command
+from .options import command
 
 
 def add(sub) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from . import command, tracking_option
+from .options import command, print_result, tracking_option
 
 
 def add(sub) -> None:
@@ -77,9 +77,8 @@ def promote(a: argparse.Namespace) -> int:
 
     if a.confirm_top:
         from ..search import confirm_search
-        from .search import _print_result
 
-        _print_result(confirm_search(a.search, a.confirm_top, a.seeds, num_cpus=a.num_cpus,
+        print_result(confirm_search(a.search, a.confirm_top, a.seeds, num_cpus=a.num_cpus,
                                      verbose=a.verbose))  # fmt: skip
     v = do_promote(a.search, objective=a.objective, gates=a.gate or [], model_name=a.name,
                    tracking_uri=a.tracking_uri)  # fmt: skip

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import command, tracking_option
+from .options import command, print_result, tracking_option
 
 
 def spec_options() -> argparse.ArgumentParser:
@@ -147,15 +147,8 @@ def validate(a: argparse.Namespace) -> int:
     return 0
 
 
-def _print_result(result) -> None:
-    from .. import settings
-    from ..leaderboard import format_result
-
-    print(format_result(result, settings.tracking_uri()))
-
-
 def _finish(result) -> int:
-    _print_result(result)
+    print_result(result)
     if not result.finished:
         print(f"sertune: error: every trial of {result.name!r} failed (see the table above)",
               file=sys.stderr)  # fmt: skip

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import command, tracking_option
+from .options import command, tracking_option
 
 
 def add_demo(sub) -> None:
