@@ -115,7 +115,11 @@ class Drill:
         raw = yaml.safe_load(presets()["smoke"].read_text())
         raw["name"] = name
         raw["robustness"] = None
-        raw["params"]["optim.min_steps_per_epoch"] = 36  # epochs of about a second
+        # epochs of about a second on 2 CPUs (~6 ms a step): 3x smoke's corpus in batches of 2,
+        # without smoke's cap of 3 steps, so a drill can strike mid-trial
+        raw["data"]["synthetic"]["per_class"] = 18
+        raw["params"]["optim.min_steps_per_epoch"] = 200
+        raw["budget"]["max_steps_per_epoch"] = 200
         if edit:
             edit(raw)
         path = self.root / f"{name}.yaml"
@@ -256,7 +260,13 @@ def driver_kill(d: Drill) -> tuple[int, str]:
                    if t not in finished and 2 <= int(e) <= 4 and saved > seen[t] + 0.5]  # fmt: skip
             if finished and mid:
                 break
+            if proc.poll() is not None:
+                raise RuntimeError(
+                    "the search ended before a trial was mid-way with its state saved"
+                )
             time.sleep(0.1)
+        else:
+            raise TimeoutError("no trial was mid-way with its state saved within 600 s")
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
