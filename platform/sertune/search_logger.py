@@ -103,6 +103,7 @@ class MLflowSearchLogger(Callback):
         self.resumed = False  # a resumed search may find its trials' runs already in MLflow
         self.journal: tracking.Journal | None = None
         self._stopped: dict[str, int] = {}
+        self.evaluated: dict[str, dict[str, Any]] = {}  # stopped trials' test + robustness figures
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -304,6 +305,7 @@ class MLflowSearchLogger(Callback):
                 )
             else:
                 step = self._stopped.get(key, 0)
+                self.evaluated[key] = outcome["metrics"]
                 ts = int(time.time() * 1000)
                 rows = [
                     [k, v, ts]
@@ -342,6 +344,10 @@ class MLflowSearchLogger(Callback):
             deadline = time.monotonic() + wait_s
             while self.evaluator.pending and time.monotonic() < deadline:
                 self.collect_evaluations(wait_s=1.0)
+        for row in result.rows:  # the leaderboard and the summary show them too
+            for k, v in self.evaluated.get(row["trial"], {}).items():
+                if k.startswith(("test_", "robust/")) and row.get(k) is None:
+                    row[k] = v
         with tempfile.TemporaryDirectory() as tmp:
             best = write_search_summary(Path(tmp), result, self.record["spec"])
             self.journal.append(

@@ -46,6 +46,8 @@ def test_smoke_single_objective(home, tmp_path):
     assert all(r["state"] in ("finished", "stopped") for r in result.rows)
     uars = [r["val_uar"] for r in result.rows]
     assert uars == sorted(uars, reverse=True)  # best first
+    # the leaderboard shows test figures for stopped trials too (evaluated after the search)
+    assert all(isinstance(r.get("test_uar"), float) for r in result.rows), result.rows
     assert load_record("smoke")["status"] == "finished"
     status = search_status("smoke")
     assert sum(status["trials"].values()) == 2 and "best" in status
