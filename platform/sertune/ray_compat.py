@@ -47,6 +47,21 @@ def _moved(what: str) -> None:
     )
 
 
+def _internal(module: str, attr: str) -> tuple[Any, Any] | None:
+    """``(module, module.attr)`` of a Ray internal, or None after a warning that it moved."""
+    import importlib
+
+    try:
+        mod = importlib.import_module(module)
+    except ImportError:
+        _moved(module)
+        return None
+    if not hasattr(mod, attr):
+        _moved(f"{module}.{attr}")
+        return None
+    return mod, getattr(mod, attr)
+
+
 def wait_until_reports_are_handed_over(timeout_s: float = 60.0) -> None:
     """Return only after Tune took the last Train report (per-trial mode; Ray 2.60 deadlock).
 
@@ -109,26 +124,20 @@ def keep_credentials_out_of_runtime_envs() -> None:
     ``AWS_SECRET_ACCESS_KEY`` and session tokens into every trial actor's ``runtime_env``, which
     Ray's runtime-env agent writes to its log in plain text. Every node has its own credential
     chain (instance role, its own environment, ``~/.aws``), so drop them from the list."""
-    try:
-        from ray.tune.execution import class_cache
-    except ImportError:
-        _moved("ray.tune.execution.class_cache")
+    found = _internal("ray.tune.execution.class_cache", "ENV_VARS_TO_PROPAGATE")
+    if found is None:
         return
-    names = getattr(class_cache, "ENV_VARS_TO_PROPAGATE", None)
-    if names is None:
-        _moved("ray.tune.execution.class_cache.ENV_VARS_TO_PROPAGATE")
-        return
+    class_cache, names = found
     class_cache.ENV_VARS_TO_PROPAGATE = {n for n in names if not n.startswith(CREDENTIAL_PREFIXES)}
 
 
 def propagate_to_trials(names: tuple[str, ...]) -> None:
     """Add variables to those Tune copies from the driver into trial actors (``RAY_ADDRESS``)."""
-    try:
-        from ray.tune.execution import class_cache
-    except ImportError:
-        _moved("ray.tune.execution.class_cache")
+    found = _internal("ray.tune.execution.class_cache", "ENV_VARS_TO_PROPAGATE")
+    if found is None:
         return
-    class_cache.ENV_VARS_TO_PROPAGATE = set(class_cache.ENV_VARS_TO_PROPAGATE) | set(names)
+    class_cache, current = found
+    class_cache.ENV_VARS_TO_PROPAGATE = set(current) | set(names)
 
 
 class _DropRestoreHint(logging.Filter):
@@ -179,15 +188,10 @@ def _drop_worker_pool_notices() -> None:
     """The raylet tells the driver each time more than 4 x min(CPUs, startup concurrency) worker
     processes start at once; warm slots start ~5 processes each by design, so a search would
     print it again and again. The driver prints these through one function; filter that one."""
-    try:
-        from ray._private import worker
-    except ImportError:
-        _moved("ray._private.worker")
+    found = _internal("ray._private.worker", "print_to_stdstream")
+    if found is None:
         return
-    original = getattr(worker, "print_to_stdstream", None)
-    if original is None:
-        _moved("ray._private.worker.print_to_stdstream")
-        return
+    worker, original = found
     if getattr(original, "_sertune_filtered", False):
         return
 
