@@ -95,7 +95,9 @@ def shutdown_ray() -> None:
 
     global _started_here, _connected_here, _saved_address
     if ray.is_initialized():
+        ours = _ray_descendants() if _started_here else {}
         ray.shutdown()
+        _reap(ours)
     if _connected_here:
         if _saved_address:
             os.environ["RAY_ADDRESS"] = _saved_address
@@ -103,6 +105,57 @@ def shutdown_ray() -> None:
             os.environ.pop("RAY_ADDRESS", None)
     _started_here = _connected_here = False
     _saved_address = None
+
+
+def _proc_stat(pid: int) -> tuple[int, str] | None:
+    """(parent pid, start time) of a live process, None if it is gone or a zombie."""
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] == "Z" else (int(fields[1]), fields[19])
+
+
+def _ray_descendants() -> dict[int, str]:
+    """The local cluster this process started - its GCS, raylet, dashboard and every process
+    below them (workers, actors): pid -> start time. Nothing else this process started."""
+    node = getattr(getattr(ray_compat.ray_private_worker(), "_global_node", None),
+                   "all_processes", None)  # fmt: skip
+    if not node or not os.path.isdir("/proc"):
+        return {}
+    roots = {info.process.pid for infos in node.values() for info in infos
+             if getattr(info, "process", None) is not None}  # fmt: skip
+    parent: dict[int, tuple[int, str]] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit() and (st := _proc_stat(int(name))):
+            parent[int(name)] = st
+    mine = {pid: parent[pid][1] for pid in roots if pid in parent}
+    frontier = set(mine)
+    while frontier:
+        frontier = {pid for pid, (ppid, _) in parent.items() if ppid in frontier} - set(mine)
+        mine.update({pid: parent[pid][1] for pid in frontier})
+    return mine
+
+
+def _reap(pids: dict[int, str], grace_s: float = 5.0) -> None:
+    """After ``ray.shutdown()``: SIGKILL any of the cluster's processes still alive after
+    ``grace_s`` (an actor stuck in a thread - seen with Train's controller - outlives its raylet
+    and would linger, reparented, holding memory). Only processes this one started, same start
+    time (pid reuse), are touched."""
+    import signal
+
+    def alive() -> list[int]:
+        return [p for p, start in pids.items() if (st := _proc_stat(p)) and st[1] == start]
+
+    deadline = time.monotonic() + grace_s
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for pid in alive():
+        try:
+            os.kill(pid, signal.SIGKILL)
+            logging.getLogger(__name__).info("stopped leftover Ray process %d after shutdown", pid)
+        except OSError:
+            pass
 
 
 def started_here() -> bool:

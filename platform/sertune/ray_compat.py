@@ -47,6 +47,12 @@ def _moved(what: str) -> None:
     )
 
 
+def ray_private_worker() -> Any:
+    """``ray._private.worker`` (the driver's node handle lives there), or None if it moved."""
+    found = _internal("ray._private", "worker")
+    return found[1] if found else None
+
+
 def _internal(module: str, attr: str) -> tuple[Any, Any] | None:
     """``(module, module.attr)`` of a Ray internal, or None after a warning that it moved."""
     import importlib
@@ -230,6 +236,8 @@ def missing_internals() -> list[str]:
 
         if not hasattr(worker, "print_to_stdstream"):
             missing.append("ray._private.worker.print_to_stdstream")
+        if not hasattr(worker, "_global_node"):  # sertune.cluster reaps leftovers of its cluster
+            missing.append("ray._private.worker._global_node")
     except ImportError:
         missing.append("ray._private.worker")
     try:
