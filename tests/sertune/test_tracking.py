@@ -421,7 +421,11 @@ def test_an_mlflow_outage_loses_no_record(tmp_path):
     raw = yaml.safe_load((REPO / "search_spaces" / "smoke.yaml").read_text())
     raw.update(name="outage", robustness=None)
     raw["budget"].update(trials=3, concurrency=1, max_epochs=3, grace_epochs=3)
-    raw["params"]["optim.min_steps_per_epoch"] = 36  # epochs of a second or so
+    # epochs of about a second with warm slots (3x smoke's corpus in batches of 2, without
+    # smoke's cap of 3 steps), so records keep coming while the server is down
+    raw["data"]["synthetic"]["per_class"] = 18
+    raw["params"]["optim.min_steps_per_epoch"] = 200
+    raw["budget"]["max_steps_per_epoch"] = 200
     spec = tmp_path / "outage.yaml"
     spec.write_text(yaml.safe_dump(raw))
     url = f"http://127.0.0.1:{port}"
@@ -441,7 +445,9 @@ def test_an_mlflow_outage_loses_no_record(tmp_path):
             time.sleep(0.1)
         os.killpg(server.pid, signal.SIGTERM)  # the outage
         server.wait(timeout=30)
-        time.sleep(12)
+        # down longer than MLflow's request timeout (20 s): a request caught by the shutdown
+        # fails within the outage instead of succeeding on its retry after it
+        time.sleep(25)
         server = _start_server(root, port)  # back, same store
         proc.wait(timeout=600)
     finally:
