@@ -97,6 +97,21 @@ def page(ui):
         browser.close()
 
 
+def show_plot(page, name: str, shot) -> None:
+    """Unfold the run's description if MLflow folded it (one click), wait until the plot ``name``
+    in it has loaded, and take a screenshot with it in view."""
+    more = page.get_by_text("Show more")
+    if more.count():
+        more.first.click()
+    img = page.locator(f"img[src*='{name}']").first
+    img.wait_for(timeout=30_000)
+    page.wait_for_function(
+        "img => img.complete && img.naturalWidth > 100", arg=img.element_handle()
+    )
+    img.scroll_into_view_if_needed()
+    page.screenshot(path=str(shot))
+
+
 def test_the_url_opens_on_the_trials_table_and_plots_are_one_click_away(ui, page):
     """0 clicks to the trials table with the objective and robustness columns, 1 to a trial's
     robustness plots."""
@@ -112,16 +127,7 @@ def test_the_url_opens_on_the_trials_table_and_plots_are_one_click_away(ui, page
 
     page.get_by_text(f"ui-{trials[0]}").first.click()  # click 1: the trial's run page
     page.get_by_text("its result is its best-validation epoch").first.wait_for(timeout=60_000)
-    more = page.get_by_text("Show more")
-    if more.count():
-        more.first.click()  # click 2: unfold the description (MLflow folds long ones)
-    img = page.locator("img[src*='uar_vs_snr.png']").first
-    img.wait_for(timeout=30_000)
-    page.wait_for_function(
-        "img => img.complete && img.naturalWidth > 100", arg=img.element_handle()
-    )
-    img.scroll_into_view_if_needed()
-    page.screenshot(path=str(ui["shots"] / "2-trial-robustness.png"))
+    show_plot(page, "uar_vs_snr.png", ui["shots"] / "2-trial-robustness.png")  # maybe click 2
 
 
 def test_the_parent_run_shows_the_leaderboard_and_the_search_plots(ui, page):
@@ -129,16 +135,7 @@ def test_the_parent_run_shows_the_leaderboard_and_the_search_plots(ui, page):
     page.goto(f"{base}/#/experiments/{exp}/runs/{ui['result'].parent_run_id}")
     page.get_by_text("Search ui").first.wait_for(timeout=60_000)
     assert "best-validation epoch" in page.inner_text("body")
-    more = page.get_by_text("Show more")
-    if more.count():
-        more.first.click()
-    img = page.locator("img[src*='optimisation_history.png']").first
-    img.wait_for(timeout=30_000)
-    page.wait_for_function(
-        "img => img.complete && img.naturalWidth > 100", arg=img.element_handle()
-    )
-    img.scroll_into_view_if_needed()
-    page.screenshot(path=str(ui["shots"] / "3-parent-run.png"))
+    show_plot(page, "optimisation_history.png", ui["shots"] / "3-parent-run.png")
 
 
 def test_the_registry_shows_the_champion(ui, page):
