@@ -13,12 +13,12 @@ DEPS = PYPROJECT["project"]["dependencies"]
 
 
 def pin(name: str) -> str:
-    """'2.60' for ray[...]==2.60.*, '2.11' for torch==2.11.*."""
+    """'2.60' for ray[...]==2.60.*, '2.11' for torch==2.11.0 (or ==2.11.*)."""
     for d in DEPS:
-        m = re.match(rf"^{re.escape(name)}(\[[^\]]*\])?==([\d.]+)\.\*$", d)
+        m = re.match(rf"^{re.escape(name)}(\[[^\]]*\])?==(\d+\.\d+)(\.\*|\.\d+)$", d)
         if m:
             return m.group(2)
-    raise AssertionError(f"{name} is not pinned as ==X.Y.* in pyproject.toml")
+    raise AssertionError(f"{name} is not pinned as ==X.Y.* or ==X.Y.Z in pyproject.toml")
 
 
 def docs(path: Path) -> list[dict]:
@@ -59,7 +59,36 @@ def test_sertune_images_carry_the_pinned_versions():
         assert imgs and all(i.endswith(f":{tag}") for i in imgs), (f, imgs)
     dockerfile = (INFRA / "Dockerfile").read_text()
     assert f"FROM rayproject/ray:{ray}.0-" in dockerfile
-    assert f'"torch=={torch}.*"' in dockerfile and f'"torchaudio=={torch}.*"' in dockerfile
+
+
+def run_lines(dockerfile: str) -> list[str]:
+    """The Dockerfile's RUN instructions, continuation lines joined."""
+    text = re.sub(r"\\\n\s*", " ", dockerfile)
+    return [ln.strip()[4:] for ln in text.splitlines() if ln.strip().startswith("RUN ")]
+
+
+def test_the_image_installs_from_the_lock_and_resolves_nothing():
+    dockerfile = (INFRA / "Dockerfile").read_text()
+    assert "COPY --chown=ray:users requirements.lock /opt/sertune/requirements.lock" in dockerfile
+    installs = [r for r in run_lines(dockerfile) if "pip install" in r]
+    assert installs, "no pip install in the Dockerfile"
+    # every package from the lock, hashes checked, no resolution of its own
+    assert any(
+        "-r /opt/sertune/requirements.lock" in r and "--require-hashes" in r and "--no-deps" in r
+        for r in installs
+    ), installs
+    # the project on top, without dependencies or a build environment from the network
+    assert any(
+        r.split("&&")[0].rstrip().endswith("/opt/sertune")
+        and "--no-deps" in r
+        and "--no-build-isolation" in r
+        for r in installs
+    ), installs
+    for r in installs:  # no package named by range anywhere (torch, torchaudio, ...)
+        assert "--no-deps" in r and not re.search(r"[\"'][A-Za-z0-9_.-]+\s*[=<>~!]=", r), r
+    # the build refuses an image that cannot run a trial, checking against the same lock
+    assert "ENV SERTUNE_LOCK=/opt/sertune/requirements.lock" in dockerfile
+    assert any(r.endswith("sertune doctor") for r in installs)
 
 
 def test_raycluster_has_a_cpu_head_and_an_autoscaling_gpu_group():

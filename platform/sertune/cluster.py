@@ -247,3 +247,85 @@ def check_resources(spec: Any, log=print) -> int:
         f"{spec.source}: {field}: {need}; after {timeout:.0f}s {_describe(nodes)} "
         f"(set {SCALE_UP_TIMEOUT_ENV} to wait longer)"
     )
+
+
+# -- can every node run one trial? ------------------------------------------------------------------
+
+# Versions that must agree between the driver and every node (checkpoints, pickles, Ray's protocol).
+SAME_EVERYWHERE = ("torch", "torchaudio", "ray", "mlflow", "optuna", "numpy")
+NODE_CHECK_TIMEOUT_S = 180.0
+
+
+def _versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {}
+    for name in SAME_EVERYWHERE:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "missing"
+    return out
+
+
+def _node_report() -> dict[str, Any]:
+    from .doctor import node_report
+
+    return {**node_report(), "versions": _versions()}
+
+
+def check_nodes(force: bool = False) -> str:
+    """Run ``sertune doctor``'s checks on every alive node of the cluster, in parallel; refuse
+    (exit 2) naming each node that fails or whose versions differ from the driver's. A cluster
+    started here runs this very interpreter, which the driver checked already: skipped unless
+    ``force``. Returns a one-line summary."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from .errors import EnvironmentProblem
+
+    if started_here() and not force:
+        return ""
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    task = ray.remote(num_cpus=0, max_retries=0)(_node_report)
+    refs = {
+        task.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+        ).remote(): n
+        for n in nodes
+    }
+    ready, waiting = ray.wait(list(refs), num_returns=len(refs), timeout=NODE_CHECK_TIMEOUT_S)
+    mine = _versions()
+    problems = []
+    for ref, node in refs.items():
+        where = f"node {node.get('NodeManagerAddress')} ({node['NodeID'][:8]})"
+        if ref in waiting:
+            problems.append(
+                f"{where}: no answer to the environment check in {NODE_CHECK_TIMEOUT_S:.0f}s"
+            )
+            continue
+        try:
+            report = ray.get(ref)
+        except Exception as e:  # noqa: BLE001 - the check itself could not run there
+            problems.append(
+                f"{where}: the environment check failed ({type(e).__name__}: "
+                f"{str(e).strip().splitlines()[-1][:200]})"
+            )
+            continue
+        where = f"node {node.get('NodeManagerAddress')} ({report['host']})"
+        problems += [f"{where}: {line}" for line in report["failed"]]
+        differ = [
+            f"{k} {v} (driver {mine[k]})"
+            for k, v in report["versions"].items()
+            if v != mine.get(k)
+        ]
+        if differ and not report["failed"]:
+            problems.append(
+                f"{where}: versions differ from the driver's: {', '.join(differ)}; "
+                "fix: build the image from requirements.lock (infra/Dockerfile)"
+            )
+    if problems:
+        for ref in waiting:
+            ray.cancel(ref, force=True)
+        raise EnvironmentProblem("\n".join(problems))
+    return f"{len(nodes)} node(s) pass the environment check"

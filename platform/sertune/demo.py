@@ -21,6 +21,7 @@ def run_demo(
     name: str = "demo",
     verbose: bool = False,
 ) -> int:
+    from .doctor import preflight
     from .inference import format_predictions, predict_files
     from .leaderboard import format_result
     from .registry import promote
@@ -28,6 +29,7 @@ def run_demo(
     from .spec import load_spec, presets
 
     t0 = time.monotonic()
+    preflight()  # a broken torch/torchaudio: one line, exit 2, before anything starts
     spec_path = presets()["demo"]
     raw_budget = load_spec(spec_path).budget.model_dump()
     raw_budget.update(

@@ -8,7 +8,8 @@ the traceback too. Anything else that escapes is a bug and keeps its traceback.
 | exit | class                 | when                                                        |
 |------|-----------------------|-------------------------------------------------------------|
 | 1    | SearchFailed          | a search ran but every trial failed                         |
-| 2    | UsageError and below  | bad spec, unknown name, missing file, unreachable service   |
+| 2    | UsageError and below  | bad spec, unknown name, missing file, unreachable service,  |
+|      |                       | a broken environment (``sertune doctor``)                   |
 | 3    | GateFailed            | a promotion gate did not pass                               |
 | 130  | Interrupted           | Ctrl-C / SIGTERM; what ran is saved and resumable           |
 """
@@ -48,6 +49,11 @@ class ModelError(UsageError):
     """A saved model cannot be loaded (missing, truncated or corrupt files)."""
 
 
+class EnvironmentProblem(UsageError):
+    """This Python environment (or a cluster node's) cannot run a trial: a library that does not
+    load, a torch/torchaudio pair that does not match, versions that differ from the lock."""
+
+
 class GateFailed(SertuneError):
     """A robustness gate did not pass; ``str()`` is the gate table."""
 
@@ -55,7 +61,8 @@ class GateFailed(SertuneError):
 
 
 class SearchFailed(SertuneError):
-    """A search ran to its end but no trial finished."""
+    """A search ran to its end but no trial finished, or stopped early because its first trials
+    all failed the same way (or one failed on the environment)."""
 
     exit_code = 1
 

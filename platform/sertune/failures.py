@@ -34,9 +34,20 @@ def error_reason(text: str) -> str:
         and not ln.startswith(("File ", "^", "~"))
     ]
     if candidates:
-        return candidates[-1][:500]
+        return _unwrap(candidates[-1])[:500]
     rest = [ln for ln in lines if not any(w in ln for w in _WRAPPERS)]
     return ((rest or lines or ["unknown error"])[-1])[:500]
+
+
+_RELAY = re.compile(r"^(?:[\w.]+\.)?(?:TrialFailed|TuneError|RayTaskError(?:\([^)]*\))?):\s*")
+
+
+def _unwrap(line: str) -> str:
+    """``sertune.slots.TrialFailed: OSError: x`` -> ``OSError: x`` (the warm proxy relays the
+    slot's reason inside its own exception)."""
+    while (m := _RELAY.match(line)) and line[m.end() :]:
+        line = line[m.end() :]
+    return line
 
 
 def trial_error_reason(trial: Any) -> str:

@@ -137,13 +137,26 @@ def format_table(result: SearchResult, top: int = 10) -> str:
     for i, row in enumerate(result.rows[:top], start=1):
         cfg = ", ".join(f"{k}={_short(v)}" for k, v in sorted((row["config"] or {}).items()))
         vals = [f"{row[c]:.3f}" if isinstance(row.get(c), (int, float)) else "-" for c in cols]
-        lines.append([str(i), row["trial"], row["status"][:48], str(row["epochs"]), *vals, cfg])
+        status = "failed (below)" if row["state"] == "failed" else row["status"][:48]
+        lines.append([str(i), row["trial"], status, str(row["epochs"]), *vals, cfg])
     widths = [
         max(len(h), *(len(line[j]) for line in lines)) if lines else len(h)
         for j, h in enumerate(header)
     ]
     fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=False))  # noqa: E731
     return "\n".join([fmt(header), *(fmt(line) for line in lines)]).rstrip()
+
+
+def failure_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """Each distinct failure reason once, uncut, with the trials that failed that way."""
+    by_reason: dict[str, list[str]] = {}
+    for r in rows:
+        if r["state"] == "failed":
+            by_reason.setdefault(r["status"].removeprefix("failed: "), []).append(r["trial"])
+    return [
+        f"failed ({len(trials)}): {', '.join(trials[:8])}{' ...' if len(trials) > 8 else ''}: {why}"
+        for why, trials in by_reason.items()
+    ]
 
 
 def _short(v: Any) -> str:
@@ -159,6 +172,7 @@ def format_result(result: SearchResult, tracking_uri: str) -> str:
         f"best trials of {result.name!r} ({len(result.rows)} trials, {result.errors} failed, "
         f"{sum(r['state'] == 'stopped' for r in result.rows)} stopped early):",
         format_table(result),
+        *failure_lines(result.rows),
     ]
     if result.confirm:
         key = result.metrics[0]["metric"]

@@ -46,6 +46,17 @@ class ProgressPrinter(Callback):
         vals = "  ".join(
             f"{m}={result[m]:.3f}" for m in self.metrics if isinstance(result.get(m), (int, float))
         )
+        if result.get("pbt_exploited_from"):
+            now = ", ".join(
+                f"{k.removeprefix('schedule/')}={v:.3g}"
+                for k, v in result.items()
+                if k.startswith("schedule/")
+            )
+            self.log(
+                f"{self._stamp()} trial {trial.trial_id} took trial "
+                f"{result['pbt_exploited_from']}'s checkpoint at epoch "
+                f"{result.get('pbt_exploited_epoch')} and goes on with {now}"
+            )
         self.log(
             f"{self._stamp()} trial {trial.trial_id} epoch {trial_epochs(result)}/{self.max_epochs}  {vals}"
         )

@@ -9,9 +9,11 @@ moved, and ``tests/test_architecture.py`` fails on a Ray upgrade that moves any 
 |-----------------------------------------|------------------------------------------------------------------|
 | :data:`FAST_ENV`                        | Train V2's controller polls workers every 2 s: +4 s per trial   |
 | :func:`wait_until_reports_are_handed_over` | per-trial mode: a trial thread returning early deadlocks Tune |
+| :func:`seed_optuna_study`               | ``OptunaSearch(evaluated_rewards=)`` refuses define-by-run spaces |
 | :func:`set_restored_callbacks`          | ``Tuner.restore`` keeps the pickled callbacks, not ours          |
 | :func:`strict_metric_checking`          | end-of-trial objectives are absent from epoch results           |
 | :func:`keep_credentials_out_of_runtime_envs` | Tune copies ``AWS_*`` secrets into trial actors' runtime env (logged) |
+| :func:`tune_logs_to`                    | Tune prints every failed trial's traceback on the console (ERROR)|
 | :func:`quiet`                           | banners, hints and per-trial chatter on the console (Tune's new |
 |                                         | output engine ignores verbose=0; the raylet's worker-pool notice)|
 | dashboard on (``sertune.cluster``)      | Train's placement-group cleaner needs the state API             |
@@ -93,6 +95,18 @@ def wait_until_reports_are_handed_over(timeout_s: float = 60.0) -> None:
         empty = thread_queue.empty() and (actor_queue is None or actor_queue.empty())
         quiet_polls = quiet_polls + 1 if empty else 0
         time.sleep(0.2)
+
+
+def seed_optuna_study(searcher: Any, trials: list[Any]) -> int:
+    """Add completed Optuna trials (a warm start) to the study Ray Tune's ``OptunaSearch`` made.
+    Its own ``evaluated_rewards`` refuses a define-by-run space, which every sertune search
+    uses; the study is created in the constructor when metric and mode are given (Ray 2.60)."""
+    study = getattr(searcher, "_ot_study", None)
+    if study is None:
+        _moved("OptunaSearch._ot_study")
+        return 0
+    study.add_trials(trials)
+    return len(trials)
 
 
 def set_restored_callbacks(tuner: Any, callbacks: list[Any]) -> None:
@@ -187,6 +201,30 @@ def quiet(verbose: bool = False) -> None:
     _drop_worker_pool_notices()
 
 
+@contextlib.contextmanager
+def tune_logs_to(path: Any, verbose: bool = False) -> Iterator[None]:
+    """Ray Tune logs each failed trial's whole traceback at ERROR (``Trial task failed for
+    trial ...``), ~25 lines a trial, on the console. Within this block Tune's messages go to
+    ``path`` instead (the console keeps sertune's one line per failed trial); ``--verbose`` keeps
+    them on the console as well."""
+    logger = logging.getLogger("ray.tune")
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
+    old_propagate, old_level = logger.propagate, logger.level
+    logger.addHandler(handler)
+    if not verbose:
+        logger.propagate = False
+        if logger.level == logging.NOTSET or logger.level > logging.INFO:
+            logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+        logger.propagate, logger.level = old_propagate, old_level
+
+
 _WORKER_POOL_NOTICE = "PYTHON worker processes have been started on node"
 
 
@@ -231,6 +269,13 @@ def missing_internals() -> list[str]:
             missing.append("TunerInternal._run_config")
     except ImportError:
         missing.append("ray.tune.impl.tuner_internal.TunerInternal")
+    try:
+        from ray.tune.search.optuna import OptunaSearch
+
+        if "_ot_study" not in OptunaSearch.__init__.__code__.co_names:
+            missing.append("OptunaSearch._ot_study")
+    except ImportError:
+        missing.append("ray.tune.search.optuna.OptunaSearch")
     try:
         from ray._private import worker
 

@@ -32,6 +32,11 @@ def record_path(name: str) -> Path:
     return _record_dir() / f"{name}.json"
 
 
+def log_path(name: str) -> Path:
+    """The search's log file: Ray Tune's own messages, failed trials' tracebacks among them."""
+    return _record_dir() / f"{name}.log"
+
+
 def save_record(name: str, record: dict[str, Any]) -> Path:
     """Write atomically: a reader (``sertune search list``) never sees half a file."""
     path = record_path(name)

@@ -8,7 +8,10 @@ A search is a spec run to its end in phases, each a Ray Tune experiment on the s
 3. ``baseline`` (``baseline: stl_baseline``) - the same search (data, folds, budget, seeds) with the
    trainable's baseline parameters fixed, compared side by side on the parent run.
 
-Before anything starts: the spec is valid, the MLflow store answers, one trial fits the cluster.
+Before anything starts: the environment passes ``sertune doctor``'s checks (here, and on every
+node of a joined cluster), the spec is valid, the MLflow store answers, one trial fits the cluster.
+While it runs: when its first trials all fail the same way, or one fails on the environment (a
+library that does not load), the search stops at once (``sertune.failfast``, exit 1).
 Ctrl-C or SIGTERM ends the search as ``interrupted`` (exit 130); ``sertune search resume NAME``
 continues the phase that was running, keeping every finished trial.
 """
@@ -18,9 +21,11 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from . import ray_compat, tracking
-from .cluster import check_resources, init_ray
-from .errors import Interrupted, NotFound, UsageError
+from . import ray_compat, tracking, warmstart
+from .cluster import check_nodes, check_resources, init_ray
+from .doctor import preflight
+from .errors import Interrupted, NotFound, SearchFailed, UsageError
+from .failfast import FailFast
 from .interrupts import StopSignals
 from .leaderboard import SearchResult, rank, summarise
 from .records import (
@@ -28,6 +33,7 @@ from .records import (
     effective_status,
     experiment_path,
     load_record,
+    log_path,
     now,
     record_spec,
     save_record,
@@ -114,9 +120,14 @@ def run_search(
 ) -> SearchResult:
     """Check, prepare data, record the search, run its phases, return the leaderboard."""
     name = name or spec.name
+    preflight()  # a broken torch/torchaudio refuses here, not in every trial
     ray_compat.quiet(verbose)
     uri = tracking.check_store(tracking_uri)  # before data, before Ray: one line if it fails
+    seeds = warmstart.collect(spec, uri, log)  # an unknown earlier search: one line, exit 2
     record = _new_record(spec, name, uri, log)
+    if seeds:
+        record["warm_start"] = seeds
+        save_record(name, record)
     return _drive(name, spec, record, restore=False, num_cpus=num_cpus, log=log, verbose=verbose)
 
 
@@ -156,6 +167,7 @@ def resume_search(
     name: str, num_cpus: int | None = None, log=print, verbose: bool = False
 ) -> SearchResult:
     """Continue an interrupted or crashed search; finished trials are kept, not re-run."""
+    preflight()
     from ray import tune
 
     ray_compat.quiet(verbose)
@@ -191,6 +203,7 @@ def confirm_search(
     name: str, top_k: int, seeds: int, num_cpus: int | None = None, log=print, verbose=False
 ) -> SearchResult:
     """Run (or re-run) the confirmation phase of a finished search (``promote --confirm-top``)."""
+    preflight()
     record = load_record(name)
     raw = {k: v for k, v in record["spec"].items() if k != "source"}
     raw["confirm"] = {"top_k": top_k, "seeds": seeds}
@@ -218,6 +231,9 @@ def _drive(
 ) -> SearchResult:
     init_ray(num_cpus, verbose=verbose)
     fit = check_resources(spec, log)
+    checked = check_nodes()  # a joined cluster: every node's torch/torchaudio, versions
+    if checked:
+        log(f"[sertune] {checked}")
     n_slots = min(spec.budget.concurrency, fit)
     if n_slots < spec.budget.concurrency:
         log(f"[sertune] {spec.budget.concurrency} trials at once were asked for; the cluster "
@@ -225,7 +241,8 @@ def _drive(
     logger = MLflowSearchLogger(record, spec, log=log).start(resumed=restore)
     execution = None
     result: SearchResult | None = None
-    with StopSignals(log) as stop:
+    failed_fast: _FailedFast | None = None
+    with StopSignals(log) as stop, ray_compat.tune_logs_to(log_path(name), verbose):
         try:
             execution = Execution(spec, name, n_slots, log)
             phase = record.get("phase", "search")
@@ -253,9 +270,19 @@ def _drive(
                 logger.finish(result, status)  # waits for stopped trials' evaluations in the slots
         except KeyboardInterrupt:
             stop.fired = stop.fired or "SIGINT"
+        except _FailedFast as e:
+            failed_fast = e
+            logger.finish(e.result, "failed", cause=e.cause)
         finally:
             if execution is not None:
                 execution.close()
+    if failed_fast is not None and not stop.fired:
+        record.update(status="failed", ended=now(), phase="done", failure=failed_fast.cause)
+        save_record(name, record)
+        logger.close()
+        raise SearchFailed(
+            f"search {name!r} stopped: {failed_fast.cause}. Tracebacks: {log_path(name)}"
+        )
     if stop.fired:
         logger.interrupted()
         record.update(status="interrupted", ended=now())
@@ -297,24 +324,48 @@ def _phase(name, spec, record, logger, execution, stop, restore, log, points=Non
     fixed = trial_fixed(spec, name, record["data"])
     evaluator = execution.evaluator(fixed)
     logger.evaluator = evaluator
-    callbacks = [ProgressPrinter(spec, log=log, budget=budget), logger]
     tune_name = tune_name or name
+    watch = FailFast(tune_name, spec.budget.concurrency)
+    callbacks = [ProgressPrinter(spec, log=log, budget=budget), watch, logger]
     end_metrics = any(
         m.metric not in get_trainable(spec.trainable).epoch_metrics
         for m in spec.objective.as_list()
     )
-    fifo = points is not None or spec.objective.multi
+    fifo = points is not None or spec.search.scheduler_name(spec.objective.multi) == "none"
     trainable = execution.trainable(fixed)
-    tuner = build_tuner(spec, tune_name, trainable, callbacks=callbacks, restore=restore,
-                        points=points, reuse_actors=execution.reuse_actors(fifo))  # fmt: skip
+    tuner = build_tuner(
+        spec,
+        tune_name,
+        trainable,
+        callbacks=callbacks,
+        restore=restore,
+        points=points,
+        reuse_actors=execution.reuse_actors(fifo),
+        stop=watch.stopper(),
+        seeds=record.get("warm_start"),
+    )
     if restore:
         ray_compat.set_restored_callbacks(tuner, tune_callbacks(callbacks))
     os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = state_save_period(budget or spec.budget.trials)
-    with ray_compat.strict_metric_checking(not end_metrics), stop.tune_loop():
-        grid = tuner.fit()
+    try:
+        with ray_compat.strict_metric_checking(not end_metrics), stop.tune_loop():
+            grid = tuner.fit()
+    finally:
+        watch.close()
     if stop.fired:
         return summarise(name, spec, grid, interrupted=True)
-    return summarise(name, spec, grid)
+    result = summarise(name, spec, grid)
+    if watch.tripped:
+        raise _FailedFast(watch.tripped, result)
+    return result
+
+
+class _FailedFast(Exception):
+    """A phase stopped by :class:`sertune.failfast.FailFast`; carries its leaderboard."""
+
+    def __init__(self, cause: str, result: SearchResult):
+        super().__init__(cause)
+        self.cause, self.result = cause, result
 
 
 def _leaderboard_from_state(name: str, spec: SearchSpec) -> SearchResult:
@@ -394,7 +445,13 @@ def _baseline(name, spec, record, logger, execution, stop, num_cpus, log, verbos
             save_record(bname, brecord)
         blogger = MLflowSearchLogger(brecord, bspec, log=log).start(resumed=restore)
         try:
-            bres = _phase(bname, bspec, brecord, blogger, execution, stop, restore, log)
+            try:
+                bres = _phase(bname, bspec, brecord, blogger, execution, stop, restore, log)
+            except _FailedFast as e:
+                blogger.finish(e.result, "failed", cause=e.cause)
+                brecord.update(status="failed", phase="done", ended=now(), failure=e.cause)
+                save_record(bname, brecord)
+                raise
             if stop.fired:
                 blogger.interrupted()
                 brecord.update(status="interrupted")

@@ -71,6 +71,7 @@ REPORTED_SKIP = {
     "done",
     "loop_started_at",
     "checkpoint_dir_name",
+    "pbt_exploited_epoch",
 }
 
 
@@ -104,6 +105,9 @@ class MLflowSearchLogger(Callback):
         self.journal: tracking.Journal | None = None
         self._stopped: dict[str, int] = {}
         self.evaluated: dict[str, dict[str, Any]] = {}  # stopped trials' test + robustness figures
+        # population-based training: per trial, the weights each of its epochs trained with,
+        # through the trials whose checkpoints it took ([epoch, {param: value}, from trial])
+        self.schedules: dict[str, list[list[Any]]] = {}
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -137,6 +141,23 @@ class MLflowSearchLogger(Callback):
         params |= {"seed": spec["seed"], "space": ",".join(sorted(spec["space"]))}
         params |= {f"fixed.{k}": v for k, v in spec["params"].items()}
         params |= {"execution": spec.get("execution", "warm")}
+        strategy = spec.get("search") or {}
+        multi = len(objectives(spec)) > 1
+        params |= {
+            "search.sampler": strategy.get("sampler", "tpe"),
+            "search.scheduler": strategy.get("scheduler") or ("none" if multi else "asha"),
+        }
+        params |= {
+            f"search.sampler_options.{k}": v
+            for k, v in (strategy.get("sampler_options") or {}).items()
+        }
+        params |= {
+            f"search.scheduler_options.{k}": v
+            for k, v in (strategy.get("scheduler_options") or {}).items()
+        }
+        if self.record.get("warm_start"):
+            sources = self.record["warm_start"]["sources"]
+            tags["sertune.warm_start"] = ", ".join(f"{k} ({n} trials)" for k, n in sources.items())
         self.journal.append(
             {
                 "op": "run",
@@ -215,10 +236,34 @@ class MLflowSearchLogger(Callback):
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._child(trial)
 
+    def _track_schedule(self, key: str, result: dict[str, Any]) -> None:
+        values = {
+            k.removeprefix("schedule/"): v for k, v in result.items() if k.startswith("schedule/")
+        }
+        if not values:
+            return
+        donor = result.get("pbt_exploited_from")
+        if donor:
+            at = int(result.get("pbt_exploited_epoch", 0))
+            self.schedules[key] = [e for e in self.schedules.get(donor, []) if e[0] <= at]
+            self.journal.append(
+                {
+                    "op": "tags",
+                    "key": key,
+                    "tags": {
+                        f"sertune.pbt_exploit_epoch_{at}": f"took trial {donor}'s checkpoint at epoch {at}"
+                    },
+                }
+            )
+        epoch = trial_epochs(result)  # an epoch trained again (a restart) replaces the first
+        kept = [e for e in self.schedules.get(key, []) if e[0] < epoch]
+        self.schedules[key] = [*kept, [epoch, values, key]]
+
     def on_trial_result(
         self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
     ) -> None:
         key = self._child(trial)
+        self._track_schedule(key, result)
         ts = int(result.get("timestamp", time.time()) * 1000)
         self.journal.append(
             {
@@ -333,11 +378,19 @@ class MLflowSearchLogger(Callback):
             self.journal.append({"op": "end", "key": key, "status": "FINISHED"})
 
     # -- the end ----------------------------------------------------------------------------------------
-    def finish(self, result: Any, status: str = "finished", wait_s: float = 600.0) -> None:
-        """Close the search: wait for stopped trials' evaluations, summary on the parent."""
+    def finish(
+        self,
+        result: Any,
+        status: str = "finished",
+        wait_s: float = 600.0,
+        cause: str | None = None,
+    ) -> None:
+        """Close the search: wait for stopped trials' evaluations, summary on the parent.
+        ``cause``: why the search stopped early (its trials failed the same way); nothing is
+        evaluated then."""
         from .summary import write_search_summary
 
-        if self.evaluator is not None and self.evaluator.pending:
+        if self.evaluator is not None and self.evaluator.pending and not cause:
             self.log(
                 f"[sertune] evaluating {self.evaluator.pending} stopped trial(s) on their best epoch"
             )
@@ -350,6 +403,10 @@ class MLflowSearchLogger(Callback):
                     row[k] = v
         with tempfile.TemporaryDirectory() as tmp:
             best = write_search_summary(Path(tmp), result, self.record["spec"])
+            if best and self.schedules.get(best["trial"]):
+                from .summary import write_schedule
+
+                write_schedule(Path(tmp), best["trial"], self.schedules)
             self.journal.append(
                 {
                     "op": "artifacts",
@@ -358,8 +415,13 @@ class MLflowSearchLogger(Callback):
                     "path": "summary",
                 }
             )
-        tags = {tracking.TAG_STATUS: status, "sertune.trials_failed": str(result.errors),
-                NOTE: self._parent_note(result)}  # fmt: skip
+        tags = {
+            tracking.TAG_STATUS: status,
+            "sertune.trials_failed": str(result.errors),
+            NOTE: self._parent_note(result, cause),
+        }
+        if cause:
+            tags["sertune.failure_reason"] = cause[:5000]
         if best:
             tags["sertune.best_trial"] = best["trial"]
             ts = int(time.time() * 1000)
@@ -382,10 +444,11 @@ class MLflowSearchLogger(Callback):
             }
         )
 
-    def _parent_note(self, result: Any) -> str:
+    def _parent_note(self, result: Any, cause: str | None = None) -> str:
         from .leaderboard import format_table
 
-        lines = [
+        lines = [f"**Stopped early**: {cause}", ""] if cause else []
+        lines += [
             f"**Search {self.name}** — {len(result.rows)} trials, {result.errors} failed, "
             f"{sum(r['state'] == 'stopped' for r in result.rows)} stopped early. The trials are the "
             "child runs; each result is the trial's best-validation epoch.",
@@ -400,6 +463,8 @@ class MLflowSearchLogger(Callback):
         ]
         if len(result.metrics) > 1:
             lines.append(image("summary/pareto_front.png", "Pareto front"))
+        if self.schedules:
+            lines.append(image("summary/pbt_schedule.png", "the best trial's PBT schedule"))
         lines += [
             "",
             "Everything: Artifacts → summary (leaderboard.csv, plots), search (spec, data report).",

@@ -61,15 +61,17 @@ def _load_pyfunc(data_path: str) -> SERPyfuncModel:
 
 
 def requirements() -> list[str]:
-    """What a served model needs: public packages only, torch at the version that trained it."""
-    import mlflow
-    import torch
+    """What a served model needs: public packages only, torch and torchaudio at the versions
+    that trained it (exactly: torchaudio's native library loads only against its own torch)."""
+    from importlib import metadata
 
-    torch_minor = ".".join(torch.__version__.split("+")[0].split(".")[:2])
+    import mlflow
+
+    torch, torchaudio = metadata.version("torch"), metadata.version("torchaudio")
     return [
         f"mlflow=={mlflow.__version__}",
-        f"torch=={torch_minor}.*",
-        f"torchaudio=={torch_minor}.*",
+        f"torch=={torch.split('+')[0]}",
+        f"torchaudio=={torchaudio.split('+')[0]}",
         "safetensors>=0.4",
         "numpy>=1.26",
         "pandas>=2",

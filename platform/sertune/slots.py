@@ -45,9 +45,9 @@ import ray
 from ray import tune
 
 from .sessions import PROCESS_CACHE, resolve_device
-from .storage import exists, list_dirs, remove_dir, upload_dir, write_text
+from .storage import exists, list_dirs, read_text, remove_dir, upload_dir, write_text
 from .trainable import TrialStopped, get_trainable
-from .tuner import loop_config
+from .tuner import flat_config, loop_config
 
 CHECKPOINT_PREFIX = "checkpoint_"
 KEEP_CHECKPOINTS = 2
@@ -177,6 +177,18 @@ class JobBoard:
         job["reports"].append({"kind": "result", "metrics": metrics})
         self._notify()
         return job["cancelled"]
+
+    async def settled(self, key: str, timeout: float) -> bool:
+        """Wait until no slot is running ``key`` (its cancellation reached the slot)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            job = self.jobs.get(key)
+            if job is None or job["state"] != "running":
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            await self._wait(left)
 
     async def cancelled(self, key: str) -> bool:
         job = self.jobs.get(key)
@@ -443,25 +455,48 @@ def run_slot(slot: int, board: Any, spec_resources: dict[str, Any], device: str,
 
 
 class WarmTrial(tune.Trainable):
-    """A Tune trial in warm mode: submits its configuration and relays the slot's reports."""
+    """A Tune trial in warm mode: submits its configuration and relays the slot's reports.
+
+    The job is submitted at the first ``step()``, not in ``setup()``: Tune may restore a
+    checkpoint in between (population-based training hands a trial another's checkpoint), which
+    must be in the trial's storage before a slot starts on it."""
 
     def setup(self, config: dict[str, Any], fixed: dict[str, Any] | None = None, board=None):
         self.fixed, self.board = fixed, board
-        self._submit(config)
+        self._config = config
+        self._active: str | None = None
+        self._last_epoch = 0
+        self._last_uri: str | None = None
+        self._exploited: dict[str, Any] | None = None
 
-    def _submit(self, config: dict[str, Any]) -> None:
+    @property
+    def _slot_storage(self) -> str:
+        return f"{self.fixed['train_storage']}/{self.trial_id}"
+
+    def _submit(self) -> None:
         key = self.trial_id
         job = {
             "kind": "train",
             "trainable": self.fixed["trainable"],
-            "config": loop_config(self.fixed, config, key),
-            "checkpoints": f"{self.fixed['train_storage']}/{key}",
+            "config": loop_config(self.fixed, self._config, key),
+            "checkpoints": self._slot_storage,
         }
+        ray.get(self.board.settled.remote(key, 120.0))  # a cancelled run of this trial is gone
         ray.get(self.board.submit.remote(key, job))
         self._active = key
-        self._last_epoch = 0
+
+    def _schedule(self) -> dict[str, float]:
+        """The perturbed parameters' values this epoch trained with (population-based training)."""
+        config = flat_config(self._config)
+        return {
+            f"schedule/{k}": float(config[k])
+            for k in self.fixed.get("mutable", ())
+            if isinstance(config.get(k), (int, float))
+        }
 
     def step(self) -> dict[str, Any]:
+        if self._active is None:
+            self._submit()
         while True:
             item = ray.get(self.board.next_report.remote(self._active, 10.0))
             if item is None:
@@ -472,8 +507,14 @@ class WarmTrial(tune.Trainable):
                 if epoch <= self._last_epoch:  # a restarted worker group re-sent its checkpoint's
                     continue
                 self._last_epoch = epoch
+                self._last_uri = metrics.get("checkpoint_path") or self._last_uri
                 if int(metrics.get("epochs_done", 0)) >= self.fixed["max_epochs"]:
                     metrics["done"] = True
+                metrics.update(self._schedule())
+                if self._exploited:
+                    metrics["pbt_exploited_from"] = self._exploited["trial"]
+                    metrics["pbt_exploited_epoch"] = self._exploited["epoch"]
+                    self._exploited = None
                 return metrics
             if item["kind"] == "failed":
                 raise TrialFailed(item["reason"])
@@ -493,14 +534,48 @@ class WarmTrial(tune.Trainable):
 
     def reset_config(self, new_config: dict[str, Any]) -> bool:
         self._cancel()
-        self._submit(new_config)
+        self._config = new_config
+        self._last_epoch, self._last_uri, self._exploited = 0, None, None
         return True
 
     def save_checkpoint(self, checkpoint_dir: str) -> dict | None:
-        return None  # the slot keeps the trial's checkpoints; Tune needs none
+        """Outside population-based training the slot keeps the trial's checkpoints and Tune
+        needs none. Under it, a copy of the last reported epoch's checkpoint, for another trial
+        to continue from."""
+        from .storage import download_dir
+
+        if self.fixed.get("mutable") and self._last_uri:
+            download_dir(self._last_uri, Path(checkpoint_dir) / "slot")
+            pointer = {
+                "trial": self.trial_id,
+                "epoch": self._last_epoch,
+                "name": self._last_uri.rstrip("/").rsplit("/", 1)[-1],
+            }
+            (Path(checkpoint_dir) / "pbt.json").write_text(json.dumps(pointer))
+        return None
 
     def load_checkpoint(self, checkpoint: Any) -> None:
-        return None
+        """Continue from another trial's checkpoint (population-based training exploits it):
+        it replaces this trial's own in the trial's storage, once. The trial's own checkpoint
+        (a resumed search) is older than what its storage holds: nothing to do."""
+        pointer_file = Path(str(checkpoint)) / "pbt.json" if isinstance(checkpoint, str) else None
+        if pointer_file is None or not pointer_file.is_file():
+            return
+        pointer = json.loads(pointer_file.read_text())
+        if pointer["trial"] == self.trial_id:  # the slot re-sends its latest epoch if newer
+            self._last_epoch = max(self._last_epoch, int(pointer["epoch"]))
+            return
+        marker = f"{self._slot_storage}/EXPLOITED"
+        if exists(marker) and read_text(marker) == json.dumps(pointer):
+            return  # applied before a driver crash; the storage has moved on since
+        self._cancel()
+        ray.get(self.board.settled.remote(self.trial_id, 120.0))
+        remove_dir(self._slot_storage)
+        upload_dir(str(pointer_file.parent / "slot"), f"{self._slot_storage}/{pointer['name']}")
+        write_text(f"{self._slot_storage}/{pointer['name']}/COMPLETE", "")
+        write_text(marker, json.dumps(pointer))
+        self._last_epoch, self._last_uri = int(pointer["epoch"]), None
+        self._exploited = pointer
 
 
 class SlotPool:

@@ -142,6 +142,21 @@ class ConfirmSpec(_Strict):
     seeds: int = Field(3, ge=1)  # fresh seeds each; promotion ranks them by the mean
 
 
+class StrategySpec(_Strict):
+    """How the search proposes and stops trials (``sertune.strategies`` lists every choice)."""
+
+    sampler: str = "tpe"  # tpe | random | cmaes | gp | nsga2 | grid
+    sampler_options: dict[str, Any] = {}
+    scheduler: str | None = None  # asha | hyperband | median | none (default: asha; none if multi)
+    scheduler_options: dict[str, Any] = {}
+    warm_start: list[str] = []  # earlier searches (or MLflow experiments) seeding the sampler
+
+    def scheduler_name(self, multi: bool) -> str:
+        from .strategies import default_scheduler
+
+        return self.scheduler or default_scheduler(multi)
+
+
 class SearchSpec(_Strict):
     name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     trainable: str
@@ -149,6 +164,7 @@ class SearchSpec(_Strict):
     data: DataSpec
     objective: ObjectiveSpec
     budget: BudgetSpec = BudgetSpec()
+    search: StrategySpec = StrategySpec()
     resources: ResourcesSpec = ResourcesSpec()
     params: dict[str, Any] = {}  # fixed trainable parameters (dotted names)
     space: dict[str, ParamSpec] = {}  # searched parameters (dotted names)
@@ -477,6 +493,7 @@ def _check_semantics(spec: SearchSpec, check_paths: bool = True) -> list[tuple[s
                 f"({spec.budget.grace_epochs}) > budget.max_epochs ({spec.budget.max_epochs})",
             )
         )
+    problems += _check_strategy(spec)
     if spec.baseline is not None and spec.baseline not in trainable.baselines():
         known = ", ".join(trainable.baselines()) or "none"
         problems.append(("baseline", f"unknown baseline {spec.baseline!r} (known: {known})"))
@@ -514,6 +531,82 @@ def _check_semantics(spec: SearchSpec, check_paths: bool = True) -> list[tuple[s
             named = [k for k in corner if k in str(e)] or list(corner)
             return [(f"space.{named[0]}", f"{e} (at {corner})")]
     return []
+
+
+def _check_strategy(spec: SearchSpec) -> list[tuple[str, str]]:
+    from . import strategies
+
+    s, multi = spec.search, spec.objective.multi
+    problems = strategies.check("sampler", s.sampler, s.sampler_options, multi)
+    problems += strategies.check("scheduler", s.scheduler_name(multi), s.scheduler_options, multi)
+    if s.sampler == "grid":
+        if spec.define_by_run:
+            problems.append(
+                (
+                    "search.sampler",
+                    "grid needs every parameter in `space`; "
+                    "define_by_run parameters are unknown before the search",
+                )
+            )
+        for name, p in spec.space.items():
+            if strategies.grid_values(name, p.model_dump()) is None:
+                problems.append(
+                    (f"space.{name}", "grid needs a step for a float parameter (or type: choice)")
+                )
+    if s.scheduler_name(multi) == "pbt":
+        problems += _check_pbt(spec)
+    for i, name in enumerate(s.warm_start):
+        if not name.strip():
+            problems.append((f"search.warm_start.{i}", "empty name"))
+        elif name == spec.name:
+            problems.append((f"search.warm_start.{i}", f"{name!r} is this search"))
+    return problems
+
+
+def _check_pbt(spec: SearchSpec) -> list[tuple[str, str]]:
+    """Population-based training perturbs trials while they train, from checkpoints."""
+    from .strategies import pbt_mutable
+
+    problems = []
+    s = spec.search
+    if s.sampler != "random":
+        problems.append(
+            (
+                "search.sampler",
+                "pbt explores the population itself and changes "
+                "configurations mid-trial, which a model-based sampler would misread: "
+                "use sampler: random",
+            )
+        )
+    if spec.execution != "warm":
+        problems.append(
+            ("execution", "pbt hands checkpoints between warm slots: use execution: warm")
+        )
+    if spec.confirm is not None:
+        problems.append(
+            (
+                "confirm",
+                "a PBT result is a schedule, not a fixed configuration; "
+                "confirmation re-trains fixed configurations (remove confirm)",
+            )
+        )
+    if s.warm_start:
+        problems.append(("search.warm_start", "pbt starts from a random population"))
+    if spec.define_by_run:
+        problems.append(("define_by_run", "pbt draws its population from `space` alone"))
+    mutable = pbt_mutable({k: v.model_dump() for k, v in spec.space.items()}, s.scheduler_options)
+    for name in mutable:
+        if name not in spec.space:
+            problems.append(("search.scheduler_options.mutate", f"{name!r} is not in space"))
+    if not mutable:
+        problems.append(
+            (
+                "space",
+                "pbt perturbs loss.w_aug, loss.w_rec and aug.p_* by default; "
+                "none is searched here (or name them in scheduler_options.mutate)",
+            )
+        )
+    return problems
 
 
 def _check_param(field: str, p: ParamSpec) -> list[tuple[str, str]]:

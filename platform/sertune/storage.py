@@ -137,3 +137,11 @@ def write_text(uri: str, text: str) -> None:
     fs, path = pyarrow_fs(uri) if is_remote(uri) else (pafs.LocalFileSystem(), uri)
     with fs.open_output_stream(path) as out:
         out.write(text.encode())
+
+
+def read_text(uri: str) -> str:
+    import pyarrow.fs as pafs
+
+    fs, path = pyarrow_fs(uri) if is_remote(uri) else (pafs.LocalFileSystem(), uri)
+    with fs.open_input_stream(path) as f:
+        return f.read().decode()

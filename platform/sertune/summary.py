@@ -248,3 +248,34 @@ def _pareto(out: Path, rows: list[dict], metrics: list[dict]) -> None:
     fig.tight_layout()
     fig.savefig(out / "pareto_front.png", dpi=100)
     plt.close(fig)
+
+
+def write_schedule(out: Path, winner: str, schedules: dict[str, list[list[Any]]]) -> None:
+    """Population-based training: the winning trial's weights by epoch (through the checkpoints
+    it took from other trials), as ``pbt_schedule.png`` and every trial's in ``pbt_schedules.json``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    (out / "pbt_schedules.json").write_text(
+        json.dumps({"winner": winner, "schedules": schedules}, indent=2)
+    )
+    entries = schedules[winner]
+    names = sorted({k for _, values, _ in entries for k in values})
+    fig, ax = plt.subplots(figsize=(7, 4))
+    epochs = [e for e, _, _ in entries]
+    for name in names:
+        ax.step(epochs, [v.get(name) for _, v, _ in entries], where="post", marker="o", label=name)
+    for (e, _, owner), prev in zip(entries[1:], entries[:-1], strict=False):
+        if owner != prev[2]:
+            ax.axvline(e - 0.5, color="grey", ls=":", lw=1)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("value")
+    ax.set_title(
+        f"PBT schedule of the best trial {winner} (dotted: took another trial's checkpoint)"
+    )
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "pbt_schedule.png", dpi=110)
+    plt.close(fig)

@@ -1,10 +1,12 @@
 """The one place that builds a Ray Tune ``Tuner`` from a validated spec.
 
-* Optuna proposes configurations: TPE for one objective, multi-objective (NSGA-style Pareto
-  ranking inside TPE) for several; the spec's ``space`` plus an optional define-by-run function.
-* ASHA stops weak single-objective trials early, on the trial's real epoch (``epochs_done``, not
-  Tune's iteration counter, which restarts when a crashed search resumes). Multi-objective and
-  confirmation runs go FIFO (every trial runs all epochs).
+* Optuna proposes configurations with the spec's ``search.sampler`` (TPE by default; random,
+  CMA-ES, GP, NSGA-II, grid - ``sertune.strategies``) over the spec's ``space`` plus an optional
+  define-by-run function, seeded with earlier searches' trials (``search.warm_start``).
+* ``search.scheduler`` stops weak trials early (ASHA by default, async Hyperband, median stopping)
+  on the trial's real epoch (``epochs_done``, not Tune's iteration counter, which restarts when a
+  crashed search resumes). Multi-objective and confirmation runs go FIFO (every trial runs all
+  epochs).
 * ``max_concurrent_trials`` bounds concurrency; the trials themselves are thin (``sertune.slots``
   in warm mode, ``sertune.trials`` per trial) and hold no CPUs: the Train workers do.
 """
@@ -15,13 +17,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-from . import settings
+from . import ray_compat, settings, strategies
 from .records import experiment_path
 from .spec import SearchSpec, load_define_by_run
 from .storage import fs_and_path
 from .trainable import get_trainable
 
-TIME_ATTR = "epochs_done"
+TIME_ATTR = strategies.TIME_ATTR
 
 
 def tune_callbacks(callbacks: list[Any]) -> list[Any]:
@@ -84,7 +86,17 @@ def trial_fixed(spec: SearchSpec, name: str, data: dict[str, Any]) -> dict[str, 
         "max_epochs": spec.budget.max_epochs,
         "train_storage": f"{experiment_path(name)}/_train",
         "max_failures": spec.budget.trial_max_failures,
+        # population-based training: what the proxy reports as the trial's schedule
+        "mutable": pbt_parameters(spec),
     }
+
+
+def pbt_parameters(spec: SearchSpec) -> list[str]:
+    """The parameters population-based training perturbs, or none for other schedulers."""
+    if spec.search.scheduler_name(spec.objective.multi) != "pbt":
+        return []
+    space = {k: v.model_dump() for k, v in spec.space.items()}
+    return strategies.pbt_mutable(space, spec.search.scheduler_options)
 
 
 POINT = "__point"  # a fixed configuration (confirmation runs): Tune grid-searches over these
@@ -116,6 +128,8 @@ def build_tuner(
     restore: bool = False,
     points: list[dict[str, Any]] | None = None,
     reuse_actors: bool = False,
+    stop: Any = None,
+    seeds: dict[str, Any] | None = None,
 ):
     """A fresh or restored Tuner for ``spec``.
 
@@ -124,7 +138,7 @@ def build_tuner(
     """
     import optuna
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import FIFOScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
     from ray.tune.search.optuna import OptunaSearch
 
@@ -146,34 +160,38 @@ def build_tuner(
         samples = 1
         param_space = {POINT: tune.grid_search(points)}
     else:
-        space = SpaceFunction(
-            {k: v.model_dump() for k, v in spec.space.items()},
-            spec.define_by_run,
-            str(Path(spec.source).parent),
-        )
-        sampler = optuna.samplers.TPESampler(
-            seed=spec.seed, n_startup_trials=min(10, max(2, spec.budget.trials // 3))
-        )
-        searcher = OptunaSearch(
+        space = {k: v.model_dump() for k, v in spec.space.items()}
+        multi = spec.objective.multi
+        ctx = strategies.Context(
+            seed=spec.seed,
+            trials=spec.budget.trials,
+            max_epochs=spec.budget.max_epochs,
+            grace_epochs=spec.budget.grace_epochs,
+            reduction_factor=spec.budget.reduction_factor,
+            metric=[m.metric for m in metrics] if multi else metrics[0].metric,
+            mode=[m.mode for m in metrics] if multi else metrics[0].mode,
             space=space,
-            metric=[m.metric for m in metrics] if spec.objective.multi else metrics[0].metric,
-            mode=[m.mode for m in metrics] if spec.objective.multi else metrics[0].mode,
-            sampler=sampler,
         )
-        samples = spec.budget.trials
-        if spec.objective.multi:
-            scheduler = (
-                FIFOScheduler()
-            )  # ASHA ranks on one metric; a Pareto search runs trials out
+        s = spec.search
+        if pbt_parameters(spec):
+            # Tune's PBT refuses a search algorithm (it changes configurations mid-trial): the
+            # first population is drawn at random from the space, seeded.
+            searcher = BasicVariantGenerator(random_state=spec.seed)
+            param_space = strategies.tune_space(space)
         else:
-            scheduler = ASHAScheduler(
-                metric=metrics[0].metric,
-                mode=metrics[0].mode,
-                time_attr=TIME_ATTR,
-                max_t=spec.budget.max_epochs,
-                grace_period=spec.budget.grace_epochs,
-                reduction_factor=spec.budget.reduction_factor,
+            sampler = strategies.SAMPLERS[s.sampler].make(s.sampler_options, ctx)
+            searcher = OptunaSearch(
+                space=SpaceFunction(space, spec.define_by_run, str(Path(spec.source).parent)),
+                metric=ctx.metric,
+                mode=ctx.mode,
+                sampler=sampler,
             )
+        if seeds and seeds.get("trials"):
+            from .warmstart import optuna_trials
+
+            ray_compat.seed_optuna_study(searcher, optuna_trials(seeds, space))
+        samples = spec.budget.trials
+        scheduler = strategies.SCHEDULERS[s.scheduler_name(multi)].make(s.scheduler_options, ctx)
     fs, root = fs_and_path(settings.storage_root())
     return tune.Tuner(
         trainable_fn,
@@ -190,11 +208,17 @@ def build_tuner(
             storage_path=root,
             storage_filesystem=fs,
             callbacks=tune_callbacks(callbacks or []),
+            stop=stop,
             verbose=0,
             # Tune defaults checkpoint_at_end to True for class trainables (the warm proxy): with
             # num_to_keep=1 every trial's end then forces a save of the whole search's state, a
             # cost that grows with the search (x1.7 driver time per trial at 1,000 trials). The
             # trials' checkpoints live with the trainable; Tune keeps none of its own.
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_at_end=False),
+            # Population-based training clones a trial's latest checkpoint after the trial may
+            # have saved a newer one: keep a few.
+            checkpoint_config=tune.CheckpointConfig(
+                num_to_keep=4 if pbt_parameters(spec) and points is None else 1,
+                checkpoint_at_end=False,
+            ),
         ),
     )

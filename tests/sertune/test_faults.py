@@ -215,7 +215,10 @@ def test_a_search_whose_trials_all_fail_exits_non_zero(tmp_path, home):
         "search", "run", str(write_spec(tmp_path, "allfail", edit)), env=env_for(home), timeout=400
     )
     assert p.returncode == 1, p.stdout[-2000:] + p.stderr[-2000:]
-    assert "every trial of 'allfail' failed" in p.stderr and p.stdout.count("failed: ") == 2
+    assert "every trial of 'allfail' failed" in p.stderr and p.stdout.count(" FAILED: ") == 2
+    # the leaderboard names each distinct reason once, uncut, with its trials
+    (why,) = [ln for ln in p.stdout.splitlines() if ln.startswith("failed (2): ")]
+    assert "loss became" in why
     from sertune.records import load_record
 
     assert load_record("allfail")["status"] == "failed"

@@ -490,7 +490,7 @@ def test_a_registered_model_serves_without_this_checkout(sqlite_search, tmp_path
         "models:/portable@champion", dst_path=str(tmp_path / "m")
     )
     reqs = (Path(model) / "requirements.txt").read_text()
-    assert "sertune" not in reqs and "torch==2.11.*" in reqs
+    assert "sertune" not in reqs and "torch==2.11.0" in reqs and "torchaudio==2.11.0" in reqs
 
     # a Python with this venv's third-party packages but not the project (no editable finder)
     env_dir = tmp_path / "env"

@@ -57,15 +57,23 @@ def processes() -> list[tuple[int, int, str]]:
     return out
 
 
+def names_path(cmd: str, path: str) -> bool:
+    """Whether a command line names ``path`` itself or something inside it: ``/tmp/rw1`` is
+    named by ``--temp-dir=/tmp/rw1`` and ``/tmp/rw1/session_x/sockets``, not by ``/tmp/rw12``."""
+    path = path.rstrip("/")
+    return re.search(rf"(?:^|[\s=:'\"]){re.escape(path)}(?:$|[/\s'\":])", cmd) is not None
+
+
 def owned(session: int | None = None, temp_dir: str | None = None) -> list[int]:
     """Processes of one session (a process started with ``start_new_session``), and Ray
-    processes that name ``temp_dir`` (its ``--temp-dir``) on their command line."""
+    processes that name ``temp_dir`` (its ``--temp-dir``, or a path inside it) on their
+    command line."""
     me = os.getpid()
     return [
         pid
         for pid, sid, cmd in processes()
         if pid != me
-        and ((session is not None and sid == session) or (temp_dir and temp_dir in cmd))
+        and ((session is not None and sid == session) or (temp_dir and names_path(cmd, temp_dir)))
     ]
 
 

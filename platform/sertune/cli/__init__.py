@@ -19,6 +19,7 @@ from .options import common
 EPILOG = """\
 quick start (embedded default: local Ray, MLflow on SQLite under ~/.sertune, synthetic corpus):
   sertune demo                          synthesise data, search, promote, predict, print where it all is
+  sertune doctor                        check this environment (torch/torchaudio kernels, the lock, GPUs)
   sertune search presets                the packaged search specs
   sertune search run smoke              run a search from a preset (or a path to a spec)
   sertune ui                            browse every search and trial in the MLflow UI
@@ -43,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
     tools.add_demo(sub)
+    tools.add_doctor(sub)
     search.add(sub)
     models.add(sub)
     data.add(sub)

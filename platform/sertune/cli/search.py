@@ -69,6 +69,14 @@ def add(sub) -> None:
     st.add_argument("--json", action="store_true", help="machine-readable output")
     st.set_defaults(func=status)
 
+    sg = command(
+        ssub,
+        "strategies",
+        "the samplers and schedulers a spec can choose, with their options",
+        "sertune search strategies\nsertune search validate smoke --set search.sampler=cmaes",
+    )
+    sg.set_defaults(func=strategies)
+
     pr = command(ssub, "presets", "the packaged specs, usable by name anywhere",
                  "sertune search presets\nsertune search run mtl_aug --smoke")  # fmt: skip
     pr.set_defaults(func=presets)
@@ -140,9 +148,23 @@ def _load(path: str, name: str | None = None, a: argparse.Namespace | None = Non
 def validate(a: argparse.Namespace) -> int:
     spec = _load(a.spec, None, a)
     kind = "multi-objective" if spec.objective.multi else "single-objective"
+    s = spec.search
+    warm = f", warm start from {', '.join(s.warm_start)}" if s.warm_start else ""
     print(
         f"{spec.source}: ok — {spec.budget.trials} trials, {kind}, {len(spec.space)} searched "
-        f"parameters, {spec.execution} execution"
+        f"parameters, sampler {s.sampler}, scheduler {s.scheduler_name(spec.objective.multi)}"
+        f"{warm}, {spec.execution} execution"
+    )
+    return 0
+
+
+def strategies(a: argparse.Namespace) -> int:
+    from ..strategies import describe
+
+    print(describe())
+    print(
+        "\nchoose them in a spec under `search:`, or: --set search.sampler=random "
+        "--set search.scheduler=median"
     )
     return 0
 

@@ -22,6 +22,22 @@ def add_demo(sub) -> None:
     d.set_defaults(func=demo)
 
 
+def add_doctor(sub) -> None:
+    dr = command(
+        sub,
+        "doctor",
+        "check that this environment can run a search: torch and torchaudio load and run their "
+        "kernels, versions equal the lock, which GPUs are visible, Ray/MLflow/Optuna import",
+        "sertune doctor\nsertune doctor --ray-address 10.0.0.5:6379   # and every node of that cluster",
+    )
+    dr.add_argument(
+        "--ray-address",
+        metavar="ADDRESS",
+        help="also run the checks on every node of this Ray cluster (GCS address)",
+    )
+    dr.set_defaults(func=doctor)
+
+
 def add(sub) -> None:
     ui = command(
         sub,
@@ -58,6 +74,30 @@ def add(sub) -> None:
     bs.add_argument("--num-cpus", type=int, help="CPUs for local Ray (default: all)")
     bs.set_defaults(func=bench_search)
 
+    bp = command(
+        bsub,
+        "sampler",
+        "the search's value: each sampler against random search at the same budget, over seeds",
+        "sertune bench sampler\nsertune bench sampler --samplers random tpe gp --trials 12 --seeds 5",
+    )
+    bp.add_argument(
+        "--samplers",
+        nargs="+",
+        default=["random", "tpe"],
+        help="samplers to compare (random first: the reference)",
+    )
+    bp.add_argument(
+        "--pbt",
+        action="store_true",
+        help="also population-based training of the aux weights and augmentation mix",
+    )
+    bp.add_argument("--trials", type=int, default=8, help="trials per search")
+    bp.add_argument("--seeds", type=int, default=3, help="searches per sampler (seeds 0..N-1)")
+    bp.add_argument("--epochs", type=int, default=3, help="max epochs per trial")
+    bp.add_argument("--num-cpus", type=int, help="CPUs for local Ray (default: all)")
+    bp.add_argument("--out", help="also write bench_sampler.png/.json into this folder")
+    bp.set_defaults(func=bench_sampler)
+
     sc = command(
         bsub,
         "scale",
@@ -92,6 +132,33 @@ def demo(a: argparse.Namespace) -> int:
                     verbose=a.verbose)  # fmt: skip
 
 
+def doctor(a: argparse.Namespace) -> int:
+    from ..doctor import environment, run_checks
+    from ..errors import EnvironmentProblem
+
+    print(f"sertune doctor: {environment()}")
+    checks = run_checks()
+    for c in checks:
+        if c.ok:
+            print(c.line())
+    failed = [c for c in checks if not c.ok]
+    if not failed and a.ray_address:
+        import os
+
+        from ..cluster import check_nodes, init_ray, shutdown_ray
+
+        os.environ["RAY_ADDRESS"] = a.ray_address
+        init_ray()
+        try:
+            print(f"  ok    {'nodes':11} {check_nodes(force=True)}")
+        finally:
+            shutdown_ray()
+    if failed:
+        raise EnvironmentProblem("\n".join(c.line() for c in failed))
+    print("environment ok")
+    return 0
+
+
 def run_ui(a: argparse.Namespace) -> int:
     from ..ui import serve_ui
 
@@ -112,6 +179,27 @@ def bench_search(a: argparse.Namespace) -> int:
     from ..bench.search import run_search_bench
 
     return run_search_bench(trials=a.trials, gpus=a.fractional_gpus, num_cpus=a.num_cpus)
+
+
+def bench_sampler(a: argparse.Namespace) -> int:
+    from ..bench.sampler import run_sampler_bench
+    from ..spec import SpecError
+    from ..strategies import SAMPLERS
+
+    unknown = [s for s in a.samplers if s not in SAMPLERS]
+    if unknown:
+        raise SpecError(
+            "--samplers", "", f"unknown sampler {unknown[0]!r}; known: {', '.join(SAMPLERS)}"
+        )
+    return run_sampler_bench(
+        a.samplers,
+        pbt=a.pbt,
+        trials=a.trials,
+        seeds=a.seeds,
+        epochs=a.epochs,
+        num_cpus=a.num_cpus,
+        out=a.out,
+    )
 
 
 def bench_scale(a: argparse.Namespace) -> int:

@@ -1,0 +1,424 @@
+"""Search strategies by name: which Optuna sampler proposes configurations and which Ray Tune
+scheduler stops trials early. A spec chooses them under ``search:``::
+
+    search:
+      sampler: tpe            # tpe | random | cmaes | gp | nsga2 | grid
+      sampler_options: {n_startup_trials: 5}
+      scheduler: asha         # asha | hyperband | median | pbt | none (default: asha; none
+      scheduler_options: {}   #   when the objective has several metrics)
+      warm_start: [demo]      # earlier searches whose finished trials seed the sampler
+
+Adding a sampler or a scheduler is one entry in :data:`SAMPLERS` or :data:`SCHEDULERS`: its
+factory, whether it handles several objectives, and its knobs (type, default, range, what it
+does). ``sertune.spec`` validates every knob against these entries before anything starts;
+``sertune.tuner`` builds from them. Nothing here imports Optuna or Ray until a factory runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Knob:
+    type: type
+    doc: str
+    default: Any = None  # None: the factory's own default, named in ``doc``
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+
+    def check(self, value: Any) -> str | None:
+        """Why ``value`` is not acceptable, or None."""
+        if self.type is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if (self.type is not bool and isinstance(value, bool)) or not isinstance(value, self.type):
+            return f"expected {self.type.__name__}, got {value!r}"
+        if self.ge is not None and value < self.ge:
+            return f"must be >= {self.ge:g}, got {value!r}"
+        if self.gt is not None and value <= self.gt:
+            return f"must be > {self.gt:g}, got {value!r}"
+        if self.le is not None and value > self.le:
+            return f"must be <= {self.le:g}, got {value!r}"
+        return None
+
+
+@dataclass(frozen=True)
+class Strategy:
+    doc: str
+    make: Callable[..., Any]  # (options, context) -> an Optuna sampler / a Tune scheduler
+    multi_objective: bool
+    knobs: dict[str, Knob] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a factory may need from the spec."""
+
+    seed: int
+    trials: int
+    max_epochs: int
+    grace_epochs: int
+    reduction_factor: float
+    metric: str | list[str]
+    mode: str | list[str]
+    space: dict[str, dict[str, Any]]
+
+
+def startup_trials(ctx: Context, options: dict[str, Any]) -> int:
+    """Random trials before a model-based sampler takes over: a third of the budget, 2 to 10."""
+    n = options.get("n_startup_trials")
+    return int(n) if n is not None else min(10, max(2, ctx.trials // 3))
+
+
+# -- samplers (Optuna, through Ray Tune's OptunaSearch) ----------------------------------------------
+
+
+def _tpe(o: dict[str, Any], ctx: Context):
+    import optuna
+
+    return optuna.samplers.TPESampler(
+        seed=ctx.seed,
+        n_startup_trials=startup_trials(ctx, o),
+        multivariate=bool(o.get("multivariate", False)),
+    )
+
+
+def _random(o: dict[str, Any], ctx: Context):
+    import optuna
+
+    return optuna.samplers.RandomSampler(seed=ctx.seed)
+
+
+def _cmaes(o: dict[str, Any], ctx: Context):
+    import optuna
+
+    return optuna.samplers.CmaEsSampler(
+        seed=ctx.seed,
+        n_startup_trials=startup_trials(ctx, o),
+        sigma0=o.get("sigma0"),
+        warn_independent_sampling=False,
+    )
+
+
+def _gp(o: dict[str, Any], ctx: Context):
+    import optuna
+
+    return optuna.samplers.GPSampler(seed=ctx.seed, n_startup_trials=startup_trials(ctx, o))
+
+
+def _nsga2(o: dict[str, Any], ctx: Context):
+    import optuna
+
+    population = o.get("population_size") or max(2, min(50, ctx.trials // 2))
+    return optuna.samplers.NSGAIISampler(
+        seed=ctx.seed,
+        population_size=int(population),
+        crossover_prob=float(o.get("crossover_prob", 0.9)),
+    )
+
+
+def grid_values(name: str, p: dict[str, Any]) -> list[Any] | None:
+    """Every value a searched parameter can take, or None when it is continuous."""
+    if p["type"] == "choice":
+        return list(p["values"])
+    if p["type"] == "int":
+        step = int(p.get("step") or 1)
+        return list(range(int(p["low"]), int(p["high"]) + 1, step))
+    if p.get("step"):
+        n = int(round((float(p["high"]) - float(p["low"])) / float(p["step"])))
+        return [round(float(p["low"]) + i * float(p["step"]), 12) for i in range(n + 1)]
+    return None
+
+
+def _grid(o: dict[str, Any], ctx: Context):
+    import optuna
+
+    space = {name: grid_values(name, p) for name, p in ctx.space.items()}
+    return optuna.samplers.GridSampler(space, seed=ctx.seed)
+
+
+SAMPLERS: dict[str, Strategy] = {
+    "tpe": Strategy(
+        "Optuna's TPE (the default): models good and bad configurations, Pareto-aware for "
+        "several objectives",
+        _tpe,
+        multi_objective=True,
+        knobs={
+            "n_startup_trials": Knob(
+                int, "random trials first (default: trials/3, 2 to 10)", ge=0
+            ),
+            "multivariate": Knob(bool, "model the parameters jointly", False),
+        },
+    ),
+    "random": Strategy(
+        "uniform random search: the baseline every sampler must beat",
+        _random,
+        multi_objective=True,
+    ),
+    "cmaes": Strategy(
+        "CMA-ES: a covariance-adapting evolution strategy for continuous parameters",
+        _cmaes,
+        multi_objective=False,
+        knobs={
+            "n_startup_trials": Knob(
+                int, "random trials first (default: trials/3, 2 to 10)", ge=0
+            ),
+            "sigma0": Knob(float, "initial step size (default: 1/6 of the range)", gt=0),
+        },
+    ),
+    "gp": Strategy(
+        "Gaussian-process Bayesian optimisation: sample-efficient on small budgets",
+        _gp,
+        multi_objective=True,
+        knobs={
+            "n_startup_trials": Knob(int, "random trials first (default: trials/3, 2 to 10)", ge=0)
+        },
+    ),
+    "nsga2": Strategy(
+        "NSGA-II: a genetic algorithm, for one objective or a Pareto front",
+        _nsga2,
+        multi_objective=True,
+        knobs={
+            "population_size": Knob(
+                int, "trials per generation (default: trials/2, 2 to 50)", ge=2
+            ),
+            "crossover_prob": Knob(float, "crossover probability", 0.9, ge=0, le=1),
+        },
+    ),
+    "grid": Strategy(
+        "every combination of the space's values (choices, ints, floats with a step)",
+        _grid,
+        multi_objective=True,
+    ),
+}
+
+
+# -- schedulers (Ray Tune) ----------------------------------------------------------------------------
+
+TIME_ATTR = "epochs_done"  # the trial's real epoch, which survives a resume
+
+
+def _asha(o: dict[str, Any], ctx: Context):
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(
+        metric=ctx.metric,
+        mode=ctx.mode,
+        time_attr=TIME_ATTR,
+        max_t=ctx.max_epochs,
+        grace_period=int(o.get("grace_epochs") or ctx.grace_epochs),
+        reduction_factor=float(o.get("reduction_factor") or ctx.reduction_factor),
+    )
+
+
+def _hyperband(o: dict[str, Any], ctx: Context):
+    from ray.tune.schedulers import AsyncHyperBandScheduler
+
+    return AsyncHyperBandScheduler(
+        metric=ctx.metric,
+        mode=ctx.mode,
+        time_attr=TIME_ATTR,
+        max_t=ctx.max_epochs,
+        grace_period=int(o.get("grace_epochs") or ctx.grace_epochs),
+        reduction_factor=float(o.get("reduction_factor") or ctx.reduction_factor),
+        brackets=int(o.get("brackets", 3)),
+    )
+
+
+def _median(o: dict[str, Any], ctx: Context):
+    from ray.tune.schedulers import MedianStoppingRule
+
+    return MedianStoppingRule(
+        metric=ctx.metric,
+        mode=ctx.mode,
+        time_attr=TIME_ATTR,
+        grace_period=float(o.get("grace_epochs") or ctx.grace_epochs),
+        min_samples_required=int(o.get("min_samples_required", 3)),
+        hard_stop=True,
+    )
+
+
+# What population-based training may change while a trial trains: the auxiliary-loss weights and
+# the augmentation mix (``mutate`` names others).
+PBT_DEFAULT = ("loss.w_aug", "loss.w_rec")
+PBT_DEFAULT_PREFIX = "aug.p_"
+
+
+def pbt_mutable(space: dict[str, Any], options: dict[str, Any]) -> list[str]:
+    """The searched parameters PBT perturbs: ``mutate``, else the aux weights and ``aug.p_*``."""
+    if options.get("mutate"):
+        return list(options["mutate"])
+    return [k for k in space if k in PBT_DEFAULT or k.startswith(PBT_DEFAULT_PREFIX)]
+
+
+class Clip:
+    """PBT multiplies a value by 0.8 or 1.2: keep it inside the space's bounds (picklable)."""
+
+    def __init__(self, bounds: dict[str, tuple[float, float]]):
+        self.bounds = bounds
+
+    def __call__(self, config: dict[str, Any]) -> dict[str, Any]:
+        for k, (lo, hi) in self.bounds.items():
+            if isinstance(config.get(k), (int, float)) and not isinstance(config[k], bool):
+                config[k] = type(config[k])(min(max(config[k], lo), hi))
+        return config
+
+
+def tune_domain(p: dict[str, Any]) -> Any:
+    """A searched parameter as a Ray Tune domain (random search, PBT's resampling)."""
+    from ray import tune
+
+    if p["type"] == "choice":
+        return tune.choice(list(p["values"]))
+    lo, hi = float(p["low"]), float(p["high"])
+    if p["type"] == "int":
+        return (
+            tune.lograndint(int(lo), int(hi) + 1)
+            if p.get("log")
+            else tune.randint(int(lo), int(hi) + 1)
+        )
+    return tune.loguniform(lo, hi) if p.get("log") else tune.uniform(lo, hi)
+
+
+def tune_space(space: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    return {k: tune_domain(p) for k, p in space.items()}
+
+
+def _pbt(o: dict[str, Any], ctx: Context):
+    from ray.tune.schedulers import PopulationBasedTraining
+
+    mutations, bounds = {}, {}
+    for k in pbt_mutable(ctx.space, o):
+        p = ctx.space[k]
+        if p["type"] == "choice":
+            mutations[k] = list(p["values"])
+            continue
+        mutations[k] = tune_domain(p)
+        bounds[k] = (float(p["low"]), float(p["high"]))
+    return PopulationBasedTraining(
+        time_attr=TIME_ATTR,
+        metric=ctx.metric,
+        mode=ctx.mode,
+        perturbation_interval=int(o.get("perturbation_interval", 1)),
+        hyperparam_mutations=mutations,
+        quantile_fraction=float(o.get("quantile_fraction", 0.25)),
+        resample_probability=float(o.get("resample_probability", 0.25)),
+        custom_explore_fn=Clip(bounds),
+        log_config=False,
+    )
+
+
+def _fifo(o: dict[str, Any], ctx: Context):
+    from ray.tune.schedulers import FIFOScheduler
+
+    return FIFOScheduler()
+
+
+_RUNG_KNOBS = {
+    "grace_epochs": Knob(
+        int, "no trial stops before this epoch (default: budget.grace_epochs)", ge=1
+    ),
+    "reduction_factor": Knob(
+        float, "keep the top 1/rf at each rung (default: budget.reduction_factor)", gt=1
+    ),
+}
+
+SCHEDULERS: dict[str, Strategy] = {
+    "asha": Strategy(
+        "ASHA: stops the weakest trials at each rung of epochs (the default)",
+        _asha,
+        multi_objective=False,
+        knobs=dict(_RUNG_KNOBS),
+    ),
+    "hyperband": Strategy(
+        "asynchronous Hyperband: ASHA over several brackets of grace periods, so slow starters "
+        "get a longer chance in some brackets",
+        _hyperband,
+        multi_objective=False,
+        knobs={**_RUNG_KNOBS, "brackets": Knob(int, "brackets of grace periods", 3, ge=1)},
+    ),
+    "median": Strategy(
+        "median stopping: stops a trial whose best result is below the median of the others at "
+        "the same epoch",
+        _median,
+        multi_objective=False,
+        knobs={
+            "grace_epochs": _RUNG_KNOBS["grace_epochs"],
+            "min_samples_required": Knob(int, "other trials needed to compare with", 3, ge=1),
+        },
+    ),
+    "pbt": Strategy(
+        "population-based training: every perturbation_interval epochs the weakest trials take "
+        "the best ones' checkpoints and go on with perturbed auxiliary weights and augmentation "
+        "mix - schedules that change while the model trains (sampler: random; no confirm)",
+        _pbt,
+        multi_objective=False,
+        knobs={
+            "perturbation_interval": Knob(int, "epochs between exploit/explore steps", 1, ge=1),
+            "quantile_fraction": Knob(
+                float, "share of trials that exploit / are exploited", 0.25, gt=0, le=0.5
+            ),
+            "resample_probability": Knob(
+                float, "chance to resample a value instead of x0.8/x1.2", 0.25, ge=0, le=1
+            ),
+            "mutate": Knob(
+                list,
+                "searched parameters to perturb (default: loss.w_aug, loss.w_rec, every aug.p_*)",
+            ),
+        },
+    ),
+    "none": Strategy(
+        "no early stopping: every trial runs all its epochs", _fifo, multi_objective=True
+    ),
+}
+
+
+def default_scheduler(multi: bool) -> str:
+    return "none" if multi else "asha"
+
+
+def check(kind: str, name: str, options: dict[str, Any], multi: bool) -> list[tuple[str, str]]:
+    """Problems with ``search.<kind>`` and ``search.<kind>_options``, as (field, message)."""
+    table = SAMPLERS if kind == "sampler" else SCHEDULERS
+    entry = table.get(name)
+    if entry is None:
+        return [(f"search.{kind}", f"unknown {kind} {name!r}; known: {', '.join(table)}")]
+    problems = []
+    if multi and not entry.multi_objective:
+        why = "ranks trials on one metric" if kind == "scheduler" else "optimises one objective"
+        problems.append(
+            (
+                f"search.{kind}",
+                f"{name!r} {why}; this objective has several metrics "
+                f"(use one of: {', '.join(k for k, v in table.items() if v.multi_objective)})",
+            )
+        )
+    for key, value in options.items():
+        knob = entry.knobs.get(key)
+        field_ = f"search.{kind}_options.{key}"
+        if knob is None:
+            known = ", ".join(entry.knobs) or "none"
+            problems.append((field_, f"unknown option of {kind} {name!r} (known: {known})"))
+        elif (why := knob.check(value)) is not None:
+            problems.append((field_, why))
+    return problems
+
+
+def describe() -> str:
+    """Every sampler and scheduler with its knobs (``sertune search strategies``)."""
+    lines = []
+    for title, table in (
+        ("samplers (search.sampler)", SAMPLERS),
+        ("schedulers (search.scheduler)", SCHEDULERS),
+    ):
+        lines.append(title + ":")
+        for name, s in table.items():
+            multi = "" if s.multi_objective else "  [one objective only]"
+            lines.append(f"  {name:10} {s.doc}{multi}")
+            for k, knob in s.knobs.items():
+                default = "" if knob.default is None else f" (default {knob.default})"
+                lines.append(f"  {'':10}   {k}: {knob.type.__name__}, {knob.doc}{default}")
+    return "\n".join(lines)
