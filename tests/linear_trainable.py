@@ -248,3 +248,22 @@ class LinearTrainable(CorpusHooks, Trainable):
 
 
 TRAINABLE = LinearTrainable()
+
+
+def linear_spec(home, name: str, **fields: Any) -> dict[str, Any]:
+    """A raw spec for a tiny search with this trainable on a synthetic corpus under ``home``
+    (2 trials, 2 at a time, 2 epochs); ``fields`` replace whole top-level fields."""
+    return {
+        "name": name,
+        "trainable": "linear",
+        "device": "cpu",
+        "data": {
+            "corpus": "synthetic",
+            "root": str(home / "data" / "lin"),
+            "synthetic": {"n_speakers": 5, "per_class": 4, "seed": 0},
+        },
+        "objective": {"metric": "val_uar", "mode": "max"},
+        "budget": {"trials": 2, "concurrency": 2, "max_epochs": 2, "grace_epochs": 1},
+        "robustness": None,
+        **fields,
+    }

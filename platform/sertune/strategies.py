@@ -201,31 +201,28 @@ SAMPLERS: dict[str, Strategy] = {
 TIME_ATTR = "epochs_done"  # the trial's real epoch, which survives a resume
 
 
+def _rungs(o: dict[str, Any], ctx: Context) -> dict[str, Any]:
+    """What ASHA and asynchronous Hyperband share: the metric, the epochs, the rungs."""
+    return {
+        "metric": ctx.metric,
+        "mode": ctx.mode,
+        "time_attr": TIME_ATTR,
+        "max_t": ctx.max_epochs,
+        "grace_period": int(o.get("grace_epochs") or ctx.grace_epochs),
+        "reduction_factor": float(o.get("reduction_factor") or ctx.reduction_factor),
+    }
+
+
 def _asha(o: dict[str, Any], ctx: Context):
     from ray.tune.schedulers import ASHAScheduler
 
-    return ASHAScheduler(
-        metric=ctx.metric,
-        mode=ctx.mode,
-        time_attr=TIME_ATTR,
-        max_t=ctx.max_epochs,
-        grace_period=int(o.get("grace_epochs") or ctx.grace_epochs),
-        reduction_factor=float(o.get("reduction_factor") or ctx.reduction_factor),
-    )
+    return ASHAScheduler(**_rungs(o, ctx))
 
 
 def _hyperband(o: dict[str, Any], ctx: Context):
     from ray.tune.schedulers import AsyncHyperBandScheduler
 
-    return AsyncHyperBandScheduler(
-        metric=ctx.metric,
-        mode=ctx.mode,
-        time_attr=TIME_ATTR,
-        max_t=ctx.max_epochs,
-        grace_period=int(o.get("grace_epochs") or ctx.grace_epochs),
-        reduction_factor=float(o.get("reduction_factor") or ctx.reduction_factor),
-        brackets=int(o.get("brackets", 3)),
-    )
+    return AsyncHyperBandScheduler(**_rungs(o, ctx), brackets=int(o.get("brackets", 3)))
 
 
 def _median(o: dict[str, Any], ctx: Context):

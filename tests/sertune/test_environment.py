@@ -17,6 +17,7 @@ import yaml
 
 from sertune import doctor
 from sertune.failfast import FailFast, is_environment_error
+from tests.linear_trainable import linear_spec
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -186,20 +187,13 @@ def test_a_search_whose_trials_all_fail_the_same_way_stops_early(home, tmp_path)
     (tmp_path / "bad_space.py").write_text(
         "def space(trial):\n    return {'optim.lr': -1.0 - trial.number}\n"
     )
-    raw = {
-        "name": "all-fail",
-        "trainable": "linear",
-        "device": "cpu",
-        "data": {
-            "corpus": "synthetic",
-            "root": str(home / "data" / "lin"),
-            "synthetic": {"n_speakers": 5, "per_class": 4, "seed": 0},
-        },
-        "objective": {"metric": "val_uar", "mode": "max"},
-        "budget": {"trials": 6, "concurrency": 2, "max_epochs": 2, "grace_epochs": 2},
-        "define_by_run": "bad_space.py:space",
-        "confirm": {"top_k": 1, "seeds": 2},
-    }
+    raw = linear_spec(
+        home,
+        "all-fail",
+        budget={"trials": 6, "concurrency": 2, "max_epochs": 2, "grace_epochs": 2},
+        define_by_run="bad_space.py:space",
+        confirm={"top_k": 1, "seeds": 2},
+    )
     spec = tmp_path / "all-fail.yaml"
     spec.write_text(yaml.safe_dump(raw))
     env = env_with(home, SERTUNE_RAY_NUM_CPUS="2", SERTUNE_RAY_TEMP_DIR=f"/tmp/rf{os.getpid()}")

@@ -17,28 +17,22 @@ def test_linear_trainable_search_promote_predict_report(home, tmp_path):
     from sertune.registry import promote
     from sertune.search import run_search
     from sertune.spec import load_spec
+    from tests.linear_trainable import linear_spec
 
-    raw = {
-        "name": "linear-smoke",
-        "trainable": "linear",
-        "device": "cpu",
-        "data": {
-            "corpus": "synthetic",
-            "root": str(home / "data" / "lin"),
-            "synthetic": {"n_speakers": 5, "per_class": 4, "seed": 0},
-        },  # fmt: skip
-        "objective": {"metric": "val_uar", "mode": "max"},
-        "budget": {"trials": 2, "concurrency": 2, "max_epochs": 2, "grace_epochs": 2},
-        "params": {"features.n_mels": 16},
-        "space": {"optim.lr": {"type": "float", "low": 0.01, "high": 0.1, "log": True}},
-        "robustness": {
+    raw = linear_spec(
+        home,
+        "linear-smoke",
+        budget={"trials": 2, "concurrency": 2, "max_epochs": 2, "grace_epochs": 2},
+        params={"features.n_mels": 16},
+        space={"optim.lr": {"type": "float", "low": 0.01, "high": 0.1, "log": True}},
+        robustness={
             "snrs_db": [10],
             "noises": ["white"],
             "fgsm_eps": [0.005],
             "pgd_eps": [],
             "max_utterances": 16,
-        },  # fmt: skip
-    }
+        },
+    )
     spec_path = tmp_path / "linear.yaml"
     spec_path.write_text(yaml.safe_dump(raw))
     result = run_search(load_spec(spec_path), log=lambda *a: None)

@@ -9,6 +9,7 @@ import yaml
 
 from sertune import strategies
 from sertune.spec import SpecError, load_spec
+from tests.linear_trainable import linear_spec
 
 REPO = Path(__file__).resolve().parents[2]
 SMOKE = REPO / "search_spaces" / "smoke.yaml"
@@ -180,24 +181,11 @@ def test_a_warm_started_search_begins_with_the_earlier_trials(home, tmp_path):
     from sertune.search import run_search
 
     def spec(name, search):
-        raw = {
-            "name": name,
-            "trainable": "linear",
-            "device": "cpu",
-            "data": {
-                "corpus": "synthetic",
-                "root": str(home / "data" / "lin"),
-                "synthetic": {"n_speakers": 5, "per_class": 4, "seed": 0},
-            },
-            "objective": {"metric": "val_uar", "mode": "max"},
-            "budget": {"trials": 2, "concurrency": 2, "max_epochs": 2, "grace_epochs": 1},
-            "space": {
-                "optim.lr": {"type": "float", "low": 0.01, "high": 0.1, "log": True},
-                "features.n_mels": {"type": "int", "low": 8, "high": 16},
-            },
-            "robustness": None,
-            "search": search,
+        space = {
+            "optim.lr": {"type": "float", "low": 0.01, "high": 0.1, "log": True},
+            "features.n_mels": {"type": "int", "low": 8, "high": 16},
         }
+        raw = linear_spec(home, name, space=space, search=search)
         p = tmp_path / f"{name}.yaml"
         p.write_text(yaml.safe_dump(raw))
         return load_spec(p)
@@ -263,21 +251,13 @@ def test_pbt_exploits_and_explores_with_warm_slots_and_records_the_schedule(home
     from sertune.search import run_search
     from sertune.tracking import get_experiment_id
 
-    raw = {
-        "name": "pbt",
-        "trainable": "linear",
-        "device": "cpu",
-        "data": {
-            "corpus": "synthetic",
-            "root": str(home / "data" / "lin"),
-            "synthetic": {"n_speakers": 5, "per_class": 4, "seed": 0},
-        },
-        "objective": {"metric": "val_uar", "mode": "max"},
-        "budget": {"trials": 4, "concurrency": 2, "max_epochs": 6, "grace_epochs": 1},
-        "params": {"features.n_mels": 16},
-        "space": {"optim.lr": {"type": "float", "low": 0.001, "high": 0.5, "log": True}},
-        "robustness": None,
-        "search": {
+    raw = linear_spec(
+        home,
+        "pbt",
+        budget={"trials": 4, "concurrency": 2, "max_epochs": 6, "grace_epochs": 1},
+        params={"features.n_mels": 16},
+        space={"optim.lr": {"type": "float", "low": 0.001, "high": 0.5, "log": True}},
+        search={
             "sampler": "random",
             "scheduler": "pbt",
             "scheduler_options": {
@@ -287,7 +267,7 @@ def test_pbt_exploits_and_explores_with_warm_slots_and_records_the_schedule(home
                 "resample_probability": 0.5,
             },
         },
-    }
+    )
     p = tmp_path / "pbt.yaml"
     p.write_text(yaml.safe_dump(raw))
     lines: list[str] = []
