@@ -32,6 +32,7 @@ DEFAULTS = {
     "optim.lr": 0.05,  # plain SGD on a convex problem: large steps are fine
     "optim.epochs": 3,
     "optim.batch_size": 32,
+    "pace.epoch_s": 0.0,  # sleep after each epoch: tests that must act mid-search get the time
     "seed": 0,
 }
 FORMAT = "sertune.linear/1"
@@ -177,6 +178,7 @@ class LinearTrainable(CorpusHooks, Trainable):
                 loss.backward()
                 opt.step()
                 losses.append(float(loss.detach()))
+            time.sleep(float(cfg["pace.epoch_s"]))
             predictor = LinearPredictor(model, cfg, list(corpus.label_names))
             v = _scores(predictor, val)
             noise = 0.05 * torch.randn(val.audio.shape, generator=g)

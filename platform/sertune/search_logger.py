@@ -72,6 +72,7 @@ REPORTED_SKIP = {
     "loop_started_at",
     "checkpoint_dir_name",
     "pbt_exploited_epoch",
+    "pbt_lineage",
 }
 
 
@@ -113,6 +114,14 @@ class MLflowSearchLogger(Callback):
         state = dict(self.__dict__)
         state.update(journal=None, evaluator=None, log=print)
         return state
+
+    # Tune saves this with its experiment state, so a resumed PBT search keeps the lineages its
+    # killed driver had built (epochs trained after that save are reported again and replace)
+    def get_state(self) -> dict[str, Any] | None:
+        return {"schedules": self.schedules} if self.schedules else None
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.schedules = {k: [list(e) for e in v] for k, v in state.get("schedules", {}).items()}
 
     # -- the parent ------------------------------------------------------------------------------
     def start(self, resumed: bool = False) -> MLflowSearchLogger:
@@ -255,6 +264,9 @@ class MLflowSearchLogger(Callback):
                     },
                 }
             )
+        if result.get("pbt_lineage"):  # the trial's whole lineage, kept with its checkpoints
+            self.schedules[key] = json.loads(result["pbt_lineage"])
+            return
         epoch = trial_epochs(result)  # an epoch trained again (a restart) replaces the first
         kept = [e for e in self.schedules.get(key, []) if e[0] < epoch]
         self.schedules[key] = [*kept, [epoch, values, key]]

@@ -468,6 +468,10 @@ class WarmTrial(tune.Trainable):
         self._last_epoch = 0
         self._last_uri: str | None = None
         self._exploited: dict[str, Any] | None = None
+        # population-based training: [epoch, {param: value}, trained as trial] for every epoch
+        # of this trial's model so far, through the trials whose checkpoints it took; it travels
+        # with the checkpoints, so a resumed driver gets it back from them
+        self._lineage: list[list[Any]] = []
 
     @property
     def _slot_storage(self) -> str:
@@ -510,7 +514,11 @@ class WarmTrial(tune.Trainable):
                 self._last_uri = metrics.get("checkpoint_path") or self._last_uri
                 if int(metrics.get("epochs_done", 0)) >= self.fixed["max_epochs"]:
                     metrics["done"] = True
-                metrics.update(self._schedule())
+                schedule = self._schedule()
+                metrics.update(schedule)
+                if schedule:
+                    self._extend_lineage(epoch, schedule)
+                    metrics["pbt_lineage"] = json.dumps(self._lineage)
                 if self._exploited:
                     metrics["pbt_exploited_from"] = self._exploited["trial"]
                     metrics["pbt_exploited_epoch"] = self._exploited["epoch"]
@@ -520,6 +528,15 @@ class WarmTrial(tune.Trainable):
                 raise TrialFailed(item["reason"])
             # "end" without a final result: stopped by the board (shutdown)
             raise TrialFailed(f"the slot ended this trial ({item.get('outcome')})")
+
+    def _extend_lineage(self, epoch: int, schedule: dict[str, float]) -> None:
+        """Add ``epoch``; epochs since the last one known were trained here with the same
+        values (the configuration changes only when a checkpoint is taken, which resets this)."""
+        values = {k.removeprefix("schedule/"): v for k, v in schedule.items()}
+        kept = [e for e in self._lineage if e[0] < epoch]
+        last = kept[-1][0] if kept else 0
+        gap = [[e, values, self.trial_id] for e in range(last + 1, epoch)]
+        self._lineage = [*kept, *gap, [epoch, values, self.trial_id]]
 
     def _cancel(self) -> None:
         if getattr(self, "_active", None):
@@ -536,6 +553,7 @@ class WarmTrial(tune.Trainable):
         self._cancel()
         self._config = new_config
         self._last_epoch, self._last_uri, self._exploited = 0, None, None
+        self._lineage = []
         return True
 
     def save_checkpoint(self, checkpoint_dir: str) -> dict | None:
@@ -550,6 +568,7 @@ class WarmTrial(tune.Trainable):
                 "trial": self.trial_id,
                 "epoch": self._last_epoch,
                 "name": self._last_uri.rstrip("/").rsplit("/", 1)[-1],
+                "lineage": self._lineage,
             }
             (Path(checkpoint_dir) / "pbt.json").write_text(json.dumps(pointer))
         return None
@@ -562,9 +581,12 @@ class WarmTrial(tune.Trainable):
         if pointer_file is None or not pointer_file.is_file():
             return
         pointer = json.loads(pointer_file.read_text())
+        lineage = [e for e in pointer.pop("lineage", []) if e[0] <= int(pointer["epoch"])]
         if pointer["trial"] == self.trial_id:  # the slot re-sends its latest epoch if newer
             self._last_epoch = max(self._last_epoch, int(pointer["epoch"]))
+            self._lineage = lineage
             return
+        self._lineage = lineage
         marker = f"{self._slot_storage}/EXPLOITED"
         if exists(marker) and read_text(marker) == json.dumps(pointer):
             return  # applied before a driver crash; the storage has moved on since

@@ -293,3 +293,36 @@ def test_pbt_exploits_and_explores_with_warm_slots_and_records_the_schedule(home
     epochs = [e[0] for e in winner]  # its whole lineage, epoch by epoch
     assert epochs == sorted(set(epochs)) and epochs[0] == 1 and epochs[-1] == 6
     assert sched["winner"] == result.rows[0]["trial"]
+
+
+@pytest.mark.usefixtures("ray_2cpu")
+@pytest.mark.parametrize(
+    "search",
+    [
+        {"sampler": "gp", "scheduler": "none"},
+        {"sampler": "nsga2", "scheduler": "asha"},
+        {"sampler": "grid", "scheduler": "median"},
+    ],
+    ids=lambda s: f"{s['sampler']}+{s['scheduler']}",
+)
+def test_a_two_trial_search_runs_with_each_remaining_sampler(home, tmp_path, search):
+    """The samplers the other searches here do not train with (tpe+asha, random+median,
+    cmaes+hyperband and pbt have theirs): a 2-trial search finishes and records its choice."""
+    from sertune.records import load_record
+    from sertune.search import run_search
+
+    space = {
+        "optim.lr": {"type": "float", "low": 0.01, "high": 0.1, "step": 0.03},
+        "features.n_mels": {"type": "int", "low": 8, "high": 16},
+    }
+    name = f"two-{search['sampler']}"
+    p = tmp_path / f"{name}.yaml"
+    p.write_text(yaml.safe_dump(linear_spec(home, name, space=space, search=search)))
+    result = run_search(load_spec(p), log=lambda *m: None)
+    assert result.errors == 0 and result.finished == 2
+    assert len({tuple(sorted(r["config"].items())) for r in result.rows}) == 2  # two proposals
+    spec = load_record(name)["spec"]
+    assert (spec["search"]["sampler"], spec["search"]["scheduler"]) == (
+        search["sampler"],
+        search["scheduler"],
+    )
