@@ -26,10 +26,7 @@ def _stats(values: list[float]) -> dict[str, float]:
 
 def search_figures(client: Any, search: str) -> dict[str, Any]:
     """The winning configuration of ``search`` as MLflow recorded it."""
-    exp = tracking.get_experiment_id(client, create=False)
-    runs = client.search_runs(
-        [exp], filter_string=f"tags.`{tracking.TAG_SEARCH}` = '{search}'", max_results=5000
-    )
+    runs = tracking.runs_of(client, search)
     parent = next((r for r in runs if r.data.tags.get(tracking.TAG_KIND) == "search"), None)
     if parent is None:
         raise NotFound(f"no search named {search!r} in MLflow ({client.tracking_uri})")

@@ -52,10 +52,8 @@ def model_dir(model_uri: str, tracking_uri: str | None = None) -> Path:
     cache = settings.home() / "models" / key
     if (cache / "MLmodel").exists():  # a version's (or a run's) files never change
         return cache
-    import mlflow
-
     try:
-        path = mlflow.artifacts.download_artifacts(artifact_uri=exact, dst_path=str(cache))
+        path = tracking.download_model(exact, cache)
     except Exception as e:
         if tracking.is_missing(e) or "not found" in str(e).lower():
             raise NotFound(f"{model_uri}: no such model in {store}") from None
@@ -81,12 +79,10 @@ def load_model(model_uri: str, tracking_uri: str | None = None):
 
 def load_pyfunc(model_uri: str, tracking_uri: str | None = None):
     """MLflow's own loader (what ``mlflow models serve`` uses), for checks and notebooks."""
-    import mlflow
-
     from . import tracking
 
     tracking.configure(tracking_uri)
-    return mlflow.pyfunc.load_model(model_uri)
+    return tracking.load_pyfunc(model_uri)
 
 
 def audio_files(paths: list[str]) -> list[str]:

@@ -59,12 +59,7 @@ def code_version() -> str:
 
 
 def trial_runs(client: Any, search: str) -> list[Any]:
-    exp = tracking.get_experiment_id(client, create=False)
-    return client.search_runs(
-        [exp],
-        filter_string=f"tags.`{tracking.TAG_SEARCH}` = '{search}' and tags.`{tracking.TAG_KIND}` = 'trial'",
-        max_results=5000,
-    )
+    return tracking.runs_of(client, search, kind="trial")
 
 
 def _candidates(runs: list[Any], metric: str, mode: str) -> tuple[list[dict[str, Any]], bool]:
@@ -122,8 +117,6 @@ def promote(
     tracking_uri: str | None = None,
 ) -> dict[str, Any]:
     """Register the best configuration of ``search`` and point ``champion`` at it."""
-    import mlflow
-
     record = load_record(search)
     c = tracking.client(tracking_uri or record.get("tracking_uri"))
     first = first_objective(record["spec"])
@@ -188,7 +181,7 @@ def promote(
             raise
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         # MLflow prints "Registered model ... already exists" on its own; we say what happened
-        mv = mlflow.register_model(run.data.tags["sertune.model_uri"], model_name, tags=tags)
+        mv = tracking.register_model(run.data.tags["sertune.model_uri"], model_name, tags)
     version = str(mv.version)
     _wait_ready(c, model_name, version)
     if previous:

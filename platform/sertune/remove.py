@@ -27,8 +27,7 @@ def remove_search(name: str, mlflow_runs: bool = False) -> list[str]:
         shutil.rmtree(journal)
     if mlflow_runs and record.get("tracking_uri", "").startswith(("sqlite", "http", "file", "/")):
         c = tracking.client(record["tracking_uri"])
-        exp = tracking.get_experiment_id(c, create=False)
-        runs = c.search_runs([exp], f"tags.`{tracking.TAG_SEARCH}` = '{name}'", max_results=10_000)
+        runs = tracking.runs_of(c, name)
         for r in runs:
             c.delete_run(r.info.run_id)
         done.append(

@@ -24,6 +24,7 @@ from . import tracking
 from .failures import trial_error_reason
 from .leaderboard import trial_epochs
 from .records import objectives, save_record
+from .tracking import Kind, Op
 
 PARENT = "parent"
 NOTE = "mlflow.note.content"  # the run page's description: markdown, shown first
@@ -168,19 +169,17 @@ class MLflowSearchLogger(Callback):
             sources = self.record["warm_start"]["sources"]
             tags["sertune.warm_start"] = ", ".join(f"{k} ({n} trials)" for k, n in sources.items())
         self.journal.append(
-            {
-                "op": "run",
-                "key": PARENT,
-                "identity": {tracking.TAG_SEARCH: self.name, tracking.TAG_KIND: "search"},
-                "run_name": self.name,
-                "tags": tags,
-                "params": params,
-            }
+            Op(
+                Kind.RUN,
+                key=PARENT,
+                identity={tracking.TAG_SEARCH: self.name, tracking.TAG_KIND: "search"},
+                run_name=self.name,
+                tags=tags,
+                params=params,
+            )
         )
         if resumed:
-            self.journal.append(
-                {"op": "tags", "key": PARENT, "tags": {tracking.TAG_STATUS: "running"}}
-            )
+            self.journal.append(Op(Kind.TAGS, key=PARENT, tags={tracking.TAG_STATUS: "running"}))
             return self
         with tempfile.TemporaryDirectory() as tmp:
             src = Path(self.record.get("source", ""))
@@ -191,12 +190,7 @@ class MLflowSearchLogger(Callback):
                 json.dumps(self.record["data"].get("report", {}), indent=2)
             )
             self.journal.append(
-                {
-                    "op": "artifacts",
-                    "key": PARENT,
-                    "src": self.journal.stage(tmp),
-                    "path": "search",
-                }
+                Op(Kind.ARTIFACTS, key=PARENT, src=self.journal.stage(tmp), path="search")
             )
         return self
 
@@ -229,16 +223,16 @@ class MLflowSearchLogger(Callback):
                 if k.startswith("__"):  # confirm runs carry their origin in the config
                     tags[f"sertune.{k.strip('_')}"] = str(v)
             self.journal.append(
-                {
-                    "op": "run",
-                    "key": tid,
-                    "parent": PARENT,
-                    "identity": {tracking.TAG_SEARCH: self.name, tracking.TAG_TRIAL: tid},
-                    "lookup": self.resumed,  # a new search's trials are new runs: no search
-                    "run_name": f"{self.name}-{tid}",
-                    "tags": tags,
-                    "params": {k: v for k, v in config.items() if not k.startswith("__")},
-                }
+                Op(
+                    Kind.RUN,
+                    key=tid,
+                    parent=PARENT,
+                    identity={tracking.TAG_SEARCH: self.name, tracking.TAG_TRIAL: tid},
+                    lookup=self.resumed,
+                    run_name=f"{self.name}-{tid}",
+                    tags=tags,
+                    params={k: v for k, v in config.items() if not k.startswith("__")},
+                )
             )
         return tid
 
@@ -256,13 +250,13 @@ class MLflowSearchLogger(Callback):
             at = int(result.get("pbt_exploited_epoch", 0))
             self.schedules[key] = [e for e in self.schedules.get(donor, []) if e[0] <= at]
             self.journal.append(
-                {
-                    "op": "tags",
-                    "key": key,
-                    "tags": {
+                Op(
+                    Kind.TAGS,
+                    key=key,
+                    tags={
                         f"sertune.pbt_exploit_epoch_{at}": f"took trial {donor}'s checkpoint at epoch {at}"
                     },
-                }
+                )
             )
         if result.get("pbt_lineage"):  # the trial's whole lineage, kept with its checkpoints
             self.schedules[key] = json.loads(result["pbt_lineage"])
@@ -278,12 +272,7 @@ class MLflowSearchLogger(Callback):
         self._track_schedule(key, result)
         ts = int(result.get("timestamp", time.time()) * 1000)
         self.journal.append(
-            {
-                "op": "metrics",
-                "key": key,
-                "step": trial_epochs(result),
-                "metrics": metric_rows(result, ts),
-            }
+            Op(Kind.METRICS, key=key, step=trial_epochs(result), metrics=metric_rows(result, ts))
         )
 
     def _checkpoint_uri(self, result: dict[str, Any]) -> str | None:
@@ -303,13 +292,11 @@ class MLflowSearchLogger(Callback):
             tags["sertune.stopped_by"] = f"scheduler at epoch {epochs}"
         if "best_epoch" in last:
             tags["sertune.best_epoch"] = str(int(last["best_epoch"]) + 1)
-        self.journal.append({"op": "tags", "key": key, "tags": tags})
+        self.journal.append(Op(Kind.TAGS, key=key, tags=tags))
         ckpt = self._checkpoint_uri(last)
         if ckpt:
             best = f"{ckpt.rstrip('/')}/best"
-            self.journal.append(
-                {"op": "model", "key": key, "src": best, "trainable": self.trainable}
-            )
+            self.journal.append(Op(Kind.MODEL, key=key, src=best, trainable=self.trainable))
             if not finished and self.evaluator is not None:  # its best epoch's test figures, later
                 self._stopped[key] = epochs
                 self.evaluator.submit(key, ckpt)
@@ -317,31 +304,26 @@ class MLflowSearchLogger(Callback):
                 return
             if self.record["spec"].get("robustness"):
                 self.journal.append(
-                    {
-                        "op": "artifacts",
-                        "key": key,
-                        "src": f"{best}/robustness",
-                        "path": "robustness",
-                    }
+                    Op(Kind.ARTIFACTS, key=key, src=f"{best}/robustness", path="robustness")
                 )
                 note = trial_note(key, last, epochs, stopped=False)
-                self.journal.append({"op": "tags", "key": key, "tags": {NOTE: note}})
-        self.journal.append({"op": "end", "key": key, "status": "FINISHED"})
+                self.journal.append(Op(Kind.TAGS, key=key, tags={NOTE: note}))
+        self.journal.append(Op(Kind.END, key=key, status="FINISHED"))
         self.open_trials.discard(key)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         key = self._child(trial)
         self.journal.append(
-            {
-                "op": "tags",
-                "key": key,
-                "tags": {
+            Op(
+                Kind.TAGS,
+                key=key,
+                tags={
                     tracking.TAG_STATUS: "failed",
                     "sertune.failure_reason": trial_error_reason(trial),
                 },
-            }
+            )
         )
-        self.journal.append({"op": "end", "key": key, "status": "FAILED"})
+        self.journal.append(Op(Kind.END, key=key, status="FAILED"))
         self.open_trials.discard(key)
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
@@ -354,11 +336,11 @@ class MLflowSearchLogger(Callback):
         for key, outcome in self.evaluator.ready(wait_s):
             if outcome.get("error"):
                 self.journal.append(
-                    {
-                        "op": "tags",
-                        "key": key,
-                        "tags": {"sertune.evaluation_error": outcome["error"][:500]},
-                    }
+                    Op(
+                        Kind.TAGS,
+                        key=key,
+                        tags={"sertune.evaluation_error": outcome["error"][:500]},
+                    )
                 )
             else:
                 step = self._stopped.get(key, 0)
@@ -371,23 +353,23 @@ class MLflowSearchLogger(Callback):
                 ]
                 rows = [[k, tracking.clean_value(v), t] for k, v, t in rows]
                 self.journal.append(
-                    {"op": "metrics", "key": key, "step": step, "metrics": rows, "dedupe": False}
+                    Op(Kind.METRICS, key=key, step=step, metrics=rows, dedupe=False)
                 )
                 note = trial_note(key, outcome["metrics"], step, stopped=True)
-                self.journal.append({"op": "tags", "key": key, "tags": {NOTE: note}})
+                self.journal.append(Op(Kind.TAGS, key=key, tags={NOTE: note}))
                 if outcome.get("files"):
                     with tempfile.TemporaryDirectory() as tmp:
                         for name, data in outcome["files"].items():
                             (Path(tmp) / name).write_bytes(data)
                         self.journal.append(
-                            {
-                                "op": "artifacts",
-                                "key": key,
-                                "src": self.journal.stage(tmp),
-                                "path": "robustness",
-                            }
+                            Op(
+                                Kind.ARTIFACTS,
+                                key=key,
+                                src=self.journal.stage(tmp),
+                                path="robustness",
+                            )
                         )
-            self.journal.append({"op": "end", "key": key, "status": "FINISHED"})
+            self.journal.append(Op(Kind.END, key=key, status="FINISHED"))
 
     # -- the end ----------------------------------------------------------------------------------------
     def finish(
@@ -420,12 +402,7 @@ class MLflowSearchLogger(Callback):
 
                 write_schedule(Path(tmp), best["trial"], self.schedules)
             self.journal.append(
-                {
-                    "op": "artifacts",
-                    "key": PARENT,
-                    "src": self.journal.stage(tmp),
-                    "path": "summary",
-                }
+                Op(Kind.ARTIFACTS, key=PARENT, src=self.journal.stage(tmp), path="summary")
             )
         tags = {
             tracking.TAG_STATUS: status,
@@ -444,16 +421,10 @@ class MLflowSearchLogger(Callback):
                 if tracking.clean_value(v) is not None
                 and (k in keep or k.startswith(("val_", "test_", "robust/")))
             ]
-            self.journal.append(
-                {"op": "metrics", "key": PARENT, "step": 0, "metrics": rows, "dedupe": False}
-            )
-        self.journal.append({"op": "tags", "key": PARENT, "tags": tags})
+            self.journal.append(Op(Kind.METRICS, key=PARENT, step=0, metrics=rows, dedupe=False))
+        self.journal.append(Op(Kind.TAGS, key=PARENT, tags=tags))
         self.journal.append(
-            {
-                "op": "end",
-                "key": PARENT,
-                "status": "FINISHED" if status == "finished" else "FAILED",
-            }
+            Op(Kind.END, key=PARENT, status="FINISHED" if status == "finished" else "FAILED")
         )
 
     def _parent_note(self, result: Any, cause: str | None = None) -> str:
@@ -498,12 +469,7 @@ class MLflowSearchLogger(Callback):
                 "```\n" + format_confirmation(groups, shown) + "\n```\n"
             )
             self.journal.append(
-                {
-                    "op": "artifacts",
-                    "key": PARENT,
-                    "src": self.journal.stage(tmp),
-                    "path": "confirmation",
-                }
+                Op(Kind.ARTIFACTS, key=PARENT, src=self.journal.stage(tmp), path="confirmation")
             )
         best = groups[0]
         ts = int(time.time() * 1000)
@@ -515,15 +481,9 @@ class MLflowSearchLogger(Callback):
             [f"confirmed/{k}_sd", tracking.clean_value(s["sd"]), ts]
             for k, s in best["stats"].items()
         ]
+        self.journal.append(Op(Kind.METRICS, key=PARENT, step=0, metrics=rows, dedupe=False))
         self.journal.append(
-            {"op": "metrics", "key": PARENT, "step": 0, "metrics": rows, "dedupe": False}
-        )
-        self.journal.append(
-            {
-                "op": "tags",
-                "key": PARENT,
-                "tags": {"sertune.confirmed_best": best["configuration_of"]},
-            }
+            Op(Kind.TAGS, key=PARENT, tags={"sertune.confirmed_best": best["configuration_of"]})
         )
 
     def log_comparison(self, name: str, baseline: str) -> None:
@@ -541,27 +501,18 @@ class MLflowSearchLogger(Callback):
         with tempfile.TemporaryDirectory() as tmp:
             write_comparison(cmp, Path(tmp))
             self.journal.append(
-                {
-                    "op": "artifacts",
-                    "key": PARENT,
-                    "src": self.journal.stage(tmp),
-                    "path": "comparison",
-                }
+                Op(Kind.ARTIFACTS, key=PARENT, src=self.journal.stage(tmp), path="comparison")
             )
-        self.journal.append({"op": "tags", "key": PARENT, "tags": {"sertune.baseline": baseline}})
+        self.journal.append(Op(Kind.TAGS, key=PARENT, tags={"sertune.baseline": baseline}))
 
     def interrupted(self) -> None:
         """Ctrl-C / SIGTERM: open trials become KILLED + ``interrupted``, so is the parent."""
         for key in sorted(self.open_trials):
-            self.journal.append(
-                {"op": "tags", "key": key, "tags": {tracking.TAG_STATUS: "interrupted"}}
-            )
-            self.journal.append({"op": "end", "key": key, "status": "KILLED"})
+            self.journal.append(Op(Kind.TAGS, key=key, tags={tracking.TAG_STATUS: "interrupted"}))
+            self.journal.append(Op(Kind.END, key=key, status="KILLED"))
         self.open_trials.clear()
-        self.journal.append(
-            {"op": "tags", "key": PARENT, "tags": {tracking.TAG_STATUS: "interrupted"}}
-        )
-        self.journal.append({"op": "end", "key": PARENT, "status": "KILLED"})
+        self.journal.append(Op(Kind.TAGS, key=PARENT, tags={tracking.TAG_STATUS: "interrupted"}))
+        self.journal.append(Op(Kind.END, key=PARENT, status="KILLED"))
 
     def close(self, timeout_s: float = 120.0) -> int:
         return self.journal.close(timeout_s) if self.journal else 0

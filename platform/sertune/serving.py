@@ -1,6 +1,6 @@
 """Trained models as MLflow pyfunc models that load without pickle and serve anywhere.
 
-``log_pyfunc_model`` stores the trial's best ``model.safetensors`` + ``model.json`` with
+``sertune.tracking.models.log_pyfunc_model`` stores the trial's best ``model.safetensors`` + ``model.json`` with
 ``loader_module="sertune.serving"`` and the code that loads it (``code/sertune`` and
 ``code/trainables``, a few hundred kB of Python) beside it, so the model needs nothing from this
 checkout: its requirements are public packages (torch, torchaudio, safetensors, numpy, pandas,
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -65,11 +64,9 @@ def requirements() -> list[str]:
     that trained it (exactly: torchaudio's native library loads only against its own torch)."""
     from importlib import metadata
 
-    import mlflow
-
     torch, torchaudio = metadata.version("torch"), metadata.version("torchaudio")
     return [
-        f"mlflow=={mlflow.__version__}",
+        f"mlflow=={metadata.version('mlflow')}",
         f"torch=={torch.split('+')[0]}",
         f"torchaudio=={torchaudio.split('+')[0]}",
         "safetensors>=0.4",
@@ -89,40 +86,3 @@ def code_dirs(dest: Path) -> list[str]:
         shutil.copytree(src, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         out.append(str(target))
     return out
-
-
-def log_pyfunc_model(run_id: str, model_dir: Path, trainable: str, tracking_uri: str) -> str:
-    """Log the model on ``run_id``; return its URI (``models:/m-...``) for registration."""
-    import mlflow
-    import pandas as pd
-    from mlflow.models import infer_signature
-
-    from . import __version__
-
-    with tempfile.TemporaryDirectory(prefix="sertune-pyfunc-") as tmp:
-        data = Path(tmp) / "model"
-        data.mkdir()
-        for name in ("model.safetensors", "model.json"):
-            shutil.copy(Path(model_dir) / name, data / name)
-        (data / META).write_text(
-            json.dumps({"trainable": trainable, "sertune_version": __version__})
-        )
-        model = _load_pyfunc(str(data))
-        sr = model.predictor.sample_rate
-        t = np.arange(sr // 2) / sr
-        example = pd.DataFrame(
-            {"waveform": [(0.1 * np.sin(2 * np.pi * 220 * t)).astype(np.float64).tolist()]}
-        )
-        signature = infer_signature(example, model.predict(example))
-        mlflow.set_tracking_uri(tracking_uri)
-        with mlflow.start_run(run_id=run_id):
-            info = mlflow.pyfunc.log_model(
-                name="model",
-                loader_module="sertune.serving",
-                data_path=str(data),
-                code_paths=code_dirs(Path(tmp) / "code"),
-                signature=signature,
-                input_example=example,  # serving_input_example.json shows callers the format
-                pip_requirements=requirements(),
-            )
-        return info.model_uri
