@@ -1,6 +1,6 @@
 """Tests and fault drills stop only what they started: a Ray temp dir is matched as a path."""
 
-from sertune.bench.faults import names_path
+from sertune.testing import names_path
 
 
 def test_a_temp_dir_is_matched_as_a_path_not_a_substring():

@@ -2,7 +2,6 @@
 a moto server over HTTP (boto3 and pyarrow), and a real Ray head receiving `sertune search submit`."""
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,26 +13,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from sertune.testing import free_port, wait_http
+
 REPO = Path(__file__).resolve().parents[2]
 SMOKE = yaml.safe_load((REPO / "search_spaces" / "smoke.yaml").read_text())
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return
-        except Exception:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            time.sleep(0.5)
-    raise AssertionError(f"{url} did not come up:\n{log.read_text()[-3000:]}")
 
 
 def write_spec(tmp_path: Path, name: str, edit=None) -> Path:
@@ -175,7 +158,7 @@ def test_s3_storage_checkpoints_cache_and_mlflow_artifacts(tmp_path, home, s3, m
 def token_head(tmp_path_factory):
     """A real `ray start --head --block` with token authentication (Ray 2.60's default), in its
     own session and temp dir; stopped by its own processes, nothing else on the machine."""
-    from tests.procs import kill_owned
+    from sertune.testing import kill_owned
 
     tmp_path = tmp_path_factory.mktemp("head")
     home = tmp_path / "home"

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.procs import kill_owned
+from sertune.testing import kill_owned
 
 REPO = Path(__file__).resolve().parents[2]
 SMOKE = yaml.safe_load((REPO / "search_spaces" / "smoke.yaml").read_text())
@@ -299,7 +299,7 @@ def test_an_unknown_search_name_is_one_line(home, command):
 def test_a_killed_worker_resumes_its_trial_from_the_last_checkpoint(tmp_path, home):
     """SIGKILL the Ray Train worker of a warm slot mid-trial: Train restarts the worker group and
     the trial continues from its last checkpoint (no epoch twice, none lost)."""
-    from tests.procs import processes
+    from sertune.testing import processes
 
     def edit(raw):
         raw["budget"].update(trials=1, concurrency=1, max_epochs=5, grace_epochs=5)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.procs import kill_owned
+from sertune.testing import kill_owned
 
 REPO = Path(__file__).resolve().parents[2]
 EPOCHS = 8

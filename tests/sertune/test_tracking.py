@@ -5,7 +5,6 @@ import builtins
 import json
 import os
 import pickle
-import socket
 import subprocess
 import sys
 import time
@@ -17,15 +16,11 @@ import pytest
 import soundfile as sf
 import yaml
 
+from sertune.testing import free_port, start_mlflow
+
 REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.usefixtures("ray_2cpu")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_smoke(home: Path, name: str, tracking_uri: str | None):
@@ -92,41 +87,8 @@ def mlflow_server(tmp_path_factory):
         "MLFLOW_AUTH_CONFIG_PATH": str(root / "auth.ini"),
         "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-secret-key",
     }
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--backend-store-uri",
-            f"sqlite:///{root / 'server.db'}",
-            "--artifacts-destination",
-            str(root / "artifacts"),
-            "--workers",
-            "1",
-            "--app-name",
-            "basic-auth",
-        ],
-        stdout=open(root / "server.log", "w"),
-        stderr=subprocess.STDOUT,
-        env=env,
-    )
+    proc = start_mlflow(root, port, app_name="basic-auth", env=env)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=2)
-            break
-        except Exception:
-            assert proc.poll() is None, (root / "server.log").read_text()
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        raise AssertionError("mlflow server did not start:\n" + (root / "server.log").read_text())
     yield url, root
     proc.terminate()
     proc.wait(timeout=30)
@@ -384,24 +346,6 @@ def test_report_command_on_a_registered_model(sqlite_search, tmp_path, capsys):
     )
 
 
-def _start_server(root: Path, port: int) -> subprocess.Popen:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
-         "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
-        stdout=open(root / "server.log", "a"), stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-            return proc
-        except Exception:
-            assert proc.poll() is None, (root / "server.log").read_text()[-3000:]
-            time.sleep(0.5)
-    raise AssertionError("mlflow server did not start")
-
-
 def test_an_mlflow_outage_loses_no_record(tmp_path):
     """The tracking server goes down in the middle of a search and comes back: training goes on,
     the console says MLflow is unreachable and when it caught up, and every record arrives in
@@ -413,11 +357,11 @@ def test_an_mlflow_outage_loses_no_record(tmp_path):
 
     from mlflow import MlflowClient
 
-    from tests.procs import kill_owned
+    from sertune.testing import kill_owned
 
     root, home, port = tmp_path / "server", tmp_path / "home", free_port()
     root.mkdir()
-    server = _start_server(root, port)
+    server = start_mlflow(root, port)
     raw = yaml.safe_load((REPO / "search_spaces" / "smoke.yaml").read_text())
     raw.update(name="outage", robustness=None)
     raw["budget"].update(trials=3, concurrency=1, max_epochs=3, grace_epochs=3)
@@ -448,7 +392,7 @@ def test_an_mlflow_outage_loses_no_record(tmp_path):
         # down longer than MLflow's request timeout (20 s): a request caught by the shutdown
         # fails within the outage instead of succeeding on its retry after it
         time.sleep(25)
-        server = _start_server(root, port)  # back, same store
+        server = start_mlflow(root, port)  # back, same store
         proc.wait(timeout=600)
     finally:
         kill_owned(session=proc.pid)
@@ -481,7 +425,7 @@ def test_a_registered_model_serves_without_this_checkout(sqlite_search, tmp_path
 
     from sertune import settings
     from sertune.registry import promote
-    from tests.procs import kill_owned
+    from sertune.testing import kill_owned
 
     promote("track", model_name="portable")
     mlflow.set_tracking_uri(settings.tracking_uri())

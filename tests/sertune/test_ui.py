@@ -78,7 +78,7 @@ def ui(tmp_path_factory):
     if proc.poll() is None:
         os.kill(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
-    from tests.procs import kill_owned
+    from sertune.testing import kill_owned
 
     kill_owned(session=proc.pid)
     if old is None:

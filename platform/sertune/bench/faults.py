@@ -25,7 +25,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,69 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-# -- stopping what a drill (or a test) started, and nothing else -------------------------------------
-
-
-def processes() -> list[tuple[int, int, str]]:
-    """(pid, session id, command line) of every live, non-zombie process we can read."""
-    out = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
-            if fields[0] == "Z":  # a zombie: already dead, waiting for its parent
-                continue
-            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except (OSError, ValueError, IndexError):
-            continue
-        out.append((int(d.name), int(fields[3]), cmd))
-    return out
-
-
-def names_path(cmd: str, path: str) -> bool:
-    """Whether a command line names ``path`` itself or something inside it: ``/tmp/rw1`` is
-    named by ``--temp-dir=/tmp/rw1`` and ``/tmp/rw1/session_x/sockets``, not by ``/tmp/rw12``."""
-    path = path.rstrip("/")
-    return re.search(rf"(?:^|[\s=:'\"]){re.escape(path)}(?:$|[/\s'\":])", cmd) is not None
-
-
-def owned(session: int | None = None, temp_dir: str | None = None) -> list[int]:
-    """Processes of one session (a process started with ``start_new_session``), and Ray
-    processes that name ``temp_dir`` (its ``--temp-dir``, or a path inside it) on their
-    command line."""
-    me = os.getpid()
-    return [
-        pid
-        for pid, sid, cmd in processes()
-        if pid != me
-        and ((session is not None and sid == session) or (temp_dir and names_path(cmd, temp_dir)))
-    ]
-
-
-def kill_owned(
-    session: int | None = None, temp_dir: str | None = None, timeout: float = 20
-) -> int:
-    """SIGKILL what :func:`owned` finds; wait until it is gone."""
-    pids = owned(session, temp_dir)
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and owned(session, temp_dir):
-        time.sleep(0.2)
-    return len(pids)
-
-
-# -- helpers -------------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from ..testing import free_port, kill_owned, processes, start_mlflow
 
 
 class Drill:
@@ -198,25 +135,6 @@ class Drill:
             want = list(range(1, int(r.data.metrics.get("epochs_done", epochs)) + 1))
             lost += len(set(want) ^ set(steps)) + (len(steps) - len(set(steps)))
         return lost
-
-
-def start_mlflow(root: Path, port: int) -> subprocess.Popen:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
-         "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
-        stdout=open(root / "server.log", "a"), stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-            return proc
-        except OSError:
-            if proc.poll() is not None:
-                raise RuntimeError((root / "server.log").read_text()[-800:]) from None
-            time.sleep(0.5)
-    raise TimeoutError("mlflow server did not start in 120 s")
 
 
 def start_token_head(
