@@ -43,7 +43,7 @@ _RELAY = re.compile(r"^(?:[\w.]+\.)?(?:TrialFailed|TuneError|RayTaskError(?:\([^
 
 
 def _unwrap(line: str) -> str:
-    """``sertune.slots.TrialFailed: OSError: x`` -> ``OSError: x`` (the warm proxy relays the
+    """``sertune.warm.board.TrialFailed: OSError: x`` -> ``OSError: x`` (the warm proxy relays the
     slot's reason inside its own exception)."""
     while (m := _RELAY.match(line)) and line[m.end() :]:
         line = line[m.end() :]

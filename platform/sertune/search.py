@@ -62,7 +62,7 @@ class Execution:
         self.mode = spec.execution
         self.pool = None
         if self.mode == "warm":
-            from .slots import SlotPool
+            from .warm import SlotPool
 
             self.pool = SlotPool(
                 spec.resources.model_dump(),
@@ -89,7 +89,7 @@ class Execution:
 
     def evaluator(self, fixed: dict[str, Any]):
         if self.pool is not None:
-            from .slots import BoardEvaluator
+            from .warm import BoardEvaluator
 
             return BoardEvaluator(self.pool, fixed)
         from .trials import TaskEvaluator

@@ -2,7 +2,8 @@
 
 * :class:`LocalSession` - this process, world size 1 (tests, ``run_local``, benchmarks);
 * :class:`RayTrainSession` - a Ray Train worker (Train V2) of a per-trial ``TorchTrainer``;
-* ``sertune.slots.SlotSession`` - a worker of a warm slot that trains trial after trial.
+* :class:`SlotSession` - a worker of a warm slot (``sertune.warm``) that trains trial after
+  trial, reporting to the job board.
 
 All follow :class:`sertune.trainable.Session`. torch and Ray are imported lazily so this module
 costs nothing to import.
@@ -10,13 +11,22 @@ costs nothing to import.
 
 from __future__ import annotations
 
+import json
 import shutil
+import tempfile
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .storage import download_dir, exists, list_dirs, remove_dir, upload_dir, write_text
+from .trainable import TrialStopped
+
 PROCESS_CACHE: dict[str, Any] = {}  # survives trials in one worker process (warm slots)
+CHECKPOINT_PREFIX = "checkpoint_"  # a warm slot's epoch checkpoints: checkpoint_000003
+KEEP_CHECKPOINTS = 2
+POLL_S = 0.25  # how often a slot's session asks the board whether its trial was cancelled
 
 
 def resolve_device(name: str):
@@ -121,3 +131,134 @@ class RayTrainSession:
 
         ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=ckpt)
+
+
+class SlotSession:
+    """``sertune.trainable.Session`` for one trial inside a warm slot's Ray Train worker."""
+
+    def __init__(self, key: str, storage: str, board: Any, device: str):
+        import ray.train
+        import ray.train.torch
+
+        ctx = ray.train.get_context()
+        self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
+        self.board, self.key, self.storage = board, key, storage
+        self._device = ray.train.torch.get_device() if device == "auto" else resolve_device(device)
+        self._cancel = threading.Event()
+        self._done = threading.Event()
+        self._polls = 0
+        self._tmp: list[str] = []
+        threading.Thread(target=self._watch, daemon=True, name="sertune-cancel").start()
+
+    def _watch(self) -> None:
+        import ray
+
+        while not self._done.is_set():
+            try:
+                if ray.get(self.board.cancelled.remote(self.key), timeout=30):
+                    self._cancel.set()
+                    return
+            except Exception:  # the board is gone: the driver stopped
+                self._cancel.set()
+                return
+            self._done.wait(POLL_S)
+
+    def close(self) -> None:
+        self._done.set()
+        for d in self._tmp:
+            shutil.rmtree(d, ignore_errors=True)
+
+    def torch_device(self):
+        return self._device
+
+    def all_reduce_sum(self, t):
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+    def wrap_model(self, model):
+        if self.world_size > 1:
+            import ray.train.torch
+
+            return ray.train.torch.prepare_model(model, move_to_device=self._device)
+        return model.to(self._device)
+
+    def placement(self) -> dict[str, str]:
+        import ray
+
+        ctx = ray.get_runtime_context()
+        return {
+            "placement/node": ctx.get_node_id(),
+            "placement/gpu_ids": ",".join(map(str, ray.get_gpu_ids())),
+        }
+
+    def cache(self) -> dict[str, Any]:
+        return PROCESS_CACHE
+
+    def _agreed_stop(self) -> bool:
+        """Every rank stops at the same step (a lone rank would hang its peers' all-reduce)."""
+        flag = self._cancel.is_set()
+        if self.world_size > 1:
+            import torch
+
+            t = torch.tensor([1.0 if flag else 0.0], device=self._device)
+            flag = bool(self.all_reduce_sum(t).item() > 0)
+        return flag
+
+    def poll(self) -> None:
+        self._polls += 1
+        if self.world_size > 1 and self._polls % 16:
+            return  # an all-reduce every step would cost; every 16th is quick enough
+        if self._agreed_stop():
+            raise TrialStopped(self.key)
+
+    def get_checkpoint_dir(self) -> str | None:
+        """The trial's latest complete checkpoint (after a crash or a worker-group restart).
+
+        Its epoch's report is sent again first: the driver may have died after the slot saved
+        the checkpoint but before that report reached Tune and MLflow (the journal drops an epoch
+        it already has)."""
+        done = [
+            d
+            for d in list_dirs(self.storage)
+            if d.startswith(CHECKPOINT_PREFIX) and exists(f"{self.storage}/{d}/COMPLETE")
+        ]
+        if not done:
+            return None
+        import ray
+
+        tmp = tempfile.mkdtemp(prefix="sertune-resume-")
+        self._tmp.append(tmp)
+        local = download_dir(f"{self.storage}/{done[-1]}", Path(tmp) / done[-1])
+        saved = local / "metrics.json"
+        if self.rank == 0 and saved.exists():
+            metrics = {
+                **json.loads(saved.read_text()),
+                "checkpoint_path": f"{self.storage}/{done[-1]}",
+            }
+            if ray.get(self.board.report.remote(self.key, metrics)):
+                self._cancel.set()
+        return str(local)
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        import ray
+
+        if self.rank == 0:
+            if checkpoint_dir:
+                name = f"{CHECKPOINT_PREFIX}{int(metrics.get('epoch', 0)):06d}"
+                uri = f"{self.storage}/{name}"
+                upload_dir(checkpoint_dir, uri)
+                write_text(f"{uri}/COMPLETE", "")  # last: a half-copied checkpoint never counts
+                metrics = {**metrics, "checkpoint_path": uri}
+                self._prune()
+            if ray.get(self.board.report.remote(self.key, metrics)):
+                self._cancel.set()
+        if self._agreed_stop():
+            raise TrialStopped(self.key)
+
+    def _prune(self) -> None:
+        ckpts = [d for d in list_dirs(self.storage) if d.startswith(CHECKPOINT_PREFIX)]
+        for old in ckpts[:-KEEP_CHECKPOINTS]:
+            remove_dir(f"{self.storage}/{old}")

@@ -108,7 +108,8 @@ def start_mlflow(
     if app_name:
         cmd += ["--app-name", app_name]
     log = root / "server.log"
-    proc = subprocess.Popen(cmd, stdout=open(log, "a"), stderr=subprocess.STDOUT,
-                            start_new_session=True, env=env)  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, stdout=open(log, "a"), stderr=subprocess.STDOUT, start_new_session=True, env=env
+    )
     wait_http(f"http://127.0.0.1:{port}/health", proc, log)
     return proc

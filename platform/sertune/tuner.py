@@ -7,7 +7,7 @@
   on the trial's real epoch (``epochs_done``, not Tune's iteration counter, which restarts when a
   crashed search resumes). Multi-objective and confirmation runs go FIFO (every trial runs all
   epochs).
-* ``max_concurrent_trials`` bounds concurrency; the trials themselves are thin (``sertune.slots``
+* ``max_concurrent_trials`` bounds concurrency; the trials themselves are thin (``sertune.warm``
   in warm mode, ``sertune.trials`` per trial) and hold no CPUs: the Train workers do.
 """
 

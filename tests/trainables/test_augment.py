@@ -136,3 +136,14 @@ def test_bank_is_deterministic_under_a_seed(device):
 def test_file_noise_needs_files():
     with pytest.raises(ValueError, match="noise_files"):
         AugmentationBank(only("file_noise"), FEAT)
+
+
+def test_every_type_of_the_mix_is_one_registered_function_at_one_stage():
+    from trainables.mtl_aug.augment import AUGMENTATIONS, STAGES, augmentation
+
+    assert set(AUGMENTATIONS) == set(AUG_TYPES) - {"clean"}
+    assert {a.stage for a in AUGMENTATIONS.values()} == set(STAGES)
+    with pytest.raises(ValueError, match="AugConfig has no field p_gain"):
+        augmentation("gain", "room")
+    with pytest.raises(ValueError, match="stage must be one of"):
+        augmentation("reverb", "afterwards")

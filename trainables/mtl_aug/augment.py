@@ -6,11 +6,19 @@ type from the mix; that type index is the label of the augmentation-type auxilia
 
 All randomness comes from the ``generator`` argument, so a batch is a pure function of
 (waveforms, generator state): deterministic under a seed.
+
+The types are a registry (:data:`AUGMENTATIONS`): each is one function registered with
+:func:`augmentation` at one stage of the pipeline, and its share of the mix and its strengths are
+fields of :class:`~trainables.mtl_aug.config.AugConfig` (``p_<name>`` and its own). Adding a type is
+that function plus its ``p_<name>`` field; the aux head grows with it (append only: the index is
+part of a trained model's contract).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +28,18 @@ from trainables.common.noise import add_noise_at_snr
 
 from .config import AUG_TYPES, AugConfig, FeatureConfig
 
-CLEAN, SPEED, WHITE, BABBLE, FILE_NOISE, SPECAUG, REVERB = range(len(AUG_TYPES))
+CLEAN, SPEED, WHITE, BABBLE, FILE_NOISE, SPECAUG, REVERB = (
+    AUG_TYPES.index(t)
+    for t in (
+        "clean",
+        "speed",
+        "white_noise",
+        "babble_noise",
+        "file_noise",
+        "specaugment",
+        "reverb",
+    )
+)
 
 
 # -- primitives: each does one thing and is tested on its own --------------------------------
@@ -83,6 +102,127 @@ def spec_augment(
             keep &= ~(hit.unsqueeze(2) if axis == 1 else hit.unsqueeze(1))
     fill = feats.mean(dim=(1, 2), keepdim=True)
     return torch.where(keep, feats, fill)
+
+
+# -- the registry: one function per augmentation type ---------------------------------------------
+
+# The pipeline's stages, in order: resample the crop to one segment, add noise at a drawn SNR,
+# put it in a room, then (after log-mel) mask the spectrum.
+STAGES = ("resample", "noise", "room", "spectrum")
+
+
+@dataclass
+class Batch:
+    """What an augmentation sees: the batch's crops, the segment being built, the valid mask."""
+
+    crops: torch.Tensor  # (B, Lc) input crops (longer than a segment for speed factors < 1)
+    out: torch.Tensor  # (B, seg) the augmented waveforms so far (log-mel for "spectrum")
+    valid: torch.Tensor | None  # (B, seg) real samples of zero-padded short clips
+    valid_crop: torch.Tensor | None  # (B, Lc)
+    aug: AugConfig
+    generator: torch.Generator
+    sample_rate: int
+    noise_bank: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """One type: at ``stage``, ``apply(batch, rows)`` changes ``batch.out[rows]`` (the "noise"
+    stage returns the noise for those rows instead; the stage mixes it in at the SNR)."""
+
+    name: str
+    stage: str
+    apply: Callable[[Batch, torch.Tensor], torch.Tensor | None]
+
+
+AUGMENTATIONS: dict[str, Augmentation] = {}
+
+
+def augmentation(name: str, stage: str):
+    """Register ``fn`` as augmentation type ``name`` (``AugConfig.p_<name>`` is its share)."""
+    if name not in AUG_TYPES:
+        raise ValueError(f"augmentation {name!r}: AugConfig has no field p_{name}")
+    if stage not in STAGES:
+        raise ValueError(f"augmentation {name!r}: stage must be one of {STAGES}, got {stage!r}")
+
+    def register(fn):
+        AUGMENTATIONS[name] = Augmentation(name, stage, fn)
+        return fn
+
+    return register
+
+
+@augmentation("speed", "resample")
+def _speed(b: Batch, rows: torch.Tensor) -> None:
+    """Groups of one factor, resampled together, then cut to one segment."""
+    a, dev, seg = b.aug, b.crops.device, b.out.shape[-1]
+    pick = torch.rand(b.crops.shape[0], generator=b.generator, device=dev) * len(a.speed_factors)
+    pick = pick.long().clamp(max=len(a.speed_factors) - 1)
+    is_speed = torch.zeros(b.crops.shape[0], dtype=torch.bool, device=dev)
+    is_speed[rows] = True
+    for i, fac in enumerate(a.speed_factors):
+        group = torch.nonzero(is_speed & (pick == i)).squeeze(1)
+        if group.numel():
+            fast = speed_perturb(b.crops[group], fac)
+            if fast.shape[-1] < seg:
+                fast = F.pad(fast, (0, seg - fast.shape[-1]))
+            b.out[group] = fast[:, :seg]
+            if b.valid is not None:  # the clip's real samples move with the speed
+                n_real = b.valid_crop[group].sum(-1).float().div(fac).round().long()
+                b.valid[group] = torch.arange(seg, device=dev) < n_real.unsqueeze(1)
+
+
+@augmentation("white_noise", "noise")
+def _white(b: Batch, rows: torch.Tensor) -> torch.Tensor:
+    return torch.randn(rows.numel(), b.out.shape[-1], generator=b.generator, device=b.out.device)
+
+
+@augmentation("babble_noise", "noise")
+def _babble(b: Batch, rows: torch.Tensor) -> torch.Tensor:
+    """Other utterances of the batch summed (white noise for a batch of one)."""
+    seg = b.out.shape[-1]
+    if b.crops.shape[0] <= 1:
+        return torch.randn_like(b.out[rows])
+    babble = torch.zeros_like(b.out)
+    for k in range(1, b.aug.babble_speakers + 1):
+        babble += torch.roll(b.crops[:, :seg], shifts=k, dims=0)
+    return babble[rows]
+
+
+@augmentation("file_noise", "noise")
+def _file_noise(b: Batch, rows: torch.Tensor) -> torch.Tensor:
+    """Random spans of the noise files (``data.noise_files``)."""
+    seg, dev = b.out.shape[-1], b.out.device
+    span = max(1, b.noise_bank.numel() - seg)
+    starts = (torch.rand(rows.numel(), generator=b.generator, device=dev) * span).long()
+    idx = (starts.unsqueeze(1) + torch.arange(seg, device=dev)) % b.noise_bank.numel()
+    return b.noise_bank[idx]
+
+
+@augmentation("reverb", "room")
+def _reverb(b: Batch, rows: torch.Tensor) -> None:
+    """Synthetic room impulse responses of an RT60 drawn per sample."""
+    a = b.aug
+    rt60 = a.rt60_low + (a.rt60_high - a.rt60_low) * torch.rand(
+        rows.numel(), generator=b.generator, device=b.out.device
+    )
+    b.out[rows] = reverberate(b.out[rows], synthetic_rir(rt60, b.sample_rate, b.generator))
+
+
+@augmentation("specaugment", "spectrum")
+def _specaugment(b: Batch, rows: torch.Tensor) -> None:
+    a = b.aug
+    b.out[rows] = spec_augment(
+        b.out[rows], a.specaug_freq_width, a.specaug_time_width, a.specaug_masks, b.generator
+    )
+
+
+# "clean" has no function: its rows keep the first segment of their crop.
+_MISSING = [t for t in AUG_TYPES if t != "clean" and t not in AUGMENTATIONS]
+if _MISSING:
+    raise ImportError(
+        f"AugConfig has p_{_MISSING[0]} but no @augmentation({_MISSING[0]!r}) function"
+    )
 
 
 # -- the bank ----------------------------------------------------------------------------------
@@ -154,18 +294,10 @@ class AugmentationBank(torch.nn.Module):
         """``valid`` (B, Lc) marks real samples of zero-padded short clips (noise goes there)."""
         if types is None:
             types = self.sample_types(wav.shape[0], generator)
-        feats = self.logmel(self.augment_waveform(wav, types, generator, valid))  # (B, M, T)
-        is_spec = types == SPECAUG
-        if bool(is_spec.any()):
-            a = self.aug
-            feats[is_spec] = spec_augment(
-                feats[is_spec],
-                a.specaug_freq_width,
-                a.specaug_time_width,
-                a.specaug_masks,
-                generator,
-            )
-        return feats, types
+        b = self._batch(wav, generator, valid)
+        b.out = self.logmel(self._wave(b, types))  # (B, M, T)
+        self._stage("spectrum", b, types)
+        return b.out, types
 
     def augment_waveform(
         self,
@@ -175,64 +307,49 @@ class AugmentationBank(torch.nn.Module):
         valid: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The waveform-domain part: (B, Lc) crops -> (B, segment) augmented waveforms."""
-        a, dev = self.aug, wav.device
-        b = wav.shape[0]
+        return self._wave(self._batch(wav, generator, valid), types)
+
+    def _batch(self, wav, generator, valid) -> Batch:
         seg = self.segment
-        out = wav[:, :seg].clone()  # (B, seg): every type but speed uses the first segment
-        valid_crop = valid
-        valid = valid[:, :seg].clone() if valid is not None else None
-
-        # Speed: groups of one factor, resampled together, then cut to one segment.
-        is_speed = types == SPEED
-        if bool(is_speed.any()):
-            factors = torch.tensor(a.speed_factors, device=dev)
-            pick = (torch.rand(b, generator=generator, device=dev) * len(factors)).long()
-            pick = pick.clamp(max=len(factors) - 1)
-            for i, fac in enumerate(a.speed_factors):
-                rows = torch.nonzero(is_speed & (pick == i)).squeeze(1)
-                if rows.numel():
-                    fast = speed_perturb(wav[rows], fac)
-                    if fast.shape[-1] < seg:
-                        fast = F.pad(fast, (0, seg - fast.shape[-1]))
-                    out[rows] = fast[:, :seg]
-                    if valid is not None:  # the clip's real samples move with the speed
-                        n_real = valid_crop[rows].sum(-1).float().div(fac).round().long()
-                        valid[rows] = torch.arange(seg, device=dev) < n_real.unsqueeze(1)
-
-        # Additive noise (white, babble, file) at a per-sample SNR.
-        snr = a.snr_db_low + (a.snr_db_high - a.snr_db_low) * torch.rand(
-            b, generator=generator, device=dev
+        # every type but speed builds on the first segment of its crop
+        return Batch(
+            crops=wav,
+            out=wav[:, :seg].clone(),
+            valid=valid[:, :seg].clone() if valid is not None else None,
+            valid_crop=valid,
+            aug=self.aug,
+            generator=generator,
+            sample_rate=self.sample_rate,
+            noise_bank=self.noise_bank,
         )
-        noise = torch.zeros_like(out)
-        is_white = types == WHITE
-        noise[is_white] = torch.randn(int(is_white.sum()), seg, generator=generator, device=dev)
-        is_babble = types == BABBLE
-        if bool(is_babble.any()):
-            babble = torch.zeros_like(out)
-            for k in range(1, a.babble_speakers + 1):
-                babble += torch.roll(wav[:, :seg], shifts=k, dims=0)  # other utterances
-            noise[is_babble] = babble[is_babble] if b > 1 else torch.randn_like(out[is_babble])
-        is_file = types == FILE_NOISE
-        if bool(is_file.any()):
-            n_file = int(is_file.sum())
-            span = max(1, self.noise_bank.numel() - seg)
-            starts = (torch.rand(n_file, generator=generator, device=dev) * span).long()
-            idx = (starts.unsqueeze(1) + torch.arange(seg, device=dev)) % self.noise_bank.numel()
-            noise[is_file] = self.noise_bank[idx]
-        noisy = is_white | is_babble | is_file
-        if bool(noisy.any()):  # SNR over each clip's own samples, not its padding
-            out[noisy] = add_noise_at_snr(
-                out[noisy], noise[noisy], snr[noisy], None if valid is None else valid[noisy]
-            )
 
-        # Reverb: synthetic room impulse responses.
-        is_rev = types == REVERB
-        if bool(is_rev.any()):
-            n_rev = int(is_rev.sum())
-            rt60 = a.rt60_low + (a.rt60_high - a.rt60_low) * torch.rand(
-                n_rev, generator=generator, device=dev
-            )
-            out[is_rev] = reverberate(
-                out[is_rev], synthetic_rir(rt60, self.sample_rate, generator)
-            )
-        return out
+    def _rows(self, name: str, types: torch.Tensor) -> torch.Tensor:
+        return torch.nonzero(types == AUG_TYPES.index(name)).squeeze(1)
+
+    def _stage(self, stage: str, b: Batch, types: torch.Tensor) -> None:
+        for aug in AUGMENTATIONS.values():
+            if aug.stage == stage:
+                rows = self._rows(aug.name, types)
+                if rows.numel():
+                    aug.apply(b, rows)
+
+    def _wave(self, b: Batch, types: torch.Tensor) -> torch.Tensor:
+        self._stage("resample", b, types)
+        # noise: every noise type at an SNR drawn per sample, over each clip's own samples
+        a, n = self.aug, b.out.shape[0]
+        snr = a.snr_db_low + (a.snr_db_high - a.snr_db_low) * torch.rand(
+            n, generator=b.generator, device=b.out.device
+        )
+        noise = torch.zeros_like(b.out)
+        noisy = torch.zeros(n, dtype=torch.bool, device=b.out.device)
+        for aug in AUGMENTATIONS.values():
+            if aug.stage == "noise":
+                rows = self._rows(aug.name, types)
+                if rows.numel():
+                    noise[rows] = aug.apply(b, rows)
+                    noisy[rows] = True
+        if bool(noisy.any()):
+            v = None if b.valid is None else b.valid[noisy]
+            b.out[noisy] = add_noise_at_snr(b.out[noisy], noise[noisy], snr[noisy], v)
+        self._stage("room", b, types)
+        return b.out

@@ -14,18 +14,6 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-# The augmentation types the aux head classifies; "clean" is a class. The order is part of a
-# trained model's contract (the aug head's output index), so only ever append.
-AUG_TYPES: tuple[str, ...] = (
-    "clean",
-    "speed",
-    "white_noise",
-    "babble_noise",
-    "file_noise",
-    "specaugment",
-    "reverb",
-)
-
 
 class ConfigError(ValueError):
     """A configuration value is unknown or out of range; the message names the dotted field."""
@@ -57,6 +45,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class AugConfig:
     # The mix: relative probability of each augmentation type (normalised; 0 turns one off).
+    # Each p_<type> is a type of the registry (augment.py): append new ones after p_reverb.
     p_clean: float = 0.3  # clean speech stays in the mix: it is what is evaluated
     p_speed: float = 0.15
     p_white_noise: float = 0.15
@@ -80,6 +69,15 @@ class AugConfig:
         raw = {t: float(getattr(self, f"p_{t}")) for t in AUG_TYPES}
         total = sum(raw.values())
         return {t: v / total for t, v in raw.items()}
+
+
+# The augmentation types the aux head classifies: AugConfig's ``p_<type>`` fields, in order
+# ("clean" is a class). The order is part of a trained model's contract (the aug head's output
+# index), so a new type's field only ever goes after the last ``p_*``; its function is registered
+# in ``augment.py``.
+AUG_TYPES: tuple[str, ...] = tuple(
+    f.name.removeprefix("p_") for f in dataclasses.fields(AugConfig) if f.name.startswith("p_")
+)
 
 
 @dataclass(frozen=True)

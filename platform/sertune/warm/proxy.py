@@ -1,0 +1,267 @@
+"""The driver's side of warm execution: the Tune proxy of each trial (:class:`WarmTrial`), the
+pool that starts the board and the slots (:class:`SlotPool`), and the evaluator that sends
+stopped trials' checkpoints to free slots (:class:`BoardEvaluator`)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import tune
+
+from ..storage import exists, read_text, remove_dir, upload_dir, write_text
+from ..tuner import flat_config, loop_config
+from .board import Job, JobBoard, TrialFailed
+from .slot import run_slot
+
+
+class WarmTrial(tune.Trainable):
+    """A Tune trial in warm mode: submits its configuration and relays the slot's reports.
+
+    The job is submitted at the first ``step()``, not in ``setup()``: Tune may restore a
+    checkpoint in between (population-based training hands a trial another's checkpoint), which
+    must be in the trial's storage before a slot starts on it."""
+
+    def setup(self, config: dict[str, Any], fixed: dict[str, Any] | None = None, board=None):
+        self.fixed, self.board = fixed, board
+        self._config = config
+        self._active: str | None = None
+        self._last_epoch = 0
+        self._last_uri: str | None = None
+        self._exploited: dict[str, Any] | None = None
+        # population-based training: [epoch, {param: value}, trained as trial] for every epoch
+        # of this trial's model so far, through the trials whose checkpoints it took; it travels
+        # with the checkpoints, so a resumed driver gets it back from them
+        self._lineage: list[list[Any]] = []
+
+    @property
+    def _slot_storage(self) -> str:
+        return f"{self.fixed['train_storage']}/{self.trial_id}"
+
+    def _submit(self) -> None:
+        key = self.trial_id
+        job = Job(
+            key=key,
+            trainable=self.fixed["trainable"],
+            config=loop_config(self.fixed, self._config, key),
+            checkpoints=self._slot_storage,
+        )
+        ray.get(self.board.settled.remote(key, 120.0))  # a cancelled run of this trial is gone
+        ray.get(self.board.submit.remote(job))
+        self._active = key
+
+    def _schedule(self) -> dict[str, float]:
+        """The perturbed parameters' values this epoch trained with (population-based training)."""
+        config = flat_config(self._config)
+        return {
+            f"schedule/{k}": float(config[k])
+            for k in self.fixed.get("mutable", ())
+            if isinstance(config.get(k), (int, float))
+        }
+
+    def step(self) -> dict[str, Any]:
+        if self._active is None:
+            self._submit()
+        while True:
+            item = ray.get(self.board.next_report.remote(self._active, 10.0))
+            if item is None:
+                continue
+            if item["kind"] == "result":
+                metrics = dict(item["metrics"])
+                epoch = int(metrics.get("epochs_done", 0))
+                if epoch <= self._last_epoch:  # a restarted worker group re-sent its checkpoint's
+                    continue
+                self._last_epoch = epoch
+                self._last_uri = metrics.get("checkpoint_path") or self._last_uri
+                if int(metrics.get("epochs_done", 0)) >= self.fixed["max_epochs"]:
+                    metrics["done"] = True
+                schedule = self._schedule()
+                metrics.update(schedule)
+                if schedule:
+                    self._extend_lineage(epoch, schedule)
+                    metrics["pbt_lineage"] = json.dumps(self._lineage)
+                if self._exploited:
+                    metrics["pbt_exploited_from"] = self._exploited["trial"]
+                    metrics["pbt_exploited_epoch"] = self._exploited["epoch"]
+                    self._exploited = None
+                return metrics
+            if item["kind"] == "failed":
+                raise TrialFailed(item["reason"])
+            # "end" without a final result: stopped by the board (shutdown)
+            raise TrialFailed(f"the slot ended this trial ({item.get('outcome')})")
+
+    def _extend_lineage(self, epoch: int, schedule: dict[str, float]) -> None:
+        """Add ``epoch``; epochs since the last one known were trained here with the same
+        values (the configuration changes only when a checkpoint is taken, which resets this)."""
+        values = {k.removeprefix("schedule/"): v for k, v in schedule.items()}
+        kept = [e for e in self._lineage if e[0] < epoch]
+        last = kept[-1][0] if kept else 0
+        gap = [[e, values, self.trial_id] for e in range(last + 1, epoch)]
+        self._lineage = [*kept, *gap, [epoch, values, self.trial_id]]
+
+    def _cancel(self) -> None:
+        if getattr(self, "_active", None):
+            try:
+                ray.get(self.board.cancel.remote(self._active), timeout=10)
+            except Exception:  # the board is gone with the driver: nothing left to cancel
+                pass
+            self._active = None
+
+    def cleanup(self) -> None:
+        self._cancel()
+
+    def reset_config(self, new_config: dict[str, Any]) -> bool:
+        self._cancel()
+        self._config = new_config
+        self._last_epoch, self._last_uri, self._exploited = 0, None, None
+        self._lineage = []
+        return True
+
+    def save_checkpoint(self, checkpoint_dir: str) -> dict | None:
+        """Outside population-based training the slot keeps the trial's checkpoints and Tune
+        needs none. Under it, a copy of the last reported epoch's checkpoint, for another trial
+        to continue from."""
+        from ..storage import download_dir
+
+        if self.fixed.get("mutable") and self._last_uri:
+            download_dir(self._last_uri, Path(checkpoint_dir) / "slot")
+            pointer = {
+                "trial": self.trial_id,
+                "epoch": self._last_epoch,
+                "name": self._last_uri.rstrip("/").rsplit("/", 1)[-1],
+                "lineage": self._lineage,
+            }
+            (Path(checkpoint_dir) / "pbt.json").write_text(json.dumps(pointer))
+        return None
+
+    def load_checkpoint(self, checkpoint: Any) -> None:
+        """Continue from another trial's checkpoint (population-based training exploits it):
+        it replaces this trial's own in the trial's storage, once. The trial's own checkpoint
+        (a resumed search) is older than what its storage holds: nothing to do."""
+        pointer_file = Path(str(checkpoint)) / "pbt.json" if isinstance(checkpoint, str) else None
+        if pointer_file is None or not pointer_file.is_file():
+            return
+        pointer = json.loads(pointer_file.read_text())
+        lineage = [e for e in pointer.pop("lineage", []) if e[0] <= int(pointer["epoch"])]
+        if pointer["trial"] == self.trial_id:  # the slot re-sends its latest epoch if newer
+            self._last_epoch = max(self._last_epoch, int(pointer["epoch"]))
+            self._lineage = lineage
+            return
+        self._lineage = lineage
+        marker = f"{self._slot_storage}/EXPLOITED"
+        if exists(marker) and read_text(marker) == json.dumps(pointer):
+            return  # applied before a driver crash; the storage has moved on since
+        self._cancel()
+        ray.get(self.board.settled.remote(self.trial_id, 120.0))
+        remove_dir(self._slot_storage)
+        upload_dir(str(pointer_file.parent / "slot"), f"{self._slot_storage}/{pointer['name']}")
+        write_text(f"{self._slot_storage}/{pointer['name']}/COMPLETE", "")
+        write_text(marker, json.dumps(pointer))
+        self._last_epoch, self._last_uri = int(pointer["epoch"]), None
+        self._exploited = pointer
+
+
+class SlotPool:
+    """The board and the warm slots of a driver (shared by a search's phases and its baseline)."""
+
+    def __init__(
+        self,
+        resources: dict[str, Any],
+        device: str,
+        threads: int,
+        max_failures: int,
+        storage: str,
+        n_slots: int,
+        log=print,
+    ):
+        self.resources, self.device, self.threads = resources, device, threads
+        self.max_failures, self.storage, self.n, self.log = max_failures, storage, n_slots, log
+        self.board = None
+        self.slots: dict[Any, int] = {}
+
+    def start(self) -> SlotPool:
+        env = {"RAY_ADDRESS": os.environ.get("RAY_ADDRESS", "")}
+        self.board = JobBoard.options(runtime_env={"env_vars": env}).remote(self.max_failures)
+        task = ray.remote(num_cpus=0)(run_slot).options(runtime_env={"env_vars": env})
+        for i in range(self.n):
+            ref = task.remote(
+                i,
+                self.board,
+                self.resources,
+                self.device,
+                self.threads,
+                f"{self.storage}/_slots",
+                max(1000, self.max_failures + 1),
+            )
+            self.slots[ref] = i
+        return self
+
+    def trainable(self, fixed: dict[str, Any]):
+        return tune.with_resources(
+            tune.with_parameters(WarmTrial, fixed=fixed, board=self.board),
+            {"CPU": 0, "memory": 1 << 20},
+        )
+
+    def check(self) -> None:
+        """Say so when a slot's trainer ended on its own (it should live until close())."""
+        if not self.slots:
+            return
+        done, _ = ray.wait(list(self.slots), num_returns=len(self.slots), timeout=0)
+        for ref in done:
+            slot = self.slots.pop(ref)
+            try:
+                outcome = ray.get(ref)
+            except Exception as e:
+                outcome = f"{type(e).__name__}: {str(e).splitlines()[0]}"
+            self.log(f"[sertune] warm slot {slot} stopped: {outcome}")
+
+    def close(self, timeout_s: float = 60.0) -> None:
+        if self.board is None:
+            return
+        try:
+            ray.get(self.board.close.remote(), timeout=10)
+        except Exception:  # the board died with its node: the slots stop on their own
+            pass
+        if self.slots:
+            _, stuck = ray.wait(list(self.slots), num_returns=len(self.slots), timeout=timeout_s)
+            # only unfinished ones: Ray 2.60 aborts on cancelling a finished task
+            for ref in stuck:
+                ray.cancel(ref, force=True)
+        self.slots.clear()
+        ray.kill(self.board)
+        self.board = None
+        remove_dir(f"{self.storage}/_slots")
+
+
+class BoardEvaluator:
+    """Evaluates stopped trials' best checkpoints in free slots (warm mode)."""
+
+    def __init__(self, pool: SlotPool, fixed: dict[str, Any]):
+        self.pool, self.fixed = pool, fixed
+        self.waiting: set[str] = set()
+
+    @property
+    def pending(self) -> int:
+        return len(self.waiting)
+
+    def submit(self, key: str, checkpoint_uri: str) -> None:
+        job = Job.evaluation(
+            key,
+            trainable=self.fixed["trainable"],
+            config=loop_config(self.fixed, {}, key),
+            checkpoint=checkpoint_uri,
+            device=self.pool.device,
+        )
+        ray.get(self.pool.board.submit.remote(job))
+        self.waiting.add(key)
+
+    def ready(self, wait_s: float = 0.0) -> list[tuple[str, dict[str, Any]]]:
+        if not self.waiting:
+            return []
+        out = ray.get(self.pool.board.evaluations.remote(wait_s))
+        for key, _ in out:
+            self.waiting.discard(key)
+        return out

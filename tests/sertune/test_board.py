@@ -1,0 +1,168 @@
+"""The job board's state machine on its own (the plain class behind the JobBoard actor, no
+Ray): submit, take, report, cancel, a slot whose workers died, stop, evaluations."""
+
+import asyncio
+
+from sertune.warm.board import SHUTDOWN, Board, Job, JobKind, JobState
+
+
+def train(key="t1"):
+    return Job(key=key, trainable="linear", config={"params": {}}, checkpoints=f"/ckpt/{key}")
+
+
+def run(scenario):
+    """Run ``scenario(board)`` on one event loop, as the actor does."""
+    return asyncio.run(scenario(Board(max_failures=2)))
+
+
+def test_a_job_goes_pending_running_done_and_its_proxy_reads_every_report():
+    async def scenario(b):
+        await b.submit(train())
+        assert b.jobs["t1"].state is JobState.PENDING
+        job = await b.take(slot=0, timeout=1)
+        assert job == train() and not job.resumed
+        assert b.jobs["t1"].state is JobState.RUNNING and b.slot_job == {0: "t1"}
+        for epoch in (1, 2):
+            assert await b.report("t1", {"epochs_done": epoch}) is False
+        await b.finish("t1", "done")
+        reports = [await b.next_report("t1", 1) for _ in range(3)]
+        assert reports == [
+            {"kind": "result", "metrics": {"epochs_done": 1}},
+            {"kind": "result", "metrics": {"epochs_done": 2}},
+            {"kind": "end", "outcome": "done"},
+        ]
+        assert await b.next_report("t1", 0.05) is None  # nothing more: the proxy waits
+        assert b.jobs["t1"].state is JobState.DONE and b.slot_job == {}
+        assert await b.stats() == {"done": 1, "queued": 0, "busy_slots": 0}
+
+    run(scenario)
+
+
+def test_jobs_are_taken_first_in_first_out_and_a_slot_waits_when_none_is_left():
+    async def scenario(b):
+        for key in ("a", "b", "c"):
+            await b.submit(train(key))
+        taken = [(await b.take(slot, 1)).key for slot in (0, 1, 2)]
+        assert taken == ["a", "b", "c"]
+        assert await b.take(3, 0.05) is None
+
+        async def later():
+            await asyncio.sleep(0.05)
+            await b.submit(train("d"))
+
+        task = asyncio.create_task(later())
+        assert (await b.take(3, 5)).key == "d"  # woken by the submit, not by the timeout
+        await task
+
+    run(scenario)
+
+
+def test_a_cancelled_pending_job_is_never_taken_and_a_running_one_is_told():
+    async def scenario(b):
+        await b.submit(train("a"))
+        await b.submit(train("b"))
+        await b.cancel("a")
+        assert b.jobs["a"].state is JobState.CANCELLED
+        assert (await b.take(0, 1)).key == "b"
+        assert await b.cancelled("b") is False
+        await b.cancel("b")  # the scheduler stopped it while it trains
+        assert await b.cancelled("b") is True
+        assert await b.report("b", {"epochs_done": 1}) is True  # the slot learns at its report
+        assert await b.settled("b", 0.05) is False  # still in the slot
+        await b.finish("b", "stopped")
+        assert await b.settled("b", 0.05) is True
+        assert await b.cancel("nope") is None and await b.cancelled("nope") is True
+
+    run(scenario)
+
+
+def test_a_slot_whose_workers_died_gets_its_job_again_until_the_failure_budget_is_spent():
+    async def scenario(b):  # max_failures=2
+        await b.submit(train())
+        await b.take(0, 1)
+        again = [await b.take(0, 0.05) for _ in range(2)]  # the worker group restarted twice
+        assert all(j.key == "t1" and j.resumed for j in again)
+        assert b.jobs["t1"].attempts == 2
+        assert await b.take(0, 0.05) is None  # the third death: the job fails, the slot waits
+        assert b.jobs["t1"].state is JobState.FAILED
+        failed = await b.next_report("t1", 1)
+        assert failed == {
+            "kind": "failed",
+            "reason": "its workers died 3 times (budget.trial_max_failures = 2)",
+        }
+
+    run(scenario)
+
+
+def test_a_slot_that_died_on_a_cancelled_job_does_not_run_it_again():
+    async def scenario(b):
+        await b.submit(train("a"))
+        await b.submit(train("b"))
+        await b.take(0, 1)
+        await b.cancel("a")
+        assert (await b.take(0, 1)).key == "b"  # the restarted slot moves on
+        assert b.jobs["a"].state is JobState.STOPPED
+        assert await b.next_report("a", 1) == {"kind": "end", "outcome": "stopped"}
+
+    run(scenario)
+
+
+def test_submitting_a_trial_again_cancels_its_earlier_job():
+    """Population-based training re-submits a trial that took another's checkpoint."""
+
+    async def scenario(b):
+        await b.submit(train())
+        await b.take(0, 1)
+        old = b.jobs["t1"]
+        await b.submit(train())
+        assert old.cancelled and b.jobs["t1"].state is JobState.PENDING
+        assert (await b.take(1, 1)).key == "t1"
+
+    run(scenario)
+
+
+def test_close_shuts_every_slot_down_and_cancels_what_runs():
+    async def scenario(b):
+        await b.submit(train("a"))
+        await b.take(0, 1)
+        await b.submit(train("b"))
+
+        await b.take(1, 1)  # b is taken by slot 1
+        waiter = asyncio.create_task(b.take(2, 5))
+        await asyncio.sleep(0.05)
+        await b.close()
+        assert await waiter is SHUTDOWN and SHUTDOWN.kind is JobKind.SHUTDOWN
+        assert await b.cancelled("a") and await b.cancelled("b")
+
+    run(scenario)
+
+
+def test_an_evaluation_is_a_job_whose_result_goes_to_the_evaluator():
+    async def scenario(b):
+        await b.submit(Job.evaluation("t1", trainable="linear", checkpoint="/c/1", device="cpu"))
+        await b.submit(Job.evaluation("t2", trainable="linear", checkpoint="/c/2", device="cpu"))
+        first = await b.take(0, 1)
+        assert first.kind is JobKind.EVALUATE and first.key == "eval:t1" and first.trial == "t1"
+        await b.finish(first.key, "done", "", {"metrics": {"test_uar": 0.5}, "files": {}})
+        second = await b.take(0, 1)
+        await b.finish(second.key, "failed", "OSError: gone")
+        assert await b.evaluations(1) == [
+            ("t1", {"metrics": {"test_uar": 0.5}, "files": {}}),
+            ("t2", {"error": "OSError: gone"}),
+        ]
+        assert await b.evaluations(0) == []
+
+    run(scenario)
+
+
+def test_a_report_for_an_unknown_job_is_refused_and_its_proxy_told():
+    async def scenario(b):
+        assert await b.report("ghost", {}) is True
+        assert await b.next_report("ghost", 0.05) == {
+            "kind": "failed",
+            "reason": "the job board lost this trial",
+        }
+        await b.finish("ghost", "done")  # a slot finishing a job the board forgot: nothing
+        assert await b.stats() == {"queued": 0, "busy_slots": 0}
+
+    run(scenario)
