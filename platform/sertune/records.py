@@ -15,11 +15,21 @@ import json
 import os
 import socket
 import time
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from . import settings
 from .errors import NotFound
+
+
+class Phase(StrEnum):
+    """Where a search is (``record["phase"]``): a resumed search continues there."""
+
+    SEARCH = "search"  # the Tune experiment of the spec's space
+    CONFIRM = "confirm"  # the best configurations again with fresh seeds
+    BASELINE = "baseline"  # the same search with the trainable's baseline parameters
+    DONE = "done"
 
 
 def _record_dir() -> Path:

@@ -29,6 +29,7 @@ from .failfast import FailFast
 from .interrupts import StopSignals
 from .leaderboard import SearchResult, rank, summarise
 from .records import (
+    Phase,
     driver_stamp,
     effective_status,
     experiment_path,
@@ -42,7 +43,7 @@ from .search_logger import MLflowSearchLogger
 from .spec import SearchSpec, validate_spec
 from .storage import fs_and_path
 from .trainable import get_trainable
-from .tuner import build_tuner, trial_fixed, tune_callbacks
+from .tuner import TrialPlan, build_tuner, trial_plan, tune_callbacks
 
 
 def state_save_period(trials: int) -> str:
@@ -74,7 +75,7 @@ class Execution:
                 log,
             ).start()
 
-    def trainable(self, fixed: dict[str, Any]):
+    def trainable(self, fixed: TrialPlan):
         if self.pool is not None:
             return self.pool.trainable(fixed)
         from ray import tune
@@ -87,7 +88,7 @@ class Execution:
             tune.with_parameters(run_trial, fixed=fixed), {"CPU": 0, "memory": 1 << 20}
         )
 
-    def evaluator(self, fixed: dict[str, Any]):
+    def evaluator(self, fixed: TrialPlan):
         if self.pool is not None:
             from .warm import BoardEvaluator
 
@@ -124,14 +125,11 @@ def run_search(
     ray_compat.quiet(verbose)
     uri = tracking.check_store(tracking_uri)  # before data, before Ray: one line if it fails
     seeds = warmstart.collect(spec, uri, log)  # an unknown earlier search: one line, exit 2
-    record = _new_record(spec, name, uri, log)
-    if seeds:
-        record["warm_start"] = seeds
-        save_record(name, record)
-    return _drive(name, spec, record, restore=False, num_cpus=num_cpus, log=log, verbose=verbose)
+    search = Search(name, spec, _new_record(spec, name, uri, log, warm_start=seeds), log)
+    return search.drive(restore=False, num_cpus=num_cpus, verbose=verbose)
 
 
-def _new_record(spec: SearchSpec, name: str, uri: str, log, baseline_of: str | None = None):
+def _new_record(spec: SearchSpec, name: str, uri: str, log, warm_start=None) -> dict[str, Any]:
     trainable = get_trainable(spec.trainable)
     from . import settings
 
@@ -143,8 +141,10 @@ def _new_record(spec: SearchSpec, name: str, uri: str, log, baseline_of: str | N
     report = data.get("report") or {}
     skipped = sum(len(v) for v in (report.get("skipped") or {}).values())
     if skipped:
-        log(f"[sertune] data: {report.get('used')}/{report.get('found')} files used, {skipped} "
-            "skipped (listed in the data report on the MLflow parent run)")  # fmt: skip
+        log(
+            f"[sertune] data: {report.get('used')}/{report.get('found')} files used, {skipped} "
+            "skipped (listed in the data report on the MLflow parent run)"
+        )
     record = {
         "name": name,
         "spec": spec.model_dump(),
@@ -154,11 +154,11 @@ def _new_record(spec: SearchSpec, name: str, uri: str, log, baseline_of: str | N
         "path": experiment_path(name),
         "tracking_uri": uri,
         "status": "running",
-        "phase": "search",
+        "phase": Phase.SEARCH,
         "driver": driver_stamp(),
     }
-    if baseline_of:
-        record["baseline_of"] = baseline_of
+    if warm_start:
+        record["warm_start"] = warm_start
     save_record(name, record)
     return record
 
@@ -183,20 +183,19 @@ def resume_search(
         raise UsageError(
             f"search {name!r} is still running (pid {d.get('pid')} on {d.get('host')})"
         )
-    if record.get("phase") == "done":
+    phase = Phase(record.get("phase", Phase.SEARCH))
+    if phase == Phase.DONE:
         raise UsageError(f"search {name!r} has finished; nothing to resume")
     spec = record_spec(record)
     tracking.check_store(record["tracking_uri"])
-    if record.get("phase", "search") == "search":
+    if phase == Phase.SEARCH:
         fs, path = fs_and_path(record["path"])
         if not tune.Tuner.can_restore(path, storage_filesystem=fs):
             raise NotFound(f"{record['path']}: no saved search state to resume from")
-    log(
-        f"[sertune] resuming search {name!r} ({record.get('phase', 'search')} phase) from {record['path']}"
-    )
-    record.update(status="running", driver=driver_stamp())
-    save_record(name, record)
-    return _drive(name, spec, record, restore=True, num_cpus=num_cpus, log=log, verbose=verbose)
+    log(f"[sertune] resuming search {name!r} ({phase} phase) from {record['path']}")
+    search = Search(name, spec, record, log)
+    search.save(status="running", driver=driver_stamp())
+    return search.drive(restore=True, num_cpus=num_cpus, verbose=verbose)
 
 
 def confirm_search(
@@ -208,156 +207,295 @@ def confirm_search(
     raw = {k: v for k, v in record["spec"].items() if k != "source"}
     raw["confirm"] = {"top_k": top_k, "seeds": seeds}
     spec = validate_spec(raw, record.get("source") or "<record>", check_paths=False)
-    record.update(spec=spec.model_dump(), phase="confirm", status="running", driver=driver_stamp())
     record.pop("confirm_done", None)
-    save_record(name, record)
+    search = Search(name, spec, record, log)
+    search.save(
+        spec=spec.model_dump(), phase=Phase.CONFIRM, status="running", driver=driver_stamp()
+    )
     ray_compat.quiet(verbose)
-    return _drive(name, spec, record, restore=True, num_cpus=num_cpus, log=log, verbose=verbose,
-                  only=("confirm",))  # fmt: skip
+    return search.drive(restore=True, num_cpus=num_cpus, verbose=verbose, only=(Phase.CONFIRM,))
 
 
 # -- the driver --------------------------------------------------------------------------------------
 
 
-def _drive(
-    name: str,
-    spec: SearchSpec,
-    record: dict[str, Any],
-    restore: bool,
-    num_cpus: int | None,
-    log,
-    verbose: bool,
-    only: tuple[str, ...] | None = None,
-) -> SearchResult:
-    init_ray(num_cpus, verbose=verbose)
-    fit = check_resources(spec, log)
-    checked = check_nodes()  # a joined cluster: every node's torch/torchaudio, versions
-    if checked:
-        log(f"[sertune] {checked}")
-    n_slots = min(spec.budget.concurrency, fit)
-    if n_slots < spec.budget.concurrency:
-        log(f"[sertune] {spec.budget.concurrency} trials at once were asked for; the cluster "
-            f"holds {fit}: running {n_slots} at a time")  # fmt: skip
-    logger = MLflowSearchLogger(record, spec, log=log).start(resumed=restore)
-    execution = None
-    result: SearchResult | None = None
-    failed_fast: _FailedFast | None = None
-    with StopSignals(log) as stop, ray_compat.tune_logs_to(log_path(name), verbose):
-        try:
-            execution = Execution(spec, name, n_slots, log)
-            phase = record.get("phase", "search")
-            if phase == "search" and (only is None or "search" in only):
-                result = _phase(name, spec, record, logger, execution, stop, restore, log)
+class Search:
+    """One search run to its end: its phases in order, each a Tune experiment on the same
+    execution (warm slots or per-trial runs). The baseline is a second ``Search`` whose phases
+    the same runner (:meth:`run_phases`) drives."""
+
+    def __init__(self, name: str, spec: SearchSpec, record: dict[str, Any], log=print):
+        self.name, self.spec, self.record, self.log = name, spec, record, log
+
+    # -- the record --------------------------------------------------------------------------------
+    def save(self, **changes: Any) -> None:
+        self.record.update(changes)
+        save_record(self.name, self.record)
+
+    @property
+    def phase(self) -> Phase:
+        return Phase(self.record.get("phase", Phase.SEARCH))
+
+    def phases(self) -> list[Phase]:
+        spec = self.spec
+        return [
+            Phase.SEARCH,
+            *([Phase.CONFIRM] if spec.confirm else []),
+            *([Phase.BASELINE] if spec.baseline else []),
+            Phase.DONE,
+        ]
+
+    def advance(self) -> None:
+        order = self.phases()
+        self.save(phase=order[order.index(self.phase) + 1])
+
+    # -- the whole search -----------------------------------------------------------------------
+    def drive(
+        self,
+        restore: bool,
+        num_cpus: int | None,
+        verbose: bool,
+        only: tuple[Phase, ...] | None = None,
+    ) -> SearchResult:
+        """Start Ray and the logger, run the phases, end the search's record and MLflow run."""
+        spec, name, log = self.spec, self.name, self.log
+        init_ray(num_cpus, verbose=verbose)
+        fit = check_resources(spec, log)
+        checked = check_nodes()  # a joined cluster: every node's torch/torchaudio, versions
+        if checked:
+            log(f"[sertune] {checked}")
+        n_slots = min(spec.budget.concurrency, fit)
+        if n_slots < spec.budget.concurrency:
+            log(
+                f"[sertune] {spec.budget.concurrency} trials at once were asked for; the "
+                f"cluster holds {fit}: running {n_slots} at a time"
+            )
+        logger = MLflowSearchLogger(self.record, spec, log=log).start(resumed=restore)
+        execution = None
+        result: SearchResult | None = None
+        failed_fast: _FailedFast | None = None
+        with StopSignals(log) as stop, ray_compat.tune_logs_to(log_path(name), verbose):
+            try:
+                execution = Execution(spec, name, n_slots, log)
+                result = self.run_phases(logger, execution, stop, restore, only)
                 if not stop.fired:
-                    _advance(record, spec)
-            if result is None:
-                result = _leaderboard_from_state(name, spec)
-            if (
-                not stop.fired
-                and record["phase"] == "confirm"
-                and (only is None or "confirm" in only)
-            ):
-                result.confirm = _confirm(name, spec, record, result, logger, execution, stop, log)
-                if not stop.fired:
-                    record["confirm_done"] = True
-                    _advance(record, spec, after="confirm")
-            if not stop.fired and record["phase"] == "baseline" and only is None:
-                _baseline(name, spec, record, logger, execution, stop, num_cpus, log, verbose)
-                if not stop.fired:
-                    record["phase"] = "done"
+                    status = "finished" if result.finished else "failed"
+                    logger.finish(result, status)  # waits for stopped trials' evaluations
+            except KeyboardInterrupt:
+                stop.fired = stop.fired or "SIGINT"
+            except _FailedFast as e:
+                failed_fast = e
+                logger.finish(e.result, "failed", cause=e.cause)
+            finally:
+                if execution is not None:
+                    execution.close()
+        if failed_fast is not None and not stop.fired:
+            self.save(status="failed", ended=now(), phase=Phase.DONE, failure=failed_fast.cause)
+            logger.close()
+            raise SearchFailed(
+                f"search {name!r} stopped: {failed_fast.cause}. Tracebacks: {log_path(name)}"
+            )
+        if stop.fired:
+            logger.interrupted()
+            self.save(status="interrupted", ended=now())
+            logger.close()
+            raise Interrupted(
+                f"search {name!r} interrupted ({stop.fired}); what ran is saved. "
+                f"Resume it with: sertune search resume {name}"
+            )
+        self.save(status=status, ended=now(), phase=Phase.DONE)
+        logger.close()
+        result.parent_run_id = logger.parent_run_id or self.record.get("parent_run_id")
+        result.stats = {
+            "mlflow_write_s": logger.journal.write_seconds,
+            "mlflow_calls": logger.journal.calls,
+        }
+        return result
+
+    def run_phases(self, logger, execution, stop, restore: bool, only=None) -> SearchResult:
+        """From the record's phase to the end (or to ``stop``): search, confirm, baseline."""
+        result = None
+        if self.phase == Phase.SEARCH and (only is None or Phase.SEARCH in only):
+            result = self.tune(logger, execution, stop, restore)
             if not stop.fired:
-                status = "finished" if result.finished else "failed"
-                logger.finish(result, status)  # waits for stopped trials' evaluations in the slots
-        except KeyboardInterrupt:
-            stop.fired = stop.fired or "SIGINT"
-        except _FailedFast as e:
-            failed_fast = e
-            logger.finish(e.result, "failed", cause=e.cause)
-        finally:
-            if execution is not None:
-                execution.close()
-    if failed_fast is not None and not stop.fired:
-        record.update(status="failed", ended=now(), phase="done", failure=failed_fast.cause)
-        save_record(name, record)
-        logger.close()
-        raise SearchFailed(
-            f"search {name!r} stopped: {failed_fast.cause}. Tracebacks: {log_path(name)}"
+                self.advance()
+        if result is None:
+            result = self.leaderboard_from_state()
+        if (
+            not stop.fired
+            and self.phase == Phase.CONFIRM
+            and (only is None or Phase.CONFIRM in only)
+        ):
+            result.confirm = self.confirm(result, logger, execution, stop)
+            if not stop.fired:
+                self.record["confirm_done"] = True
+                self.advance()
+        if not stop.fired and self.phase == Phase.BASELINE and only is None:
+            self.baseline(logger, execution, stop)
+            if not stop.fired:
+                self.advance()
+        return result
+
+    # -- one phase -------------------------------------------------------------------------------
+    def tune(
+        self, logger, execution, stop, restore: bool, points=None, tune_name=None, budget=None
+    ) -> SearchResult:
+        """One Tune experiment of the search (the search itself, or its confirmation runs)."""
+        from .progress import ProgressPrinter
+
+        spec, name = self.spec, self.name
+        fixed = trial_plan(spec, name, self.record["data"])
+        evaluator = execution.evaluator(fixed)
+        logger.evaluator = evaluator
+        tune_name = tune_name or name
+        watch = FailFast(tune_name, spec.budget.concurrency)
+        callbacks = [ProgressPrinter(spec, log=self.log, budget=budget), watch, logger]
+        end_metrics = any(
+            m.metric not in get_trainable(spec.trainable).epoch_metrics
+            for m in spec.objective.as_list()
         )
-    if stop.fired:
-        logger.interrupted()
-        record.update(status="interrupted", ended=now())
-        save_record(name, record)
-        logger.close()
-        raise Interrupted(f"search {name!r} interrupted ({stop.fired}); what ran is saved. "
-                          f"Resume it with: sertune search resume {name}")  # fmt: skip
-    record.update(status=status, ended=now(), phase="done")
-    save_record(name, record)
-    logger.close()
-    result.parent_run_id = logger.parent_run_id or record.get("parent_run_id")
-    result.stats = {
-        "mlflow_write_s": logger.journal.write_seconds,
-        "mlflow_calls": logger.journal.calls,
-    }
-    return result
+        fifo = points is not None or spec.search.scheduler_name(spec.objective.multi) == "none"
+        trainable = execution.trainable(fixed)
+        tuner = build_tuner(
+            spec,
+            tune_name,
+            trainable,
+            callbacks=callbacks,
+            restore=restore,
+            points=points,
+            reuse_actors=execution.reuse_actors(fifo),
+            stop=watch.stopper(),
+            seeds=self.record.get("warm_start"),
+        )
+        if restore:
+            ray_compat.set_restored_callbacks(tuner, tune_callbacks(callbacks))
+        os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = state_save_period(budget or spec.budget.trials)
+        try:
+            with ray_compat.strict_metric_checking(not end_metrics), stop.tune_loop():
+                grid = tuner.fit()
+        finally:
+            watch.close()
+        if stop.fired:
+            return summarise(name, spec, grid, interrupted=True)
+        result = summarise(name, spec, grid)
+        if watch.tripped:
+            raise _FailedFast(watch.tripped, result)
+        return result
 
+    def leaderboard_from_state(self) -> SearchResult:
+        """The search phase's leaderboard from its saved Tune state (resuming a later phase)."""
+        from ray.tune import ExperimentAnalysis
 
-def _advance(record: dict[str, Any], spec: SearchSpec, after: str = "search") -> None:
-    order = (
-        ["search"]
-        + (["confirm"] if spec.confirm else [])
-        + (["baseline"] if spec.baseline else [])
-    )
-    nxt = (
-        order[order.index(after) + 1]
-        if after in order and order.index(after) + 1 < len(order)
-        else "done"
-    )
-    record["phase"] = nxt
-    save_record(record["name"], record)
+        from .leaderboard import trial_row
 
+        fs, path = fs_and_path(experiment_path(self.name))
+        ea = ExperimentAnalysis(path, storage_filesystem=fs)
+        objectives = [m.model_dump() for m in self.spec.objective.as_list()]
+        rows = [
+            trial_row(
+                t.trial_id,
+                t.last_result or {},
+                t.config,
+                self.spec.budget.max_epochs,
+                objectives,
+                error="failed" if t.status == "ERROR" else None,
+            )
+            for t in ea.trials
+        ]
+        rows = rank(rows, objectives[0])
+        failed = sum(r["state"] == "failed" for r in rows)
+        return SearchResult(self.name, experiment_path(self.name), rows, objectives, failed)
 
-def _phase(name, spec, record, logger, execution, stop, restore, log, points=None,
-           tune_name=None, budget=None) -> SearchResult:  # fmt: skip
-    """One Tune experiment of the search (the search itself, or its confirmation runs)."""
-    from .progress import ProgressPrinter
+    def confirm(self, result, logger, execution, stop) -> list[dict[str, Any]]:
+        """Re-train the top-K configurations with fresh seeds; return mean ± sd per
+        configuration."""
+        from ray import tune
 
-    fixed = trial_fixed(spec, name, record["data"])
-    evaluator = execution.evaluator(fixed)
-    logger.evaluator = evaluator
-    tune_name = tune_name or name
-    watch = FailFast(tune_name, spec.budget.concurrency)
-    callbacks = [ProgressPrinter(spec, log=log, budget=budget), watch, logger]
-    end_metrics = any(
-        m.metric not in get_trainable(spec.trainable).epoch_metrics
-        for m in spec.objective.as_list()
-    )
-    fifo = points is not None or spec.search.scheduler_name(spec.objective.multi) == "none"
-    trainable = execution.trainable(fixed)
-    tuner = build_tuner(
-        spec,
-        tune_name,
-        trainable,
-        callbacks=callbacks,
-        restore=restore,
-        points=points,
-        reuse_actors=execution.reuse_actors(fifo),
-        stop=watch.stopper(),
-        seeds=record.get("warm_start"),
-    )
-    if restore:
-        ray_compat.set_restored_callbacks(tuner, tune_callbacks(callbacks))
-    os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = state_save_period(budget or spec.budget.trials)
-    try:
-        with ray_compat.strict_metric_checking(not end_metrics), stop.tune_loop():
-            grid = tuner.fit()
-    finally:
-        watch.close()
-    if stop.fired:
-        return summarise(name, spec, grid, interrupted=True)
-    result = summarise(name, spec, grid)
-    if watch.tripped:
-        raise _FailedFast(watch.tripped, result)
-    return result
+        from .confirm import aggregate, confirmation_points
+
+        spec, name = self.spec, self.name
+        points = confirmation_points(result, spec.confirm.top_k, spec.confirm.seeds, spec.seed)
+        if not points:
+            self.log("[sertune] no finished trial to confirm")
+            return []
+        self.log(
+            f"[sertune] confirming the best {spec.confirm.top_k} configuration(s) with "
+            f"{spec.confirm.seeds} fresh seed(s) each ({len(points)} trials)"
+        )
+        logger.tag = "confirm"
+        tune_name = f"{name}-confirm"
+        fs, path = fs_and_path(experiment_path(tune_name))
+        restore = tune.Tuner.can_restore(path, storage_filesystem=fs)
+        confirm = self.tune(
+            logger,
+            execution,
+            stop,
+            restore,
+            points=points,
+            tune_name=tune_name,
+            budget=len(points),
+        )
+        logger.tag = ""
+        if stop.fired:
+            return []
+        groups = aggregate(confirm.rows, spec.objective.as_list()[0].model_dump())
+        logger.log_confirmation(groups)
+        self.save(confirm=groups)
+        return groups
+
+    def baseline(self, logger, execution, stop) -> None:
+        """The same search with the trainable's baseline parameters fixed, run by the same
+        phase runner on the same execution; compared with this one on the parent run."""
+        from .confirm import baseline_spec
+
+        bspec = baseline_spec(self.spec)
+        bname = bspec.name
+        self.log(
+            f"[sertune] baseline {self.spec.baseline!r}: search {bname!r} on the same data, "
+            "folds, budget and seeds"
+        )
+        try:
+            brecord = load_record(bname)
+            restore = brecord.get("phase") not in (None, Phase.SEARCH) or effective_status(
+                brecord
+            ) in ("interrupted", "crashed")
+        except NotFound:
+            brecord, restore = None, False
+        if brecord is None or brecord.get("status") != "finished":
+            if brecord is None:
+                brecord = {
+                    **self.record,
+                    "name": bname,
+                    "spec": bspec.model_dump(),
+                    "path": experiment_path(bname),
+                    "status": "running",
+                    "phase": Phase.SEARCH,
+                    "created": now(),
+                    "baseline_of": self.name,
+                    "driver": driver_stamp(),
+                }
+                for key in ("parent_run_id", "confirm", "confirm_done"):
+                    brecord.pop(key, None)
+            base = Search(bname, bspec, brecord, self.log)
+            base.save()
+            blogger = MLflowSearchLogger(brecord, bspec, log=self.log).start(resumed=restore)
+            try:
+                try:
+                    bres = base.run_phases(blogger, execution, stop, restore)
+                except _FailedFast as e:
+                    blogger.finish(e.result, "failed", cause=e.cause)
+                    base.save(status="failed", phase=Phase.DONE, ended=now(), failure=e.cause)
+                    raise
+                if stop.fired:
+                    blogger.interrupted()
+                    base.save(status="interrupted")
+                    return
+                status = "finished" if bres.finished else "failed"
+                blogger.finish(bres, status)
+                base.save(status=status, phase=Phase.DONE, ended=now())
+            finally:
+                blogger.close()
+        logger.log_comparison(self.name, bname)
 
 
 class _FailedFast(Exception):
@@ -366,110 +504,3 @@ class _FailedFast(Exception):
     def __init__(self, cause: str, result: SearchResult):
         super().__init__(cause)
         self.cause, self.result = cause, result
-
-
-def _leaderboard_from_state(name: str, spec: SearchSpec) -> SearchResult:
-    """The search phase's leaderboard from its saved Tune state (resuming a later phase)."""
-    from ray.tune import ExperimentAnalysis
-
-    from .leaderboard import trial_row
-
-    fs, path = fs_and_path(experiment_path(name))
-    ea = ExperimentAnalysis(path, storage_filesystem=fs)
-    objectives = [m.model_dump() for m in spec.objective.as_list()]
-    rows = [
-        trial_row(
-            t.trial_id,
-            t.last_result or {},
-            t.config,
-            spec.budget.max_epochs,
-            objectives,
-            error="failed" if t.status == "ERROR" else None,
-        )  # fmt: skip
-        for t in ea.trials
-    ]
-    rows = rank(rows, objectives[0])
-    return SearchResult(name, experiment_path(name), rows, objectives,
-                        sum(r["state"] == "failed" for r in rows))  # fmt: skip
-
-
-def _confirm(name, spec, record, result, logger, execution, stop, log) -> list[dict[str, Any]]:
-    """Re-train the top-K configurations with fresh seeds; return mean ± sd per configuration."""
-    from .confirm import aggregate, confirmation_points
-
-    points = confirmation_points(result, spec.confirm.top_k, spec.confirm.seeds, spec.seed)
-    if not points:
-        log("[sertune] no finished trial to confirm")
-        return []
-    log(f"[sertune] confirming the best {spec.confirm.top_k} configuration(s) with "
-        f"{spec.confirm.seeds} fresh seed(s) each ({len(points)} trials)")  # fmt: skip
-    logger.tag = "confirm"
-    tune_name = f"{name}-confirm"
-    fs, path = fs_and_path(experiment_path(tune_name))
-    from ray import tune
-
-    restore = tune.Tuner.can_restore(path, storage_filesystem=fs)
-    confirm = _phase(name, spec, record, logger, execution, stop, restore, log, points=points,
-                     tune_name=tune_name, budget=len(points))  # fmt: skip
-    logger.tag = ""
-    if stop.fired:
-        return []
-    groups = aggregate(confirm.rows, spec.objective.as_list()[0].model_dump())
-    logger.log_confirmation(groups)
-    record["confirm"] = groups
-    save_record(name, record)
-    return groups
-
-
-def _baseline(name, spec, record, logger, execution, stop, num_cpus, log, verbose) -> None:
-    """The same search with the trainable's baseline parameters fixed; compared on the parent."""
-    from .confirm import baseline_spec
-
-    bspec = baseline_spec(spec)
-    bname = bspec.name
-    log(f"[sertune] baseline {spec.baseline!r}: search {bname!r} on the same data, folds, budget "
-        "and seeds")  # fmt: skip
-    try:
-        brecord = load_record(bname)
-        restore = brecord.get("phase") not in (None, "search") or effective_status(brecord) in (
-            "interrupted", "crashed")  # fmt: skip
-    except NotFound:
-        brecord, restore = None, False
-    if brecord is None or brecord.get("status") != "finished":
-        if brecord is None:
-            brecord = {**record, "name": bname, "spec": bspec.model_dump(), "path": experiment_path(bname),
-                       "status": "running", "phase": "search", "created": now(),
-                       "baseline_of": name, "driver": driver_stamp()}  # fmt: skip
-            brecord.pop("parent_run_id", None)
-            brecord.pop("confirm", None)
-            save_record(bname, brecord)
-        blogger = MLflowSearchLogger(brecord, bspec, log=log).start(resumed=restore)
-        try:
-            try:
-                bres = _phase(bname, bspec, brecord, blogger, execution, stop, restore, log)
-            except _FailedFast as e:
-                blogger.finish(e.result, "failed", cause=e.cause)
-                brecord.update(status="failed", phase="done", ended=now(), failure=e.cause)
-                save_record(bname, brecord)
-                raise
-            if stop.fired:
-                blogger.interrupted()
-                brecord.update(status="interrupted")
-                save_record(bname, brecord)
-                return
-            if bspec.confirm:
-                brecord["phase"] = "confirm"
-                bres.confirm = _confirm(bname, bspec, brecord, bres, blogger, execution, stop, log)
-                if stop.fired:
-                    blogger.interrupted()
-                    brecord.update(status="interrupted")
-                    save_record(bname, brecord)
-                    return
-            blogger.finish(bres, "finished" if bres.finished else "failed")
-            brecord.update(
-                status="finished" if bres.finished else "failed", phase="done", ended=now()
-            )
-            save_record(bname, brecord)
-        finally:
-            blogger.close()
-    logger.log_comparison(name, bname)

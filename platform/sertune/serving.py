@@ -1,7 +1,7 @@
 """Trained models as MLflow pyfunc models that load without pickle and serve anywhere.
 
-``sertune.tracking.models.log_pyfunc_model`` stores the trial's best ``model.safetensors`` + ``model.json`` with
-``loader_module="sertune.serving"`` and the code that loads it (``code/sertune`` and
+``sertune.tracking.models.log_pyfunc_model`` stores the trial's best ``model.safetensors`` +
+``model.json`` with ``loader_module="sertune.serving"`` and the code that loads it (``code/sertune`` and
 ``code/trainables``, a few hundred kB of Python) beside it, so the model needs nothing from this
 checkout: its requirements are public packages (torch, torchaudio, safetensors, numpy, pandas,
 mlflow), and ``mlflow models serve`` or a fresh virtualenv with ``pip install -r

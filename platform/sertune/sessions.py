@@ -67,6 +67,9 @@ class LocalSession:
     def cache(self) -> dict[str, Any]:
         return PROCESS_CACHE
 
+    def placement(self) -> dict[str, str]:
+        return {}  # this process: nothing to check
+
     def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         kept = None
         if checkpoint_dir and self.keep_checkpoints:

@@ -65,6 +65,9 @@ class Session(Protocol):
     def cache(self) -> dict[str, Any]:
         """A dict that outlives this trial on this worker (warm slots keep corpora resident)."""
 
+    def placement(self) -> dict[str, str]:
+        """Where this worker runs, as ``placement/*`` metrics (empty when that says nothing)."""
+
 
 class TrialStopped(Exception):
     """Raised by a session inside the loop: the control plane stopped this trial."""

@@ -15,7 +15,7 @@ from typing import Any
 from . import ray_compat
 from .sessions import RayTrainSession
 from .trainable import get_trainable
-from .tuner import loop_config
+from .tuner import TrialPlan, loop_config
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -29,7 +29,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     trainable.train(config, RayTrainSession(run.get("device", "auto")))
 
 
-def run_trial(config: dict[str, Any], fixed: dict[str, Any]) -> None:
+def run_trial(config: dict[str, Any], fixed: TrialPlan) -> None:
     """A Tune function trainable: train one configuration with a Ray Train ``TorchTrainer``."""
     import ray.train
     import ray.tune
@@ -39,20 +39,20 @@ def run_trial(config: dict[str, Any], fixed: dict[str, Any]) -> None:
     from .storage import fs_and_path
 
     trial_id = ray.tune.get_context().get_trial_id()
-    res = fixed["resources"]
+    res = fixed.resources
     use_gpu = res["gpus_per_worker"] > 0
     per_worker = {"CPU": res["cpus_per_worker"]}
     if use_gpu:
         per_worker["GPU"] = res["gpus_per_worker"]
-    fs, train_path = fs_and_path(fixed["train_storage"])
+    fs, train_path = fs_and_path(fixed.train_storage)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
             **loop_config(fixed, config, trial_id),
-            "trainable": fixed["trainable"],
+            "trainable": fixed.trainable,
         },
         # gloo when the spec pins the CPU (also with GPU resources reserved, e.g. fake GPUs in tests)
-        torch_config=TorchConfig(backend="gloo") if fixed["run"]["device"] == "cpu" else None,
+        torch_config=TorchConfig(backend="gloo") if fixed.run["device"] == "cpu" else None,
         scaling_config=ray.train.ScalingConfig(
             num_workers=res["workers"], use_gpu=use_gpu, resources_per_worker=per_worker
         ),
@@ -61,7 +61,7 @@ def run_trial(config: dict[str, Any], fixed: dict[str, Any]) -> None:
             storage_path=train_path,
             storage_filesystem=fs,
             callbacks=[TuneReportCallback()],
-            failure_config=ray.train.FailureConfig(max_failures=fixed["max_failures"]),
+            failure_config=ray.train.FailureConfig(max_failures=fixed.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
     )
@@ -72,7 +72,7 @@ def run_trial(config: dict[str, Any], fixed: dict[str, Any]) -> None:
 class TaskEvaluator:
     """Evaluates stopped trials' best checkpoints in Ray tasks (per-trial mode)."""
 
-    def __init__(self, fixed: dict[str, Any]):
+    def __init__(self, fixed: TrialPlan):
         self.fixed = fixed
         self.refs: dict[Any, str] = {}
 
@@ -102,18 +102,18 @@ class TaskEvaluator:
         return out
 
 
-def evaluate_checkpoint_task(fixed: dict[str, Any], checkpoint_uri: str) -> dict[str, Any]:
+def evaluate_checkpoint_task(fixed: TrialPlan, checkpoint_uri: str) -> dict[str, Any]:
     """Test + robustness of a checkpoint's best model; the report files come back as bytes."""
     import tempfile
     from pathlib import Path
 
     from .storage import download_dir
 
-    trainable = get_trainable(fixed["trainable"])
+    trainable = get_trainable(fixed.trainable)
     with tempfile.TemporaryDirectory(prefix="sertune-eval-") as tmp:
         local = download_dir(checkpoint_uri, Path(tmp) / "ckpt")
         metrics = trainable.evaluate_checkpoint(
-            str(local), fixed["data"], fixed["run"], fixed["run"].get("device", "auto")
+            str(local), fixed.data, fixed.run, fixed.run.get("device", "auto")
         )
         report = local / "best" / "robustness"
         files = {p.name: p.read_bytes() for p in report.iterdir()} if report.is_dir() else {}

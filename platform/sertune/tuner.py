@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -68,27 +69,42 @@ class SpaceFunction:
         return None
 
 
-def trial_fixed(spec: SearchSpec, name: str, data: dict[str, Any]) -> dict[str, Any]:
-    """What every trial of a search shares (passed once through ``tune.with_parameters``)."""
+@dataclass(frozen=True)
+class TrialPlan:
+    """What every trial of a search shares: passed once through ``tune.with_parameters`` to the
+    trials' proxies (warm) or trial functions (per trial), and on to the evaluators."""
+
+    trainable: str
+    params: dict[str, Any]  # the spec's fixed parameters, epochs and seed included
+    data: dict[str, Any]  # the trainable's prepared data (the cache), without its report
+    run: dict[str, Any]  # device, threads, step cap, robustness options, the checkpoint metric
+    resources: dict[str, Any]
+    max_epochs: int
+    train_storage: str  # <search>/_train: every trial's epoch checkpoints
+    max_failures: int  # worker-group restarts a trial may use
+    mutable: tuple[str, ...] = ()  # population-based training: the perturbed parameters
+
+
+def trial_plan(spec: SearchSpec, name: str, data: dict[str, Any]) -> TrialPlan:
+    """The :class:`TrialPlan` of a search."""
     trainable = get_trainable(spec.trainable)
-    return {
-        "trainable": spec.trainable,
-        "params": {**spec.params, "optim.epochs": spec.budget.max_epochs, "seed": spec.seed},
-        "data": {k: v for k, v in data.items() if k != "report"},
-        "run": {
+    return TrialPlan(
+        trainable=spec.trainable,
+        params={**spec.params, "optim.epochs": spec.budget.max_epochs, "seed": spec.seed},
+        data={k: v for k, v in data.items() if k != "report"},
+        run={
             "device": spec.device,
             "threads": max(1, int(spec.resources.cpus_per_worker)),
             "max_steps_per_epoch": spec.budget.max_steps_per_epoch,
             "robustness": spec.robustness.model_dump() if spec.robustness else None,
             "select": spec.select_metric(trainable.epoch_metrics).model_dump(),
         },
-        "resources": spec.resources.model_dump(),
-        "max_epochs": spec.budget.max_epochs,
-        "train_storage": f"{experiment_path(name)}/_train",
-        "max_failures": spec.budget.trial_max_failures,
-        # population-based training: what the proxy reports as the trial's schedule
-        "mutable": pbt_parameters(spec),
-    }
+        resources=spec.resources.model_dump(),
+        max_epochs=spec.budget.max_epochs,
+        train_storage=f"{experiment_path(name)}/_train",
+        max_failures=spec.budget.trial_max_failures,
+        mutable=tuple(pbt_parameters(spec)),
+    )
 
 
 def pbt_parameters(spec: SearchSpec) -> list[str]:
@@ -109,14 +125,14 @@ def flat_config(config: dict[str, Any]) -> dict[str, Any]:
     return {**config[POINT], **{k: v for k, v in config.items() if k != POINT}}
 
 
-def loop_config(fixed: dict[str, Any], config: dict[str, Any], trial_id: str) -> dict[str, Any]:
+def loop_config(fixed: TrialPlan, config: dict[str, Any], trial_id: str) -> dict[str, Any]:
     """The trainable's ``train(config, session)`` config for one trial."""
     config = flat_config(config)
-    params = {**fixed["params"], **{k: v for k, v in config.items() if not k.startswith("__")}}
+    params = {**fixed.params, **{k: v for k, v in config.items() if not k.startswith("__")}}
     return {
         "params": params,
-        "data": fixed["data"],
-        "run": {**fixed["run"], "title": f"trial {trial_id}"},
+        "data": fixed.data,
+        "run": {**fixed.run, "title": f"trial {trial_id}"},
     }
 
 

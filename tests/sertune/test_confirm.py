@@ -31,8 +31,8 @@ def test_a_confirmed_promotion_registers_the_best_mean_not_the_best_seed(home, t
     from sertune.errors import GateFailed
     from sertune.records import save_record
     from sertune.registry import promote
-    from sertune.serving import log_pyfunc_model
     from sertune.spec import load_spec
+    from sertune.tracking import log_pyfunc_model
 
     spec = load_spec(REPO / "search_spaces" / "smoke.yaml")
     save_record("steady", {"name": "steady", "spec": spec.model_dump(), "data": {"fingerprint": "f"},

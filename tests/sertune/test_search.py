@@ -116,3 +116,27 @@ def test_a_diverging_trial_fails_with_its_reason_and_the_search_goes_on(home, tm
     bad = [ch for ch in children if ch.data.tags["sertune.status"] == "failed"]
     assert len(bad) == 1 and "loss became" in bad[0].data.tags["sertune.failure_reason"]
     assert bad[0].info.status == "FAILED"
+
+
+def test_per_trial_execution_trains_each_trial_in_its_own_train_run(home, tmp_path):
+    """``execution: per_trial`` (no warm slots): every trial is its own TorchTrainer; a trial the
+    scheduler stopped is evaluated by a Ray task; the records match warm mode's."""
+    from tests.linear_trainable import linear_spec
+
+    raw = linear_spec(
+        home,
+        "per-trial",
+        execution="per_trial",
+        budget={"trials": 3, "concurrency": 1, "max_epochs": 3, "grace_epochs": 1},
+        space={"optim.lr": {"type": "float", "low": 0.0005, "high": 0.5, "log": True}},
+    )
+    p = tmp_path / "per-trial.yaml"
+    p.write_text(yaml.safe_dump(raw))
+    result = run_search(load_spec(p), log=lambda *m: None)
+    assert result.errors == 0 and len(result.rows) == 3
+    assert {r["state"] for r in result.rows} <= {"finished", "stopped_early"}
+    _, parent, children = mlflow_runs("per-trial")
+    assert len(parent) == 1 and len(children) == 3
+    for ch in children:  # every trial, stopped or not, has its test figures
+        assert "test_uar" in ch.data.metrics, ch.data.tags
+    assert load_record("per-trial")["status"] == "finished"

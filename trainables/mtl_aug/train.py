@@ -409,7 +409,7 @@ def train(config: dict[str, Any], session: Any) -> list[dict[str, Any]]:
                 state={k: v.detach().cpu().clone() for k, v in core.state_dict().items()},
             )
         metrics["best_epoch"] = best["epoch"]
-        if epoch == start_epoch and hasattr(session, "placement"):
+        if epoch == start_epoch:
             metrics.update(session.placement())
 
         # [6] Checkpoint (rank 0 writes) and report (every rank calls; rank 0's metrics count)

@@ -29,7 +29,7 @@ from ..cluster import init_ray, shutdown_ray
 from ..ray_compat import FAST_ENV
 from ..spec import load_spec, presets, validate_spec
 from ..trainable import get_trainable
-from ..tuner import build_tuner, trial_fixed
+from ..tuner import build_tuner, trial_plan
 
 
 class TrialClock(Callback):
@@ -83,7 +83,7 @@ def _run(
     wall_start = time.time()
     execution = Execution(spec, spec.name, spec.budget.concurrency)
     clock = TrialClock()
-    fixed = trial_fixed(spec, spec.name, data)
+    fixed = trial_plan(spec, spec.name, data)
     fifo = True
     reuse = execution.reuse_actors(fifo) if (fast or execution.pool is not None) else False
     tuner = build_tuner(spec, spec.name, execution.trainable(fixed), callbacks=[clock],

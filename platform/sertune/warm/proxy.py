@@ -13,7 +13,7 @@ import ray
 from ray import tune
 
 from ..storage import exists, read_text, remove_dir, upload_dir, write_text
-from ..tuner import flat_config, loop_config
+from ..tuner import TrialPlan, flat_config, loop_config
 from .board import Job, JobBoard, TrialFailed
 from .slot import run_slot
 
@@ -25,7 +25,7 @@ class WarmTrial(tune.Trainable):
     checkpoint in between (population-based training hands a trial another's checkpoint), which
     must be in the trial's storage before a slot starts on it."""
 
-    def setup(self, config: dict[str, Any], fixed: dict[str, Any] | None = None, board=None):
+    def setup(self, config: dict[str, Any], fixed: TrialPlan | None = None, board=None):
         self.fixed, self.board = fixed, board
         self._config = config
         self._active: str | None = None
@@ -39,13 +39,13 @@ class WarmTrial(tune.Trainable):
 
     @property
     def _slot_storage(self) -> str:
-        return f"{self.fixed['train_storage']}/{self.trial_id}"
+        return f"{self.fixed.train_storage}/{self.trial_id}"
 
     def _submit(self) -> None:
         key = self.trial_id
         job = Job(
             key=key,
-            trainable=self.fixed["trainable"],
+            trainable=self.fixed.trainable,
             config=loop_config(self.fixed, self._config, key),
             checkpoints=self._slot_storage,
         )
@@ -58,7 +58,7 @@ class WarmTrial(tune.Trainable):
         config = flat_config(self._config)
         return {
             f"schedule/{k}": float(config[k])
-            for k in self.fixed.get("mutable", ())
+            for k in self.fixed.mutable
             if isinstance(config.get(k), (int, float))
         }
 
@@ -76,7 +76,7 @@ class WarmTrial(tune.Trainable):
                     continue
                 self._last_epoch = epoch
                 self._last_uri = metrics.get("checkpoint_path") or self._last_uri
-                if int(metrics.get("epochs_done", 0)) >= self.fixed["max_epochs"]:
+                if int(metrics.get("epochs_done", 0)) >= self.fixed.max_epochs:
                     metrics["done"] = True
                 schedule = self._schedule()
                 metrics.update(schedule)
@@ -126,7 +126,7 @@ class WarmTrial(tune.Trainable):
         to continue from."""
         from ..storage import download_dir
 
-        if self.fixed.get("mutable") and self._last_uri:
+        if self.fixed.mutable and self._last_uri:
             download_dir(self._last_uri, Path(checkpoint_dir) / "slot")
             pointer = {
                 "trial": self.trial_id,
@@ -199,7 +199,7 @@ class SlotPool:
             self.slots[ref] = i
         return self
 
-    def trainable(self, fixed: dict[str, Any]):
+    def trainable(self, fixed: TrialPlan):
         return tune.with_resources(
             tune.with_parameters(WarmTrial, fixed=fixed, board=self.board),
             {"CPU": 0, "memory": 1 << 20},
@@ -239,7 +239,7 @@ class SlotPool:
 class BoardEvaluator:
     """Evaluates stopped trials' best checkpoints in free slots (warm mode)."""
 
-    def __init__(self, pool: SlotPool, fixed: dict[str, Any]):
+    def __init__(self, pool: SlotPool, fixed: TrialPlan):
         self.pool, self.fixed = pool, fixed
         self.waiting: set[str] = set()
 
@@ -250,7 +250,7 @@ class BoardEvaluator:
     def submit(self, key: str, checkpoint_uri: str) -> None:
         job = Job.evaluation(
             key,
-            trainable=self.fixed["trainable"],
+            trainable=self.fixed.trainable,
             config=loop_config(self.fixed, {}, key),
             checkpoint=checkpoint_uri,
             device=self.pool.device,
