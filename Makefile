@@ -50,7 +50,7 @@ demo: $(STAMP)
 	$(VENV)/bin/sertune demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -27,12 +27,9 @@ TINY = {
 def pytest_collection_modifyitems(config, items):
     import torch
 
-    slow = os.environ.get("SERTUNE_SLOW") == "1"
     for item in items:
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
-        if "slow" in item.keywords and not slow:
-            item.add_marker(pytest.mark.skip(reason="slow; run with SERTUNE_SLOW=1"))
 
 
 @pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])

@@ -183,9 +183,17 @@ class LinearTrainable(CorpusHooks, Trainable):
             v = _scores(predictor, val)
             noise = 0.05 * torch.randn(val.audio.shape, generator=g)
             vn = _scores(predictor, val.with_audio(val.audio + noise))
-            metrics = {"epoch": epoch, "epochs_done": epoch + 1, "val_uar": v["uar"], "val_war": v["war"],
-                       "val_f1": v["f1"], "val_uar_noisy": vn["uar"], "train_loss": float(np.mean(losses)),
-                       "loop_time_s": time.perf_counter() - t0, "loop_started_at": started}  # fmt: skip
+            metrics = {
+                "epoch": epoch,
+                "epochs_done": epoch + 1,
+                "val_uar": v["uar"],
+                "val_war": v["war"],
+                "val_f1": v["f1"],
+                "val_uar_noisy": vn["uar"],
+                "train_loss": float(np.mean(losses)),
+                "loop_time_s": time.perf_counter() - t0,
+                "loop_started_at": started,
+            }
             if v["uar"] > best["value"]:
                 best = {
                     "value": v["uar"],
@@ -205,9 +213,14 @@ class LinearTrainable(CorpusHooks, Trainable):
                 )
                 if epoch == int(cfg["optim.epochs"]) - 1:
                     metrics.update(_final(load(Path(tmp) / "best"), data, run, Path(tmp) / "best"))
-                torch.save({"model": model.state_dict(), "epoch": epoch,
-                            "best": json.dumps({k: v for k, v in best.items() if k != "state"})},
-                           Path(tmp) / "state.pt")  # fmt: skip
+                torch.save(
+                    {
+                        "model": model.state_dict(),
+                        "epoch": epoch,
+                        "best": json.dumps({k: v for k, v in best.items() if k != "state"}),
+                    },
+                    Path(tmp) / "state.pt",
+                )
                 (Path(tmp) / "metrics.json").write_text(json.dumps(metrics))
                 session.report(metrics, tmp)
             history.append(metrics)
@@ -223,8 +236,11 @@ class LinearTrainable(CorpusHooks, Trainable):
     def robustness_report(self, model_dir, data, options, out, split="test", title="") -> dict:
         predictor = load(model_dir)
         corpus = load_cache(data["cache"])
-        idx = (np.nonzero(corpus.labels >= 0)[0] if split == "all"
-               else speaker_independent_split(corpus, data.get("fold", 0))["test"])  # fmt: skip
+        idx = (
+            np.nonzero(corpus.labels >= 0)[0]
+            if split == "all"
+            else speaker_independent_split(corpus, data.get("fold", 0))["test"]
+        )
         utts = Utterances.from_corpus(corpus, torch.device("cpu")).select(idx)
         report = evaluate_robustness(
             predictor.forward, utts, predictor.windowing, 4, options, split=split

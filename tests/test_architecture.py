@@ -56,8 +56,14 @@ def test_no_module_imports_another_that_imports_it_back():
 
 def _lint(root: Path) -> subprocess.CompletedProcess:
     env = {"PYTHONPATH": f"{root / 'platform'}:{root}", "PATH": str(Path(sys.executable).parent)}
-    return subprocess.run([str(Path(sys.executable).with_name("lint-imports")), "--no-cache"],
-                          cwd=root, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    return subprocess.run(
+        [str(Path(sys.executable).with_name("lint-imports")), "--no-cache"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_lint_imports_keeps_the_contracts_and_catches_a_wrong_import(tmp_path):

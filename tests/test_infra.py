@@ -223,8 +223,10 @@ def test_clusters_are_token_authenticated():
     (job,) = docs(INFRA / "kuberay" / "rayjob.yaml")
     assert job["spec"]["rayClusterSpec"]["authOptions"]["mode"] == "token"
     (cfg,) = docs(INFRA / "cluster" / "aws-gpu.yaml")
-    assert all("RAY_AUTH_MODE=token ray start" in c
-               for c in cfg["head_start_ray_commands"][1:] + cfg["worker_start_ray_commands"][1:])  # fmt: skip
+    assert all(
+        "RAY_AUTH_MODE=token ray start" in c
+        for c in cfg["head_start_ray_commands"][1:] + cfg["worker_start_ray_commands"][1:]
+    )
     assert "/home/ray/.ray/auth_token" in cfg["file_mounts"]
     readme = (INFRA / "README.md").read_text()
     assert "RAY_AUTH_TOKEN" in readme and "auth_token" in readme

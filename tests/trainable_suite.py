@@ -19,8 +19,13 @@ from sertune.errors import DataError
 from sertune.sessions import LocalSession
 from sertune.trainable import Trainable, TrialStopped
 
-ROBUSTNESS = {"snrs_db": [10], "noises": ["white"], "fgsm_eps": [0.005], "pgd_eps": [],
-              "max_utterances": 8}  # fmt: skip
+ROBUSTNESS = {
+    "snrs_db": [10],
+    "noises": ["white"],
+    "fgsm_eps": [0.005],
+    "pgd_eps": [],
+    "max_utterances": 8,
+}
 SMALL = {"n_speakers": 4, "per_class": 3, "seed": 0}
 
 
@@ -92,8 +97,13 @@ def check_trains_reports_and_serves(t: Trainable, tmp_path: Path, params: dict[s
     assert (best / "robustness" / "robustness.json").is_file()
 
     p = t.load_predictor(best)
-    probs = p.predict_proba([np.zeros(p.sample_rate, dtype=np.float32), np.full(800, 0.1, np.float32),
-                             np.random.default_rng(0).normal(0, 0.1, 5 * p.sample_rate)])  # fmt: skip
+    probs = p.predict_proba(
+        [
+            np.zeros(p.sample_rate, dtype=np.float32),
+            np.full(800, 0.1, np.float32),
+            np.random.default_rng(0).normal(0, 0.1, 5 * p.sample_rate),
+        ]
+    )
     assert probs.shape == (3, len(p.label_names)) and np.allclose(probs.sum(1), 1.0, atol=1e-5)
 
     report = t.robustness_report(

@@ -22,8 +22,12 @@ from .errors import ResourceError
 
 # Settings every worker needs to reach S3; credentials are never among them (each node uses its
 # own AWS credential chain).
-STORAGE_SETTINGS = ("AWS_ENDPOINT_URL", "SERTUNE_S3_ENDPOINT", "MLFLOW_S3_ENDPOINT_URL",
-                    "AWS_DEFAULT_REGION")  # fmt: skip
+STORAGE_SETTINGS = (
+    "AWS_ENDPOINT_URL",
+    "SERTUNE_S3_ENDPOINT",
+    "MLFLOW_S3_ENDPOINT_URL",
+    "AWS_DEFAULT_REGION",
+)
 SCALE_UP_TIMEOUT_ENV = "SERTUNE_SCALE_UP_TIMEOUT_S"
 DEFAULT_SCALE_UP_TIMEOUT_S = 600.0
 
@@ -119,12 +123,17 @@ def _proc_stat(pid: int) -> tuple[int, str] | None:
 def _ray_descendants() -> dict[int, str]:
     """The local cluster this process started - its GCS, raylet, dashboard and every process
     below them (workers, actors): pid -> start time. Nothing else this process started."""
-    node = getattr(getattr(ray_compat.ray_private_worker(), "_global_node", None),
-                   "all_processes", None)  # fmt: skip
+    node = getattr(
+        getattr(ray_compat.ray_private_worker(), "_global_node", None), "all_processes", None
+    )
     if not node or not os.path.isdir("/proc"):
         return {}
-    roots = {info.process.pid for infos in node.values() for info in infos
-             if getattr(info, "process", None) is not None}  # fmt: skip
+    roots = {
+        info.process.pid
+        for infos in node.values()
+        for info in infos
+        if getattr(info, "process", None) is not None
+    }
     parent: dict[int, tuple[int, str]] = {}
     for name in os.listdir("/proc"):
         if name.isdigit() and (st := _proc_stat(int(name))):

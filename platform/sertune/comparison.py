@@ -40,8 +40,11 @@ def search_figures(client: Any, search: str) -> dict[str, Any]:
             and r.data.tags.get(tracking.TAG_STATUS) == "finished"
         ):
             confirmed[r.data.tags.get("sertune.confirm_of", "?")].append(r)
-    out = {"search": search, "objective": objective,
-           "fingerprint": parent.data.tags.get("sertune.data_fingerprint", "")}  # fmt: skip
+    out = {
+        "search": search,
+        "objective": objective,
+        "fingerprint": parent.data.tags.get("sertune.data_fingerprint", ""),
+    }
     if confirmed:
 
         def mean_of(group):
@@ -56,8 +59,12 @@ def search_figures(client: Any, search: str) -> dict[str, Any]:
             for k in sorted(metrics)
         }
         return out
-    done = [r for r in trials if key in r.data.metrics and r.data.tags.get(tracking.TAG_STATUS)
-            in ("finished", "stopped_early")]  # fmt: skip
+    done = [
+        r
+        for r in trials
+        if key in r.data.metrics
+        and r.data.tags.get(tracking.TAG_STATUS) in ("finished", "stopped_early")
+    ]
     if not done:
         raise UsageError(f"search {search!r} has no finished trial with {key!r}")
     best = max(done, key=lambda r: sign * r.data.metrics[key])
@@ -135,9 +142,15 @@ def plot_comparison(c: dict[str, Any], out: Path) -> Path | None:
         pts.sort()
         name = c[side]["search"]
         clean = c[side]["stats"].get("robust/uar_clean")
-        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts],
-                    marker="o" if side == "a" else "s", ls="-" if side == "a" else "--",
-                    capsize=3, label=f"{name} · {noise}")  # fmt: skip
+        ax.errorbar(
+            [p[0] for p in pts],
+            [p[1] for p in pts],
+            yerr=[p[2] for p in pts],
+            marker="o" if side == "a" else "s",
+            ls="-" if side == "a" else "--",
+            capsize=3,
+            label=f"{name} · {noise}",
+        )
         if clean and side == "a":
             ax.axhline(clean["mean"], c="gray", ls=":", lw=1)
     ax.set_xlabel("SNR over the utterance (dB)")

@@ -57,9 +57,10 @@ def aggregate(rows: list[dict[str, Any]], objective: dict[str, str]) -> list[dic
             k
             for m in members
             for k, v in m.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool)
+            if isinstance(v, (int, float))
+            and not isinstance(v, bool)
             and (k.startswith(("val_", "test_", "robust/")) or k == objective["metric"])
-        }  # fmt: skip
+        }
         stats = {}
         for k in sorted(keys):
             vals = [float(m[k]) for m in members if isinstance(m.get(k), (int, float))]

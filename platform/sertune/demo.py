@@ -55,8 +55,10 @@ def run_demo(
     try:
         v = promote(name, gates=["robust/uar_snr10_white>=0.3"])
         for skipped in v["passed_over"]:
-            print(f"  passed over the {skipped['label']} ({v['objective']}={skipped['value']:.3f}): "
-                  f"failed {', '.join(skipped['failed'])}")  # fmt: skip
+            print(
+                f"  passed over the {skipped['label']} ({v['objective']}={skipped['value']:.3f}): "
+                f"failed {', '.join(skipped['failed'])}"
+            )
         print(
             f"registered {v['name']} version {v['version']} from trial {v['trial']} "
             f"({v['objective']}={v['value']:.3f}); alias champion -> {v['version']}"

@@ -140,8 +140,14 @@ def format_predictions(rows: list[dict[str, Any]], fmt: str = "text") -> str:
         w.writerow(["file", "emotion", *(f"p_{n}" for n in labels), "error"])
         for r in rows:
             probs = r.get("probabilities") or {}
-            w.writerow([r["file"], r.get("emotion", ""), *(f"{probs[n]:.6f}" if n in probs else ""
-                                                            for n in labels), r.get("error", "")])  # fmt: skip
+            w.writerow(
+                [
+                    r["file"],
+                    r.get("emotion", ""),
+                    *(f"{probs[n]:.6f}" if n in probs else "" for n in labels),
+                    r.get("error", ""),
+                ]
+            )
         return buf.getvalue().rstrip("\n")
     lines = []
     for r in rows:
@@ -177,6 +183,7 @@ def report_model(
     )
     out_path = Path(out)
     options = RobustnessSpec(max_utterances=max_utterances).model_dump()
-    trainable.robustness_report(model.model_dir, data, options, out_path, split=split,
-                                title=model_uri)  # fmt: skip
+    trainable.robustness_report(
+        model.model_dir, data, options, out_path, split=split, title=model_uri
+    )
     return out_path

@@ -17,7 +17,7 @@ import socket
 import time
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from . import settings
 from .errors import NotFound
@@ -30,6 +30,32 @@ class Phase(StrEnum):
     CONFIRM = "confirm"  # the best configurations again with fresh seeds
     BASELINE = "baseline"  # the same search with the trainable's baseline parameters
     DONE = "done"
+
+
+class SearchRecord(TypedDict, total=False):
+    """The keys of a search's record (one JSON file). A dict on disk and in memory: the driver
+    (``sertune.search.Search.save``), the MLflow logger (the parent run id) and ``submit`` write
+    it; ``status``, ``list``, ``resume`` and the UI read it."""
+
+    name: str
+    spec: dict[str, Any]  # the validated spec (``SearchSpec.model_dump()``)
+    source: str  # the spec file it came from
+    data: dict[str, Any]  # the trainable's prepared data (cache, fingerprint, data report)
+    created: str
+    ended: str
+    path: str  # where Tune keeps the trials and state (local or s3://)
+    tracking_uri: str
+    parent_run_id: str
+    status: str  # running, finished, failed, interrupted, submitted, a job's end state
+    phase: Phase
+    driver: dict[str, Any]  # host, pid, start time (``driver_stamp``)
+    failure: str  # why a search stopped failing fast
+    warm_start: dict[str, Any]  # the earlier trials that seeded the sampler (``warmstart``)
+    confirm: list[dict[str, Any]]  # the confirmed configurations, mean and spread
+    confirm_done: bool
+    baseline_of: str  # a baseline's search
+    submission_id: str  # a search submitted as a Ray Job
+    address: str
 
 
 def _record_dir() -> Path:
@@ -47,7 +73,7 @@ def log_path(name: str) -> Path:
     return _record_dir() / f"{name}.log"
 
 
-def save_record(name: str, record: dict[str, Any]) -> Path:
+def save_record(name: str, record: SearchRecord) -> Path:
     """Write atomically: a reader (``sertune search list``) never sees half a file."""
     path = record_path(name)
     tmp = path.with_suffix(f".json.{os.getpid()}.tmp")
@@ -56,7 +82,7 @@ def save_record(name: str, record: dict[str, Any]) -> Path:
     return path
 
 
-def load_record(name: str) -> dict[str, Any]:
+def load_record(name: str) -> SearchRecord:
     path = record_path(name)
     if not path.exists():
         known = ", ".join(sorted(p.stem for p in _record_dir().glob("*.json"))) or "none"
@@ -64,7 +90,7 @@ def load_record(name: str) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def list_records() -> list[dict[str, Any]]:
+def list_records() -> list[SearchRecord]:
     out = []
     for p in sorted(_record_dir().glob("*.json")):
         try:

@@ -82,17 +82,36 @@ def _candidates(runs: list[Any], metric: str, mode: str) -> tuple[list[dict[str,
             keys = set.intersection(*(set(g.data.metrics) for g in group))
             means = {k: sum(g.data.metrics[k] for g in group) / len(group) for k in keys}
             sds = {
-                k: (sum((g.data.metrics[k] - means[k]) ** 2 for g in group) / (len(group) - 1)) ** 0.5
-                if len(group) > 1 else 0.0
+                k: (sum((g.data.metrics[k] - means[k]) ** 2 for g in group) / (len(group) - 1))
+                ** 0.5
+                if len(group) > 1
+                else 0.0
                 for k in keys
-            }  # fmt: skip
+            }
             median = sorted(group, key=lambda g: g.data.metrics[metric])[len(group) // 2]
-            out.append({"metrics": means, "sd": sds, "run": median, "n": len(group),
-                        "label": f"configuration of trial {origin}", "origin": origin})  # fmt: skip
+            out.append(
+                {
+                    "metrics": means,
+                    "sd": sds,
+                    "run": median,
+                    "n": len(group),
+                    "label": f"configuration of trial {origin}",
+                    "origin": origin,
+                }
+            )
         out.sort(key=lambda c: -sign * c["metrics"][metric])
         return out, True
-    out = [{"metrics": dict(r.data.metrics), "sd": {}, "run": r, "n": 1,
-            "label": f"trial {r.data.tags.get(tracking.TAG_TRIAL)}", "origin": None} for r in usable]  # fmt: skip
+    out = [
+        {
+            "metrics": dict(r.data.metrics),
+            "sd": {},
+            "run": r,
+            "n": 1,
+            "label": f"trial {r.data.tags.get(tracking.TAG_TRIAL)}",
+            "origin": None,
+        }
+        for r in usable
+    ]
     out.sort(key=lambda c: -sign * c["metrics"][metric])
     return out, False
 
@@ -206,7 +225,7 @@ def promote(
                 "failed": [r[0] for r in rs if r[3] == "FAIL"],
             }
             for b, rs in passed_over
-        ],  # fmt: skip
+        ],
     }
 
 

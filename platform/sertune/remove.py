@@ -14,8 +14,9 @@ def remove_search(name: str, mlflow_runs: bool = False) -> list[str]:
     record = load_record(name)
     if effective_status(record) == "running":
         d = record.get("driver", {})
-        raise UsageError(f"search {name!r} is running (pid {d.get('pid')} on {d.get('host')}); "
-                         "stop it first")  # fmt: skip
+        raise UsageError(
+            f"search {name!r} is running (pid {d.get('pid')} on {d.get('host')}); stop it first"
+        )
     done = []
     for path in (record["path"], f"{record['path']}-confirm"):
         if "://" in path or path.startswith("/"):

@@ -30,6 +30,7 @@ from .interrupts import StopSignals
 from .leaderboard import SearchResult, rank, summarise
 from .records import (
     Phase,
+    SearchRecord,
     driver_stamp,
     effective_status,
     experiment_path,
@@ -129,7 +130,7 @@ def run_search(
     return search.drive(restore=False, num_cpus=num_cpus, verbose=verbose)
 
 
-def _new_record(spec: SearchSpec, name: str, uri: str, log, warm_start=None) -> dict[str, Any]:
+def _new_record(spec: SearchSpec, name: str, uri: str, log, warm_start=None) -> SearchRecord:
     trainable = get_trainable(spec.trainable)
     from . import settings
 
@@ -145,7 +146,7 @@ def _new_record(spec: SearchSpec, name: str, uri: str, log, warm_start=None) -> 
             f"[sertune] data: {report.get('used')}/{report.get('found')} files used, {skipped} "
             "skipped (listed in the data report on the MLflow parent run)"
         )
-    record = {
+    record: SearchRecord = {
         "name": name,
         "spec": spec.model_dump(),
         "source": spec.source,
@@ -224,7 +225,7 @@ class Search:
     execution (warm slots or per-trial runs). The baseline is a second ``Search`` whose phases
     the same runner (:meth:`run_phases`) drives."""
 
-    def __init__(self, name: str, spec: SearchSpec, record: dict[str, Any], log=print):
+    def __init__(self, name: str, spec: SearchSpec, record: SearchRecord, log=print):
         self.name, self.spec, self.record, self.log = name, spec, record, log
 
     # -- the record --------------------------------------------------------------------------------

@@ -461,8 +461,11 @@ class MLflowSearchLogger(Callback):
         if not groups:
             return
         key = objectives(self.record["spec"])[0]["metric"]
-        shown = [key] + [m for m in ("test_uar", "robust/uar_snr10_white", "robust/uar_clean")
-                         if m != key and m in groups[0]["stats"]]  # fmt: skip
+        shown = [key] + [
+            m
+            for m in ("test_uar", "robust/uar_snr10_white", "robust/uar_clean")
+            if m != key and m in groups[0]["stats"]
+        ]
         with tempfile.TemporaryDirectory() as tmp:
             (Path(tmp) / "confirmation.json").write_text(json.dumps(groups, indent=2))
             (Path(tmp) / "confirmation.md").write_text(

@@ -524,11 +524,11 @@ def _check_semantics(spec: SearchSpec, check_paths: bool = True) -> list[tuple[s
     except ValueError as e:
         named = [k for k in spec.params if k in str(e)]
         return [(f"params.{named[0]}" if named else "params", str(e))]
-    for corner in _corners(spec):
+    for corner, suspects in _corners(spec):
         try:
             trainable.validate_params({**spec.params, **corner})
         except ValueError as e:
-            named = [k for k in corner if k in str(e)] or list(corner)
+            named = [k for k in suspects if k in str(e)] or suspects
             return [(f"space.{named[0]}", f"{e} (at {corner})")]
     return []
 
@@ -633,8 +633,10 @@ def _check_param(field: str, p: ParamSpec) -> list[tuple[str, str]]:
     return []
 
 
-def _corners(spec: SearchSpec) -> list[dict[str, Any]]:
-    """The all-low and all-high corners of the space (plus each choice value) for a dry check."""
+def _corners(spec: SearchSpec) -> list[tuple[dict[str, Any], list[str]]]:
+    """The all-low and all-high corners of the space, plus the low corner with each other value
+    of every choice, for a dry check of what the trainable accepts; each with the parameters
+    that may be to blame."""
     lo, hi = {}, {}
     for name, p in spec.space.items():
         if p.type == "choice":
@@ -642,7 +644,15 @@ def _corners(spec: SearchSpec) -> list[dict[str, Any]]:
         else:
             cast = int if p.type == "int" else float
             lo[name], hi[name] = cast(p.low), cast(p.high)
-    return [lo, hi] if spec.space else [{}]
+    if not spec.space:
+        return [({}, [])]
+    middle = [
+        ({**lo, name: v}, [name])
+        for name, p in spec.space.items()
+        if p.type == "choice"
+        for v in p.values[1:-1]
+    ]
+    return [(lo, list(lo)), (hi, list(hi)), *middle]
 
 
 def load_define_by_run(ref: str, base: Path, src: str = "<spec>"):

@@ -49,7 +49,7 @@ def search_status(name: str) -> dict[str, Any]:
             obj,
             error=_reason(t),
             tune_status=t.status,
-        )  # fmt: skip
+        )
         for t in ea.trials
     ]
     if out["status"] in ("crashed", "interrupted"):

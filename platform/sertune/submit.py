@@ -126,9 +126,13 @@ def _package_dirs() -> list[str]:
 
 
 def submit(
-    spec: Any, spec_path: str, address: str, wait: bool = False, tracking_uri: str | None = None,
+    spec: Any,
+    spec_path: str,
+    address: str,
+    wait: bool = False,
+    tracking_uri: str | None = None,
     log=print,
-) -> str:  # fmt: skip
+) -> str:
     """Submit ``spec`` as a Ray Job; record it locally; return the submission id."""
     client = _client(address)
     stage = Path(tempfile.mkdtemp(prefix="sertune-job-"))
@@ -152,10 +156,12 @@ def submit(
             entrypoint=entrypoint,
             submission_id=f"sertune-{spec.name}-{int(time.time())}",
             runtime_env={
-                "working_dir": str(stage), "py_modules": _package_dirs(), "env_vars": env,
+                "working_dir": str(stage),
+                "py_modules": _package_dirs(),
+                "env_vars": env,
             },
             metadata={"sertune.search": spec.name, "sertune.spec": src.name},
-        )  # fmt: skip
+        )
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     save_record(
@@ -183,8 +189,9 @@ def submit(
 def _submitted(name: str) -> dict[str, Any]:
     record = load_record(name)
     if not record.get("submission_id"):
-        raise UsageError(f"{name!r} ran locally, not as a Ray Job; its output went to the "
-                         "terminal that ran it")  # fmt: skip
+        raise UsageError(
+            f"{name!r} ran locally, not as a Ray Job; its output went to the terminal that ran it"
+        )
     return record
 
 

@@ -227,7 +227,7 @@ def _pareto(out: Path, rows: list[dict], metrics: list[dict]) -> None:
                     "config": pts[i]["config"],
                 }
                 for i in front
-            ],  # fmt: skip
+            ],
             indent=2,
         )
     )
@@ -238,8 +238,12 @@ def _pareto(out: Path, rows: list[dict], metrics: list[dict]) -> None:
     ax.scatter(
         [r[names[0]] for r in pts], [r[names[1]] for r in pts], c="lightgray", label="trials"
     )
-    ax.scatter([pts[i][names[0]] for i in front], [pts[i][names[1]] for i in front], c="C3",
-               label="Pareto front")  # fmt: skip
+    ax.scatter(
+        [pts[i][names[0]] for i in front],
+        [pts[i][names[1]] for i in front],
+        c="C3",
+        label="Pareto front",
+    )
     for i in front:
         ax.annotate(pts[i]["trial"], (pts[i][names[0]], pts[i][names[1]]), fontsize=7)
     ax.set_xlabel(names[0])

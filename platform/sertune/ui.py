@@ -147,8 +147,10 @@ def serve_ui(host: str, port: int, tracking_uri: str | None = None, workers: int
             except OSError:
                 time.sleep(0.3)
         if proc.poll() is not None:
-            print(f"sertune: error: the MLflow server exited ({proc.returncode}); is port {port} free?",
-                  file=sys.stderr)  # fmt: skip
+            print(
+                f"sertune: error: the MLflow server exited ({proc.returncode}); is port {port} free?",
+                file=sys.stderr,
+            )
             return 2
         print(
             f"MLflow UI ready in {time.monotonic() - t0:.1f}s: {runs_url(base, exp)}", flush=True

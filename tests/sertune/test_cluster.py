@@ -37,12 +37,19 @@ def s3(tmp_path_factory):
     root = tmp_path_factory.mktemp("moto")
     port = free_port()
     log = root / "moto.log"
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=open(log, "w"), stderr=subprocess.STDOUT)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+    )
     endpoint = f"http://127.0.0.1:{port}"
     wait_http(f"{endpoint}/moto-api/", proc, log)
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}  # fmt: skip
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": endpoint,
+    }
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="sertune")
@@ -99,10 +106,12 @@ def test_fake_gpu_cluster_packs_trials_as_the_spec_asks(tmp_path, home, monkeypa
 
         ea = ExperimentAnalysis(experiment_path("packing"))
         placements = [
-            (ea.trial_dataframes[t.trial_id].iloc[0]["placement/node"],
-             str(ea.trial_dataframes[t.trial_id].iloc[0]["placement/gpu_ids"]))
+            (
+                ea.trial_dataframes[t.trial_id].iloc[0]["placement/node"],
+                str(ea.trial_dataframes[t.trial_id].iloc[0]["placement/gpu_ids"]),
+            )
             for t in ea.trials
-        ]  # fmt: skip
+        ]
     finally:
         shutdown_ray()
         cluster.shutdown()
@@ -168,21 +177,49 @@ def token_head(tmp_path_factory):
     token = tmp_path / "cluster.token"
     token.write_text("sertune-test-" + os.urandom(16).hex())
     # distinctive fake secrets: the node's own credential chain has them, nothing may copy them
-    secrets = {"AWS_SECRET_ACCESS_KEY": "SECRETaws" + os.urandom(8).hex(),
-               "MLFLOW_TRACKING_PASSWORD": "SECRETmlflow" + os.urandom(8).hex()}  # fmt: skip
+    secrets = {
+        "AWS_SECRET_ACCESS_KEY": "SECRETaws" + os.urandom(8).hex(),
+        "MLFLOW_TRACKING_PASSWORD": "SECRETmlflow" + os.urandom(8).hex(),
+    }
     # the head's `python` is this venv's, as a cluster image's would be its own
     path = f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"
-    env = {**os.environ, "SERTUNE_HOME": str(home), "RAY_AUTH_MODE": "token",
-           "RAY_AUTH_TOKEN_PATH": str(token), "PATH": path, "AWS_ACCESS_KEY_ID": "testing",
-           "MLFLOW_TRACKING_USERNAME": "someone", **secrets}  # fmt: skip
+    env = {
+        **os.environ,
+        "SERTUNE_HOME": str(home),
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(token),
+        "PATH": path,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "MLFLOW_TRACKING_USERNAME": "someone",
+        **secrets,
+    }
     env.pop("RAY_ADDRESS", None)
     log = tmp_path / "head.log"
     head = subprocess.Popen(
-        [ray_bin, "start", "--head", "--block", "--port", str(port), "--dashboard-port", str(dash),
-         "--num-cpus", "2", "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
-         "--temp-dir", temp, "--disable-usage-stats"],
-        env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
+        [
+            ray_bin,
+            "start",
+            "--head",
+            "--block",
+            "--port",
+            str(port),
+            "--dashboard-port",
+            str(dash),
+            "--num-cpus",
+            "2",
+            "--include-dashboard",
+            "true",
+            "--dashboard-host",
+            "127.0.0.1",
+            "--temp-dir",
+            temp,
+            "--disable-usage-stats",
+        ],
+        env=env,
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -194,8 +231,14 @@ def token_head(tmp_path_factory):
             except OSError:
                 assert head.poll() is None, log.read_text()[-3000:]
                 time.sleep(0.5)
-        yield {"address": f"http://127.0.0.1:{dash}", "token": token, "env": env, "temp": temp,
-               "secrets": secrets, "home": home}  # fmt: skip
+        yield {
+            "address": f"http://127.0.0.1:{dash}",
+            "token": token,
+            "env": env,
+            "temp": temp,
+            "secrets": secrets,
+            "home": home,
+        }
     finally:
         kill_owned(session=head.pid, temp_dir=temp)
 
@@ -205,21 +248,41 @@ def test_submit_to_a_token_authenticated_head(tmp_path, home, s3, token_head):
     search runs on the head; results land in MLflow and S3. No credential (the token, AWS and
     MLflow secrets) reaches a file under the Ray temp dir, SERTUNE_HOME or the MLflow store."""
     db = tmp_path / "team-mlflow.db"
-    sub_env = {**token_head["env"], "SERTUNE_STORAGE": "s3://sertune/submitted",
-               "MLFLOW_TRACKING_URI": f"sqlite:///{db}"}  # fmt: skip
+    sub_env = {
+        **token_head["env"],
+        "SERTUNE_STORAGE": "s3://sertune/submitted",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{db}",
+    }
     sub_env.pop("RAY_AUTH_MODE")  # the client needs no Ray setting, only the token
     spec = write_spec(tmp_path, "submitted")
     p = subprocess.run(
-        [sys.executable, "-m", "sertune.cli", "search", "submit", str(spec),
-         "--address", token_head["address"], "--wait"],
-        env=sub_env, capture_output=True, text=True, timeout=900,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "sertune.cli",
+            "search",
+            "submit",
+            str(spec),
+            "--address",
+            token_head["address"],
+            "--wait",
+        ],
+        env=sub_env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     out = p.stdout + p.stderr
     assert p.returncode == 0, out[-4000:]
     assert "best trials of 'submitted' (2 trials, 0 failed" in out
     assert token_head["token"].read_text() not in out
-    status = subprocess.run([sys.executable, "-m", "sertune.cli", "search", "status", "submitted"],
-                            env=sub_env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    status = subprocess.run(
+        [sys.executable, "-m", "sertune.cli", "search", "status", "submitted"],
+        env=sub_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert "SUCCEEDED" in status.stdout, status.stdout + status.stderr
 
     from mlflow import MlflowClient
@@ -242,10 +305,21 @@ def test_submit_without_a_token_says_where_to_put_it(tmp_path, home, token_head)
     }
     env.pop("RAY_AUTH_MODE")
     p = subprocess.run(
-        [sys.executable, "-m", "sertune.cli", "search", "submit", str(write_spec(tmp_path, "x")),
-         "--address", token_head["address"]],
-        env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "sertune.cli",
+            "search",
+            "submit",
+            str(write_spec(tmp_path, "x")),
+            "--address",
+            token_head["address"],
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 2, p.stdout + p.stderr
     lines = p.stderr.strip().splitlines()
     assert (

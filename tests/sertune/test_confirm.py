@@ -15,8 +15,9 @@ def _model_dir(tmp_path: Path) -> Path:
     from trainables.mtl_aug.export import save_model
     from trainables.mtl_aug.model import MTLAugModel
 
-    cfg = MTLAugConfig.from_dict({"model.conv_channels": [4, 8], "model.lstm_hidden": 8,
-                                  "features.n_mels": 32})  # fmt: skip
+    cfg = MTLAugConfig.from_dict(
+        {"model.conv_channels": [4, 8], "model.lstm_hidden": 8, "features.n_mels": 32}
+    )
     d = tmp_path / "model"
     save_model(d, MTLAugModel(cfg.model, 32), cfg, ("angry", "happy", "neutral", "sad"))
     return d
@@ -35,8 +36,16 @@ def test_a_confirmed_promotion_registers_the_best_mean_not_the_best_seed(home, t
     from sertune.tracking import log_pyfunc_model
 
     spec = load_spec(REPO / "search_spaces" / "smoke.yaml")
-    save_record("steady", {"name": "steady", "spec": spec.model_dump(), "data": {"fingerprint": "f"},
-                           "tracking_uri": tracking.ensure_store(), "path": str(home / "x")})  # fmt: skip
+    save_record(
+        "steady",
+        {
+            "name": "steady",
+            "spec": spec.model_dump(),
+            "data": {"fingerprint": "f"},
+            "tracking_uri": tracking.ensure_store(),
+            "path": str(home / "x"),
+        },
+    )
     c = MlflowClient(tracking.ensure_store())
     exp = tracking.get_experiment_id(c)
     parent = c.create_run(
@@ -46,8 +55,13 @@ def test_a_confirmed_promotion_registers_the_best_mean_not_the_best_seed(home, t
     runs = {}
 
     def trial(tid, val_uar, robust, phase=None, origin=None, seed=0):
-        tags = {"sertune.search": "steady", "sertune.kind": "trial", "sertune.trial_id": tid,
-                "sertune.status": "finished", "mlflow.parentRunId": parent}  # fmt: skip
+        tags = {
+            "sertune.search": "steady",
+            "sertune.kind": "trial",
+            "sertune.trial_id": tid,
+            "sertune.status": "finished",
+            "mlflow.parentRunId": parent,
+        }
         if phase:
             tags.update({"sertune.phase": phase, "sertune.confirm_of": origin})
         r = c.create_run(exp, tags=tags).info.run_id

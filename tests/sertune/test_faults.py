@@ -27,8 +27,13 @@ SMOKE = yaml.safe_load((REPO / "search_spaces" / "smoke.yaml").read_text())
 
 
 def cli(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sertune.cli", *args], capture_output=True,
-                          text=True, timeout=timeout, env=env)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "sertune.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
 
 
 def write_spec(tmp_path: Path, name: str, edit=None) -> Path:
@@ -42,8 +47,13 @@ def write_spec(tmp_path: Path, name: str, edit=None) -> Path:
 
 
 def env_for(home: Path, **extra: str) -> dict[str, str]:
-    env = {**os.environ, "SERTUNE_HOME": str(home), "SERTUNE_RAY_NUM_CPUS": "2",
-           "PYTHONUNBUFFERED": "1", **extra}  # fmt: skip
+    env = {
+        **os.environ,
+        "SERTUNE_HOME": str(home),
+        "SERTUNE_RAY_NUM_CPUS": "2",
+        "PYTHONUNBUFFERED": "1",
+        **extra,
+    }
     env.pop("MLFLOW_TRACKING_URI", None)
     return env
 
@@ -59,8 +69,16 @@ def test_two_first_searches_at_once_create_the_store_once(tmp_path):
         "from sertune import tracking; c = tracking.client();print(tracking.get_experiment_id(c))"
     )
     env = env_for(home)
-    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for _ in range(4)]  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
     outs = [p.communicate(timeout=180) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-1500:] for o in outs]
     assert len({o[0].strip() for o in outs}) == 1  # one experiment, whoever created it
@@ -95,8 +113,9 @@ def test_manifest_paths_outside_the_corpus_root_are_refused(tmp_path):
     assert sorted(report.skipped["outside_corpus_root"]) == sorted(
         ["../outside/x.wav", str(outside / "x.wav")]
     )
-    allowed = build_cache("manifest", root, tmp_path / "c2", progress=lambda m: None,
-                          allow_absolute_paths=True)  # fmt: skip
+    allowed = build_cache(
+        "manifest", root, tmp_path / "c2", progress=lambda m: None, allow_absolute_paths=True
+    )
     assert load_cache(allowed).report.used == 4  # the spec said so explicitly
 
 
@@ -123,8 +142,15 @@ def test_an_unreachable_tracking_server_is_refused_up_front(tmp_path, home):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # nothing listens here
     t0 = time.monotonic()
-    p = cli("search", "run", str(write_spec(tmp_path, "nomlflow")), "--tracking-uri",
-            f"http://127.0.0.1:{port}", env=env_for(home), timeout=120)  # fmt: skip
+    p = cli(
+        "search",
+        "run",
+        str(write_spec(tmp_path, "nomlflow")),
+        "--tracking-uri",
+        f"http://127.0.0.1:{port}",
+        env=env_for(home),
+        timeout=120,
+    )
     assert p.returncode == 2, p.stdout + p.stderr
     assert p.stderr.strip() == (
         f"sertune: error: MLflow tracking server http://127.0.0.1:{port}: unreachable "
@@ -135,9 +161,14 @@ def test_an_unreachable_tracking_server_is_refused_up_front(tmp_path, home):
 
 
 def _run_until(args, env, pattern, timeout=300) -> tuple[subprocess.Popen, list[str]]:
-    proc = subprocess.Popen([sys.executable, "-m", "sertune.cli", *args], env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sertune.cli", *args],
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     lines: list[str] = []
     threading.Thread(
         target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True
@@ -181,14 +212,21 @@ def test_a_stopped_search_is_interrupted_not_finished_and_resumes(tmp_path, home
 
     assert load_record("stopme")["status"] == "interrupted"
     c = MlflowClient(settings.tracking_uri())
-    runs = c.search_runs([c.get_experiment_by_name("sertune").experiment_id],
-                         "tags.`sertune.search` = 'stopme'")  # fmt: skip
+    runs = c.search_runs(
+        [c.get_experiment_by_name("sertune").experiment_id], "tags.`sertune.search` = 'stopme'"
+    )
     parent = [r for r in runs if r.data.tags["sertune.kind"] == "search"][0]
     assert parent.info.status == "KILLED" and parent.data.tags["sertune.status"] == "interrupted"
-    open_ones = [r for r in runs if r.data.tags["sertune.kind"] == "trial"
-                 and r.data.tags["sertune.status"] not in ("finished", "stopped_early")]  # fmt: skip
-    assert open_ones and all(r.info.status == "KILLED" and r.data.tags["sertune.status"] == "interrupted"
-                             for r in open_ones)  # fmt: skip
+    open_ones = [
+        r
+        for r in runs
+        if r.data.tags["sertune.kind"] == "trial"
+        and r.data.tags["sertune.status"] not in ("finished", "stopped_early")
+    ]
+    assert open_ones and all(
+        r.info.status == "KILLED" and r.data.tags["sertune.status"] == "interrupted"
+        for r in open_ones
+    )
     status = cli("search", "status", "stopme", env=env)
     assert (
         "search stopme: interrupted — resume with: sertune search resume stopme" in status.stdout
@@ -240,10 +278,15 @@ def test_spec_errors_are_all_reported_at_once(tmp_path, home):
         f"sertune: error: {spec}: budget.trails: unknown key (allowed: trials, concurrency, "
         "max_epochs, grace_epochs, reduction_factor, max_steps_per_epoch, trial_max_failures)"
     ]  # a spec that does not parse stops there; once it parses, every problem is listed:
-    del_edit = write_spec(tmp_path, "bad2", lambda r: (
-        r["space"].update({"loss.w_aug": {"type": "float", "low": 2.0, "high": 1.0}}),
-        r["objective"].update(metric="val_acc"),
-        r["params"].update({"model.layers": 3})))  # fmt: skip
+    del_edit = write_spec(
+        tmp_path,
+        "bad2",
+        lambda r: (
+            r["space"].update({"loss.w_aug": {"type": "float", "low": 2.0, "high": 1.0}}),
+            r["objective"].update(metric="val_acc"),
+            r["params"].update({"model.layers": 3}),
+        ),
+    )
     p = cli("search", "validate", str(del_edit), env=env_for(home))
     lines = p.stderr.strip().splitlines()
     assert p.returncode == 2 and len(lines) == 3, p.stderr
@@ -265,8 +308,9 @@ def test_a_corrupt_model_file_is_one_line(tmp_path, home):
     from trainables.mtl_aug.export import save_model
     from trainables.mtl_aug.model import MTLAugModel
 
-    cfg = MTLAugConfig.from_dict({"model.conv_channels": [4, 8], "model.lstm_hidden": 8,
-                                  "features.n_mels": 32})  # fmt: skip
+    cfg = MTLAugConfig.from_dict(
+        {"model.conv_channels": [4, 8], "model.lstm_hidden": 8, "features.n_mels": 32}
+    )
     model = tmp_path / "model"
     save_model(
         model / "data", MTLAugModel(cfg.model, 32), cfg, ("angry", "happy", "neutral", "sad")
@@ -287,8 +331,16 @@ def test_a_corrupt_model_file_is_one_line(tmp_path, home):
     assert f"{weights}: cannot load the weights (truncated or corrupt?)" in p.stderr
 
 
-@pytest.mark.parametrize("command", [["search", "logs"], ["search", "stop"], ["search", "status"],
-                                     ["search", "resume"], ["promote"]])  # fmt: skip
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["search", "logs"],
+        ["search", "stop"],
+        ["search", "status"],
+        ["search", "resume"],
+        ["promote"],
+    ],
+)
 def test_an_unknown_search_name_is_one_line(home, command):
     p = cli(*command, "no-such-search", env=env_for(home))
     assert p.returncode == 2 and p.stderr.strip().splitlines() == [
@@ -308,11 +360,17 @@ def test_a_killed_worker_resumes_its_trial_from_the_last_checkpoint(tmp_path, ho
 
     ray_tmp = f"/tmp/rw{os.getpid()}"
     env = env_for(home, SERTUNE_RAY_TEMP_DIR=ray_tmp)
-    proc, lines = _run_until(["search", "run", str(write_spec(tmp_path, "workerkill", edit))],
-                             env, r"trial \w+ epoch 2/5")  # fmt: skip
+    proc, lines = _run_until(
+        ["search", "run", str(write_spec(tmp_path, "workerkill", edit))],
+        env,
+        r"trial \w+ epoch 2/5",
+    )
     try:
-        workers = [pid for pid, sid, cmd in processes()
-                   if sid == proc.pid and cmd.startswith("ray::RayTrainWorker")]  # fmt: skip
+        workers = [
+            pid
+            for pid, sid, cmd in processes()
+            if sid == proc.pid and cmd.startswith("ray::RayTrainWorker")
+        ]
         assert len(workers) == 1, [c for _, s, c in processes() if s == proc.pid]
         os.kill(workers[0], signal.SIGKILL)
         proc.wait(timeout=600)

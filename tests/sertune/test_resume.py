@@ -31,8 +31,13 @@ def test_resume_after_sigkill_mid_trial(home, tmp_path):
     raw = yaml.safe_load((REPO / "search_spaces" / "smoke.yaml").read_text())
     raw.update(name="crash", robustness=None)
     # epochs of ~1 s, so Tune saves its state (every 2 s) while a trial is half-way
-    raw["params"].update({"model.conv_channels": [8, 16, 32], "model.lstm_hidden": 32,
-                          "optim.min_steps_per_epoch": 36})  # fmt: skip
+    raw["params"].update(
+        {
+            "model.conv_channels": [8, 16, 32],
+            "model.lstm_hidden": 32,
+            "optim.min_steps_per_epoch": 36,
+        }
+    )
     raw["budget"].update(
         trials=3, concurrency=1, max_epochs=EPOCHS, grace_epochs=EPOCHS, max_steps_per_epoch=40
     )
@@ -46,8 +51,14 @@ def test_resume_after_sigkill_mid_trial(home, tmp_path):
         "SERTUNE_RAY_TEMP_DIR": ray_tmp,
         "PYTHONUNBUFFERED": "1",
     }
-    proc = subprocess.Popen(sertune("search", "run", str(spec)), env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        sertune("search", "run", str(spec)),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     lines: list[str] = []
     threading.Thread(
         target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True
@@ -68,8 +79,11 @@ def test_resume_after_sigkill_mid_trial(home, tmp_path):
             )
             # Tune saves its state every 2 s: once a saved state knows a finished trial and the
             # running one, kill the driver while that one is in the middle of its epochs
-            mid = [t for t, e in re.findall(rf"trial (\w+) epoch (\d)/{EPOCHS}", text)
-                   if t not in finished and 2 <= int(e) <= EPOCHS - 2 and saved > seen[t] + 0.5]  # fmt: skip
+            mid = [
+                t
+                for t, e in re.findall(rf"trial (\w+) epoch (\d)/{EPOCHS}", text)
+                if t not in finished and 2 <= int(e) <= EPOCHS - 2 and saved > seen[t] + 0.5
+            ]
             if finished and mid:
                 victim = mid[-1]
                 break
@@ -87,14 +101,16 @@ def test_resume_after_sigkill_mid_trial(home, tmp_path):
     before = "".join(lines)
     assert "best trials" not in before and victim not in finished
 
-    status = subprocess.run(sertune("search", "status", "crash"), env=env, capture_output=True,
-                            text=True, timeout=120)  # fmt: skip
+    status = subprocess.run(
+        sertune("search", "status", "crash"), env=env, capture_output=True, text=True, timeout=120
+    )
     assert "crashed — resume with: sertune search resume crash" in status.stdout, (
         status.stdout + status.stderr
     )
 
-    resumed = subprocess.run(sertune("search", "resume", "crash"), env=env, capture_output=True,
-                             text=True, timeout=600)  # fmt: skip
+    resumed = subprocess.run(
+        sertune("search", "resume", "crash"), env=env, capture_output=True, text=True, timeout=600
+    )
     kill_owned(temp_dir=ray_tmp)
     out = resumed.stdout + resumed.stderr
     assert resumed.returncode == 0, before[-2000:] + "\n----- resume -----\n" + out[-3000:]
@@ -118,8 +134,9 @@ def test_resume_after_sigkill_mid_trial(home, tmp_path):
     steps = [m.step for m in c.get_metric_history(run.info.run_id, "val_uar")]
     assert sorted(steps) == list(range(1, EPOCHS + 1)), steps  # each epoch once, the real epoch
 
-    status = subprocess.run(sertune("search", "status", "crash"), env=env, capture_output=True,
-                            text=True, timeout=120)  # fmt: skip
+    status = subprocess.run(
+        sertune("search", "status", "crash"), env=env, capture_output=True, text=True, timeout=120
+    )
     assert "search crash: finished" in status.stdout and "3 finished" in status.stdout, (
         status.stdout
     )
@@ -197,8 +214,13 @@ def test_pbt_resumes_after_sigkill_of_the_driver(home, tmp_path):
     before = "".join(lines)
     assert proc.returncode == -signal.SIGKILL and "best trials" not in before
 
-    resumed = subprocess.run(sertune("search", "resume", "pbt-crash"), env=env,
-                             capture_output=True, text=True, timeout=600)  # fmt: skip
+    resumed = subprocess.run(
+        sertune("search", "resume", "pbt-crash"),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     kill_owned(temp_dir=ray_tmp)
     out = resumed.stdout + resumed.stderr
     assert resumed.returncode == 0, before[-2000:] + "\n----- resume -----\n" + out[-3000:]

@@ -45,8 +45,14 @@ def test_linear_trainable_search_promote_predict_report(home, tmp_path):
     assert v["version"] == "1" and rows[0]["emotion"] in ("angry", "happy", "neutral", "sad")
     assert abs(sum(rows[0]["probabilities"].values()) - 1) < 1e-5
 
-    out = report_model("models:/ser-linear@champion", "synthetic", str(home / "data" / "lin"),
-                       str(tmp_path / "report"), max_utterances=8, split="all")  # fmt: skip
+    out = report_model(
+        "models:/ser-linear@champion",
+        "synthetic",
+        str(home / "data" / "lin"),
+        str(tmp_path / "report"),
+        max_utterances=8,
+        split="all",
+    )
     assert (Path(out) / "robustness.json").is_file() and (Path(out) / "uar_vs_snr.png").is_file()
     x, _ = sf.read(wav)
     assert np.isfinite(x).all()

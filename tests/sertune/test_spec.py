@@ -111,6 +111,14 @@ CASES = [
         "whole",
     ),
     (
+        "a choice the trainable refuses, between two it accepts",
+        lambda r: r["space"].update(
+            {"optim.min_steps_per_epoch": {"type": "choice", "values": [4, 0, 8]}}
+        ),
+        "space.optim.min_steps_per_epoch",
+        r"min_steps_per_epoch >= 1.*'optim.min_steps_per_epoch': 0",
+    ),
+    (
         "value the trainable refuses",
         lambda r: r["params"].update({"aug.snr_db_low": 40.0}),
         "params.aug.snr_db_low",
@@ -179,8 +187,17 @@ def test_the_baseline_preset_is_mtl_aug_with_the_aux_tasks_off(home):
     assert set(mtl.space) - set(stl.space) == {"loss.w_aug", "loss.w_rec"}
     assert {k: v for k, v in mtl.space.items() if k in stl.space} == stl.space
     assert stl.params == {**mtl.params, "loss.w_aug": 0.0, "loss.w_rec": 0.0}
-    for field in ("data", "budget", "resources", "robustness", "confirm", "seed", "objective",
-                  "define_by_run", "execution"):  # fmt: skip
+    for field in (
+        "data",
+        "budget",
+        "resources",
+        "robustness",
+        "confirm",
+        "seed",
+        "objective",
+        "define_by_run",
+        "execution",
+    ):
         assert getattr(mtl, field) == getattr(stl, field), field
     derived = baseline_spec(load_spec("mtl_aug", sets=["baseline=stl_baseline"]))
     assert derived.name == "mtl-aug--stl_baseline"

@@ -373,11 +373,21 @@ def test_an_mlflow_outage_loses_no_record(tmp_path):
     spec = tmp_path / "outage.yaml"
     spec.write_text(yaml.safe_dump(raw))
     url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "SERTUNE_HOME": str(home), "SERTUNE_RAY_NUM_CPUS": "2",
-           "PYTHONUNBUFFERED": "1", "MLFLOW_TRACKING_URI": url}  # fmt: skip
-    proc = subprocess.Popen([sys.executable, "-m", "sertune.cli", "search", "run", str(spec)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)  # fmt: skip
+    env = {
+        **os.environ,
+        "SERTUNE_HOME": str(home),
+        "SERTUNE_RAY_NUM_CPUS": "2",
+        "PYTHONUNBUFFERED": "1",
+        "MLFLOW_TRACKING_URI": url,
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sertune.cli", "search", "run", str(spec)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     lines: list[str] = []
     threading.Thread(
         target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True
@@ -402,8 +412,9 @@ def test_an_mlflow_outage_loses_no_record(tmp_path):
     assert re.search(r"\[mlflow\] caught up after \d+s \(\d+ records sent in order\)", out), out
     try:
         c = MlflowClient(url)
-        runs = c.search_runs([c.get_experiment_by_name("sertune").experiment_id],
-                             "tags.`sertune.search` = 'outage'")  # fmt: skip
+        runs = c.search_runs(
+            [c.get_experiment_by_name("sertune").experiment_id], "tags.`sertune.search` = 'outage'"
+        )
         trials = [r for r in runs if r.data.tags["sertune.kind"] == "trial"]
         assert len(runs) == 4 and len(trials) == 3
         for r in runs:
@@ -467,10 +478,25 @@ def test_a_registered_model_serves_without_this_checkout(sqlite_search, tmp_path
 
     port = free_port()
     server = subprocess.Popen(
-        [py, "-m", "mlflow", "models", "serve", "-m", model, "-p", str(port), "--env-manager", "local"],
-        cwd=tmp_path, env=clean, stdout=open(tmp_path / "serve.log", "w"), stderr=subprocess.STDOUT,
+        [
+            py,
+            "-m",
+            "mlflow",
+            "models",
+            "serve",
+            "-m",
+            model,
+            "-p",
+            str(port),
+            "--env-manager",
+            "local",
+        ],
+        cwd=tmp_path,
+        env=clean,
+        stdout=open(tmp_path / "serve.log", "w"),
+        stderr=subprocess.STDOUT,
         start_new_session=True,
-    )  # fmt: skip
+    )
     try:
         body = json.dumps(
             {"dataframe_split": {"columns": ["waveform"], "data": [[[0.0] * 8000]]}}
@@ -478,8 +504,11 @@ def test_a_registered_model_serves_without_this_checkout(sqlite_search, tmp_path
         deadline = time.monotonic() + 180
         while True:
             try:
-                req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
-                                             headers={"Content-Type": "application/json"})  # fmt: skip
+                req = urllib.request.Request(
+                    f"http://127.0.0.1:{port}/invocations",
+                    data=body,
+                    headers={"Content-Type": "application/json"},
+                )
                 answer = json.loads(urllib.request.urlopen(req, timeout=10).read())
                 break
             except OSError:

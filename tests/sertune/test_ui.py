@@ -55,9 +55,14 @@ def ui(tmp_path_factory):
     port = __import__("tests.sertune.test_cluster", fromlist=["free_port"]).free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     t0 = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "sertune.cli", "ui", "--port", str(port)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sertune.cli", "ui", "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     lines: list[str] = []
     threading.Thread(
         target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True
@@ -176,7 +181,11 @@ def test_the_ui_starts_in_seconds_and_stops_with_its_children(ui):
     deadline = time.monotonic() + 20
     alive = children
     while alive and time.monotonic() < deadline:
-        alive = [c for c in children if Path(f"/proc/{c}").exists()
-                 and (Path(f"/proc/{c}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z")]  # fmt: skip
+        alive = [
+            c
+            for c in children
+            if Path(f"/proc/{c}").exists()
+            and (Path(f"/proc/{c}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z")
+        ]
         time.sleep(0.2)
     assert alive == []  # no orphaned server

@@ -47,8 +47,13 @@ class Drill:
         self.root = Path(tempfile.mkdtemp(prefix=f"sertune-drill-{name}-"))
         self.home = self.root / "home"
         self.ray_tmp = f"/tmp/sd{os.getpid() % 100000}{name[:3]}"  # Ray's socket paths stay short
-        self.env = {**os.environ, "SERTUNE_HOME": str(self.home), "SERTUNE_RAY_NUM_CPUS": "2",
-                    "SERTUNE_RAY_TEMP_DIR": self.ray_tmp, "PYTHONUNBUFFERED": "1"}  # fmt: skip
+        self.env = {
+            **os.environ,
+            "SERTUNE_HOME": str(self.home),
+            "SERTUNE_RAY_NUM_CPUS": "2",
+            "SERTUNE_RAY_TEMP_DIR": self.ray_tmp,
+            "PYTHONUNBUFFERED": "1",
+        }
         for k in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "SERTUNE_STORAGE"):
             self.env.pop(k, None)
 
@@ -81,13 +86,23 @@ class Drill:
     def cli(
         self, *args: str, timeout: float = 900, env: dict | None = None
     ) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "sertune.cli", *args], capture_output=True,
-                              text=True, timeout=timeout, env=env or self.env)  # fmt: skip
+        return subprocess.run(
+            [sys.executable, "-m", "sertune.cli", *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env or self.env,
+        )
 
     def start(self, *args: str, env: dict | None = None) -> tuple[subprocess.Popen, list[str]]:
-        proc = subprocess.Popen([sys.executable, "-m", "sertune.cli", *args], env=env or self.env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "sertune.cli", *args],
+            env=env or self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
         lines: list[str] = []
         threading.Thread(
             target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True
@@ -144,15 +159,39 @@ def start_token_head(
     port, dash = free_port(), free_port()
     token = d.root / "cluster.token"
     token.write_text("sertune-drill-" + os.urandom(16).hex())
-    env = {**d.env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token),
-           "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}", **(extra_env or {})}  # fmt: skip
+    env = {
+        **d.env,
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN_PATH": str(token),
+        "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
+        **(extra_env or {}),
+    }
     env.pop("SERTUNE_RAY_TEMP_DIR", None)
     head = subprocess.Popen(
-        [ray_bin, "start", "--head", "--block", "--port", str(port), "--dashboard-port", str(dash),
-         "--num-cpus", "2", "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
-         "--temp-dir", d.ray_tmp + "h", "--disable-usage-stats"],
-        env=env, stdout=open(d.root / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
+        [
+            ray_bin,
+            "start",
+            "--head",
+            "--block",
+            "--port",
+            str(port),
+            "--dashboard-port",
+            str(dash),
+            "--num-cpus",
+            "2",
+            "--include-dashboard",
+            "true",
+            "--dashboard-host",
+            "127.0.0.1",
+            "--temp-dir",
+            d.ray_tmp + "h",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        stdout=open(d.root / "head.log", "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:
@@ -189,8 +228,11 @@ def driver_kill(d: Drill) -> tuple[int, str]:
             saved = max(
                 (p.stat().st_mtime for p in state.glob("experiment_state-*.json")), default=0
             )
-            mid = [t for t, e in re.findall(r"trial (\w+) epoch (\d)/6", text)
-                   if t not in finished and 2 <= int(e) <= 4 and saved > seen[t] + 0.5]  # fmt: skip
+            mid = [
+                t
+                for t, e in re.findall(r"trial (\w+) epoch (\d)/6", text)
+                if t not in finished and 2 <= int(e) <= 4 and saved > seen[t] + 0.5
+            ]
             if finished and mid:
                 break
             if proc.poll() is not None:
@@ -382,9 +424,12 @@ def token_head(d: Drill) -> tuple[int, str]:
 
 def secrets(d: Drill) -> tuple[int, str]:
     """Fake AWS and MLflow secrets in the environment; a search, a promotion and a submission."""
-    fake = {"AWS_ACCESS_KEY_ID": "AKIAFAKE" + os.urandom(4).hex(),
-            "AWS_SECRET_ACCESS_KEY": "SECRETaws" + os.urandom(8).hex(),
-            "MLFLOW_TRACKING_USERNAME": "someone", "MLFLOW_TRACKING_PASSWORD": "SECRETmlflow" + os.urandom(8).hex()}  # fmt: skip
+    fake = {
+        "AWS_ACCESS_KEY_ID": "AKIAFAKE" + os.urandom(4).hex(),
+        "AWS_SECRET_ACCESS_KEY": "SECRETaws" + os.urandom(8).hex(),
+        "MLFLOW_TRACKING_USERNAME": "someone",
+        "MLFLOW_TRACKING_PASSWORD": "SECRETmlflow" + os.urandom(8).hex(),
+    }
     d.env.update(fake)
     run = d.cli("search", "run", str(d.spec("sec")))
     promote = d.cli("promote", "sec")

@@ -57,9 +57,14 @@ class ScaleProbe(Trainable):
                 session.poll()
                 time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
             frac = (epoch + 1) / int(p["optim.epochs"])
-            m = {"epoch": epoch, "epochs_done": epoch + 1, "val_uar": score * frac,
-                 "val_uar_noisy": score * frac * 0.9, "loop_time_s": time.perf_counter() - t0,
-                 "loop_started_at": started}  # fmt: skip
+            m = {
+                "epoch": epoch,
+                "epochs_done": epoch + 1,
+                "val_uar": score * frac,
+                "val_uar_noisy": score * frac * 0.9,
+                "loop_time_s": time.perf_counter() - t0,
+                "loop_started_at": started,
+            }
             if epoch == int(p["optim.epochs"]) - 1:
                 m["test_uar"] = score * 0.95
             session.report(m, None)

@@ -40,13 +40,13 @@ def _spec(n: int, slots: int, epochs: int, trial_seconds: float):
             "max_epochs": epochs,
             "grace_epochs": 1,
             "reduction_factor": 3,
-        },  # fmt: skip
+        },
         "resources": {"workers": 1, "cpus_per_worker": 1, "gpus_per_worker": 1},
         "params": {"probe.epoch_s": trial_seconds / epochs},
         "space": {
             "probe.x": {"type": "float", "low": 0, "high": 1},
             "probe.y": {"type": "float", "low": 0, "high": 1},
-        },  # fmt: skip
+        },
         "robustness": None,
         "device": "cpu",
     }
@@ -72,8 +72,9 @@ def run_scale_bench(
     gpus_per_node = 4
     nodes = math.ceil(slots / gpus_per_node)
     shutdown_ray()
-    cluster = Cluster(initialize_head=True,
-                      head_node_args={"num_cpus": 0, "include_dashboard": True})  # fmt: skip
+    cluster = Cluster(
+        initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": True}
+    )
     for _ in range(nodes):
         cluster.add_node(num_cpus=gpus_per_node, num_gpus=gpus_per_node)
     cluster.wait_for_nodes()
@@ -116,8 +117,10 @@ def run_scale_bench(
               f"MLflow/trial x{last[2] / max(first[2], 1e-9):.2f}, overhead/trial x{last[3] / max(first[3], 1e-9):.2f}")  # fmt: skip
         cpu_ms = last[1] * 1000  # the biggest search: what a long-running driver settles at
         per_core = 1000 / cpu_ms  # trials a second one driver core keeps up with
-        print(f"one driver core keeps up with ~{per_core:.1f} trials/s ({cpu_ms:.0f} ms per trial): "
-              f"~{per_core * 10:.0f} concurrent slots of 10 s trials")  # fmt: skip
+        print(
+            f"one driver core keeps up with ~{per_core:.1f} trials/s ({cpu_ms:.0f} ms per trial): "
+            f"~{per_core * 10:.0f} concurrent slots of 10 s trials"
+        )
         for per_gpu in (1, 4):  # 64 GPUs, one slot each or four packed (gpus_per_worker 0.25)
             rate = 64 * per_gpu / 10
             print(f"extrapolated to 64 GPUs x {per_gpu} slot{'s' * (per_gpu > 1)} of 10 s trials "

@@ -48,13 +48,19 @@ class TrialClock(Callback):
         self.end[trial.trial_id] = time.time()
 
 
-def _spec(home: Path, name: str, trials: int, concurrency: int, steps: int, gpus: float,
-          execution: str) -> Any:  # fmt: skip
+def _spec(
+    home: Path, name: str, trials: int, concurrency: int, steps: int, gpus: float, execution: str
+) -> Any:
     raw = load_spec(presets()["smoke"]).model_dump()
     raw.pop("source")
     raw.update(name=name, robustness=None, seed=0, execution=execution)
-    raw["budget"].update(trials=trials, concurrency=concurrency, max_epochs=1, grace_epochs=1,
-                         max_steps_per_epoch=steps)  # fmt: skip
+    raw["budget"].update(
+        trials=trials,
+        concurrency=concurrency,
+        max_epochs=1,
+        grace_epochs=1,
+        max_steps_per_epoch=steps,
+    )
     raw["objective"] = {
         "metrics": [
             {"metric": "val_uar", "mode": "max"},
@@ -86,8 +92,9 @@ def _run(
     fixed = trial_plan(spec, spec.name, data)
     fifo = True
     reuse = execution.reuse_actors(fifo) if (fast or execution.pool is not None) else False
-    tuner = build_tuner(spec, spec.name, execution.trainable(fixed), callbacks=[clock],
-                        reuse_actors=reuse)  # fmt: skip
+    tuner = build_tuner(
+        spec, spec.name, execution.trainable(fixed), callbacks=[clock], reuse_actors=reuse
+    )
     t0 = time.monotonic()
     try:
         tuner.fit()

@@ -26,8 +26,12 @@ def add(sub) -> None:
         help="e.g. 'robust/uar_snr10_white>=0.5' (repeatable; all must pass; means when confirmed)",
     )
     pr.add_argument("--name", default="ser-mtl-aug", help="registered model name")
-    pr.add_argument("--confirm-top", type=int, metavar="K",
-                    help="first re-train the K best configurations with --seeds fresh seeds")  # fmt: skip
+    pr.add_argument(
+        "--confirm-top",
+        type=int,
+        metavar="K",
+        help="first re-train the K best configurations with --seeds fresh seeds",
+    )
     pr.add_argument(
         "--seeds", type=int, default=3, help="fresh seeds per configuration with --confirm-top"
     )
@@ -64,11 +68,19 @@ def add(sub) -> None:
     )
     rp.add_argument("--root", required=True, help="the corpus folder (or manifest)")
     rp.add_argument("--fold", type=int, default=0, help="test speaker group with --split test")
-    rp.add_argument("--split", choices=("test", "all"), default="test",
-                    help="test: that fold's speakers; all: every labelled clip (a cross corpus)")  # fmt: skip
+    rp.add_argument(
+        "--split",
+        choices=("test", "all"),
+        default="test",
+        help="test: that fold's speakers; all: every labelled clip (a cross corpus)",
+    )
     rp.add_argument("--out", default="robustness-report", help="output folder")
-    rp.add_argument("--max-utterances", type=int, default=200,
-                    help="cap, as a class-stratified sample (0: no cap)")  # fmt: skip
+    rp.add_argument(
+        "--max-utterances",
+        type=int,
+        default=200,
+        help="cap, as a class-stratified sample (0: no cap)",
+    )
     rp.set_defaults(func=report)
 
 
@@ -78,16 +90,28 @@ def promote(a: argparse.Namespace) -> int:
     if a.confirm_top:
         from ..search import confirm_search
 
-        print_result(confirm_search(a.search, a.confirm_top, a.seeds, num_cpus=a.num_cpus,
-                                     verbose=a.verbose))  # fmt: skip
-    v = do_promote(a.search, objective=a.objective, gates=a.gate or [], model_name=a.name,
-                   tracking_uri=a.tracking_uri)  # fmt: skip
+        print_result(
+            confirm_search(
+                a.search, a.confirm_top, a.seeds, num_cpus=a.num_cpus, verbose=a.verbose
+            )
+        )
+    v = do_promote(
+        a.search,
+        objective=a.objective,
+        gates=a.gate or [],
+        model_name=a.name,
+        tracking_uri=a.tracking_uri,
+    )
     for skipped in v["passed_over"]:
-        print(f"passed over the {skipped['label']} ({v['objective']}={skipped['value']:.4f}): "
-              f"failed {', '.join(skipped['failed'])}")  # fmt: skip
+        print(
+            f"passed over the {skipped['label']} ({v['objective']}={skipped['value']:.4f}): "
+            f"failed {', '.join(skipped['failed'])}"
+        )
     spread = f" ± {v['sd']:.4f} over {v['n']} seeds" if v["confirmed"] else ""
-    print(f"registered {v['name']} version {v['version']} (trial {v['trial']}, "
-          f"{v['objective']}={v['value']:.4f}{spread})")  # fmt: skip
+    print(
+        f"registered {v['name']} version {v['version']} (trial {v['trial']}, "
+        f"{v['objective']}={v['value']:.4f}{spread})"
+    )
     print(
         f"alias champion -> version {v['version']}"
         + (f"; previous -> version {v['previous']}" if v.get("previous") else "")
@@ -107,8 +131,16 @@ def predict(a: argparse.Namespace) -> int:
 def report(a: argparse.Namespace) -> int:
     from ..inference import report_model
 
-    out = report_model(a.model_uri, a.corpus, a.root, a.out, fold=a.fold, split=a.split,
-                       tracking_uri=a.tracking_uri, max_utterances=a.max_utterances or None)  # fmt: skip
+    out = report_model(
+        a.model_uri,
+        a.corpus,
+        a.root,
+        a.out,
+        fold=a.fold,
+        split=a.split,
+        tracking_uri=a.tracking_uri,
+        max_utterances=a.max_utterances or None,
+    )
     print((Path(out) / "summary.md").read_text())
     print(f"report: {out}/robustness.json, {out}/uar_vs_snr.png, {out}/uar_vs_eps.png")
     return 0

@@ -36,10 +36,18 @@ def command(sub, name: str, help: str, example: str, parents=(), **kw) -> argpar
 
 def common() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
-                   help="show the traceback of a failure")  # fmt: skip
-    p.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS,
-                   help="show Ray's and MLflow's own output too")  # fmt: skip
+    p.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="show the traceback of a failure",
+    )
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="show Ray's and MLflow's own output too",
+    )
     return p
 
 

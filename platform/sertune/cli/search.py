@@ -30,9 +30,13 @@ def add(sub) -> None:
     se = sub.add_parser("search", help="run, resume, submit, inspect and remove searches")
     ssub = se.add_subparsers(dest="search_command", required=True, metavar="SUBCOMMAND")
 
-    v = command(ssub, "validate", "check a spec without running anything",
-                "sertune search validate mtl_aug --set data.corpus=emodb --set data.root=/data/emodb",
-                parents=[spec_options()])  # fmt: skip
+    v = command(
+        ssub,
+        "validate",
+        "check a spec without running anything",
+        "sertune search validate mtl_aug --set data.corpus=emodb --set data.root=/data/emodb",
+        parents=[spec_options()],
+    )
     v.add_argument("spec", help="a preset name (see `sertune search presets`) or a YAML file")
     v.set_defaults(func=validate)
 
@@ -53,18 +57,30 @@ def add(sub) -> None:
     )
     r.set_defaults(func=run)
 
-    rs = command(ssub, "resume", "continue an interrupted or crashed search; finished trials stay",
-                 "sertune search resume mtl-aug")  # fmt: skip
+    rs = command(
+        ssub,
+        "resume",
+        "continue an interrupted or crashed search; finished trials stay",
+        "sertune search resume mtl-aug",
+    )
     rs.add_argument("name")
     rs.add_argument("--num-cpus", type=int, help="CPUs for local Ray (default: all)")
     rs.set_defaults(func=resume)
 
-    ls = command(ssub, "list", "searches on this machine, with a dead driver shown as crashed",
-                 "sertune search list")  # fmt: skip
+    ls = command(
+        ssub,
+        "list",
+        "searches on this machine, with a dead driver shown as crashed",
+        "sertune search list",
+    )
     ls.set_defaults(func=list_)
 
-    st = command(ssub, "status", "how far a search got: trials by state, best so far, MLflow link",
-                 "sertune search status mtl-aug\nsertune search status mtl-aug --json")  # fmt: skip
+    st = command(
+        ssub,
+        "status",
+        "how far a search got: trials by state, best so far, MLflow link",
+        "sertune search status mtl-aug\nsertune search status mtl-aug --json",
+    )
     st.add_argument("name")
     st.add_argument("--json", action="store_true", help="machine-readable output")
     st.set_defaults(func=status)
@@ -77,8 +93,12 @@ def add(sub) -> None:
     )
     sg.set_defaults(func=strategies)
 
-    pr = command(ssub, "presets", "the packaged specs, usable by name anywhere",
-                 "sertune search presets\nsertune search run mtl_aug --smoke")  # fmt: skip
+    pr = command(
+        ssub,
+        "presets",
+        "the packaged specs, usable by name anywhere",
+        "sertune search presets\nsertune search run mtl_aug --smoke",
+    )
     pr.set_defaults(func=presets)
 
     sm = command(
@@ -106,8 +126,12 @@ def add(sub) -> None:
     sp.add_argument("name")
     sp.set_defaults(func=stop)
 
-    sy = command(ssub, "sync", "send a search's MLflow records that are still waiting (after an outage)",
-                 "sertune search sync mtl-aug")  # fmt: skip
+    sy = command(
+        ssub,
+        "sync",
+        "send a search's MLflow records that are still waiting (after an outage)",
+        "sertune search sync mtl-aug",
+    )
     sy.add_argument("name")
     sy.set_defaults(func=sync)
 
@@ -172,8 +196,10 @@ def strategies(a: argparse.Namespace) -> int:
 def _finish(result) -> int:
     print_result(result)
     if not result.finished:
-        print(f"sertune: error: every trial of {result.name!r} failed (see the table above)",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"sertune: error: every trial of {result.name!r} failed (see the table above)",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
@@ -182,8 +208,9 @@ def run(a: argparse.Namespace) -> int:
     from ..search import run_search
 
     spec = _load(a.spec, a.name, a)
-    return _finish(run_search(spec, tracking_uri=a.tracking_uri, num_cpus=a.num_cpus,
-                              verbose=a.verbose))  # fmt: skip
+    return _finish(
+        run_search(spec, tracking_uri=a.tracking_uri, num_cpus=a.num_cpus, verbose=a.verbose)
+    )
 
 
 def resume(a: argparse.Namespace) -> int:
@@ -202,8 +229,10 @@ def list_(a: argparse.Namespace) -> int:
     print(f"{'name':28} {'status':12} {'created':20} {'trials':>6}  spec")
     for r in records:
         status = effective_status(r)
-        print(f"{r['name']:28} {status:12} {r['created']:20} {r['spec']['budget']['trials']:>6}  "
-              f"{r.get('source', '')}")  # fmt: skip
+        print(
+            f"{r['name']:28} {status:12} {r['created']:20} {r['spec']['budget']['trials']:>6}  "
+            f"{r.get('source', '')}"
+        )
     crashed = [r["name"] for r in records if effective_status(r) == "crashed"]
     for name in crashed:
         print(f"{name}: crashed — resume with: sertune search resume {name}")

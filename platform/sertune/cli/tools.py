@@ -53,8 +53,12 @@ def add(sub) -> None:
 
     b = sub.add_parser("bench", help="benchmarks that print figures and ratios")
     bsub = b.add_subparsers(dest="bench_command", required=True, metavar="SUBCOMMAND")
-    bt = command(bsub, "train", "on-device pipeline vs. model-step ceiling (samples/s)",
-                 "sertune bench train --device cuda --batch 256")  # fmt: skip
+    bt = command(
+        bsub,
+        "train",
+        "on-device pipeline vs. model-step ceiling (samples/s)",
+        "sertune bench train --device cuda --batch 256",
+    )
     bt.add_argument("--device", default="auto", help="cpu | cuda | auto")
     bt.add_argument("--batch", type=int, help="batch size (default 256 on cuda, 32 on cpu)")
     bt.add_argument("--steps", type=int, default=20, help="steps per timed round")
@@ -69,8 +73,12 @@ def add(sub) -> None:
         "sertune bench search --trials 8\nsertune bench search --fractional-gpus 0.25",
     )
     bs.add_argument("--trials", type=int, default=8, help="short sequential trials per mode")
-    bs.add_argument("--fractional-gpus", type=float, default=0.0,
-                    help="GPU share per packed slot (needs a GPU; 0 packs CPU slots)")  # fmt: skip
+    bs.add_argument(
+        "--fractional-gpus",
+        type=float,
+        default=0.0,
+        help="GPU share per packed slot (needs a GPU; 0 packs CPU slots)",
+    )
     bs.add_argument("--num-cpus", type=int, help="CPUs for local Ray (default: all)")
     bs.set_defaults(func=bench_search)
 
@@ -128,8 +136,9 @@ def add(sub) -> None:
 def demo(a: argparse.Namespace) -> int:
     from ..demo import run_demo
 
-    return run_demo(trials=a.trials, concurrency=a.concurrency, epochs=a.epochs, name=a.name,
-                    verbose=a.verbose)  # fmt: skip
+    return run_demo(
+        trials=a.trials, concurrency=a.concurrency, epochs=a.epochs, name=a.name, verbose=a.verbose
+    )
 
 
 def doctor(a: argparse.Namespace) -> int:
