@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -113,3 +114,36 @@ def start_mlflow(
     )
     wait_http(f"http://127.0.0.1:{port}/health", proc, log)
     return proc
+
+
+def start_sertune(*args: str, env: dict[str, str]) -> tuple[subprocess.Popen, list[str]]:
+    """``sertune ARGS`` as a subprocess in its own session; its output lines collect in the
+    returned list as they come (stdout and stderr together)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sertune.cli", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    lines: list[str] = []
+    threading.Thread(
+        target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True
+    ).start()
+    return proc, lines
+
+
+def start_ray_head(
+    port: int, dashboard_port: int, temp_dir: str, env: dict[str, str], log: Path
+) -> subprocess.Popen:
+    """``ray start --head --block`` (2 CPUs, dashboard on 127.0.0.1) in its own session; token
+    authentication when ``env`` sets ``RAY_AUTH_MODE=token``."""
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    cmd = [ray_bin, "start", "--head", "--block", "--port", str(port),
+           "--dashboard-port", str(dashboard_port), "--num-cpus", "2",
+           "--include-dashboard", "true", "--dashboard-host", "127.0.0.1",
+           "--temp-dir", temp_dir, "--disable-usage-stats"]  # fmt: skip
+    return subprocess.Popen(
+        cmd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True
+    )

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sertune.testing import free_port, wait_http
+from sertune.testing import free_port, start_ray_head, wait_http
 
 REPO = Path(__file__).resolve().parents[2]
 SMOKE = yaml.safe_load((REPO / "search_spaces" / "smoke.yaml").read_text())
@@ -171,7 +171,6 @@ def token_head(tmp_path_factory):
 
     tmp_path = tmp_path_factory.mktemp("head")
     home = tmp_path / "home"
-    ray_bin = str(Path(sys.executable).with_name("ray"))
     port, dash = free_port(), free_port()
     temp = f"/tmp/rt{port}"  # Ray's socket paths must stay short
     token = tmp_path / "cluster.token"
@@ -195,31 +194,7 @@ def token_head(tmp_path_factory):
     }
     env.pop("RAY_ADDRESS", None)
     log = tmp_path / "head.log"
-    head = subprocess.Popen(
-        [
-            ray_bin,
-            "start",
-            "--head",
-            "--block",
-            "--port",
-            str(port),
-            "--dashboard-port",
-            str(dash),
-            "--num-cpus",
-            "2",
-            "--include-dashboard",
-            "true",
-            "--dashboard-host",
-            "127.0.0.1",
-            "--temp-dir",
-            temp,
-            "--disable-usage-stats",
-        ],
-        env=env,
-        stdout=open(log, "w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    head = start_ray_head(port, dash, temp, env, log)
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:

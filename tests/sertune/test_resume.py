@@ -11,16 +11,21 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import yaml
 
-from sertune.testing import kill_owned
+from sertune.testing import kill_owned, start_sertune
 
 REPO = Path(__file__).resolve().parents[2]
 EPOCHS = 8
+
+
+def driver_env(home: Path, ray_tmp: str) -> dict[str, str]:
+    """A search driver's environment: this test's home, 2 CPUs, its own Ray temp dir."""
+    return {**os.environ, "SERTUNE_HOME": str(home), "SERTUNE_RAY_NUM_CPUS": "2",
+            "SERTUNE_RAY_TEMP_DIR": ray_tmp, "PYTHONUNBUFFERED": "1"}  # fmt: skip
 
 
 def sertune(*args):
@@ -44,25 +49,8 @@ def test_resume_after_sigkill_mid_trial(home, tmp_path):
     spec = tmp_path / "crash.yaml"
     spec.write_text(yaml.safe_dump(raw))
     ray_tmp = f"/tmp/rs{os.getpid()}"  # Ray's socket paths must stay short
-    env = {
-        **os.environ,
-        "SERTUNE_HOME": str(home),
-        "SERTUNE_RAY_NUM_CPUS": "2",
-        "SERTUNE_RAY_TEMP_DIR": ray_tmp,
-        "PYTHONUNBUFFERED": "1",
-    }
-    proc = subprocess.Popen(
-        sertune("search", "run", str(spec)),
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    lines: list[str] = []
-    threading.Thread(
-        target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True
-    ).start()
+    env = driver_env(home, ray_tmp)
+    proc, lines = start_sertune("search", "run", str(spec), env=env)
     finished: set[str] = set()
     victim = None
     seen: dict[str, float] = {}  # when each "trial X started" line arrived
@@ -170,25 +158,8 @@ def test_pbt_resumes_after_sigkill_of_the_driver(home, tmp_path):
     spec = tmp_path / "pbt-crash.yaml"
     spec.write_text(yaml.safe_dump(raw))
     ray_tmp = f"/tmp/rp{os.getpid()}"
-    env = {
-        **os.environ,
-        "SERTUNE_HOME": str(home),
-        "SERTUNE_RAY_NUM_CPUS": "2",
-        "SERTUNE_RAY_TEMP_DIR": ray_tmp,
-        "PYTHONUNBUFFERED": "1",
-    }
-    proc = subprocess.Popen(
-        sertune("search", "run", str(spec)),
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    lines: list[str] = []
-    threading.Thread(
-        target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True
-    ).start()
+    env = driver_env(home, ray_tmp)
+    proc, lines = start_sertune("search", "run", str(spec), env=env)
     state = home / "searches" / "pbt-crash"
     exploited_at = None
     deadline = time.monotonic() + 300

@@ -16,7 +16,7 @@ import pytest
 import soundfile as sf
 import yaml
 
-from sertune.testing import free_port, start_mlflow
+from sertune.testing import free_port, start_mlflow, start_sertune
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -353,7 +353,6 @@ def test_an_mlflow_outage_loses_no_record(tmp_path):
     import os
     import re
     import signal
-    import threading
 
     from mlflow import MlflowClient
 
@@ -380,18 +379,7 @@ def test_an_mlflow_outage_loses_no_record(tmp_path):
         "PYTHONUNBUFFERED": "1",
         "MLFLOW_TRACKING_URI": url,
     }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sertune.cli", "search", "run", str(spec)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    lines: list[str] = []
-    threading.Thread(
-        target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True
-    ).start()
+    proc, lines = start_sertune("search", "run", str(spec), env=env)
     try:
         deadline = time.monotonic() + 300
         while not re.search(r"trial \w+ epoch 1/3", "".join(lines)):

@@ -9,14 +9,13 @@ import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 import yaml
+
+from sertune.testing import free_port, start_sertune
 
 REPO = Path(__file__).resolve().parents[2]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -52,21 +51,10 @@ def ui(tmp_path_factory):
         promote("ui")
     finally:
         shutdown_ray()
-    port = __import__("tests.sertune.test_cluster", fromlist=["free_port"]).free_port()
+    port = free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     t0 = time.monotonic()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sertune.cli", "ui", "--port", str(port)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    lines: list[str] = []
-    threading.Thread(
-        target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True
-    ).start()
+    proc, lines = start_sertune("ui", "--port", str(port), env=env)
     while not any("MLflow UI ready" in ln for ln in lines):
         assert proc.poll() is None and time.monotonic() - t0 < 120, "".join(lines)[-2000:]
         time.sleep(0.2)

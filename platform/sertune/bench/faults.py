@@ -28,7 +28,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -36,7 +35,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..testing import free_port, kill_owned, processes, start_mlflow
+from ..testing import (
+    free_port,
+    kill_owned,
+    processes,
+    start_mlflow,
+    start_ray_head,
+    start_sertune,
+)
 
 
 class Drill:
@@ -95,19 +101,7 @@ class Drill:
         )
 
     def start(self, *args: str, env: dict | None = None) -> tuple[subprocess.Popen, list[str]]:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "sertune.cli", *args],
-            env=env or self.env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
-        )
-        lines: list[str] = []
-        threading.Thread(
-            target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True
-        ).start()
-        return proc, lines
+        return start_sertune(*args, env=env or self.env)
 
     @staticmethod
     def wait_for(
@@ -127,6 +121,8 @@ class Drill:
         kill_owned(session=proc.pid if proc else None, temp_dir=self.ray_tmp)
 
     def runs(self, search: str, uri: str | None = None) -> list[Any]:
+        """What MLflow holds for ``search``. Read with MLflow's own client, not through
+        ``sertune.tracking``: a drill checks what the code under test wrote, as a user would."""
         from mlflow import MlflowClient
 
         c = MlflowClient(uri or f"sqlite:///{self.home / 'mlflow.db'}")
@@ -155,7 +151,6 @@ class Drill:
 def start_token_head(
     d: Drill, extra_env: dict[str, str] | None = None
 ) -> tuple[subprocess.Popen, str, dict]:
-    ray_bin = str(Path(sys.executable).with_name("ray"))
     port, dash = free_port(), free_port()
     token = d.root / "cluster.token"
     token.write_text("sertune-drill-" + os.urandom(16).hex())
@@ -167,31 +162,7 @@ def start_token_head(
         **(extra_env or {}),
     }
     env.pop("SERTUNE_RAY_TEMP_DIR", None)
-    head = subprocess.Popen(
-        [
-            ray_bin,
-            "start",
-            "--head",
-            "--block",
-            "--port",
-            str(port),
-            "--dashboard-port",
-            str(dash),
-            "--num-cpus",
-            "2",
-            "--include-dashboard",
-            "true",
-            "--dashboard-host",
-            "127.0.0.1",
-            "--temp-dir",
-            d.ray_tmp + "h",
-            "--disable-usage-stats",
-        ],
-        env=env,
-        stdout=open(d.root / "head.log", "w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    head = start_ray_head(port, dash, d.ray_tmp + "h", env, d.root / "head.log")
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:

@@ -379,33 +379,28 @@ class Journal:
         tags = [RunTag(k, str(v).replace("{run_id}", run_id)) for k, v in op.tags.items()]
         self.client.log_batch(run_id, tags=tags)
 
-    def _op_artifacts(self, op: Op) -> None:
+    def _local(self, src: str) -> Path:
+        """A record's file or folder here: a storage URI is fetched into the spool first."""
         from ..storage import download_dir
 
-        run_id = self.run_id(op.key)
-        src = op.src
         if "://" in src and not src.startswith("file://"):
-            local = download_dir(src, self.dir / "spool" / uuid.uuid4().hex[:12])
-        else:
-            local = Path(src.removeprefix("file://"))
+            return download_dir(src, self.dir / "spool" / uuid.uuid4().hex[:12])
+        return Path(src.removeprefix("file://"))
+
+    def _op_artifacts(self, op: Op) -> None:
+        run_id, local = self.run_id(op.key), self._local(op.src)
         if not local.exists():
-            raise FileNotFoundError(f"{src}: gone before it reached MLflow")
+            raise FileNotFoundError(f"{op.src}: gone before it reached MLflow")
         if local.is_dir():
             self.client.log_artifacts(run_id, str(local), op.path)
         else:
             self.client.log_artifact(run_id, str(local), op.path)
 
     def _op_model(self, op: Op) -> None:
-        from ..storage import download_dir
         from .models import log_pyfunc_model
 
         run_id = self.run_id(op.key)
-        src = op.src
-        if "://" in src and not src.startswith("file://"):
-            local = download_dir(src, self.dir / "spool" / uuid.uuid4().hex[:12])
-        else:
-            local = Path(src.removeprefix("file://"))
-        uri = log_pyfunc_model(run_id, local, op.trainable, self.uri)
+        uri = log_pyfunc_model(run_id, self._local(op.src), op.trainable, self.uri)
         self.client.set_tag(run_id, "sertune.model_uri", uri)
 
     def _op_end(self, op: Op) -> None:
