@@ -17,6 +17,10 @@ from collections.abc import Iterator
 from types import FrameType
 
 
+class Stopped(Exception):
+    """A stop signal ended a phase's Tune loop: the phase is not complete (``StopSignals.check``)."""
+
+
 class StopSignals:
     """Within ``with StopSignals() as stop:``, ``stop.fired`` names the signal that arrived."""
 
@@ -36,6 +40,11 @@ class StopSignals:
             yield
         finally:
             self._in_tune = False
+
+    def check(self) -> None:
+        """Raise :class:`Stopped` when a signal has arrived (after Tune's loop has ended)."""
+        if self.fired:
+            raise Stopped(self.fired)
 
     def __enter__(self) -> StopSignals:
         os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # ours forwards to Tune's SIGUSR1 stop

@@ -26,7 +26,6 @@ class SearchResult:
     metrics: list[dict[str, str]]
     errors: int
     parent_run_id: str | None = None
-    interrupted: bool = False
     confirm: list[dict[str, Any]] = field(default_factory=list)  # per configuration, mean ± sd
     stats: dict[str, float] = field(default_factory=dict)  # what the driver spent (bench scale)
 
@@ -102,7 +101,7 @@ def rank(rows: list[dict[str, Any]], objective: dict[str, str]) -> list[dict[str
     return sorted(rows, key=order)
 
 
-def summarise(name: str, spec: Any, grid: Any, interrupted: bool = False) -> SearchResult:
+def summarise(name: str, spec: Any, grid: Any) -> SearchResult:
     """A Tune ``ResultGrid`` as a leaderboard."""
     objectives = [m.model_dump() for m in spec.objective.as_list()]
     rows = []
@@ -120,7 +119,6 @@ def summarise(name: str, spec: Any, grid: Any, interrupted: bool = False) -> Sea
         rows=rows,
         metrics=objectives,
         errors=sum(r["state"] == "failed" for r in rows),
-        interrupted=interrupted,
     )
 
 

@@ -17,14 +17,16 @@ import socket
 import time
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from . import settings
-from .errors import NotFound
+from .errors import NotFound, UsageError
 
 
 class Phase(StrEnum):
-    """Where a search is (``record["phase"]``): a resumed search continues there."""
+    """Where a search is (``record.phase``): a resumed search continues there."""
 
     SEARCH = "search"  # the Tune experiment of the spec's space
     CONFIRM = "confirm"  # the best configurations again with fresh seeds
@@ -32,30 +34,44 @@ class Phase(StrEnum):
     DONE = "done"
 
 
-class SearchRecord(TypedDict, total=False):
-    """The keys of a search's record (one JSON file). A dict on disk and in memory: the driver
-    (``sertune.search.Search.save``), the MLflow logger (the parent run id) and ``submit`` write
-    it; ``status``, ``list``, ``resume`` and the UI read it."""
+class SearchRecord(BaseModel):
+    """What this machine knows of one search (one JSON file), frozen: a change is a new record
+    (:meth:`but`) that its one owner saves - the driver (``sertune.search.Search``) for a search
+    run here, ``sertune.submit`` for one submitted to a cluster. The MLflow logger reports the
+    parent run id to the driver through a callback. ``status``, ``list``, ``resume``, ``rm``, the
+    UI and the registry read it."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
 
     name: str
     spec: dict[str, Any]  # the validated spec (``SearchSpec.model_dump()``)
-    source: str  # the spec file it came from
-    data: dict[str, Any]  # the trainable's prepared data (cache, fingerprint, data report)
-    created: str
-    ended: str
     path: str  # where Tune keeps the trials and state (local or s3://)
-    tracking_uri: str
-    parent_run_id: str
-    status: str  # running, finished, failed, interrupted, submitted, a job's end state
-    phase: Phase
-    driver: dict[str, Any]  # host, pid, start time (``driver_stamp``)
-    failure: str  # why a search stopped failing fast
-    warm_start: dict[str, Any]  # the earlier trials that seeded the sampler (``warmstart``)
-    confirm: list[dict[str, Any]]  # the confirmed configurations, mean and spread
-    confirm_done: bool
-    baseline_of: str  # a baseline's search
-    submission_id: str  # a search submitted as a Ray Job
-    address: str
+    source: str | None = None  # the spec file it came from
+    data: dict[str, Any] = Field(default_factory=dict)  # the prepared data: cache, fingerprint
+    created: str = ""
+    ended: str | None = None
+    tracking_uri: str | None = None
+    parent_run_id: str | None = None
+    status: str = "running"  # running, finished, failed, interrupted, submitted, a job's state
+    phase: Phase = Phase.SEARCH
+    driver: dict[str, Any] = Field(default_factory=dict)  # host, pid, start (``driver_stamp``)
+    failure: str | None = None  # why a search stopped failing fast
+    warm_start: dict[str, Any] | None = None  # the earlier trials that seeded the sampler
+    confirm: list[dict[str, Any]] | None = None  # the confirmed configurations, mean and spread
+    confirm_done: bool = False
+    baseline_of: str | None = None  # a baseline's search
+    submission_id: str | None = None  # a search submitted as a Ray Job
+    address: str | None = None  # the cluster it was submitted to
+
+    def but(self, **changes: Any) -> SearchRecord:
+        """This record with ``changes`` (validated: an unknown field or a bad value raises)."""
+        unknown = set(changes) - set(type(self).model_fields)
+        if unknown:
+            raise TypeError(f"SearchRecord has no field {', '.join(sorted(unknown))}")
+        return type(self).model_validate({**self.model_dump(), **changes})
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2, exclude_none=True)
 
 
 def _record_dir() -> Path:
@@ -77,7 +93,7 @@ def save_record(name: str, record: SearchRecord) -> Path:
     """Write atomically: a reader (``sertune search list``) never sees half a file."""
     path = record_path(name)
     tmp = path.with_suffix(f".json.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=str))
+    tmp.write_text(record.to_json())
     tmp.replace(path)
     return path
 
@@ -87,15 +103,26 @@ def load_record(name: str) -> SearchRecord:
     if not path.exists():
         known = ", ".join(sorted(p.stem for p in _record_dir().glob("*.json"))) or "none"
         raise NotFound(f"no search named {name!r} (known: {known}); see `sertune search list`")
-    return json.loads(path.read_text())
+    return _read(path)
+
+
+def _read(path: Path) -> SearchRecord:
+    try:
+        return SearchRecord.model_validate(json.loads(path.read_text()))
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{path}: not a search record ({e})") from None
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = ".".join(str(x) for x in err["loc"]) or "(the record)"
+        raise UsageError(f"{path}: field {field}: {err['msg']}") from None
 
 
 def list_records() -> list[SearchRecord]:
     out = []
     for p in sorted(_record_dir().glob("*.json")):
         try:
-            out.append(json.loads(p.read_text()))
-        except json.JSONDecodeError:
+            out.append(_read(p))
+        except UsageError:  # a half-written or foreign file: `search list` shows the others
             continue
     return out
 
@@ -109,12 +136,13 @@ def experiment_path(name: str) -> str:
     return f"{settings.storage_root().rstrip('/')}/{name}"
 
 
-def record_spec(record: dict[str, Any]):
-    """The record's spec, validated again (the spec module is the one place that knows specs)."""
+def record_spec(record: SearchRecord, **changes: Any):
+    """The record's spec, validated again (the spec module is the one place that knows specs),
+    with top-level ``changes`` (``confirm=...``) applied first."""
     from .spec import validate_spec
 
-    raw = {k: v for k, v in record["spec"].items() if k != "source"}
-    return validate_spec(raw, record.get("source") or "<record>", check_paths=False)
+    raw = {k: v for k, v in record.spec.items() if k != "source"} | changes
+    return validate_spec(raw, record.source or "<record>", check_paths=False)
 
 
 def objectives(spec: dict[str, Any]) -> list[dict[str, str]]:
@@ -143,18 +171,18 @@ def _proc_start(pid: int) -> str | None:
         return None
 
 
-def driver_alive(record: dict[str, Any]) -> bool | None:
+def driver_alive(record: SearchRecord) -> bool | None:
     """True/False for a driver on this host; None when it runs elsewhere (cannot tell)."""
-    d = record.get("driver")
+    d = record.driver
     if not d or d.get("host") != socket.gethostname():
         return None
     start = _proc_start(int(d["pid"]))
     return start is not None and (d.get("started") is None or start == d["started"])
 
 
-def effective_status(record: dict[str, Any]) -> str:
+def effective_status(record: SearchRecord) -> str:
     """The record's status, with a dead driver's ``running`` read as ``crashed``."""
-    status = record.get("status", "?")
+    status = record.status
     if status == "running" and driver_alive(record) is False:
         return "crashed"
     return status

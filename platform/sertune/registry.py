@@ -137,8 +137,8 @@ def promote(
 ) -> dict[str, Any]:
     """Register the best configuration of ``search`` and point ``champion`` at it."""
     record = load_record(search)
-    c = tracking.client(tracking_uri or record.get("tracking_uri"))
-    first = first_objective(record["spec"])
+    c = tracking.client(tracking_uri or record.tracking_uri)
+    first = first_objective(record.spec)
     metric = objective or first["metric"]
     mode = first["mode"] if metric == first["metric"] else "max"
     parsed = [parse_gate(g) for g in gates or []]
@@ -173,7 +173,7 @@ def promote(
     tags = {
         "sertune.search": search,
         "sertune.trial_id": run.data.tags.get(tracking.TAG_TRIAL, ""),
-        "sertune.data_fingerprint": record["data"].get("fingerprint")
+        "sertune.data_fingerprint": record.data.get("fingerprint")
         or _parent_tag(c, run, "sertune.data_fingerprint"),
         "sertune.code_version": code_version(),
         "sertune.objective": f"{metric}={value:.6f}",

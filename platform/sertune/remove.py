@@ -13,12 +13,12 @@ from .storage import exists, remove_dir
 def remove_search(name: str, mlflow_runs: bool = False) -> list[str]:
     record = load_record(name)
     if effective_status(record) == "running":
-        d = record.get("driver", {})
+        d = record.driver
         raise UsageError(
             f"search {name!r} is running (pid {d.get('pid')} on {d.get('host')}); stop it first"
         )
     done = []
-    for path in (record["path"], f"{record['path']}-confirm"):
+    for path in (record.path, f"{record.path}-confirm"):
         if "://" in path or path.startswith("/"):
             if exists(path):
                 remove_dir(path)
@@ -26,8 +26,8 @@ def remove_search(name: str, mlflow_runs: bool = False) -> list[str]:
     journal = settings.local_state_dir() / "journal" / name
     if journal.exists():
         shutil.rmtree(journal)
-    if mlflow_runs and record.get("tracking_uri", "").startswith(("sqlite", "http", "file", "/")):
-        c = tracking.client(record["tracking_uri"])
+    if mlflow_runs and (record.tracking_uri or "").startswith(("sqlite", "http", "file", "/")):
+        c = tracking.client(record.tracking_uri)
         runs = tracking.runs_of(c, name)
         for r in runs:
             c.delete_run(r.info.run_id)
@@ -36,8 +36,9 @@ def remove_search(name: str, mlflow_runs: bool = False) -> list[str]:
         )
     delete_record(name)
     done.append(f"removed the record of {name!r}")
-    if record.get("spec", {}).get("baseline"):
+    if record.spec.get("baseline"):
         done.append(
-            f"its baseline search has its own name: sertune search rm {name}--{record['spec']['baseline']}"
+            "its baseline search has its own name: "
+            f"sertune search rm {name}--{record.spec['baseline']}"
         )
     return done

@@ -19,6 +19,7 @@ continues the phase that was running, keeping every finished trial.
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any
 
 from . import ray_compat, tracking, warmstart
@@ -26,7 +27,7 @@ from .cluster import check_nodes, check_resources, init_ray
 from .doctor import preflight
 from .errors import Interrupted, NotFound, SearchFailed, UsageError
 from .failfast import FailFast
-from .interrupts import StopSignals
+from .interrupts import Stopped, StopSignals
 from .leaderboard import SearchResult, rank, summarise
 from .records import (
     Phase,
@@ -41,7 +42,7 @@ from .records import (
     save_record,
 )
 from .search_logger import MLflowSearchLogger
-from .spec import SearchSpec, validate_spec
+from .spec import SearchSpec
 from .storage import fs_and_path
 from .trainable import get_trainable
 from .tuner import TrialPlan, build_tuner, trial_plan, tune_callbacks
@@ -146,20 +147,17 @@ def _new_record(spec: SearchSpec, name: str, uri: str, log, warm_start=None) -> 
             f"[sertune] data: {report.get('used')}/{report.get('found')} files used, {skipped} "
             "skipped (listed in the data report on the MLflow parent run)"
         )
-    record: SearchRecord = {
-        "name": name,
-        "spec": spec.model_dump(),
-        "source": spec.source,
-        "data": data,
-        "created": now(),
-        "path": experiment_path(name),
-        "tracking_uri": uri,
-        "status": "running",
-        "phase": Phase.SEARCH,
-        "driver": driver_stamp(),
-    }
-    if warm_start:
-        record["warm_start"] = warm_start
+    record = SearchRecord(
+        name=name,
+        spec=spec.model_dump(),
+        source=spec.source,
+        data=data,
+        created=now(),
+        path=experiment_path(name),
+        tracking_uri=uri,
+        driver=driver_stamp(),
+        warm_start=warm_start or None,
+    )
     save_record(name, record)
     return record
 
@@ -173,27 +171,27 @@ def resume_search(
 
     ray_compat.quiet(verbose)
     record = load_record(name)
-    if record.get("submission_id"):
+    if record.submission_id:
         raise UsageError(
-            f"search {name!r} was submitted to {record.get('address')}; it resumes on the cluster "
+            f"search {name!r} was submitted to {record.address}; it resumes on the cluster "
             f"(`sertune search submit` again with --name {name})"
         )
     status = effective_status(record)
     if status == "running":
-        d = record.get("driver", {})
+        d = record.driver
         raise UsageError(
             f"search {name!r} is still running (pid {d.get('pid')} on {d.get('host')})"
         )
-    phase = Phase(record.get("phase", Phase.SEARCH))
+    phase = record.phase
     if phase == Phase.DONE:
         raise UsageError(f"search {name!r} has finished; nothing to resume")
     spec = record_spec(record)
-    tracking.check_store(record["tracking_uri"])
+    tracking.check_store(record.tracking_uri)
     if phase == Phase.SEARCH:
-        fs, path = fs_and_path(record["path"])
+        fs, path = fs_and_path(record.path)
         if not tune.Tuner.can_restore(path, storage_filesystem=fs):
-            raise NotFound(f"{record['path']}: no saved search state to resume from")
-    log(f"[sertune] resuming search {name!r} ({phase} phase) from {record['path']}")
+            raise NotFound(f"{record.path}: no saved search state to resume from")
+    log(f"[sertune] resuming search {name!r} ({phase} phase) from {record.path}")
     search = Search(name, spec, record, log)
     search.save(status="running", driver=driver_stamp())
     return search.drive(restore=True, num_cpus=num_cpus, verbose=verbose)
@@ -205,13 +203,14 @@ def confirm_search(
     """Run (or re-run) the confirmation phase of a finished search (``promote --confirm-top``)."""
     preflight()
     record = load_record(name)
-    raw = {k: v for k, v in record["spec"].items() if k != "source"}
-    raw["confirm"] = {"top_k": top_k, "seeds": seeds}
-    spec = validate_spec(raw, record.get("source") or "<record>", check_paths=False)
-    record.pop("confirm_done", None)
+    spec = record_spec(record, confirm={"top_k": top_k, "seeds": seeds})
     search = Search(name, spec, record, log)
     search.save(
-        spec=spec.model_dump(), phase=Phase.CONFIRM, status="running", driver=driver_stamp()
+        spec=spec.model_dump(),
+        phase=Phase.CONFIRM,
+        confirm_done=False,
+        status="running",
+        driver=driver_stamp(),
     )
     ray_compat.quiet(verbose)
     return search.drive(restore=True, num_cpus=num_cpus, verbose=verbose, only=(Phase.CONFIRM,))
@@ -227,15 +226,27 @@ class Search:
 
     def __init__(self, name: str, spec: SearchSpec, record: SearchRecord, log=print):
         self.name, self.spec, self.record, self.log = name, spec, record, log
+        self._saving = threading.Lock()  # the MLflow journal's thread reports the parent run
 
-    # -- the record --------------------------------------------------------------------------------
+    # -- the record (this object is its one writer while the search runs) -------------------
     def save(self, **changes: Any) -> None:
-        self.record.update(changes)
-        save_record(self.name, self.record)
+        with self._saving:
+            self.record = self.record.but(**changes)
+            save_record(self.name, self.record)
+
+    def on_parent_run(self, run_id: str) -> None:
+        """The MLflow logger's callback: the search's parent run was created (or found)."""
+        if self.record.parent_run_id != run_id:
+            self.save(parent_run_id=run_id)
+
+    def logger(self, restore: bool) -> MLflowSearchLogger:
+        return MLflowSearchLogger(
+            self.record, self.spec, log=self.log, on_parent_run=self.on_parent_run
+        ).start(resumed=restore)
 
     @property
     def phase(self) -> Phase:
-        return Phase(self.record.get("phase", Phase.SEARCH))
+        return self.record.phase
 
     def phases(self) -> list[Phase]:
         spec = self.spec
@@ -271,7 +282,7 @@ class Search:
                 f"[sertune] {spec.budget.concurrency} trials at once were asked for; the "
                 f"cluster holds {fit}: running {n_slots} at a time"
             )
-        logger = MLflowSearchLogger(self.record, spec, log=log).start(resumed=restore)
+        logger = self.logger(restore)
         execution = None
         result: SearchResult | None = None
         failed_fast: _FailedFast | None = None
@@ -279,10 +290,9 @@ class Search:
             try:
                 execution = Execution(spec, name, n_slots, log)
                 result = self.run_phases(logger, execution, stop, restore, only)
-                if not stop.fired:
-                    status = "finished" if result.finished else "failed"
-                    logger.finish(result, status)  # waits for stopped trials' evaluations
-            except KeyboardInterrupt:
+                status = "finished" if result.finished else "failed"
+                logger.finish(result, status)  # waits for stopped trials' evaluations
+            except (KeyboardInterrupt, Stopped):
                 stop.fired = stop.fired or "SIGINT"
             except _FailedFast as e:
                 failed_fast = e
@@ -290,12 +300,6 @@ class Search:
             finally:
                 if execution is not None:
                     execution.close()
-        if failed_fast is not None and not stop.fired:
-            self.save(status="failed", ended=now(), phase=Phase.DONE, failure=failed_fast.cause)
-            logger.close()
-            raise SearchFailed(
-                f"search {name!r} stopped: {failed_fast.cause}. Tracebacks: {log_path(name)}"
-            )
         if stop.fired:
             logger.interrupted()
             self.save(status="interrupted", ended=now())
@@ -304,9 +308,15 @@ class Search:
                 f"search {name!r} interrupted ({stop.fired}); what ran is saved. "
                 f"Resume it with: sertune search resume {name}"
             )
+        if failed_fast is not None:
+            self.save(status="failed", ended=now(), phase=Phase.DONE, failure=failed_fast.cause)
+            logger.close()
+            raise SearchFailed(
+                f"search {name!r} stopped: {failed_fast.cause}. Tracebacks: {log_path(name)}"
+            )
         self.save(status=status, ended=now(), phase=Phase.DONE)
         logger.close()
-        result.parent_run_id = logger.parent_run_id or self.record.get("parent_run_id")
+        result.parent_run_id = logger.parent_run_id or self.record.parent_run_id
         result.stats = {
             "mlflow_write_s": logger.journal.write_seconds,
             "mlflow_calls": logger.journal.calls,
@@ -314,27 +324,25 @@ class Search:
         return result
 
     def run_phases(self, logger, execution, stop, restore: bool, only=None) -> SearchResult:
-        """From the record's phase to the end (or to ``stop``): search, confirm, baseline."""
+        """From the record's phase to the end: search, confirm, baseline. A stop signal raises
+        :class:`Stopped` out of the phase it arrived in, so a phase that returns is complete."""
+
+        def runs(phase: Phase) -> bool:
+            return self.phase == phase and (only is None or phase in only)
+
         result = None
-        if self.phase == Phase.SEARCH and (only is None or Phase.SEARCH in only):
+        if runs(Phase.SEARCH):
             result = self.tune(logger, execution, stop, restore)
-            if not stop.fired:
-                self.advance()
+            self.advance()
         if result is None:
             result = self.leaderboard_from_state()
-        if (
-            not stop.fired
-            and self.phase == Phase.CONFIRM
-            and (only is None or Phase.CONFIRM in only)
-        ):
+        if runs(Phase.CONFIRM):
             result.confirm = self.confirm(result, logger, execution, stop)
-            if not stop.fired:
-                self.record["confirm_done"] = True
-                self.advance()
-        if not stop.fired and self.phase == Phase.BASELINE and only is None:
+            self.save(confirm_done=True)
+            self.advance()
+        if self.phase == Phase.BASELINE and only is None:
             self.baseline(logger, execution, stop)
-            if not stop.fired:
-                self.advance()
+            self.advance()
         return result
 
     # -- one phase -------------------------------------------------------------------------------
@@ -345,7 +353,7 @@ class Search:
         from .progress import ProgressPrinter
 
         spec, name = self.spec, self.name
-        fixed = trial_plan(spec, name, self.record["data"])
+        fixed = trial_plan(spec, name, self.record.data)
         evaluator = execution.evaluator(fixed)
         logger.evaluator = evaluator
         tune_name = tune_name or name
@@ -366,7 +374,7 @@ class Search:
             points=points,
             reuse_actors=execution.reuse_actors(fifo),
             stop=watch.stopper(),
-            seeds=self.record.get("warm_start"),
+            seeds=self.record.warm_start,
         )
         if restore:
             ray_compat.set_restored_callbacks(tuner, tune_callbacks(callbacks))
@@ -376,8 +384,7 @@ class Search:
                 grid = tuner.fit()
         finally:
             watch.close()
-        if stop.fired:
-            return summarise(name, spec, grid, interrupted=True)
+        stop.check()  # a signal ended Tune's loop: the phase is not complete
         result = summarise(name, spec, grid)
         if watch.tripped:
             raise _FailedFast(watch.tripped, result)
@@ -437,8 +444,6 @@ class Search:
             budget=len(points),
         )
         logger.tag = ""
-        if stop.fired:
-            return []
         groups = aggregate(confirm.rows, spec.objective.as_list()[0].model_dump())
         logger.log_confirmation(groups)
         self.save(confirm=groups)
@@ -457,29 +462,30 @@ class Search:
         )
         try:
             brecord = load_record(bname)
-            restore = brecord.get("phase") not in (None, Phase.SEARCH) or effective_status(
-                brecord
-            ) in ("interrupted", "crashed")
+            restore = brecord.phase != Phase.SEARCH or effective_status(brecord) in (
+                "interrupted",
+                "crashed",
+            )
         except NotFound:
             brecord, restore = None, False
-        if brecord is None or brecord.get("status") != "finished":
+        if brecord is None or brecord.status != "finished":
             if brecord is None:
-                brecord = {
-                    **self.record,
-                    "name": bname,
-                    "spec": bspec.model_dump(),
-                    "path": experiment_path(bname),
-                    "status": "running",
-                    "phase": Phase.SEARCH,
-                    "created": now(),
-                    "baseline_of": self.name,
-                    "driver": driver_stamp(),
-                }
-                for key in ("parent_run_id", "confirm", "confirm_done"):
-                    brecord.pop(key, None)
+                brecord = self.record.but(
+                    name=bname,
+                    spec=bspec.model_dump(),
+                    path=experiment_path(bname),
+                    status="running",
+                    phase=Phase.SEARCH,
+                    created=now(),
+                    baseline_of=self.name,
+                    driver=driver_stamp(),
+                    parent_run_id=None,
+                    confirm=None,
+                    confirm_done=False,
+                )
             base = Search(bname, bspec, brecord, self.log)
             base.save()
-            blogger = MLflowSearchLogger(brecord, bspec, log=self.log).start(resumed=restore)
+            blogger = base.logger(restore)
             try:
                 try:
                     bres = base.run_phases(blogger, execution, stop, restore)
@@ -487,10 +493,10 @@ class Search:
                     blogger.finish(e.result, "failed", cause=e.cause)
                     base.save(status="failed", phase=Phase.DONE, ended=now(), failure=e.cause)
                     raise
-                if stop.fired:
+                except Stopped:
                     blogger.interrupted()
                     base.save(status="interrupted")
-                    return
+                    raise
                 status = "finished" if bres.finished else "failed"
                 blogger.finish(bres, status)
                 base.save(status=status, phase=Phase.DONE, ended=now())

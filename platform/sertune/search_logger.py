@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from ray.tune import Callback
 from . import tracking
 from .failures import trial_error_reason
 from .leaderboard import trial_epochs
-from .records import objectives, save_record
+from .records import SearchRecord, objectives
 from .tracking import Kind, Op
 
 PARENT = "parent"
@@ -92,11 +93,18 @@ class MLflowSearchLogger(Callback):
     """Tune callback: parent + child runs through the journal; picklable (Tune saves callbacks)."""
 
     def __init__(
-        self, record: dict[str, Any], spec: Any, log=print, evaluator=None, tag: str = ""
+        self,
+        record: SearchRecord,
+        spec: Any,
+        log=print,
+        evaluator=None,
+        tag: str = "",
+        on_parent_run: Callable[[str], None] | None = None,
     ):
-        self.uri = record["tracking_uri"]
-        self.name = record["name"]
-        self.record = record
+        self.uri = record.tracking_uri
+        self.name = record.name
+        self.record = record  # read here; its owner (the driver's Search) writes it
+        self.on_parent_run = on_parent_run  # called once the parent run exists
         self.max_epochs = spec.budget.max_epochs
         self.trainable = spec.trainable
         self.log = log
@@ -113,7 +121,7 @@ class MLflowSearchLogger(Callback):
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
-        state.update(journal=None, evaluator=None, log=print)
+        state.update(journal=None, evaluator=None, log=print, on_parent_run=None)
         return state
 
     # Tune saves this with its experiment state, so a resumed PBT search keeps the lineages its
@@ -130,20 +138,20 @@ class MLflowSearchLogger(Callback):
         self.journal = tracking.Journal(self.name, self.uri, self.log)
         self.journal.on_run = self._on_run
         self.journal.start()
-        spec = self.record["spec"]
+        spec = self.record.spec
         tags = {
             tracking.TAG_SEARCH: self.name,
             tracking.TAG_KIND: "search",
             tracking.TAG_STATUS: "running",
             "sertune.trainable": spec["trainable"],
             "sertune.corpus": spec["data"]["corpus"],
-            "sertune.data_fingerprint": self.record["data"].get("fingerprint", ""),
+            "sertune.data_fingerprint": self.record.data.get("fingerprint", ""),
             "sertune.objective": json.dumps(objectives(spec)),
-            "sertune.storage": self.record["path"],
+            "sertune.storage": self.record.path,
             "mlflow.runName": self.name,
         }
-        if self.record.get("baseline_of"):
-            tags["sertune.baseline_of"] = self.record["baseline_of"]
+        if self.record.baseline_of:
+            tags["sertune.baseline_of"] = self.record.baseline_of
         b, r = spec["budget"], spec["resources"]
         params = {f"budget.{k}": v for k, v in b.items()} | {
             f"resources.{k}": v for k, v in r.items()
@@ -165,8 +173,8 @@ class MLflowSearchLogger(Callback):
             f"search.scheduler_options.{k}": v
             for k, v in (strategy.get("scheduler_options") or {}).items()
         }
-        if self.record.get("warm_start"):
-            sources = self.record["warm_start"]["sources"]
+        if self.record.warm_start:
+            sources = self.record.warm_start["sources"]
             tags["sertune.warm_start"] = ", ".join(f"{k} ({n} trials)" for k, n in sources.items())
         self.journal.append(
             Op(
@@ -182,12 +190,12 @@ class MLflowSearchLogger(Callback):
             self.journal.append(Op(Kind.TAGS, key=PARENT, tags={tracking.TAG_STATUS: "running"}))
             return self
         with tempfile.TemporaryDirectory() as tmp:
-            src = Path(self.record.get("source", ""))
+            src = Path(self.record.source or "")
             if src.is_file():
                 (Path(tmp) / "spec.yaml").write_text(src.read_text())
             (Path(tmp) / "spec.resolved.json").write_text(json.dumps(spec, indent=2))
             (Path(tmp) / "data_report.json").write_text(
-                json.dumps(self.record["data"].get("report", {}), indent=2)
+                json.dumps(self.record.data.get("report", {}), indent=2)
             )
             self.journal.append(
                 Op(Kind.ARTIFACTS, key=PARENT, src=self.journal.stage(tmp), path="search")
@@ -195,13 +203,12 @@ class MLflowSearchLogger(Callback):
         return self
 
     def _on_run(self, key: str, run_id: str) -> None:
-        if key == PARENT and self.record.get("parent_run_id") != run_id:
-            self.record["parent_run_id"] = run_id
-            save_record(self.name, self.record)
+        if key == PARENT and self.on_parent_run is not None:
+            self.on_parent_run(run_id)
 
     @property
     def parent_run_id(self) -> str | None:
-        return self.journal.run_id(PARENT) if self.journal else self.record.get("parent_run_id")
+        return self.journal.run_id(PARENT) if self.journal else self.record.parent_run_id
 
     # -- children ---------------------------------------------------------------------------------
     def _child(self, trial: Any) -> str:
@@ -277,7 +284,7 @@ class MLflowSearchLogger(Callback):
 
     def _checkpoint_uri(self, result: dict[str, Any]) -> str | None:
         ckpt = result.get("checkpoint_path")
-        scheme = self.record["path"].split("://")[0] if "://" in self.record["path"] else ""
+        scheme = self.record.path.split("://")[0] if "://" in self.record.path else ""
         if ckpt and scheme and "://" not in ckpt:  # Ray reports paths without the scheme
             ckpt = f"{scheme}://{ckpt}"
         return ckpt
@@ -302,7 +309,7 @@ class MLflowSearchLogger(Callback):
                 self.evaluator.submit(key, ckpt)
                 self.open_trials.discard(key)
                 return
-            if self.record["spec"].get("robustness"):
+            if self.record.spec.get("robustness"):
                 self.journal.append(
                     Op(Kind.ARTIFACTS, key=key, src=f"{best}/robustness", path="robustness")
                 )
@@ -396,7 +403,7 @@ class MLflowSearchLogger(Callback):
                 if k.startswith(("test_", "robust/")) and row.get(k) is None:
                     row[k] = v
         with tempfile.TemporaryDirectory() as tmp:
-            best = write_search_summary(Path(tmp), result, self.record["spec"])
+            best = write_search_summary(Path(tmp), result, self.record.spec)
             if best and self.schedules.get(best["trial"]):
                 from .summary import write_schedule
 
@@ -414,7 +421,7 @@ class MLflowSearchLogger(Callback):
         if best:
             tags["sertune.best_trial"] = best["trial"]
             ts = int(time.time() * 1000)
-            keep = {m["metric"] for m in objectives(self.record["spec"])}
+            keep = {m["metric"] for m in objectives(self.record.spec)}
             rows = [
                 [f"best/{k}", tracking.clean_value(v), ts]
                 for k, v in best.items()
@@ -460,7 +467,7 @@ class MLflowSearchLogger(Callback):
 
         if not groups:
             return
-        key = objectives(self.record["spec"])[0]["metric"]
+        key = objectives(self.record.spec)[0]["metric"]
         shown = [key] + [
             m
             for m in ("test_uar", "robust/uar_snr10_white", "robust/uar_clean")

@@ -11,7 +11,7 @@ from collections import Counter
 from typing import Any
 
 from .leaderboard import rank, trial_row
-from .records import effective_status, first_objective, load_record, objectives
+from .records import SearchRecord, effective_status, first_objective, load_record, objectives
 from .storage import fs_and_path
 
 
@@ -20,20 +20,20 @@ def search_status(name: str) -> dict[str, Any]:
     from ray.tune import ExperimentAnalysis
 
     record = load_record(name)
-    spec = record["spec"]
+    spec = record.spec
     out: dict[str, Any] = {
         "name": name,
-        "path": record["path"],
+        "path": record.path,
         "status": effective_status(record),
-        "phase": record.get("phase"),
-        "created": record["created"],
+        "phase": record.phase.value,
+        "created": record.created,
         "budget": spec["budget"]["trials"],
-        "tracking_uri": record.get("tracking_uri"),
-        "parent_run_id": record.get("parent_run_id"),
+        "tracking_uri": record.tracking_uri,
+        "parent_run_id": record.parent_run_id,
         "trials": {},
         "rows": [],
     }
-    fs, path = fs_and_path(record["path"])
+    fs, path = fs_and_path(record.path)
     try:
         ea = ExperimentAnalysis(path, storage_filesystem=fs)
     except Exception as e:  # noqa: BLE001 - nothing saved yet (a search that just started)
@@ -90,14 +90,14 @@ def _bucket(row: dict[str, Any]) -> str:
     )
 
 
-def mlflow_url(record: dict[str, Any], ui: str = "http://127.0.0.1:5000") -> str | None:
+def mlflow_url(record: SearchRecord, ui: str = "http://127.0.0.1:5000") -> str | None:
     """Where the search's parent run opens in the MLflow UI (``sertune ui`` for a local store)."""
     from . import tracking
 
-    run = record.get("parent_run_id")
+    run = record.parent_run_id
     if not run:
         return None
-    uri = record.get("tracking_uri", "")
+    uri = record.tracking_uri or ""
     base = uri.rstrip("/") if tracking.is_server(uri) else ui
     try:
         exp = tracking.get_experiment_id(tracking.client(uri), create=False)
@@ -106,7 +106,7 @@ def mlflow_url(record: dict[str, Any], ui: str = "http://127.0.0.1:5000") -> str
     return f"{base}/#/experiments/{exp}/runs/{run}"
 
 
-def format_status(s: dict[str, Any], record: dict[str, Any]) -> str:
+def format_status(s: dict[str, Any], record: SearchRecord) -> str:
     phase = f" ({s['phase']} phase)" if s.get("phase") not in (None, "done", "search") else ""
     lines = [f"search {s['name']}: {s['status']}{phase}"]
     if s["status"] in ("crashed", "interrupted"):

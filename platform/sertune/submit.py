@@ -27,7 +27,7 @@ from typing import Any
 
 from .errors import NotFound, ServiceError, UsageError
 from .ray_compat import FAST_ENV
-from .records import load_record, now, save_record
+from .records import SearchRecord, load_record, now, save_record
 
 # Settings (not secrets) a submitted search takes from the submitter's environment.
 FORWARDED = (
@@ -166,18 +166,17 @@ def submit(
         shutil.rmtree(stage, ignore_errors=True)
     save_record(
         spec.name,
-        {
-            "name": spec.name,
-            "spec": spec.model_dump(),
-            "source": str(src),
-            "created": now(),
-            "path": f"{env.get('SERTUNE_STORAGE', '(on the cluster)')}/{spec.name}",
-            "tracking_uri": env.get("MLFLOW_TRACKING_URI", "(the cluster's default)"),
-            "status": "submitted",
-            "submission_id": sid,
-            "address": address,
-            "data": {},
-        },
+        SearchRecord(
+            name=spec.name,
+            spec=spec.model_dump(),
+            source=str(src),
+            created=now(),
+            path=f"{env.get('SERTUNE_STORAGE', '(on the cluster)')}/{spec.name}",
+            tracking_uri=env.get("MLFLOW_TRACKING_URI", "(the cluster's default)"),
+            status="submitted",
+            submission_id=sid,
+            address=address,
+        ),
     )
     log(f"submitted search {spec.name!r} to {address} as job {sid}")
     log(f"follow it: sertune search logs {spec.name}   status: sertune search status {spec.name}")
@@ -186,9 +185,9 @@ def submit(
     return sid
 
 
-def _submitted(name: str) -> dict[str, Any]:
+def _submitted(name: str) -> SearchRecord:
     record = load_record(name)
-    if not record.get("submission_id"):
+    if not record.submission_id:
         raise UsageError(
             f"{name!r} ran locally, not as a Ray Job; its output went to the terminal that ran it"
         )
@@ -198,48 +197,41 @@ def _submitted(name: str) -> dict[str, Any]:
 def follow(name: str, poll_s: float = 2.0) -> str:
     """Print the job's logs as they come until it ends; return its final status."""
     record = _submitted(name)
-    address = record["address"]
+    address = record.address
     client = _client(address)
     seen = 0
     while True:
-        logs = _call(address, client.get_job_logs, record["submission_id"])
+        logs = _call(address, client.get_job_logs, record.submission_id)
         if len(logs) > seen:
             print(logs[seen:], end="", flush=True)
             seen = len(logs)
-        status = str(_call(address, client.get_job_status, record["submission_id"]))
+        status = str(_call(address, client.get_job_status, record.submission_id))
         if status.split(".")[-1] in ("SUCCEEDED", "FAILED", "STOPPED"):
-            logs = _call(address, client.get_job_logs, record["submission_id"])
+            logs = _call(address, client.get_job_logs, record.submission_id)
             print(logs[seen:], end="", flush=True)
-            record["status"] = status.split(".")[-1].lower()
-            save_record(name, record)
+            save_record(name, record.but(status=status.split(".")[-1].lower()))
             return status.split(".")[-1]
         time.sleep(poll_s)
 
 
-def job_status(record: dict[str, Any]) -> str:
-    address = record["address"]
+def job_status(record: SearchRecord) -> str:
+    address = record.address
     client = _client(address)
     try:
-        info = _call(address, client.get_job_info, record["submission_id"])
+        info = _call(address, client.get_job_info, record.submission_id)
     except ServiceError as e:
         if "does not exist" in str(e) or "404" in str(e):
-            raise NotFound(f"job {record['submission_id']} is not known to {address}") from None
+            raise NotFound(f"job {record.submission_id} is not known to {address}") from None
         raise
-    return (
-        f"job {record['submission_id']} on {address}: {info.status} {info.message or ''}".strip()
-    )
+    return f"job {record.submission_id} on {address}: {info.status} {info.message or ''}".strip()
 
 
 def job_logs(name: str) -> str:
     record = _submitted(name)
-    return _call(
-        record["address"], _client(record["address"]).get_job_logs, record["submission_id"]
-    )
+    return _call(record.address, _client(record.address).get_job_logs, record.submission_id)
 
 
 def job_stop(name: str) -> str:
     record = _submitted(name)
-    ok = _call(record["address"], _client(record["address"]).stop_job, record["submission_id"])
-    return (
-        f"stop requested for job {record['submission_id']}" if ok else "the job had already ended"
-    )
+    ok = _call(record.address, _client(record.address).stop_job, record.submission_id)
+    return f"stop requested for job {record.submission_id}" if ok else "the job had already ended"

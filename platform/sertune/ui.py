@@ -25,9 +25,12 @@ import subprocess
 import sys
 import time
 import urllib.request
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import settings, tracking
+
+if TYPE_CHECKING:
+    from .records import SearchRecord
 
 VIEW_KEY = "sertune-trials"
 KIND_TAG = "mlflow.experimentKind"
@@ -92,21 +95,21 @@ def prepare_experiment(tracking_uri: str | None = None) -> str:
 
     c = tracking.client(tracking_uri)
     exp = tracking.get_experiment_id(c)
-    records = [r for r in list_records() if r.get("spec")]
-    latest = max(records, key=lambda r: r.get("created", ""), default=None)
-    objective = objectives(latest["spec"])[0]["metric"] if latest else "val_uar"
-    params = sorted(latest["spec"]["space"]) if latest else []
+    records = [r for r in list_records() if r.spec]
+    latest = max(records, key=lambda r: r.created, default=None)
+    objective = objectives(latest.spec)[0]["metric"] if latest else "val_uar"
+    params = sorted(latest.spec["space"]) if latest else []
     robust = _robust_columns(latest)
-    names = ", ".join(sorted(r["name"] for r in records))
+    names = ", ".join(sorted(r.name for r in records))
     for k, v in experiment_tags(objective, params, robust, names).items():
         c.set_experiment_tag(exp, k, v)
     return exp
 
 
-def _robust_columns(record: dict[str, Any] | None) -> list[str]:
-    if not record or not record["spec"].get("robustness"):
+def _robust_columns(record: SearchRecord | None) -> list[str]:
+    if not record or not record.spec.get("robustness"):
         return []
-    r = record["spec"]["robustness"]
+    r = record.spec["robustness"]
     have = {f"robust/uar_snr{int(s)}_{n}" for s in r["snrs_db"] for n in r["noises"]}
     have |= {f"robust/uar_pgd{e:g}" for e in r["pgd_eps"]} | {
         f"robust/uar_fgsm{e:g}" for e in r["fgsm_eps"]

@@ -30,7 +30,7 @@ def test_a_confirmed_promotion_registers_the_best_mean_not_the_best_seed(home, t
 
     from sertune import tracking
     from sertune.errors import GateFailed
-    from sertune.records import save_record
+    from sertune.records import SearchRecord, save_record
     from sertune.registry import promote
     from sertune.spec import load_spec
     from sertune.tracking import log_pyfunc_model
@@ -38,13 +38,13 @@ def test_a_confirmed_promotion_registers_the_best_mean_not_the_best_seed(home, t
     spec = load_spec(REPO / "search_spaces" / "smoke.yaml")
     save_record(
         "steady",
-        {
-            "name": "steady",
-            "spec": spec.model_dump(),
-            "data": {"fingerprint": "f"},
-            "tracking_uri": tracking.ensure_store(),
-            "path": str(home / "x"),
-        },
+        SearchRecord(
+            name="steady",
+            spec=spec.model_dump(),
+            data={"fingerprint": "f"},
+            tracking_uri=tracking.ensure_store(),
+            path=str(home / "x"),
+        ),
     )
     c = MlflowClient(tracking.ensure_store())
     exp = tracking.get_experiment_id(c)
@@ -120,12 +120,10 @@ def test_confirmation_and_a_fair_baseline_run_through_the_same_machinery(home, t
     (group,) = result.confirm
     assert len(group["trials"]) == 2 and group["seeds"] == [1000, 2000]
     assert {"val_uar", "test_uar", "robust/uar_snr10_white"} <= set(group["stats"])
-    assert load_record("paired")["phase"] == "done"
+    assert load_record("paired").phase == "done"
     base = load_record("paired--stl_baseline")
-    assert base["status"] == "finished" and base["baseline_of"] == "paired"
-    assert (
-        base["spec"]["params"]["loss.w_aug"] == 0.0 and "loss.w_aug" not in base["spec"]["space"]
-    )
+    assert base.status == "finished" and base.baseline_of == "paired"
+    assert base.spec["params"]["loss.w_aug"] == 0.0 and "loss.w_aug" not in base.spec["space"]
 
     c = MlflowClient(settings.tracking_uri())
     exp = c.get_experiment_by_name("sertune").experiment_id

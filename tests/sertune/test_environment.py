@@ -222,7 +222,7 @@ def test_a_search_whose_trials_all_fail_the_same_way_stops_early(home, tmp_path)
     from sertune.tracking import get_experiment_id
 
     record = load_record("all-fail")
-    assert record["status"] == "failed" and record["phase"] == "done"
+    assert record.status == "failed" and record.phase == "done"
     assert not (home / "searches" / "all-fail-confirm").exists()  # confirmation never started
     c = MlflowClient(settings.tracking_uri())
     (parent,) = c.search_runs([get_experiment_id(c)], "tags.`sertune.kind` = 'search'")

@@ -210,7 +210,7 @@ def test_a_stopped_search_is_interrupted_not_finished_and_resumes(tmp_path, home
     from sertune import settings
     from sertune.records import load_record
 
-    assert load_record("stopme")["status"] == "interrupted"
+    assert load_record("stopme").status == "interrupted"
     c = MlflowClient(settings.tracking_uri())
     runs = c.search_runs(
         [c.get_experiment_by_name("sertune").experiment_id], "tags.`sertune.search` = 'stopme'"
@@ -259,7 +259,7 @@ def test_a_search_whose_trials_all_fail_exits_non_zero(tmp_path, home):
     assert "loss became" in why
     from sertune.records import load_record
 
-    assert load_record("allfail")["status"] == "failed"
+    assert load_record("allfail").status == "failed"
 
 
 # -- clear errors ---------------------------------------------------------------------------------------

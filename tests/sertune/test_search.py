@@ -48,7 +48,7 @@ def test_smoke_single_objective(home, tmp_path):
     assert uars == sorted(uars, reverse=True)  # best first
     # the leaderboard shows test figures for stopped trials too (evaluated after the search)
     assert all(isinstance(r.get("test_uar"), float) for r in result.rows), result.rows
-    assert load_record("smoke")["status"] == "finished"
+    assert load_record("smoke").status == "finished"
     status = search_status("smoke")
     assert sum(status["trials"].values()) == 2 and "best" in status
     assert set(status["trials"]) <= {"finished", "stopped early"}
@@ -139,4 +139,4 @@ def test_per_trial_execution_trains_each_trial_in_its_own_train_run(home, tmp_pa
     assert len(parent) == 1 and len(children) == 3
     for ch in children:  # every trial, stopped or not, has its test figures
         assert "test_uar" in ch.data.metrics, ch.data.tags
-    assert load_record("per-trial")["status"] == "finished"
+    assert load_record("per-trial").status == "finished"

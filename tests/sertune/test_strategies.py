@@ -207,7 +207,7 @@ def test_a_warm_started_search_begins_with_the_earlier_trials(home, tmp_path):
     assert any(
         "warm start: 2 finished trial(s) seed the sampler (2 from 'ws-a')" in ln for ln in lines
     ), lines
-    assert load_record("ws-b")["warm_start"]["sources"] == {"ws-a": 2}
+    assert load_record("ws-b").warm_start["sources"] == {"ws-a": 2}
 
     # the saved searcher state: A's two trials first, then B's own two
     searcher = OptunaSearch()
@@ -321,7 +321,7 @@ def test_a_two_trial_search_runs_with_each_remaining_sampler(home, tmp_path, sea
     result = run_search(load_spec(p), log=lambda *m: None)
     assert result.errors == 0 and result.finished == 2
     assert len({tuple(sorted(r["config"].items())) for r in result.rows}) == 2  # two proposals
-    spec = load_record(name)["spec"]
+    spec = load_record(name).spec
     assert (spec["search"]["sampler"], spec["search"]["scheduler"]) == (
         search["sampler"],
         search["scheduler"],

@@ -230,10 +230,10 @@ def list_(a: argparse.Namespace) -> int:
     for r in records:
         status = effective_status(r)
         print(
-            f"{r['name']:28} {status:12} {r['created']:20} {r['spec']['budget']['trials']:>6}  "
-            f"{r.get('source', '')}"
+            f"{r.name:28} {status:12} {r.created:20} {r.spec['budget']['trials']:>6}  "
+            f"{r.source or ''}"
         )
-    crashed = [r["name"] for r in records if effective_status(r) == "crashed"]
+    crashed = [r.name for r in records if effective_status(r) == "crashed"]
     for name in crashed:
         print(f"{name}: crashed — resume with: sertune search resume {name}")
     return 0
@@ -242,7 +242,7 @@ def list_(a: argparse.Namespace) -> int:
 def _sync(record) -> None:
     from .. import tracking
 
-    journal = tracking.Journal(record["name"], record["tracking_uri"], log=print)
+    journal = tracking.Journal(record.name, record.tracking_uri, log=print)
     if journal.pending:
         journal.start()
         journal.close(timeout_s=60)
@@ -255,11 +255,11 @@ def status(a: argparse.Namespace) -> int:
     from ..status import format_status, search_status
 
     record = load_record(a.name)
-    if record.get("submission_id") and record.get("address"):
+    if record.submission_id and record.address:
         from ..submit import job_status
 
         print(job_status(record))
-    elif record.get("tracking_uri"):
+    elif record.tracking_uri:
         _sync(record)
     s = search_status(a.name)
     if a.json:
@@ -316,7 +316,7 @@ def sync(a: argparse.Namespace) -> int:
     from ..records import load_record
 
     record = load_record(a.name)
-    journal = tracking.Journal(a.name, record["tracking_uri"], log=print)
+    journal = tracking.Journal(a.name, record.tracking_uri, log=print)
     n = journal.pending
     if not n:
         print(f"{a.name}: every MLflow record is sent")
