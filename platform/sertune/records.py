@@ -58,7 +58,6 @@ class SearchRecord(BaseModel):
     failure: str | None = None  # why a search stopped failing fast
     warm_start: dict[str, Any] | None = None  # the earlier trials that seeded the sampler
     confirm: list[dict[str, Any]] | None = None  # the confirmed configurations, mean and spread
-    confirm_done: bool = False
     baseline_of: str | None = None  # a baseline's search
     submission_id: str | None = None  # a search submitted as a Ray Job
     address: str | None = None  # the cluster it was submitted to

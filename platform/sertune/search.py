@@ -208,7 +208,6 @@ def confirm_search(
     search.save(
         spec=spec.model_dump(),
         phase=Phase.CONFIRM,
-        confirm_done=False,
         status="running",
         driver=driver_stamp(),
     )
@@ -338,7 +337,6 @@ class Search:
             result = self.leaderboard_from_state()
         if runs(Phase.CONFIRM):
             result.confirm = self.confirm(result, logger, execution, stop)
-            self.save(confirm_done=True)
             self.advance()
         if self.phase == Phase.BASELINE and only is None:
             self.baseline(logger, execution, stop)
@@ -481,7 +479,6 @@ class Search:
                     driver=driver_stamp(),
                     parent_run_id=None,
                     confirm=None,
-                    confirm_done=False,
                 )
             base = Search(bname, bspec, brecord, self.log)
             base.save()
