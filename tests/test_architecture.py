@@ -54,6 +54,37 @@ def test_no_module_imports_another_that_imports_it_back():
     assert cycles == [], "imports that close a cycle (back chains):\n" + "\n".join(cycles)
 
 
+# A fault drill reads what MLflow holds with MLflow's own client, as a user would, so that it checks
+# what the code under test wrote rather than the code's own reading of it.
+READS_MLFLOW_AS_A_USER = {"sertune.bench.faults"}
+
+
+def test_only_tracking_talks_to_mlflow():
+    """Every MLflow import is in ``sertune.tracking`` and no module elsewhere holds a client: they
+    ask :class:`sertune.tracking.Store`, whose runs are plain frozen views."""
+    import ast
+
+    import grimp
+
+    graph = grimp.build_graph("sertune", "trainables", include_external_packages=True)
+    importers = {
+        m
+        for m in graph.find_modules_that_directly_import("mlflow")
+        if not m.startswith("sertune.tracking")
+    }
+    assert importers <= READS_MLFLOW_AS_A_USER, sorted(importers - READS_MLFLOW_AS_A_USER)
+    clients = []
+    for py in (REPO / "platform" / "sertune").rglob("*.py"):
+        if "tracking" in py.relative_to(REPO / "platform" / "sertune").parts:
+            continue
+        for node in ast.walk(ast.parse(py.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr == "client":
+                base = node.value
+                if isinstance(base, ast.Name) and base.id == "tracking":
+                    clients.append(f"{py.relative_to(REPO)}:{node.lineno}")
+    assert clients == [], f"ask tracking.Store instead of holding a client: {clients}"
+
+
 def _lint(root: Path) -> subprocess.CompletedProcess:
     env = {"PYTHONPATH": f"{root / 'platform'}:{root}", "PATH": str(Path(sys.executable).parent)}
     return subprocess.run(

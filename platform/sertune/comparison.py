@@ -14,8 +14,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from . import tracking
 from .errors import NotFound, UsageError
+from .tracking import Run, Store
 
 
 def _stats(values: list[float]) -> dict[str, float]:
@@ -24,55 +24,43 @@ def _stats(values: list[float]) -> dict[str, float]:
     return stats(values)
 
 
-def search_figures(client: Any, search: str) -> dict[str, Any]:
+def search_figures(store: Store, search: str) -> dict[str, Any]:
     """The winning configuration of ``search`` as MLflow recorded it."""
-    runs = tracking.runs_of(client, search)
-    parent = next((r for r in runs if r.data.tags.get(tracking.TAG_KIND) == "search"), None)
+    runs = store.runs_of(search)
+    parent = next((r for r in runs if r.kind == "search"), None)
     if parent is None:
-        raise NotFound(f"no search named {search!r} in MLflow ({client.tracking_uri})")
-    objective = json.loads(parent.data.tags.get("sertune.objective", "[]"))[0]
+        raise NotFound(f"no search named {search!r} in MLflow ({store.uri})")
+    objective = json.loads(parent.tags.get("sertune.objective", "[]"))[0]
     key, sign = objective["metric"], (1 if objective["mode"] == "max" else -1)
-    trials = [r for r in runs if r.data.tags.get(tracking.TAG_KIND) == "trial"]
-    confirmed: dict[str, list[Any]] = defaultdict(list)
+    trials = [r for r in runs if r.kind == "trial"]
+    confirmed: dict[str, list[Run]] = defaultdict(list)
     for r in trials:
-        if (
-            r.data.tags.get("sertune.phase") == "confirm"
-            and r.data.tags.get(tracking.TAG_STATUS) == "finished"
-        ):
-            confirmed[r.data.tags.get("sertune.confirm_of", "?")].append(r)
+        if r.tags.get("sertune.phase") == "confirm" and r.status == "finished":
+            confirmed[r.tags.get("sertune.confirm_of", "?")].append(r)
     out = {
         "search": search,
         "objective": objective,
-        "fingerprint": parent.data.tags.get("sertune.data_fingerprint", ""),
+        "fingerprint": parent.tags.get("sertune.data_fingerprint", ""),
     }
     if confirmed:
 
         def mean_of(group):
-            vals = [g.data.metrics[key] for g in group if key in g.data.metrics]
+            vals = [g.metrics[key] for g in group if key in g.metrics]
             return sum(vals) / len(vals) if vals else -math.inf * sign
 
         origin, group = max(confirmed.items(), key=lambda kv: sign * mean_of(kv[1]))
-        metrics = {k for g in group for k in g.data.metrics}
+        metrics = {k for g in group for k in g.metrics}
         out.update(source=f"confirmed: {len(group)} seeds", configuration_of=origin)
         out["stats"] = {
-            k: _stats([g.data.metrics[k] for g in group if k in g.data.metrics])
-            for k in sorted(metrics)
+            k: _stats([g.metrics[k] for g in group if k in g.metrics]) for k in sorted(metrics)
         }
         return out
-    done = [
-        r
-        for r in trials
-        if key in r.data.metrics
-        and r.data.tags.get(tracking.TAG_STATUS) in ("finished", "stopped_early")
-    ]
+    done = [r for r in trials if key in r.metrics and r.done]
     if not done:
         raise UsageError(f"search {search!r} has no finished trial with {key!r}")
-    best = max(done, key=lambda r: sign * r.data.metrics[key])
-    out.update(
-        source="best single run (no seed spread)",
-        configuration_of=best.data.tags.get(tracking.TAG_TRIAL),
-    )
-    out["stats"] = {k: _stats([v]) for k, v in sorted(best.data.metrics.items())}
+    best = max(done, key=lambda r: sign * r.metrics[key])
+    out.update(source="best single run (no seed spread)", configuration_of=best.trial)
+    out["stats"] = {k: _stats([v]) for k, v in sorted(best.metrics.items())}
     return out
 
 

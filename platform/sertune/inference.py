@@ -26,16 +26,11 @@ def _resolve_version(model_uri: str, tracking_uri: str | None) -> str:
     if not model_uri.startswith("models:/") or "@" not in model_uri:
         return model_uri
     name, _, alias = model_uri[len("models:/") :].partition("@")
-    c = tracking.client(tracking_uri)
-    try:
-        v = c.get_model_version_by_alias(name, alias)
-    except Exception as e:
-        if tracking.is_missing(e) or "not found" in str(e).lower():
-            raise NotFound(
-                f"{model_uri}: no model {name!r} with alias {alias!r} in {c.tracking_uri}"
-            ) from None
-        raise
-    return f"models:/{name}/{v.version}"
+    store = tracking.Store(tracking_uri)
+    version = store.version_of(name, alias)
+    if version is None:
+        raise NotFound(f"{model_uri}: no model {name!r} with alias {alias!r} in {store.uri}")
+    return f"models:/{name}/{version}"
 
 
 def model_dir(model_uri: str, tracking_uri: str | None = None) -> Path:

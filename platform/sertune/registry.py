@@ -11,19 +11,17 @@ single trial wins. Every version is tagged with where it came from.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import operator
 import re
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
-from . import __version__, tracking
+from . import __version__
 from .errors import GateFailed, NotFound, UsageError
 from .records import first_objective, load_record
+from .tracking import Run, Store
 
 _OPS = {
     ">=": operator.ge,
@@ -58,37 +56,28 @@ def code_version() -> str:
     return f"{__version__}+{sha}" if sha else __version__
 
 
-def trial_runs(client: Any, search: str) -> list[Any]:
-    return tracking.runs_of(client, search, kind="trial")
-
-
-def _candidates(runs: list[Any], metric: str, mode: str) -> tuple[list[dict[str, Any]], bool]:
+def _candidates(runs: list[Run], metric: str, mode: str) -> tuple[list[dict[str, Any]], bool]:
     """Candidates best first: confirmed configurations (mean over seeds) if any, else trials."""
     sign = 1 if mode == "max" else -1
     usable = [
-        r
-        for r in runs
-        if r.data.tags.get(tracking.TAG_STATUS) in ("finished", "stopped_early")
-        and metric in r.data.metrics
-        and r.data.tags.get("sertune.model_uri")
+        r for r in runs if r.done and metric in r.metrics and r.tags.get("sertune.model_uri")
     ]
-    confirmed: dict[str, list[Any]] = {}
+    confirmed: dict[str, list[Run]] = {}
     for r in usable:
-        if r.data.tags.get("sertune.phase") == "confirm":
-            confirmed.setdefault(r.data.tags.get("sertune.confirm_of", "?"), []).append(r)
+        if r.tags.get("sertune.phase") == "confirm":
+            confirmed.setdefault(r.tags.get("sertune.confirm_of", "?"), []).append(r)
     if confirmed:
         out = []
         for origin, group in confirmed.items():
-            keys = set.intersection(*(set(g.data.metrics) for g in group))
-            means = {k: sum(g.data.metrics[k] for g in group) / len(group) for k in keys}
+            keys = set.intersection(*(set(g.metrics) for g in group))
+            means = {k: sum(g.metrics[k] for g in group) / len(group) for k in keys}
             sds = {
-                k: (sum((g.data.metrics[k] - means[k]) ** 2 for g in group) / (len(group) - 1))
-                ** 0.5
+                k: (sum((g.metrics[k] - means[k]) ** 2 for g in group) / (len(group) - 1)) ** 0.5
                 if len(group) > 1
                 else 0.0
                 for k in keys
             }
-            median = sorted(group, key=lambda g: g.data.metrics[metric])[len(group) // 2]
+            median = sorted(group, key=lambda g: g.metrics[metric])[len(group) // 2]
             out.append(
                 {
                     "metrics": means,
@@ -103,11 +92,11 @@ def _candidates(runs: list[Any], metric: str, mode: str) -> tuple[list[dict[str,
         return out, True
     out = [
         {
-            "metrics": dict(r.data.metrics),
+            "metrics": dict(r.metrics),
             "sd": {},
             "run": r,
             "n": 1,
-            "label": f"trial {r.data.tags.get(tracking.TAG_TRIAL)}",
+            "label": f"trial {r.trial}",
             "origin": None,
         }
         for r in usable
@@ -137,13 +126,13 @@ def promote(
 ) -> dict[str, Any]:
     """Register the best configuration of ``search`` and point ``champion`` at it."""
     record = load_record(search)
-    c = tracking.client(tracking_uri or record.tracking_uri)
+    store = Store(tracking_uri or record.tracking_uri)
     first = first_objective(record.spec)
     metric = objective or first["metric"]
     mode = first["mode"] if metric == first["metric"] else "max"
     parsed = [parse_gate(g) for g in gates or []]
 
-    candidates, confirmed = _candidates(trial_runs(c, search), metric, mode)
+    candidates, confirmed = _candidates(store.runs_of(search, kind="trial"), metric, mode)
     if not candidates:
         raise NotFound(
             f"search {search!r}: no finished trial with metric {metric!r} and a logged model"
@@ -172,9 +161,9 @@ def promote(
     value = best["metrics"][metric]
     tags = {
         "sertune.search": search,
-        "sertune.trial_id": run.data.tags.get(tracking.TAG_TRIAL, ""),
+        "sertune.trial_id": run.trial,
         "sertune.data_fingerprint": record.data.get("fingerprint")
-        or _parent_tag(c, run, "sertune.data_fingerprint"),
+        or _parent_tag(store, run, "sertune.data_fingerprint"),
         "sertune.code_version": code_version(),
         "sertune.objective": f"{metric}={value:.6f}",
         "sertune.gates": json.dumps(gates or []),
@@ -184,28 +173,16 @@ def promote(
             f"{metric} mean {value:.4f} ± {best['sd'].get(metric, 0.0):.4f} over {best['n']} seeds "
             f"(configuration of trial {best['origin']}; this version is its median seed)"
         )
-    try:
-        c.get_registered_model(model_name)
-    except Exception as e:
-        if not tracking.is_missing(e):
-            raise
-        c.create_registered_model(
-            model_name, description="Speech emotion models promoted by sertune"
-        )
-    previous = None
-    try:
-        previous = c.get_model_version_by_alias(model_name, "champion").version
-    except Exception as e:
-        if not (tracking.is_missing(e) or "not found" in str(e).lower()):
-            raise
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        # MLflow prints "Registered model ... already exists" on its own; we say what happened
-        mv = tracking.register_model(run.data.tags["sertune.model_uri"], model_name, tags)
-    version = str(mv.version)
-    _wait_ready(c, model_name, version)
+    previous = store.version_of(model_name, "champion")
+    version = store.register(
+        run.tags["sertune.model_uri"],
+        model_name,
+        tags,
+        description="Speech emotion models promoted by sertune",
+    )
     if previous:
-        c.set_registered_model_alias(model_name, "previous", previous)
-    c.set_registered_model_alias(model_name, "champion", version)
+        store.set_alias(model_name, "previous", previous)
+    store.set_alias(model_name, "champion", version)
     return {
         "name": model_name,
         "version": version,
@@ -216,7 +193,7 @@ def promote(
         "sd": best["sd"].get(metric) if confirmed else None,
         "n": best["n"],
         "confirmed": confirmed,
-        "run_id": run.info.run_id,
+        "run_id": run.run_id,
         "gates": rows,
         "passed_over": [
             {
@@ -229,14 +206,6 @@ def promote(
     }
 
 
-def _parent_tag(client: Any, run: Any, tag: str) -> str:
-    parent = run.data.tags.get("mlflow.parentRunId")
-    return client.get_run(parent).data.tags.get(tag, "") if parent else ""
-
-
-def _wait_ready(client: Any, name: str, version: str, timeout_s: float = 60) -> None:
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout_s:
-        if client.get_model_version(name, version).status == "READY":
-            return
-        time.sleep(0.5)
+def _parent_tag(store: Store, run: Run, tag: str) -> str:
+    parent = run.tags.get("mlflow.parentRunId")
+    return store.run(parent).tags.get(tag, "") if parent else ""

@@ -27,12 +27,10 @@ def remove_search(name: str, mlflow_runs: bool = False) -> list[str]:
     if journal.exists():
         shutil.rmtree(journal)
     if mlflow_runs and (record.tracking_uri or "").startswith(("sqlite", "http", "file", "/")):
-        c = tracking.client(record.tracking_uri)
-        runs = tracking.runs_of(c, name)
-        for r in runs:
-            c.delete_run(r.info.run_id)
+        store = tracking.Store(record.tracking_uri)
+        n = store.delete_runs(store.runs_of(name))
         done.append(
-            f"deleted {len(runs)} MLflow run(s) of {name!r} (restorable from the MLflow UI's trash)"
+            f"deleted {n} MLflow run(s) of {name!r} (restorable from the MLflow UI's trash)"
         )
     delete_record(name)
     done.append(f"removed the record of {name!r}")

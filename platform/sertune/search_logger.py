@@ -247,30 +247,18 @@ class MLflowSearchLogger(Callback):
         self._child(trial)
 
     def _track_schedule(self, key: str, result: dict[str, Any]) -> None:
-        values = {
-            k.removeprefix("schedule/"): v for k, v in result.items() if k.startswith("schedule/")
-        }
-        if not values:
-            return
+        """Population-based training: tag a hand-over, keep the trial's lineage. The warm proxy
+        sends the whole lineage (every epoch's values and the trial that trained it, kept with
+        the checkpoints) on each result, so nothing is rebuilt here."""
         donor = result.get("pbt_exploited_from")
         if donor:
             at = int(result.get("pbt_exploited_epoch", 0))
-            self.schedules[key] = [e for e in self.schedules.get(donor, []) if e[0] <= at]
+            note = f"took trial {donor}'s checkpoint at epoch {at}"
             self.journal.append(
-                Op(
-                    Kind.TAGS,
-                    key=key,
-                    tags={
-                        f"sertune.pbt_exploit_epoch_{at}": f"took trial {donor}'s checkpoint at epoch {at}"
-                    },
-                )
+                Op(Kind.TAGS, key=key, tags={f"sertune.pbt_exploit_epoch_{at}": note})
             )
-        if result.get("pbt_lineage"):  # the trial's whole lineage, kept with its checkpoints
+        if result.get("pbt_lineage"):
             self.schedules[key] = json.loads(result["pbt_lineage"])
-            return
-        epoch = trial_epochs(result)  # an epoch trained again (a restart) replaces the first
-        kept = [e for e in self.schedules.get(key, []) if e[0] < epoch]
-        self.schedules[key] = [*kept, [epoch, values, key]]
 
     def on_trial_result(
         self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
@@ -501,9 +489,9 @@ class MLflowSearchLogger(Callback):
         from .comparison import compare, format_comparison, search_figures, write_comparison
 
         self.journal.drain(600)
-        c = tracking.client(self.uri)
         try:
-            cmp = compare(search_figures(c, name), search_figures(c, baseline))
+            store = tracking.Store(self.uri)
+            cmp = compare(search_figures(store, name), search_figures(store, baseline))
         except Exception as e:  # noqa: BLE001 - a comparison must not fail the search
             self.log(f"[sertune] no comparison with {baseline!r}: {e}")
             return

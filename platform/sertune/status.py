@@ -100,7 +100,7 @@ def mlflow_url(record: SearchRecord, ui: str = "http://127.0.0.1:5000") -> str |
     uri = record.tracking_uri or ""
     base = uri.rstrip("/") if tracking.is_server(uri) else ui
     try:
-        exp = tracking.get_experiment_id(tracking.client(uri), create=False)
+        exp = tracking.Store(uri).experiment_id(create=False)
     except Exception:  # noqa: BLE001 - a URL is a courtesy; the store may be offline
         return f"{base} (run {run})"
     return f"{base}/#/experiments/{exp}/runs/{run}"

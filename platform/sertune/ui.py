@@ -93,17 +93,15 @@ def prepare_experiment(tracking_uri: str | None = None) -> str:
     """Create the experiment if needed and set its view from the latest search; return its id."""
     from .records import list_records, objectives
 
-    c = tracking.client(tracking_uri)
-    exp = tracking.get_experiment_id(c)
     records = [r for r in list_records() if r.spec]
     latest = max(records, key=lambda r: r.created, default=None)
     objective = objectives(latest.spec)[0]["metric"] if latest else "val_uar"
     params = sorted(latest.spec["space"]) if latest else []
     robust = _robust_columns(latest)
     names = ", ".join(sorted(r.name for r in records))
-    for k, v in experiment_tags(objective, params, robust, names).items():
-        c.set_experiment_tag(exp, k, v)
-    return exp
+    return tracking.Store(tracking_uri).set_experiment_tags(
+        experiment_tags(objective, params, robust, names)
+    )
 
 
 def _robust_columns(record: SearchRecord | None) -> list[str]:

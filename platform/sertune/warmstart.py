@@ -46,25 +46,27 @@ def collect(spec: Any, tracking_uri: str, log=print) -> dict[str, Any] | None:
         return None
     space = {k: v.model_dump() for k, v in spec.space.items()}
     metrics = [m.metric for m in spec.objective.as_list()]
-    c = tracking.client(tracking_uri)
+    store = tracking.Store(tracking_uri)
     trials, sources, skipped = [], {}, 0
     for i, name in enumerate(names):
         try:
-            found = tracking.finished_trials(c, name)
+            found = store.finished_trials(name)
         except NotFound as e:
             raise UsageError(f"{spec.source}: search.warm_start.{i}: {e}") from None
         used = 0
         for t in found:
-            values = [t["metrics"].get(m) for m in metrics]
+            values = [t.metrics.get(m) for m in metrics]
             try:
-                params = {k: _value(p, t["params"][k]) for k, p in space.items()}
+                params = {k: _value(p, t.params[k]) for k, p in space.items()}
             except (KeyError, ValueError):
                 skipped += 1
                 continue
             if any(v is None or not math.isfinite(v) for v in values):
                 skipped += 1
                 continue
-            trials.append({"params": params, "values": values, "from": f"{name}/{t['trial']}"})
+            trials.append(
+                {"params": params, "values": values, "from": f"{name}/{t.trial or t.run_id}"}
+            )
             used += 1
         sources[name] = used
     what = ", ".join(f"{n} from {name!r}" for name, n in sources.items())

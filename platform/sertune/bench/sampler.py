@@ -24,25 +24,25 @@ from ..spec import load_spec, presets
 
 
 def _curves(
-    c: Any, name: str, metric: str, mode: str
+    store: tracking.Store, name: str, metric: str, mode: str
 ) -> tuple[list[float], list[float], list[float]]:
     """Best-so-far after each trial in the order they were proposed; and against wall time: the
     time the k-th trial ended (from the first start) with the best of the trials ended by then."""
-    trials = tracking.finished_trials(c, name, with_times=True)
-    t0 = min(t["start"] for t in trials)
+    trials = store.finished_trials(name)
+    t0 = min(t.start_ms for t in trials)
     better = max if mode == "max" else min
 
-    def best_so_far(ordered: list[dict[str, Any]]) -> list[float]:
+    def best_so_far(ordered: list[tracking.Run]) -> list[float]:
         best, out = None, []
         for t in ordered:
-            v = t["metrics"].get(metric)
+            v = t.metrics.get(metric)
             if v is not None:
                 best = v if best is None else better(best, v)
             out.append(best if best is not None else float("nan"))
         return out
 
-    by_end = sorted(trials, key=lambda t: t["end"])
-    return best_so_far(trials), [(t["end"] - t0) / 1000.0 for t in by_end], best_so_far(by_end)
+    by_end = sorted(trials, key=lambda t: t.end_ms)
+    return best_so_far(trials), [(t.end_ms - t0) / 1000.0 for t in by_end], best_so_far(by_end)
 
 
 def _mean_sd(rows: list[list[float]]) -> tuple[list[float], list[float]]:
@@ -69,7 +69,7 @@ def run_sampler_bench(
     spec_path = presets()["demo"]
     base = load_spec(spec_path)
     metric, mode = base.objective.metric, base.objective.mode
-    c = tracking.client()
+    store = tracking.Store()
     curves: dict[str, dict[str, Any]] = {}
     stamp = time.strftime("%m%d%H%M")
     log(
@@ -110,7 +110,7 @@ def run_sampler_bench(
             )
             t = time.monotonic()
             result = run_search(spec, num_cpus=num_cpus, log=lambda *a: None)
-            best, wall, best_at_wall = _curves(c, name, metric, mode)
+            best, wall, best_at_wall = _curves(store, name, metric, mode)
             runs.append(best)
             walls.append(wall)
             by_end.append(best_at_wall)
@@ -162,8 +162,7 @@ def run_sampler_bench(
         png.parent.mkdir(parents=True, exist_ok=True)
         _plot(curves, metric, seeds, png)
         (png.parent / "bench_sampler.json").write_text(json.dumps(curves, indent=2))
-        run_id = tracking.log_bench_run(
-            c,
+        run_id = store.log_bench_run(
             "bench-sampler",
             {"samplers": ",".join(curves), "trials": trials, "seeds": seeds},
             {f"best_{metric}_{s}": v["mean"][n - 1] for s, v in curves.items()},

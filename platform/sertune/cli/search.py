@@ -353,8 +353,8 @@ def compare(a: argparse.Namespace) -> int:
         write_comparison,
     )
 
-    c = tracking.client(a.tracking_uri)
-    result = do_compare(search_figures(c, a.a), search_figures(c, a.b))
+    store = tracking.Store(a.tracking_uri)
+    result = do_compare(search_figures(store, a.a), search_figures(store, a.b))
     print(format_comparison(result))
     if a.out:
         for p in write_comparison(result, Path(a.out)):

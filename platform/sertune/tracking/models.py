@@ -1,6 +1,7 @@
-"""Models in MLflow: logging a trial's model as a pyfunc, registering it, fetching its files
-and MLflow's own loader. The model format itself (what loads it, what it needs) is
-``sertune.serving``'s; here are only the calls that move it in and out of MLflow."""
+"""Models in MLflow: logging a trial's model as a pyfunc, fetching its files and MLflow's own
+loader (registering a version is :meth:`sertune.tracking.Store.register`). The model format
+itself (what loads it, what it needs) is ``sertune.serving``'s; here are only the calls that
+move it in and out of MLflow."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -63,10 +63,3 @@ def load_pyfunc(model_uri: str):
     import mlflow
 
     return mlflow.pyfunc.load_model(model_uri)
-
-
-def register_model(model_uri: str, name: str, tags: dict[str, Any]) -> Any:
-    """A new version of registered model ``name`` from a logged model; MLflow's ModelVersion."""
-    import mlflow
-
-    return mlflow.register_model(model_uri, name, tags=tags)

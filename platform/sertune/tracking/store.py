@@ -1,4 +1,4 @@
-"""The MLflow store: set-up, checks, the sertune experiment and the queries on its runs.
+"""The MLflow store: set-up, checks and the sertune experiment (its queries: ``runs.Store``).
 
 The store is created once under a file lock (SQLite: two first searches at once must not both
 run MLflow's migrations) and in WAL mode (one writer per search plus readers such as
@@ -172,71 +172,3 @@ def clean_value(v: Any) -> float | None:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
         return None
     return float(f"{float(v):.6g}")
-
-
-def finished_trials(c: Any, source: str, with_times: bool = False) -> list[dict[str, Any]]:
-    """The finished (or scheduler-stopped) trials of an earlier search, by search name in this
-    store's sertune experiment, else every sertune trial of the MLflow experiment ``source``:
-    ``[{"search", "trial", "params": {name: str}, "metrics": {name: float}}]``, oldest first.
-    Raises :class:`NotFound` when neither exists."""
-    trial = f"tags.`{TAG_KIND}` = 'trial'"
-    exp_id = get_experiment_id(c)
-    runs = _all_runs(c, [exp_id], f"{trial} and tags.`{TAG_SEARCH}` = '{source}'")
-    if not runs:
-        exp = c.get_experiment_by_name(source)
-        if exp is None:
-            raise NotFound(f"no search or MLflow experiment named {source!r} in {c.tracking_uri}")
-        runs = _all_runs(c, [exp.experiment_id], trial)
-    runs = [r for r in runs if r.data.tags.get(TAG_STATUS) in ("finished", "stopped_early")]
-    return [
-        {
-            "search": r.data.tags.get(TAG_SEARCH, ""),
-            "trial": r.data.tags.get(TAG_TRIAL, r.info.run_id),
-            "params": dict(r.data.params),
-            "metrics": dict(r.data.metrics),
-            **(
-                {"start": r.info.start_time, "end": r.info.end_time or r.info.start_time}
-                if with_times
-                else {}
-            ),
-        }
-        for r in sorted(runs, key=lambda r: r.info.start_time or 0)
-    ]
-
-
-def log_bench_run(
-    c: Any, name: str, params: dict[str, Any], metrics: dict[str, float], files: list[Path]
-) -> str:
-    """One finished MLflow run for a benchmark's figures and plots; returns its id."""
-    run = c.create_run(
-        get_experiment_id(c), run_name=name, tags={TAG_KIND: "bench", "mlflow.runName": name}
-    )
-    rid = run.info.run_id
-    for k, v in params.items():
-        c.log_param(rid, k, v)
-    for k, v in metrics.items():
-        if clean_value(v) is not None:
-            c.log_metric(rid, k, clean_value(v))
-    for f in files:
-        c.log_artifact(rid, str(f))
-    c.set_terminated(rid, "FINISHED")
-    return rid
-
-
-def runs_of(c: Any, search: str, kind: str | None = None) -> list[Any]:
-    """Every run of ``search`` (all pages), or only its ``kind`` ("search", "trial", ...)."""
-    exp = get_experiment_id(c, create=False)
-    flt = f"tags.`{TAG_SEARCH}` = '{search}'"
-    if kind:
-        flt += f" and tags.`{TAG_KIND}` = '{kind}'"
-    return _all_runs(c, [exp], flt)
-
-
-def _all_runs(c: Any, experiment_ids: list[str], filter_string: str) -> list[Any]:
-    out, token = [], None
-    while True:
-        page = c.search_runs(experiment_ids, filter_string, max_results=1000, page_token=token)
-        out += list(page)
-        token = page.token
-        if not token:
-            return out
