@@ -25,10 +25,9 @@ def write_search(uri, search, trials):
     j.append(Op(Kind.RUN, key="parent", identity=ident, run_name=search, tags=ident))
     for tid, status, uar in trials:
         tags = {tracking.TAG_SEARCH: search, tracking.TAG_TRIAL: tid, tracking.TAG_KIND: "trial"}
-        j.append(
-            Op(Kind.RUN, key=tid, identity=tags, parent="parent", run_name=tid,
-               tags={**tags, tracking.TAG_STATUS: status}, params={"loss.w_aug": 0.5})
-        )  # fmt: skip
+        run_tags = {**tags, tracking.TAG_STATUS: status}
+        params = {"loss.w_aug": 0.5}
+        j.append(Op(Kind.RUN, key=tid, identity=tags, parent="parent", tags=run_tags, params=params))
         for epoch in (1, 2):
             j.append(Op(Kind.METRICS, key=tid, step=epoch, metrics=[["val_uar", uar, epoch]]))
         j.append(Op(Kind.END, key=tid, status="FINISHED"))
@@ -69,11 +68,9 @@ def test_search_rm_with_mlflow_deletes_that_search_s_runs_and_no_other(uri, tmp_
 
     for name in ("gone", "kept"):
         write_search(uri, name, [("t1", "finished", 0.5)])
-        save_record(
-            name,
-            SearchRecord(name=name, spec={}, path=str(tmp_path / name), tracking_uri=uri,
-                         status="finished"),
-        )  # fmt: skip
+        path = str(tmp_path / name)
+        record = SearchRecord(name=name, spec={}, path=path, tracking_uri=uri, status="finished")
+        save_record(name, record)
     said = remove_search("gone", mlflow_runs=True)
     assert "deleted 2 MLflow run(s) of 'gone' (restorable from the MLflow UI's trash)" in said
     store = Store(uri)
