@@ -27,7 +27,9 @@ def write_search(uri, search, trials):
         tags = {tracking.TAG_SEARCH: search, tracking.TAG_TRIAL: tid, tracking.TAG_KIND: "trial"}
         run_tags = {**tags, tracking.TAG_STATUS: status}
         params = {"loss.w_aug": 0.5}
-        j.append(Op(Kind.RUN, key=tid, identity=tags, parent="parent", tags=run_tags, params=params))
+        j.append(
+            Op(Kind.RUN, key=tid, identity=tags, parent="parent", tags=run_tags, params=params)
+        )
         for epoch in (1, 2):
             j.append(Op(Kind.METRICS, key=tid, step=epoch, metrics=[["val_uar", uar, epoch]]))
         j.append(Op(Kind.END, key=tid, status="FINISHED"))
