@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torchaudio
 
-from sertune.trainable import Trainable, TrainBench
+from sertune.trainable import BEST_EPOCH, EPOCHS_DONE, LOOP_STARTED_AT, Trainable, TrainBench
 from trainables.common.corpus_hooks import CorpusHooks
 from trainables.common.metrics import confusion, scores
 from trainables.common.robustness import evaluate_robustness, robust_metric_names, write_report
@@ -126,6 +126,11 @@ class LinearTrainable(CorpusHooks, Trainable):
     name = "linear"
     epoch_metrics = ("val_uar", "val_war", "val_f1", "val_uar_noisy", "train_loss")
     final_metrics = ("test_uar", "test_war", "test_f1")
+    # its own words, not MTL-AUG's: the control plane shows whatever a trainable names here
+    display_metrics = ("val_f1", "val_war", "test_f1")
+    display_robust = ("robust/uar_clean",)
+    checkpoint_metric = ("val_uar", "max")
+    pbt_defaults = ("optim.lr",)  # the one continuous knob a linear model has
 
     def param_names(self) -> set[str]:
         return set(DEFAULTS)
@@ -185,14 +190,14 @@ class LinearTrainable(CorpusHooks, Trainable):
             vn = _scores(predictor, val.with_audio(val.audio + noise))
             metrics = {
                 "epoch": epoch,
-                "epochs_done": epoch + 1,
+                EPOCHS_DONE: epoch + 1,
                 "val_uar": v["uar"],
                 "val_war": v["war"],
                 "val_f1": v["f1"],
                 "val_uar_noisy": vn["uar"],
                 "train_loss": float(np.mean(losses)),
                 "loop_time_s": time.perf_counter() - t0,
-                "loop_started_at": started,
+                LOOP_STARTED_AT: started,
             }
             if v["uar"] > best["value"]:
                 best = {
@@ -200,7 +205,7 @@ class LinearTrainable(CorpusHooks, Trainable):
                     "epoch": epoch,
                     "state": {k: t.clone() for k, t in model.state_dict().items()},
                 }
-            metrics["best_epoch"] = best["epoch"]
+            metrics[BEST_EPOCH] = best["epoch"]
             with tempfile.TemporaryDirectory() as tmp:
                 best_model = LinearModel(int(cfg["features.n_mels"]))
                 best_model.load_state_dict(best["state"])

@@ -17,7 +17,7 @@ import soundfile as sf
 
 from sertune.errors import DataError
 from sertune.sessions import LocalSession
-from sertune.trainable import Trainable, TrialStopped
+from sertune.trainable import EPOCHS_DONE, Trainable, TrialStopped
 
 ROBUSTNESS = {
     "snrs_db": [10],
@@ -86,7 +86,7 @@ def check_trains_reports_and_serves(t: Trainable, tmp_path: Path, params: dict[s
     }
     session = LocalSession(device="cpu", keep_checkpoints=str(tmp_path / "ckpt"))
     history = t.train(config, session)
-    assert [h["epochs_done"] for h in history] == [1, 2]
+    assert [h[EPOCHS_DONE] for h in history] == [1, 2]
     for h in history:
         missing = set(t.epoch_metrics) - set(h)
         assert not missing, f"epoch metrics not reported: {missing}"
@@ -115,7 +115,7 @@ def check_trains_reports_and_serves(t: Trainable, tmp_path: Path, params: dict[s
     assert again["test_uar"] == pytest.approx(last["test_uar"])
 
     resumed = LocalSession(device="cpu", checkpoint_dir=session.history[0]["checkpoint"])
-    assert [h["epochs_done"] for h in t.train(config, resumed)] == [2]  # only what was missing
+    assert [h[EPOCHS_DONE] for h in t.train(config, resumed)] == [2]  # only what was missing
 
     class Stopping(LocalSession):
         def poll(self) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from typing import Any
 
 from . import ray_compat
@@ -218,7 +219,7 @@ def _describe(nodes: list[dict[str, float]]) -> str:
     )
 
 
-def check_resources(spec: Any, log=print) -> int:
+def check_resources(spec: Any, log: Callable[[str], None] = print) -> int:
     """Refuse a search whose trial can never be placed; return how many trials fit at once.
 
     A cluster started here cannot grow: refuse at once (exit 2, naming ``resources.*``). A joined
@@ -281,6 +282,23 @@ def _node_report() -> dict[str, Any]:
     from .doctor import node_report
 
     return {**node_report(), "versions": _versions()}
+
+
+def concurrent_slots(spec: Any, log: Callable[[str], None] = print) -> int:
+    """How many trials of ``spec`` run at once on the cluster Ray is connected to: its
+    ``budget.concurrency``, or fewer when fewer fit (said once). Refuses a search that cannot
+    run here at all (:func:`check_resources`, :func:`check_nodes`)."""
+    fit = check_resources(spec, log)
+    checked = check_nodes()  # a joined cluster: every node's torch/torchaudio, versions
+    if checked:
+        log(f"[sertune] {checked}")
+    n_slots = min(spec.budget.concurrency, fit)
+    if n_slots < spec.budget.concurrency:
+        log(
+            f"[sertune] {spec.budget.concurrency} trials at once were asked for; the "
+            f"cluster holds {fit}: running {n_slots} at a time"
+        )
+    return n_slots
 
 
 def check_nodes(force: bool = False) -> str:

@@ -40,6 +40,7 @@ def search_figures(store: Store, search: str) -> dict[str, Any]:
     out = {
         "search": search,
         "objective": objective,
+        "headline": _final_display(parent.tags.get("sertune.trainable", "")),
         "fingerprint": parent.tags.get("sertune.data_fingerprint", ""),
     }
     if confirmed:
@@ -64,10 +65,23 @@ def search_figures(store: Store, search: str) -> dict[str, Any]:
     return out
 
 
+def _final_display(trainable: str) -> list[str]:
+    """The trainable's display metrics known at a trial's end (its test figures)."""
+    from .trainable import UnknownTrainable, get_trainable
+
+    try:
+        plugin = get_trainable(trainable)
+    except UnknownTrainable:  # a search of a trainable not installed here: robustness only
+        return []
+    return [m for m in plugin.display_metrics if m in plugin.final_metrics]
+
+
 def compare(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
-    """Rows for the objective, test figures and every ``robust/*`` metric both sides have."""
+    """Rows for the objective, the trainable's test figures and every ``robust/*`` metric both
+    sides have."""
     key = a["objective"]["metric"]
-    wanted = [key, "test_uar"] + sorted(k for k in a["stats"] if k.startswith("robust/"))
+    headline = a.get("headline") or []
+    wanted = [key, *headline] + sorted(k for k in a["stats"] if k.startswith("robust/"))
     rows = []
     for m in dict.fromkeys(wanted):
         sa, sb = a["stats"].get(m), b["stats"].get(m)
@@ -108,7 +122,8 @@ def format_comparison(c: dict[str, Any]) -> str:
 
 
 def plot_comparison(c: dict[str, Any], out: Path) -> Path | None:
-    """UAR against SNR for each noise type, both searches, error bars = seed sd."""
+    """A robustness metric against SNR for each noise type (``robust/<m>_snr<dB>_<noise>``), both
+    searches, error bars = seed sd; the clean figure (``robust/<m>_clean``) dotted."""
     import re
 
     import matplotlib
@@ -116,20 +131,21 @@ def plot_comparison(c: dict[str, Any], out: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pattern = re.compile(r"^robust/uar_snr(-?\d+)_(\w+)$")
+    pattern = re.compile(r"^robust/([a-z0-9]+)_snr(-?\d+)_(\w+)$")
     series: dict[tuple[str, str], list[tuple[float, float, float]]] = defaultdict(list)
+    figure = ""  # the first metric with an SNR curve (uar for MTL-AUG) is the one plotted
     for side in ("a", "b"):
         for m, s in c[side]["stats"].items():
             hit = pattern.match(m)
-            if hit:
-                series[(side, hit.group(2))].append((float(hit.group(1)), s["mean"], s["sd"]))
+            if hit and hit.group(1) == (figure := figure or hit.group(1)):
+                series[(side, hit.group(3))].append((float(hit.group(2)), s["mean"], s["sd"]))
     if not series:
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
     for (side, noise), pts in sorted(series.items()):
         pts.sort()
         name = c[side]["search"]
-        clean = c[side]["stats"].get("robust/uar_clean")
+        clean = c[side]["stats"].get(f"robust/{figure}_clean")
         ax.errorbar(
             [p[0] for p in pts],
             [p[1] for p in pts],
@@ -142,7 +158,7 @@ def plot_comparison(c: dict[str, Any], out: Path) -> Path | None:
         if clean and side == "a":
             ax.axhline(clean["mean"], c="gray", ls=":", lw=1)
     ax.set_xlabel("SNR over the utterance (dB)")
-    ax.set_ylabel("test UAR (mean ± sd over seeds)")
+    ax.set_ylabel(f"test {figure.upper()} (mean ± sd over seeds)")
     ax.set_ylim(0, 1)
     ax.set_title(f"{c['a']['search']} vs {c['b']['search']} under noise", fontsize=10)
     ax.legend(fontsize=7)

@@ -17,14 +17,17 @@ import math
 from collections import defaultdict
 from typing import Any
 
+from .spec import MetricSpec, SearchSpec
+
 SEED_STRIDE = 1000  # seed k of a confirmation: spec.seed + SEED_STRIDE * k (k = 1..seeds)
 
 
 def confirmation_points(
     result: Any, top_k: int, seeds: int, base_seed: int
 ) -> list[dict[str, Any]]:
-    """Configurations for the confirmation runs: the ``top_k`` best trials x ``seeds`` seeds."""
-    objective = result.metrics[0]["metric"]
+    """Configurations for the confirmation runs: the ``top_k`` best trials x ``seeds`` seeds of
+    a leaderboard (``sertune.leaderboard.SearchResult``, which imports this module)."""
+    objective = result.columns.first.metric
     best = [
         r
         for r in result.rows
@@ -44,7 +47,7 @@ def _stats(values: list[float]) -> dict[str, float]:
     return {"mean": mean, "sd": sd, "min": min(values), "max": max(values), "n": n}
 
 
-def aggregate(rows: list[dict[str, Any]], objective: dict[str, str]) -> list[dict[str, Any]]:
+def aggregate(rows: list[dict[str, Any]], objective: MetricSpec) -> list[dict[str, Any]]:
     """Per confirmed configuration: mean, sd, min, max and n of every figure, best mean first."""
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
@@ -59,7 +62,7 @@ def aggregate(rows: list[dict[str, Any]], objective: dict[str, str]) -> list[dic
             for k, v in m.items()
             if isinstance(v, (int, float))
             and not isinstance(v, bool)
-            and (k.startswith(("val_", "test_", "robust/")) or k == objective["metric"])
+            and (k.startswith(("val_", "test_", "robust/")) or k == objective.metric)
         }
         stats = {}
         for k in sorted(keys):
@@ -75,8 +78,8 @@ def aggregate(rows: list[dict[str, Any]], objective: dict[str, str]) -> list[dic
                 "stats": stats,
             }
         )
-    sign = -1 if objective["mode"] == "max" else 1
-    key = objective["metric"]
+    sign = -1 if objective.mode == "max" else 1
+    key = objective.metric
     out.sort(key=lambda g: sign * g["stats"].get(key, {}).get("mean", -sign * math.inf))
     return out
 
@@ -99,7 +102,7 @@ def format_confirmation(groups: list[dict[str, Any]], metrics: list[str]) -> str
     return "\n".join([fmt(header), *(fmt(r) for r in lines)])
 
 
-def baseline_spec(spec: Any):
+def baseline_spec(spec: SearchSpec) -> SearchSpec:
     """``spec`` with its baseline's parameters fixed and removed from the space."""
     from .spec import validate_spec
     from .trainable import get_trainable

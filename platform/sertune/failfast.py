@@ -21,6 +21,7 @@ from typing import Any
 from ray.tune import Callback, Stopper
 
 from .failures import trial_error_reason
+from .trainable import TrialDiverged
 
 _ENV_PATTERNS = (
     r"^(ImportError|ModuleNotFoundError)\b",
@@ -31,7 +32,8 @@ _ENV_PATTERNS = (
     r"DLL load failed",
     r"GLIBC(XX)?_[\d.]+' not found",
 )
-_NEVER_COUNTED = ("TrainingDiverged", "Diverged:")
+# a diverged trial is its configuration's fault (the trainable raised TrialDiverged)
+_NEVER_COUNTED = f"{TrialDiverged.__name__}:"
 
 # Tune keeps the stopper it pickled when a search resumes: the stopper finds its live watcher here.
 _ACTIVE: dict[str, FailFast] = {}
@@ -74,7 +76,7 @@ class FailFast(Callback):
         """One failed trial's reason (the innermost exception line)."""
         if self.tripped:
             return
-        if any(m in reason for m in _NEVER_COUNTED):
+        if _NEVER_COUNTED in reason:
             self.ended.append(None)
             return
         self.ended.append(reason)

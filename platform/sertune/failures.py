@@ -11,6 +11,10 @@ import re
 from pathlib import Path
 from typing import Any
 
+from .trainable import TrialDiverged
+
+# what the line of a trial's own exception looks like
+_REASONS = ("Error:", "Exception:", f"{TrialDiverged.__name__}:", "Stopped:")
 _WRAPPERS = (
     "Training failed due to worker errors",
     "WorkerGroupError",
@@ -29,7 +33,7 @@ def error_reason(text: str) -> str:
     candidates = [
         ln
         for ln in lines
-        if ("Error:" in ln or "Exception:" in ln or "Diverged:" in ln or "Stopped:" in ln)
+        if any(m in ln for m in _REASONS)
         and not any(w in ln for w in _WRAPPERS)
         and not ln.startswith(("File ", "^", "~"))
     ]

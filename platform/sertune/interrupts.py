@@ -13,7 +13,7 @@ import contextlib
 import os
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import FrameType
 
 
@@ -26,7 +26,7 @@ class StopSignals:
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
-    def __init__(self, log=print):
+    def __init__(self, log: Callable[[str], None] = print):
         self.fired: str | None = None
         self.log = log
         self._previous: dict[int, object] = {}

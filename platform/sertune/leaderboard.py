@@ -14,8 +14,48 @@ from typing import Any
 
 from .failures import error_reason
 from .records import experiment_path
+from .spec import MetricSpec, SearchSpec
+from .trainable import BEST_EPOCH, CHECKPOINT_PATH, EPOCHS_DONE, LOOP_STARTED_AT, get_trainable
 
-SHOWN = ("val_uar", "val_uar_noisy", "test_uar")
+
+@dataclass(frozen=True)
+class Columns:
+    """What a search's leaderboard ranks, shows and keeps: its objectives (the first ranks), then
+    the trainable's display metrics; a row keeps every metric the trainable names."""
+
+    objectives: tuple[MetricSpec, ...]
+    shown: tuple[str, ...]  # ``Trainable.display_metrics`` not already an objective
+    kept: frozenset[str]  # the trainable's epoch and final metrics
+    robust: tuple[str, ...] = ()  # ``Trainable.display_robust``
+    headline: tuple[str, ...] = ()  # beside the objective where room is short: the first
+    # display metric known only at the end of a trial, then the first two robustness figures
+
+    @classmethod
+    def of(cls, spec: SearchSpec) -> Columns:
+        plugin = get_trainable(spec.trainable)
+        objectives = tuple(spec.metrics)
+        names = {m.metric for m in objectives}
+        final = [m for m in plugin.display_metrics if m in plugin.final_metrics][:1]
+        return cls(
+            objectives=objectives,
+            shown=tuple(m for m in plugin.display_metrics if m not in names),
+            kept=frozenset((*plugin.epoch_metrics, *plugin.final_metrics)),
+            robust=tuple(plugin.display_robust),
+            headline=tuple(m for m in (*final, *plugin.display_robust[:2]) if m not in names),
+        )
+
+    @property
+    def first(self) -> MetricSpec:
+        return self.objectives[0]
+
+    @property
+    def table(self) -> list[str]:
+        """The metric columns of a leaderboard, in order."""
+        return [m.metric for m in self.objectives] + list(self.shown)
+
+    def summary(self, have: Any) -> list[str]:
+        """The objective and the headline figures among ``have`` (a confirmation's stats)."""
+        return [self.first.metric] + [m for m in self.headline if m in have]
 
 
 @dataclass
@@ -23,21 +63,27 @@ class SearchResult:
     name: str
     path: str
     rows: list[dict[str, Any]]  # one per trial, best first
-    metrics: list[dict[str, str]]
+    columns: Columns
     errors: int
     parent_run_id: str | None = None
     confirm: list[dict[str, Any]] = field(default_factory=list)  # per configuration, mean ± sd
     stats: dict[str, float] = field(default_factory=dict)  # what the driver spent (bench scale)
 
     @property
-    def finished(self) -> int:
+    def metrics(self) -> list[MetricSpec]:
+        """The objectives, first one first."""
+        return list(self.columns.objectives)
+
+    @property
+    def completed(self) -> int:
+        """How many trials have a result (ran to the end, or stopped early by the scheduler)."""
         return sum(r["state"] in ("finished", "stopped") for r in self.rows)
 
 
 def trial_epochs(result: dict[str, Any]) -> int:
     """Epochs a trial has trained, whatever Tune's own iteration counter says after a resume."""
-    if "epochs_done" in result:
-        return int(result["epochs_done"])
+    if EPOCHS_DONE in result:
+        return int(result[EPOCHS_DONE])
     return int(result.get("training_iteration", 0))
 
 
@@ -46,7 +92,7 @@ def trial_row(
     metrics: dict[str, Any],
     config: dict[str, Any],
     max_epochs: int,
-    objectives: list[dict[str, str]],
+    columns: Columns,
     error: str | None = None,
     tune_status: str | None = None,
 ) -> dict[str, Any]:
@@ -71,27 +117,24 @@ def trial_row(
         "epochs": epochs,
         "config": {k: v for k, v in (config or {}).items() if not k.startswith("__")},
         "origin": {k.strip("_"): v for k, v in (config or {}).items() if k.startswith("__")},
-        "checkpoint": metrics.get("checkpoint_path"),
+        "checkpoint": metrics.get(CHECKPOINT_PATH),
         "error": error,
         # when it started: creation order for the optimisation history
         "started": float(metrics.get("timestamp", 0) or 0)
         - float(metrics.get("time_total_s", 0) or 0),
         "ended": float(metrics.get("timestamp", 0) or 0),
-        "loop_started_at": metrics.get("loop_started_at"),  # when its training began (benches)
+        LOOP_STARTED_AT: metrics.get(LOOP_STARTED_AT),  # when its training began (benches)
     }
-    for k in (*SHOWN, "val_war", "val_f1", "best_epoch"):
-        if k in metrics:
-            row[k] = metrics[k]
     for k, v in metrics.items():
-        if k.startswith(("robust/", "test_")):
+        if k in columns.kept or k == BEST_EPOCH or k.startswith(("robust/", "test_")):
             row[k] = v
-    for m in objectives:
-        row[m["metric"]] = metrics.get(m["metric"])
+    for m in columns.objectives:
+        row[m.metric] = metrics.get(m.metric)
     return row
 
 
-def rank(rows: list[dict[str, Any]], objective: dict[str, str]) -> list[dict[str, Any]]:
-    key, sign = objective["metric"], (-1 if objective["mode"] == "max" else 1)
+def rank(rows: list[dict[str, Any]], objective: MetricSpec) -> list[dict[str, Any]]:
+    key, sign = objective.metric, (-1 if objective.mode == "max" else 1)
 
     def order(row: dict) -> tuple:
         v = row.get(key)
@@ -101,9 +144,9 @@ def rank(rows: list[dict[str, Any]], objective: dict[str, str]) -> list[dict[str
     return sorted(rows, key=order)
 
 
-def summarise(name: str, spec: Any, grid: Any) -> SearchResult:
+def summarise(name: str, spec: SearchSpec, grid: Any) -> SearchResult:
     """A Tune ``ResultGrid`` as a leaderboard."""
-    objectives = [m.model_dump() for m in spec.objective.as_list()]
+    columns = Columns.of(spec)
     rows = []
     for r in grid:
         m = r.metrics or {}
@@ -111,15 +154,43 @@ def summarise(name: str, spec: Any, grid: Any) -> SearchResult:
         if r.error:
             err = error_reason(str(r.error)) if str(r.error).strip() else type(r.error).__name__
         tid = m.get("trial_id") or _trial_id_from_path(r.path)
-        rows.append(trial_row(tid, m, r.config, spec.budget.max_epochs, objectives, err))
-    rows = rank(rows, objectives[0])
+        rows.append(trial_row(tid, m, r.config, spec.budget.max_epochs, columns, err))
+    rows = rank(rows, columns.first)
     return SearchResult(
         name=name,
         path=experiment_path(name),
         rows=rows,
-        metrics=objectives,
+        columns=columns,
         errors=sum(r["state"] == "failed" for r in rows),
     )
+
+
+def from_saved_state(name: str, spec: SearchSpec, path: str | None = None) -> SearchResult:
+    """A search's leaderboard from its saved Tune state (``path``: its experiment folder, by
+    default the search's): every trial's last result, Tune's own status, a failure's reason.
+    Raises what Tune raises when nothing was saved yet."""
+    from ray.tune import ExperimentAnalysis
+
+    from .failures import trial_error_reason
+    from .storage import fs_and_path
+
+    path = path or experiment_path(name)
+    fs, local = fs_and_path(path)
+    columns = Columns.of(spec)
+    rows = [
+        trial_row(
+            t.trial_id,
+            t.last_result or {},
+            t.config,
+            spec.budget.max_epochs,
+            columns,
+            error=trial_error_reason(t) if t.status == "ERROR" else None,
+            tune_status=t.status,
+        )
+        for t in ExperimentAnalysis(local, storage_filesystem=fs).trials
+    ]
+    rows = rank(rows, columns.first)
+    return SearchResult(name, path, rows, columns, sum(r["state"] == "failed" for r in rows))
 
 
 def _trial_id_from_path(path: str | None) -> str:
@@ -128,8 +199,7 @@ def _trial_id_from_path(path: str | None) -> str:
 
 
 def format_table(result: SearchResult, top: int = 10) -> str:
-    cols = [m["metric"] for m in result.metrics]
-    cols += [c for c in SHOWN if c not in cols]
+    cols = result.columns.table
     header = ["#", "trial", "status", "epochs", *cols, "config"]
     lines = []
     for i, row in enumerate(result.rows[:top], start=1):
@@ -173,12 +243,12 @@ def format_result(result: SearchResult, tracking_uri: str) -> str:
         *failure_lines(result.rows),
     ]
     if result.confirm:
-        key = result.metrics[0]["metric"]
-        shown = [key] + [m for m in ("test_uar", "robust/uar_snr10_white") if m != key]
         lines += [
             "",
             "confirmed with fresh seeds (mean ± sd):",
-            format_confirmation(result.confirm, shown),
+            format_confirmation(
+                result.confirm, result.columns.summary(result.confirm[0]["stats"])
+            ),
         ]
     lines += [
         "",

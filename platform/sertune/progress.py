@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from ray.tune import Callback
 
 from .failures import trial_error_reason
 from .leaderboard import trial_epochs
+from .spec import SearchSpec
+from .trainable import PBT_EXPLOITED_EPOCH, PBT_EXPLOITED_FROM, SCHEDULE_PREFIX
 
 
 def short_config(config: dict[str, Any]) -> str:
@@ -23,8 +26,10 @@ def short_config(config: dict[str, Any]) -> str:
 
 
 class ProgressPrinter(Callback):
-    def __init__(self, spec: Any, log=print, budget: int | None = None):
-        self.metrics = [m.metric for m in spec.objective.as_list()]
+    def __init__(
+        self, spec: SearchSpec, log: Callable[[str], None] = print, budget: int | None = None
+    ):
+        self.metrics = [m.metric for m in spec.metrics]
         self.max_epochs = spec.budget.max_epochs
         self.budget = budget or spec.budget.trials
         self.log = log
@@ -46,16 +51,16 @@ class ProgressPrinter(Callback):
         vals = "  ".join(
             f"{m}={result[m]:.3f}" for m in self.metrics if isinstance(result.get(m), (int, float))
         )
-        if result.get("pbt_exploited_from"):
+        if result.get(PBT_EXPLOITED_FROM):
             now = ", ".join(
-                f"{k.removeprefix('schedule/')}={v:.3g}"
+                f"{k.removeprefix(SCHEDULE_PREFIX)}={v:.3g}"
                 for k, v in result.items()
-                if k.startswith("schedule/")
+                if k.startswith(SCHEDULE_PREFIX)
             )
             self.log(
                 f"{self._stamp()} trial {trial.trial_id} took trial "
-                f"{result['pbt_exploited_from']}'s checkpoint at epoch "
-                f"{result.get('pbt_exploited_epoch')} and goes on with {now}"
+                f"{result[PBT_EXPLOITED_FROM]}'s checkpoint at epoch "
+                f"{result.get(PBT_EXPLOITED_EPOCH)} and goes on with {now}"
             )
         self.log(
             f"{self._stamp()} trial {trial.trial_id} epoch {trial_epochs(result)}/{self.max_epochs}  {vals}"

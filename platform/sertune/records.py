@@ -19,10 +19,11 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer
 
 from . import settings
 from .errors import NotFound, UsageError
+from .spec import SearchSpec
 
 
 class Phase(StrEnum):
@@ -44,7 +45,7 @@ class SearchRecord(BaseModel):
     model_config = ConfigDict(frozen=True, extra="ignore")
 
     name: str
-    spec: dict[str, Any]  # the validated spec (``SearchSpec.model_dump()``)
+    spec: SearchSpec  # the validated spec, typed (a JSON object in the file)
     path: str  # where Tune keeps the trials and state (local or s3://)
     source: str | None = None  # the spec file it came from
     data: dict[str, Any] = Field(default_factory=dict)  # the prepared data: cache, fingerprint
@@ -68,6 +69,12 @@ class SearchRecord(BaseModel):
         if unknown:
             raise TypeError(f"SearchRecord has no field {', '.join(sorted(unknown))}")
         return type(self).model_validate({**self.model_dump(), **changes})
+
+    @field_serializer("spec")
+    def _whole_spec(self, spec: SearchSpec) -> dict[str, Any]:
+        # the spec keeps its nulls (``robustness: null`` turns robustness off), whatever the
+        # record leaves out
+        return spec.model_dump(mode="json")
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=2, exclude_none=True)
@@ -106,6 +113,8 @@ def load_record(name: str) -> SearchRecord:
 
 
 def _read(path: Path) -> SearchRecord:
+    """A record file, typed to the end (the spec inside too). A file written before the spec was
+    typed holds the same JSON and reads the same; one that does not fit is refused naming it."""
     try:
         return SearchRecord.model_validate(json.loads(path.read_text()))
     except json.JSONDecodeError as e:
@@ -133,25 +142,6 @@ def delete_record(name: str) -> None:
 def experiment_path(name: str) -> str:
     """Where Ray Tune keeps a search's trials and state (a local folder or an ``s3://`` URI)."""
     return f"{settings.storage_root().rstrip('/')}/{name}"
-
-
-def record_spec(record: SearchRecord, **changes: Any):
-    """The record's spec, validated again (the spec module is the one place that knows specs),
-    with top-level ``changes`` (``confirm=...``) applied first."""
-    from .spec import validate_spec
-
-    raw = {k: v for k, v in record.spec.items() if k != "source"} | changes
-    return validate_spec(raw, record.source or "<record>", check_paths=False)
-
-
-def objectives(spec: dict[str, Any]) -> list[dict[str, str]]:
-    """The objectives of a spec dict, first one first: ``[{"metric": .., "mode": ..}, ...]``."""
-    o = spec["objective"]
-    return list(o["metrics"]) if o.get("metrics") else [{"metric": o["metric"], "mode": o["mode"]}]
-
-
-def first_objective(spec: dict[str, Any]) -> dict[str, str]:
-    return objectives(spec)[0]
 
 
 # -- the driver of a running search ------------------------------------------------------------------

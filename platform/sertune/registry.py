@@ -20,7 +20,7 @@ from typing import Any
 
 from . import __version__
 from .errors import GateFailed, NotFound, UsageError
-from .records import first_objective, load_record
+from .records import load_record
 from .tracking import Run, Store
 
 _OPS = {
@@ -127,9 +127,9 @@ def promote(
     """Register the best configuration of ``search`` and point ``champion`` at it."""
     record = load_record(search)
     store = Store(tracking_uri or record.tracking_uri)
-    first = first_objective(record.spec)
-    metric = objective or first["metric"]
-    mode = first["mode"] if metric == first["metric"] else "max"
+    first = record.spec.metrics[0]
+    metric = objective or first.metric
+    mode = first.mode if metric == first.metric else "max"
     parsed = [parse_gate(g) for g in gates or []]
 
     candidates, confirmed = _candidates(store.runs_of(search, kind="trial"), metric, mode)

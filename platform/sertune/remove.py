@@ -34,9 +34,8 @@ def remove_search(name: str, mlflow_runs: bool = False) -> list[str]:
         )
     delete_record(name)
     done.append(f"removed the record of {name!r}")
-    if record.spec.get("baseline"):
+    if record.spec.baseline:
         done.append(
-            "its baseline search has its own name: "
-            f"sertune search rm {name}--{record.spec['baseline']}"
+            f"its baseline search has its own name: sertune search rm {name}--{record.spec.baseline}"
         )
     return done

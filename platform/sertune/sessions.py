@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .storage import download_dir, exists, list_dirs, remove_dir, upload_dir, write_text
-from .trainable import TrialStopped
+from .trainable import CHECKPOINT_PATH, TrialStopped
 
 PROCESS_CACHE: dict[str, Any] = {}  # survives trials in one worker process (warm slots)
 CHECKPOINT_PREFIX = "checkpoint_"  # a warm slot's epoch checkpoints: checkpoint_000003
@@ -239,7 +239,7 @@ class SlotSession:
         if self.rank == 0 and saved.exists():
             metrics = {
                 **json.loads(saved.read_text()),
-                "checkpoint_path": f"{self.storage}/{done[-1]}",
+                CHECKPOINT_PATH: f"{self.storage}/{done[-1]}",
             }
             if ray.get(self.board.report.remote(self.key, metrics)):
                 self._cancel.set()
@@ -254,7 +254,7 @@ class SlotSession:
                 uri = f"{self.storage}/{name}"
                 upload_dir(checkpoint_dir, uri)
                 write_text(f"{uri}/COMPLETE", "")  # last: a half-copied checkpoint never counts
-                metrics = {**metrics, "checkpoint_path": uri}
+                metrics = {**metrics, CHECKPOINT_PATH: uri}
                 self._prune()
             if ray.get(self.board.report.remote(self.key, metrics)):
                 self._cancel.set()

@@ -18,12 +18,16 @@ import importlib.util
 import math
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import UsageError
+from .trainable import ROBUSTNESS_DEFAULTS
+
+if TYPE_CHECKING:
+    from .trainable import Trainable
 
 Scalar = bool | int | float | str | None
 
@@ -120,6 +124,10 @@ class ResourcesSpec(_Strict):
 
 
 class ParamSpec(_Strict):
+    """One searched parameter. Its behaviour lives here, in one place: what Optuna suggests, what
+    Ray Tune samples (random search, PBT), the values a grid walks, and how a value MLflow stored
+    as a string is read back (warm starts)."""
+
     type: Literal["float", "int", "choice"]
     low: float | None = None
     high: float | None = None
@@ -127,14 +135,93 @@ class ParamSpec(_Strict):
     step: float | None = None
     values: list[Scalar] | None = None
 
+    def distribution(self) -> Any:
+        """The Optuna distribution of this parameter (``optuna.distributions``)."""
+        from optuna.distributions import (
+            CategoricalDistribution,
+            FloatDistribution,
+            IntDistribution,
+        )
+
+        if self.type == "choice":
+            return CategoricalDistribution(list(self.values or []))
+        if self.type == "int":
+            return IntDistribution(
+                int(self.low), int(self.high), log=self.log, step=int(self.step or 1)
+            )
+        return FloatDistribution(float(self.low), float(self.high), log=self.log, step=self.step)
+
+    def suggest(self, trial: Any, name: str) -> Scalar:
+        """Ask an Optuna trial (define-by-run) for a value of this parameter."""
+        if self.type == "choice":
+            return trial.suggest_categorical(name, list(self.values or []))
+        if self.type == "int":
+            return trial.suggest_int(
+                name, int(self.low), int(self.high), step=int(self.step or 1), log=self.log
+            )
+        return trial.suggest_float(
+            name, float(self.low), float(self.high), step=self.step, log=self.log
+        )
+
+    def tune_domain(self) -> Any:
+        """This parameter as a Ray Tune domain (random search, PBT's resampling)."""
+        from ray import tune
+
+        if self.type == "choice":
+            return tune.choice(list(self.values or []))
+        lo, hi = float(self.low), float(self.high)
+        if self.type == "int":
+            sample = tune.lograndint if self.log else tune.randint
+            return sample(int(lo), int(hi) + 1)
+        return tune.loguniform(lo, hi) if self.log else tune.uniform(lo, hi)
+
+    def grid_values(self) -> list[Scalar] | None:
+        """Every value this parameter can take, or None when it is continuous."""
+        if self.type == "choice":
+            return list(self.values or [])
+        if self.type == "int":
+            return list(range(int(self.low), int(self.high) + 1, int(self.step or 1)))
+        if self.step:
+            n = int(round((float(self.high) - float(self.low)) / float(self.step)))
+            return [round(float(self.low) + i * float(self.step), 12) for i in range(n + 1)]
+        return None
+
+    def bounds(self) -> tuple[float, float] | None:
+        """(low, high) of a numeric parameter; None for a choice."""
+        return None if self.type == "choice" else (float(self.low), float(self.high))
+
+    def parse(self, raw: str) -> Scalar:
+        """A value as MLflow stored it (a string), back in this parameter's type; ValueError
+        when it is outside this space."""
+        if self.type == "choice":
+            for v in self.values or []:
+                if str(v) == raw:
+                    return v
+            raise ValueError(f"{raw!r} is not one of {self.values}")
+        v: float | int = float(raw)
+        if self.type == "int":
+            if not float(v).is_integer():
+                raise ValueError(f"{raw!r} is not an integer")
+            v = int(v)
+        if not (float(self.low) <= v <= float(self.high)):
+            raise ValueError(f"{raw} outside [{self.low}, {self.high}]")
+        return v
+
+
+def _robustness_default(key: str) -> Any:
+    """A robustness option's default, from the one table every evaluation uses."""
+    value = ROBUSTNESS_DEFAULTS[key]
+    return Field(default_factory=lambda: list(value)) if isinstance(value, tuple) else value
+
 
 class RobustnessSpec(_Strict):
-    snrs_db: list[float] = [20.0, 10.0, 5.0, 0.0]
-    noises: list[Literal["white", "babble", "file"]] = ["white", "babble"]
-    fgsm_eps: list[float] = [0.001, 0.005, 0.01]  # on the waveform (full scale = 1)
-    pgd_eps: list[float] = [0.005]
-    pgd_steps: int = 5
-    max_utterances: int | None = 200  # class-stratified sample of the test set (cost per trial)
+    # defaults: sertune.trainable.ROBUSTNESS_DEFAULTS (what each option means is written there)
+    snrs_db: list[float] = _robustness_default("snrs_db")
+    noises: list[Literal["white", "babble", "file"]] = _robustness_default("noises")
+    fgsm_eps: list[float] = _robustness_default("fgsm_eps")
+    pgd_eps: list[float] = _robustness_default("pgd_eps")
+    pgd_steps: int = _robustness_default("pgd_steps")
+    max_utterances: int | None = _robustness_default("max_utterances")
 
 
 class ConfirmSpec(_Strict):
@@ -180,13 +267,31 @@ class SearchSpec(_Strict):
     # filled by load_spec
     source: str = ""
 
-    def select_metric(self, epoch_metrics: set[str] | tuple[str, ...]) -> MetricSpec:
+    def select_metric(self, trainable: Trainable) -> MetricSpec:
         """Which epoch metric picks a trial's best checkpoint: the first objective that is reported
-        every epoch, else validation UAR."""
+        every epoch, else the trainable's own checkpoint metric."""
         for m in self.objective.as_list():
-            if m.metric in epoch_metrics:
+            if m.metric in trainable.epoch_metrics:
                 return m
-        return MetricSpec(metric="val_uar", mode="max")
+        metric, mode = trainable.checkpoint_metric
+        return MetricSpec(metric=metric, mode=mode)
+
+    @property
+    def metrics(self) -> list[MetricSpec]:
+        """The objectives, first one first."""
+        return self.objective.as_list()
+
+    @property
+    def scheduler(self) -> str:
+        """The scheduler this search runs (the spec's, or the default for its objectives)."""
+        return self.search.scheduler_name(self.objective.multi)
+
+    def robustness_options(self) -> dict[str, Any] | None:
+        """The robustness options as the trainable reads them (None: no robustness report)."""
+        return self.robustness.model_dump() if self.robustness else None
+
+    def cross_corpus_names(self) -> list[str]:
+        return [c.name or c.corpus for c in self.data.cross_corpus]
 
 
 # -- presets ------------------------------------------------------------------------------------------
@@ -465,9 +570,7 @@ def _check_semantics(spec: SearchSpec, check_paths: bool = True) -> list[tuple[s
                 problems.append((f"data.noise_files.{i}", f"noise file not found: {f}"))
 
     # objective
-    robust = spec.robustness.model_dump() if spec.robustness else None
-    cross = [c.name or c.corpus for c in spec.data.cross_corpus]
-    known_metrics = trainable.metric_names(robust, cross)
+    known_metrics = trainable.metric_names(spec.robustness_options(), spec.cross_corpus_names())
     for i, m in enumerate(spec.objective.as_list()):
         field = (
             "objective.metric" if not spec.objective.metrics else f"objective.metrics.{i}.metric"
@@ -483,7 +586,8 @@ def _check_semantics(spec: SearchSpec, check_paths: bool = True) -> list[tuple[s
                 (
                     field,
                     f"{m.metric!r} is only known at the end of a trial; ASHA needs an epoch "
-                    "metric (e.g. val_uar), or list several metrics for a multi-objective search",
+                    f"metric (e.g. {trainable.epoch_metrics[0]}), or list several metrics for a "
+                    "multi-objective search",
                 )
             )
     if spec.budget.grace_epochs > spec.budget.max_epochs:
@@ -549,7 +653,7 @@ def _check_strategy(spec: SearchSpec) -> list[tuple[str, str]]:
                 )
             )
         for name, p in spec.space.items():
-            if strategies.grid_values(name, p.model_dump()) is None:
+            if p.grid_values() is None:
                 problems.append(
                     (f"space.{name}", "grid needs a step for a float parameter (or type: choice)")
                 )
@@ -566,6 +670,7 @@ def _check_strategy(spec: SearchSpec) -> list[tuple[str, str]]:
 def _check_pbt(spec: SearchSpec) -> list[tuple[str, str]]:
     """Population-based training perturbs trials while they train, from checkpoints."""
     from .strategies import pbt_mutable
+    from .trainable import get_trainable
 
     problems = []
     s = spec.search
@@ -594,7 +699,8 @@ def _check_pbt(spec: SearchSpec) -> list[tuple[str, str]]:
         problems.append(("search.warm_start", "pbt starts from a random population"))
     if spec.define_by_run:
         problems.append(("define_by_run", "pbt draws its population from `space` alone"))
-    mutable = pbt_mutable({k: v.model_dump() for k, v in spec.space.items()}, s.scheduler_options)
+    defaults = get_trainable(spec.trainable).pbt_defaults
+    mutable = pbt_mutable(list(spec.space), defaults, s.scheduler_options)
     for name in mutable:
         if name not in spec.space:
             problems.append(("search.scheduler_options.mutate", f"{name!r} is not in space"))
@@ -602,8 +708,8 @@ def _check_pbt(spec: SearchSpec) -> list[tuple[str, str]]:
         problems.append(
             (
                 "space",
-                "pbt perturbs loss.w_aug, loss.w_rec and aug.p_* by default; "
-                "none is searched here (or name them in scheduler_options.mutate)",
+                f"pbt perturbs {', '.join(p + '*' if p.endswith('_') else p for p in defaults)} "
+                "by default; none is searched here (or name them in scheduler_options.mutate)",
             )
         )
     return problems

@@ -10,15 +10,12 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from .leaderboard import rank, trial_row
-from .records import SearchRecord, effective_status, first_objective, load_record, objectives
-from .storage import fs_and_path
+from .leaderboard import from_saved_state
+from .records import SearchRecord, effective_status, load_record
 
 
 def search_status(name: str) -> dict[str, Any]:
     """Trials per state and the best so far, read from the saved Tune state."""
-    from ray.tune import ExperimentAnalysis
-
     record = load_record(name)
     spec = record.spec
     out: dict[str, Any] = {
@@ -27,39 +24,25 @@ def search_status(name: str) -> dict[str, Any]:
         "status": effective_status(record),
         "phase": record.phase.value,
         "created": record.created,
-        "budget": spec["budget"]["trials"],
+        "budget": spec.budget.trials,
         "tracking_uri": record.tracking_uri,
         "parent_run_id": record.parent_run_id,
         "trials": {},
         "rows": [],
     }
-    fs, path = fs_and_path(record.path)
     try:
-        ea = ExperimentAnalysis(path, storage_filesystem=fs)
+        result = from_saved_state(name, spec, record.path)
     except Exception as e:  # noqa: BLE001 - nothing saved yet (a search that just started)
         out["note"] = f"no trial state yet ({type(e).__name__})"
         return out
-    obj = objectives(spec)
-    rows = [
-        trial_row(
-            t.trial_id,
-            t.last_result or {},
-            t.config,
-            spec["budget"]["max_epochs"],
-            obj,
-            error=_reason(t),
-            tune_status=t.status,
-        )
-        for t in ea.trials
-    ]
+    rows, columns = result.rows, result.columns
     if out["status"] in ("crashed", "interrupted"):
         for r in rows:
             if r["status"] in ("running", "pending"):
                 r["status"] = "interrupted"
-    rows = rank(rows, obj[0])
     out["rows"] = rows
     out["trials"] = dict(Counter(_bucket(r) for r in rows))
-    first = first_objective(spec)["metric"]
+    first = columns.first.metric
     best = next(
         (
             r
@@ -71,14 +54,6 @@ def search_status(name: str) -> dict[str, Any]:
     if best:
         out["best"] = {"trial": best["trial"], first: best[first], "config": best["config"]}
     return out
-
-
-def _reason(trial: Any) -> str | None:
-    if trial.status != "ERROR":
-        return None
-    from .failures import trial_error_reason
-
-    return trial_error_reason(trial)
 
 
 def _bucket(row: dict[str, Any]) -> str:

@@ -18,14 +18,46 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
+
+from .trainable import EPOCHS_DONE
+
+
+class Param(Protocol):
+    """A searched parameter as the factories use it (``sertune.spec.ParamSpec``)."""
+
+    type: str
+
+    def tune_domain(self) -> Any: ...
+
+    def grid_values(self) -> list[Any] | None: ...
+
+    def bounds(self) -> tuple[float, float] | None: ...
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a factory may need from the spec."""
+
+    seed: int
+    trials: int
+    max_epochs: int
+    grace_epochs: int
+    reduction_factor: float
+    metric: str | list[str]
+    mode: str | list[str]
+    space: dict[str, Param]
+    pbt_defaults: tuple[str, ...] = ()  # the trainable's (``Trainable.pbt_defaults``)
 
 
 @dataclass(frozen=True)
 class Knob:
+    """One option of a sampler or scheduler. ``default`` is its one default: a value, a function
+    of the :class:`Context` (a default that follows the budget), or None for the library's own."""
+
     type: type
     doc: str
-    default: Any = None  # None: the factory's own default, named in ``doc``
+    default: Any = None
     ge: float | None = None
     gt: float | None = None
     le: float | None = None
@@ -44,33 +76,29 @@ class Knob:
             return f"must be <= {self.le:g}, got {value!r}"
         return None
 
+    def resolve(self, ctx: Context) -> Any:
+        return self.default(ctx) if callable(self.default) else self.default
+
 
 @dataclass(frozen=True)
 class Strategy:
     doc: str
-    make: Callable[..., Any]  # (options, context) -> an Optuna sampler / a Tune scheduler
+    make: Callable[[dict[str, Any], Context], Any]  # (complete options, context) -> the object
     multi_objective: bool
     knobs: dict[str, Knob] = field(default_factory=dict)
 
-
-@dataclass(frozen=True)
-class Context:
-    """What a factory may need from the spec."""
-
-    seed: int
-    trials: int
-    max_epochs: int
-    grace_epochs: int
-    reduction_factor: float
-    metric: str | list[str]
-    mode: str | list[str]
-    space: dict[str, dict[str, Any]]
+    def build(self, options: dict[str, Any], ctx: Context) -> Any:
+        """The sampler or scheduler, its factory handed every knob: the spec's value, else the
+        knob's default (applied here, once)."""
+        complete = {
+            k: options[k] if k in options else knob.resolve(ctx) for k, knob in self.knobs.items()
+        }
+        return self.make(complete, ctx)
 
 
-def startup_trials(ctx: Context, options: dict[str, Any]) -> int:
+def startup_trials(ctx: Context) -> int:
     """Random trials before a model-based sampler takes over: a third of the budget, 2 to 10."""
-    n = options.get("n_startup_trials")
-    return int(n) if n is not None else min(10, max(2, ctx.trials // 3))
+    return min(10, max(2, ctx.trials // 3))
 
 
 # -- samplers (Optuna, through Ray Tune's OptunaSearch) ----------------------------------------------
@@ -80,9 +108,7 @@ def _tpe(o: dict[str, Any], ctx: Context):
     import optuna
 
     return optuna.samplers.TPESampler(
-        seed=ctx.seed,
-        n_startup_trials=startup_trials(ctx, o),
-        multivariate=bool(o.get("multivariate", False)),
+        seed=ctx.seed, n_startup_trials=int(o["n_startup_trials"]), multivariate=o["multivariate"]
     )
 
 
@@ -97,8 +123,8 @@ def _cmaes(o: dict[str, Any], ctx: Context):
 
     return optuna.samplers.CmaEsSampler(
         seed=ctx.seed,
-        n_startup_trials=startup_trials(ctx, o),
-        sigma0=o.get("sigma0"),
+        n_startup_trials=int(o["n_startup_trials"]),
+        sigma0=o["sigma0"],
         warn_independent_sampling=False,
     )
 
@@ -106,39 +132,27 @@ def _cmaes(o: dict[str, Any], ctx: Context):
 def _gp(o: dict[str, Any], ctx: Context):
     import optuna
 
-    return optuna.samplers.GPSampler(seed=ctx.seed, n_startup_trials=startup_trials(ctx, o))
+    return optuna.samplers.GPSampler(seed=ctx.seed, n_startup_trials=int(o["n_startup_trials"]))
 
 
 def _nsga2(o: dict[str, Any], ctx: Context):
     import optuna
 
-    population = o.get("population_size") or max(2, min(50, ctx.trials // 2))
     return optuna.samplers.NSGAIISampler(
         seed=ctx.seed,
-        population_size=int(population),
-        crossover_prob=float(o.get("crossover_prob", 0.9)),
+        population_size=int(o["population_size"]),
+        crossover_prob=float(o["crossover_prob"]),
     )
-
-
-def grid_values(name: str, p: dict[str, Any]) -> list[Any] | None:
-    """Every value a searched parameter can take, or None when it is continuous."""
-    if p["type"] == "choice":
-        return list(p["values"])
-    if p["type"] == "int":
-        step = int(p.get("step") or 1)
-        return list(range(int(p["low"]), int(p["high"]) + 1, step))
-    if p.get("step"):
-        n = int(round((float(p["high"]) - float(p["low"])) / float(p["step"])))
-        return [round(float(p["low"]) + i * float(p["step"]), 12) for i in range(n + 1)]
-    return None
 
 
 def _grid(o: dict[str, Any], ctx: Context):
     import optuna
 
-    space = {name: grid_values(name, p) for name, p in ctx.space.items()}
+    space = {name: p.grid_values() for name, p in ctx.space.items()}
     return optuna.samplers.GridSampler(space, seed=ctx.seed)
 
+
+_STARTUP = Knob(int, "random trials first (default: trials/3, 2 to 10)", startup_trials, ge=0)
 
 SAMPLERS: dict[str, Strategy] = {
     "tpe": Strategy(
@@ -147,9 +161,7 @@ SAMPLERS: dict[str, Strategy] = {
         _tpe,
         multi_objective=True,
         knobs={
-            "n_startup_trials": Knob(
-                int, "random trials first (default: trials/3, 2 to 10)", ge=0
-            ),
+            "n_startup_trials": _STARTUP,
             "multivariate": Knob(bool, "model the parameters jointly", False),
         },
     ),
@@ -163,9 +175,7 @@ SAMPLERS: dict[str, Strategy] = {
         _cmaes,
         multi_objective=False,
         knobs={
-            "n_startup_trials": Knob(
-                int, "random trials first (default: trials/3, 2 to 10)", ge=0
-            ),
+            "n_startup_trials": _STARTUP,
             "sigma0": Knob(float, "initial step size (default: 1/6 of the range)", gt=0),
         },
     ),
@@ -173,9 +183,7 @@ SAMPLERS: dict[str, Strategy] = {
         "Gaussian-process Bayesian optimisation: sample-efficient on small budgets",
         _gp,
         multi_objective=True,
-        knobs={
-            "n_startup_trials": Knob(int, "random trials first (default: trials/3, 2 to 10)", ge=0)
-        },
+        knobs={"n_startup_trials": _STARTUP},
     ),
     "nsga2": Strategy(
         "NSGA-II: a genetic algorithm, for one objective or a Pareto front",
@@ -183,7 +191,10 @@ SAMPLERS: dict[str, Strategy] = {
         multi_objective=True,
         knobs={
             "population_size": Knob(
-                int, "trials per generation (default: trials/2, 2 to 50)", ge=2
+                int,
+                "trials per generation (default: trials/2, 2 to 50)",
+                lambda ctx: max(2, min(50, ctx.trials // 2)),
+                ge=2,
             ),
             "crossover_prob": Knob(float, "crossover probability", 0.9, ge=0, le=1),
         },
@@ -198,7 +209,7 @@ SAMPLERS: dict[str, Strategy] = {
 
 # -- schedulers (Ray Tune) ----------------------------------------------------------------------------
 
-TIME_ATTR = "epochs_done"  # the trial's real epoch, which survives a resume
+TIME_ATTR = EPOCHS_DONE  # the trial's real epoch, which survives a resume
 
 
 def _rungs(o: dict[str, Any], ctx: Context) -> dict[str, Any]:
@@ -208,8 +219,8 @@ def _rungs(o: dict[str, Any], ctx: Context) -> dict[str, Any]:
         "mode": ctx.mode,
         "time_attr": TIME_ATTR,
         "max_t": ctx.max_epochs,
-        "grace_period": int(o.get("grace_epochs") or ctx.grace_epochs),
-        "reduction_factor": float(o.get("reduction_factor") or ctx.reduction_factor),
+        "grace_period": int(o["grace_epochs"]),
+        "reduction_factor": float(o["reduction_factor"]),
     }
 
 
@@ -222,7 +233,7 @@ def _asha(o: dict[str, Any], ctx: Context):
 def _hyperband(o: dict[str, Any], ctx: Context):
     from ray.tune.schedulers import AsyncHyperBandScheduler
 
-    return AsyncHyperBandScheduler(**_rungs(o, ctx), brackets=int(o.get("brackets", 3)))
+    return AsyncHyperBandScheduler(**_rungs(o, ctx), brackets=int(o["brackets"]))
 
 
 def _median(o: dict[str, Any], ctx: Context):
@@ -232,23 +243,20 @@ def _median(o: dict[str, Any], ctx: Context):
         metric=ctx.metric,
         mode=ctx.mode,
         time_attr=TIME_ATTR,
-        grace_period=float(o.get("grace_epochs") or ctx.grace_epochs),
-        min_samples_required=int(o.get("min_samples_required", 3)),
+        grace_period=float(o["grace_epochs"]),
+        min_samples_required=int(o["min_samples_required"]),
         hard_stop=True,
     )
 
 
-# What population-based training may change while a trial trains: the auxiliary-loss weights and
-# the augmentation mix (``mutate`` names others).
-PBT_DEFAULT = ("loss.w_aug", "loss.w_rec")
-PBT_DEFAULT_PREFIX = "aug.p_"
-
-
-def pbt_mutable(space: dict[str, Any], options: dict[str, Any]) -> list[str]:
-    """The searched parameters PBT perturbs: ``mutate``, else the aux weights and ``aug.p_*``."""
+def pbt_mutable(space: list[str], defaults: tuple[str, ...], options: dict[str, Any]) -> list[str]:
+    """The searched parameters PBT perturbs: ``mutate``, else the trainable's ``pbt_defaults``
+    (names, or prefixes ending in ``_``) that are searched."""
     if options.get("mutate"):
         return list(options["mutate"])
-    return [k for k in space if k in PBT_DEFAULT or k.startswith(PBT_DEFAULT_PREFIX)]
+    names = {d for d in defaults if not d.endswith("_")}
+    prefixes = tuple(d for d in defaults if d.endswith("_"))
+    return [k for k in space if k in names or (prefixes and k.startswith(prefixes))]
 
 
 class Clip:
@@ -264,45 +272,25 @@ class Clip:
         return config
 
 
-def tune_domain(p: dict[str, Any]) -> Any:
-    """A searched parameter as a Ray Tune domain (random search, PBT's resampling)."""
-    from ray import tune
-
-    if p["type"] == "choice":
-        return tune.choice(list(p["values"]))
-    lo, hi = float(p["low"]), float(p["high"])
-    if p["type"] == "int":
-        return (
-            tune.lograndint(int(lo), int(hi) + 1)
-            if p.get("log")
-            else tune.randint(int(lo), int(hi) + 1)
-        )
-    return tune.loguniform(lo, hi) if p.get("log") else tune.uniform(lo, hi)
-
-
-def tune_space(space: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    return {k: tune_domain(p) for k, p in space.items()}
-
-
 def _pbt(o: dict[str, Any], ctx: Context):
     from ray.tune.schedulers import PopulationBasedTraining
 
     mutations, bounds = {}, {}
-    for k in pbt_mutable(ctx.space, o):
+    for k in pbt_mutable(list(ctx.space), ctx.pbt_defaults, o):
         p = ctx.space[k]
-        if p["type"] == "choice":
-            mutations[k] = list(p["values"])
+        if p.type == "choice":
+            mutations[k] = p.grid_values()
             continue
-        mutations[k] = tune_domain(p)
-        bounds[k] = (float(p["low"]), float(p["high"]))
+        mutations[k] = p.tune_domain()
+        bounds[k] = p.bounds()
     return PopulationBasedTraining(
         time_attr=TIME_ATTR,
         metric=ctx.metric,
         mode=ctx.mode,
-        perturbation_interval=int(o.get("perturbation_interval", 1)),
+        perturbation_interval=int(o["perturbation_interval"]),
         hyperparam_mutations=mutations,
-        quantile_fraction=float(o.get("quantile_fraction", 0.25)),
-        resample_probability=float(o.get("resample_probability", 0.25)),
+        quantile_fraction=float(o["quantile_fraction"]),
+        resample_probability=float(o["resample_probability"]),
         custom_explore_fn=Clip(bounds),
         log_config=False,
     )
@@ -316,10 +304,16 @@ def _fifo(o: dict[str, Any], ctx: Context):
 
 _RUNG_KNOBS = {
     "grace_epochs": Knob(
-        int, "no trial stops before this epoch (default: budget.grace_epochs)", ge=1
+        int,
+        "no trial stops before this epoch (default: budget.grace_epochs)",
+        lambda ctx: ctx.grace_epochs,
+        ge=1,
     ),
     "reduction_factor": Knob(
-        float, "keep the top 1/rf at each rung (default: budget.reduction_factor)", gt=1
+        float,
+        "keep the top 1/rf at each rung (default: budget.reduction_factor)",
+        lambda ctx: ctx.reduction_factor,
+        gt=1,
     ),
 }
 
@@ -363,7 +357,8 @@ SCHEDULERS: dict[str, Strategy] = {
             ),
             "mutate": Knob(
                 list,
-                "searched parameters to perturb (default: loss.w_aug, loss.w_rec, every aug.p_*)",
+                "searched parameters to perturb (default: the trainable's pbt_defaults, e.g. "
+                "mtl_aug's loss.w_aug, loss.w_rec, every aug.p_*)",
             ),
         },
     ),
@@ -416,6 +411,7 @@ def describe() -> str:
             multi = "" if s.multi_objective else "  [one objective only]"
             lines.append(f"  {name:10} {s.doc}{multi}")
             for k, knob in s.knobs.items():
-                default = "" if knob.default is None else f" (default {knob.default})"
+                plain = knob.default is not None and not callable(knob.default)
+                default = f" (default {knob.default})" if plain else ""
                 lines.append(f"  {'':10}   {k}: {knob.type.__name__}, {knob.doc}{default}")
     return "\n".join(lines)

@@ -22,6 +22,7 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -131,7 +132,7 @@ def submit(
     address: str,
     wait: bool = False,
     tracking_uri: str | None = None,
-    log=print,
+    log: Callable[[str], None] = print,
 ) -> str:
     """Submit ``spec`` as a Ray Job; record it locally; return the submission id."""
     client = _client(address)
@@ -168,7 +169,7 @@ def submit(
         spec.name,
         SearchRecord(
             name=spec.name,
-            spec=spec.model_dump(),
+            spec=spec,
             source=str(src),
             created=now(),
             path=f"{env.get('SERTUNE_STORAGE', '(on the cluster)')}/{spec.name}",

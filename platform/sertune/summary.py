@@ -18,23 +18,10 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from .leaderboard import SearchResult
+from .spec import MetricSpec, ParamSpec, SearchSpec
+
 TRUST_IMPORTANCES = 10  # fewer finished trials than this: importances are mostly noise
-
-
-def _distributions(space: dict[str, dict]) -> dict[str, Any]:
-    import optuna.distributions as d
-
-    out = {}
-    for name, p in space.items():
-        if p["type"] == "choice":
-            out[name] = d.CategoricalDistribution(p["values"])
-        elif p["type"] == "int":
-            out[name] = d.IntDistribution(
-                int(p["low"]), int(p["high"]), log=p["log"], step=int(p["step"] or 1)
-            )
-        else:
-            out[name] = d.FloatDistribution(p["low"], p["high"], log=p["log"], step=p["step"])
-    return out
 
 
 def pareto_front(points: list[tuple[float, ...]], modes: list[str]) -> list[int]:
@@ -63,15 +50,17 @@ def _plt():
     return plt
 
 
-def write_search_summary(out: Path, result: Any, spec: dict[str, Any]) -> dict[str, Any] | None:
+def write_search_summary(
+    out: Path, result: SearchResult, spec: SearchSpec
+) -> dict[str, Any] | None:
     """Write the summary files into ``out``; return the best trial's row (or None)."""
     metrics = result.metrics
-    key, mode = metrics[0]["metric"], metrics[0]["mode"]
+    key, mode = metrics[0].metric, metrics[0].mode
     rows = result.rows
     ok = [r for r in rows if r["state"] in ("finished", "stopped") and _num(r.get(key))]
-    _leaderboard(out, rows, metrics)
+    _leaderboard(out, rows, result.columns.table)
     _history(out, ok, key, mode, result.name)
-    space = spec.get("space") or {}
+    space = spec.space
     _slices(out, ok, key, space, result.name)
     _importances(out, ok, key, mode, space)
     if len(metrics) > 1:
@@ -86,13 +75,8 @@ def _num(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _leaderboard(out: Path, rows: list[dict], metrics: list[dict]) -> None:
-    cols = [
-        "trial",
-        "status",
-        "epochs",
-        *dict.fromkeys([m["metric"] for m in metrics] + ["val_uar", "val_uar_noisy", "test_uar"]),
-    ]
+def _leaderboard(out: Path, rows: list[dict], metric_columns: list[str]) -> None:
+    cols = ["trial", "status", "epochs", *metric_columns]
     params = sorted({k for r in rows for k in (r["config"] or {})})
     with (out / "leaderboard.csv").open("w", newline="") as fh:
         w = csv.writer(fh)
@@ -139,7 +123,7 @@ def _history(out: Path, ok: list[dict], key: str, mode: str, name: str) -> None:
     plt.close(fig)
 
 
-def _slices(out: Path, ok: list[dict], key: str, space: dict, name: str) -> None:
+def _slices(out: Path, ok: list[dict], key: str, space: dict[str, ParamSpec], name: str) -> None:
     params = [p for p in space if any(p in (r["config"] or {}) for r in ok)]
     if not ok or not params:
         return
@@ -152,7 +136,7 @@ def _slices(out: Path, ok: list[dict], key: str, space: dict, name: str) -> None
         xs = [x for x, _ in pts]
         if all(isinstance(x, (int, float)) for x in xs):
             ax.scatter(xs, [y for _, y in pts], s=18)
-            if space[p].get("log"):
+            if space[p].log:
                 ax.set_xscale("log")
         else:  # a choice: one column per value
             labels = sorted({str(x) for x in xs})
@@ -171,13 +155,15 @@ def _slices(out: Path, ok: list[dict], key: str, space: dict, name: str) -> None
     plt.close(fig)
 
 
-def _importances(out: Path, ok: list[dict], key: str, mode: str, space: dict) -> None:
+def _importances(
+    out: Path, ok: list[dict], key: str, mode: str, space: dict[str, ParamSpec]
+) -> None:
     importances: dict[str, Any] = {}
     if len(ok) >= 3 and space:
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        dists = _distributions(space)
+        dists = {name: p.distribution() for name, p in space.items()}
         study = optuna.create_study(direction="maximize" if mode == "max" else "minimize")
         for r in ok:
             p = {k: v for k, v in (r["config"] or {}).items() if k in dists}
@@ -214,10 +200,10 @@ def _importances(out: Path, ok: list[dict], key: str, mode: str, space: dict) ->
         plt.close(fig)
 
 
-def _pareto(out: Path, rows: list[dict], metrics: list[dict]) -> None:
-    names = [m["metric"] for m in metrics]
+def _pareto(out: Path, rows: list[dict], metrics: list[MetricSpec]) -> None:
+    names = [m.metric for m in metrics]
     pts = [r for r in rows if all(_num(r.get(n)) for n in names)]
-    front = pareto_front([tuple(r[n] for n in names) for r in pts], [m["mode"] for m in metrics])
+    front = pareto_front([tuple(r[n] for n in names) for r in pts], [m.mode for m in metrics])
     (out / "pareto_front.json").write_text(
         json.dumps(
             [

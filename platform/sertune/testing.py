@@ -1,5 +1,6 @@
 """What the tests and ``sertune bench faults`` share: stopping exactly the processes they started,
-free ports, waiting for a server, and a real ``mlflow server`` to point searches at.
+free ports, waiting for a server, a real ``mlflow server`` to point searches at, and the moment
+to kill a search's driver mid-trial.
 
 Ownership is by process session (a process started with ``start_new_session=True``) and by a
 Ray temp dir named as a path on the command line; never ``ray stop`` or ``pkill``: other work
@@ -146,4 +147,39 @@ def start_ray_head(
            "--temp-dir", temp_dir, "--disable-usage-stats"]  # fmt: skip
     return subprocess.Popen(
         cmd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True
+    )
+
+
+def wait_mid_trial(
+    lines: list[str], proc: subprocess.Popen, state: Path, epochs: int, timeout: float
+) -> tuple[set[str], str]:
+    """Wait until a search (``proc``, its console ``lines``, its Tune state folder ``state``) has
+    finished a trial and Tune's saved state also knows a running one in the middle of its
+    ``epochs`` (epoch 2 to ``epochs - 2``): the moment to kill its driver. Returns the finished
+    trials and that running one. Raises ``RuntimeError`` when the search ends first and
+    ``TimeoutError`` after ``timeout`` seconds (the message's first line says which)."""
+    seen: dict[str, float] = {}  # when each "trial X started" line arrived
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = "".join(lines)
+        finished = set(re.findall(r"trial (\w+) finished", text))
+        for t in re.findall(r"trial (\w+) started", text):
+            seen.setdefault(t, time.time())
+        saved = max((p.stat().st_mtime for p in state.glob("experiment_state-*.json")), default=0)
+        # Tune saves its state every 2 s: a saved state newer than the trial's start knows it
+        mid = [
+            t
+            for t, e in re.findall(rf"trial (\w+) epoch (\d+)/{epochs}", text)
+            if t not in finished and 2 <= int(e) <= epochs - 2 and saved > seen[t] + 0.5
+        ]
+        if finished and mid:
+            return finished, mid[-1]
+        if proc.poll() is not None:
+            raise RuntimeError(
+                "the search ended before a trial was mid-way with its state saved\n" + text[-3000:]
+            )
+        time.sleep(0.1)
+    raise TimeoutError(
+        f"no trial was mid-way with its state saved within {timeout:.0f} s\n"
+        + "".join(lines)[-3000:]
     )

@@ -22,7 +22,7 @@ import importlib
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Protocol
@@ -73,6 +73,41 @@ class TrialStopped(Exception):
     """Raised by a session inside the loop: the control plane stopped this trial."""
 
 
+class TrialDiverged(RuntimeError):
+    """Raised by a training loop whose loss became nan/inf: the configuration's fault, not the
+    search's, so it never counts towards stopping a search whose trials fail alike."""
+
+
+# -- the trial report: keys the control plane reads by name ----------------------------------------
+# Every epoch's report (``Session.report``) carries these besides the trainable's own metrics.
+# Schedulers, the leaderboard, MLflow steps and the warm proxies read them by these constants
+# (the same contract Ray Tune writes down for ``time_attr``).
+EPOCHS_DONE = "epochs_done"  # epochs trained so far (1-based): survives a resume, unlike Tune's
+BEST_EPOCH = "best_epoch"  # 0-based epoch whose checkpoint is the trial's result so far
+CHECKPOINT_PATH = "checkpoint_path"  # where rank 0's checkpoint of this epoch was persisted
+LOOP_STARTED_AT = "loop_started_at"  # wall time the training loop began (benches)
+# Added by the warm proxy under population-based training (never by a trainable):
+SCHEDULE_PREFIX = "schedule/"  # schedule/<param>: the value this epoch trained with
+PBT_LINEAGE = "pbt_lineage"  # JSON [[epoch, {param: value}, trained as trial], ...]
+PBT_EXPLOITED_FROM = "pbt_exploited_from"  # the trial whose checkpoint this one took ...
+PBT_EXPLOITED_EPOCH = "pbt_exploited_epoch"  # ... at that epoch
+# Reported keys that are bookkeeping, never metrics (MLflow logs neither these nor Tune's own).
+REPORT_BOOKKEEPING = frozenset(
+    {LOOP_STARTED_AT, CHECKPOINT_PATH, PBT_LINEAGE, PBT_EXPLOITED_EPOCH, PBT_EXPLOITED_FROM}
+)
+
+# The robustness evaluation's defaults, in one place: a spec's ``robustness:`` section starts
+# from them and so does every trainable's evaluation (``trainables.common.robustness``).
+ROBUSTNESS_DEFAULTS: dict[str, Any] = {
+    "snrs_db": (20.0, 10.0, 5.0, 0.0),  # SNRs of the noisy copies of the test set
+    "noises": ("white", "babble"),  # noise types: white, babble, file (data.noise_files)
+    "fgsm_eps": (0.001, 0.005, 0.01),  # L-inf budgets on the waveform (full scale = 1)
+    "pgd_eps": (0.005,),
+    "pgd_steps": 5,
+    "max_utterances": 200,  # class-stratified sample of the test set (cost per trial)
+}
+
+
 @dataclass(frozen=True)
 class TrainBench:
     """What ``bench_train`` measures: samples/s of the model step alone and of the whole pipeline."""
@@ -84,6 +119,17 @@ class TrainBench:
     @property
     def ratio(self) -> float:
         return self.pipeline / self.ceiling
+
+
+@dataclass(frozen=True)
+class CheckpointEvaluation:
+    """What the evaluation of a stopped trial's best checkpoint gives back to the driver (warm
+    slots and per-trial tasks alike): its test and robustness figures and the robustness report's
+    files, or why it failed."""
+
+    metrics: dict[str, float] = field(default_factory=dict)
+    files: dict[str, bytes] = field(default_factory=dict)  # robustness/<name> -> content
+    error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -116,6 +162,19 @@ class Trainable(ABC):
     epoch_metrics: tuple[str, ...] = ()
     #: metrics reported once per trial, from its best-validation epoch (test speakers)
     final_metrics: tuple[str, ...] = ()
+    #: what people read first, in order, after the objective: the leaderboard's columns, the
+    #: summary's and the MLflow trials table's; the first final metric among them is the
+    #: headline figure beside the objective in confirmations and registry descriptions
+    display_metrics: tuple[str, ...] = ()
+    #: robustness figures worth a column when a trial reports them, in order (trials table,
+    #: confirmation, trial notes); the first reported one is the headline robustness figure
+    display_robust: tuple[str, ...] = ()
+    #: the epoch metric (and its mode) that picks a trial's best checkpoint when no objective is
+    #: an epoch metric
+    checkpoint_metric: tuple[str, str] = ("", "max")
+    #: population-based training perturbs these searched parameters by default (names, or
+    #: prefixes ending in ``_`` such as ``aug.p_``): what may change while a model trains
+    pbt_defaults: tuple[str, ...] = ()
 
     # -- the search space ----------------------------------------------------------------------
     @abstractmethod

@@ -4,7 +4,7 @@ Ray 2.60's pattern for Tune + Train V2: each trial is a function trainable that 
 ``TorchTrainer``; the workers' reports reach Tune through ``TuneReportCallback``. Each trial pays
 for a new Train controller and worker group (processes, imports, CUDA start, the corpus load):
 7-15 s on a 2-core machine, ~16-27 s on an H200 host. The default, ``warm`` execution
-(``sertune.slots``), pays that once per slot. This mode stays for full isolation (every trial in
+(``sertune.warm``), pays that once per slot. This mode stays for full isolation (every trial in
 fresh processes) and as the baseline ``sertune bench search`` measures against.
 """
 
@@ -14,7 +14,7 @@ from typing import Any
 
 from . import ray_compat
 from .sessions import RayTrainSession
-from .trainable import get_trainable
+from .trainable import CheckpointEvaluation, get_trainable
 from .tuner import TrialPlan, loop_config
 
 
@@ -29,7 +29,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     trainable.train(config, RayTrainSession(run.get("device", "auto")))
 
 
-def run_trial(config: dict[str, Any], fixed: TrialPlan) -> None:
+def run_trial(config: dict[str, Any], plan: TrialPlan) -> None:
     """A Tune function trainable: train one configuration with a Ray Train ``TorchTrainer``."""
     import ray.train
     import ray.tune
@@ -39,20 +39,20 @@ def run_trial(config: dict[str, Any], fixed: TrialPlan) -> None:
     from .storage import fs_and_path
 
     trial_id = ray.tune.get_context().get_trial_id()
-    res = fixed.resources
+    res = plan.resources
     use_gpu = res["gpus_per_worker"] > 0
     per_worker = {"CPU": res["cpus_per_worker"]}
     if use_gpu:
         per_worker["GPU"] = res["gpus_per_worker"]
-    fs, train_path = fs_and_path(fixed.train_storage)
+    fs, train_path = fs_and_path(plan.train_storage)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
-            **loop_config(fixed, config, trial_id),
-            "trainable": fixed.trainable,
+            **loop_config(plan, config, trial_id),
+            "trainable": plan.trainable,
         },
         # gloo when the spec pins the CPU (also with GPU resources reserved, e.g. fake GPUs in tests)
-        torch_config=TorchConfig(backend="gloo") if fixed.run["device"] == "cpu" else None,
+        torch_config=TorchConfig(backend="gloo") if plan.run["device"] == "cpu" else None,
         scaling_config=ray.train.ScalingConfig(
             num_workers=res["workers"], use_gpu=use_gpu, resources_per_worker=per_worker
         ),
@@ -61,7 +61,7 @@ def run_trial(config: dict[str, Any], fixed: TrialPlan) -> None:
             storage_path=train_path,
             storage_filesystem=fs,
             callbacks=[TuneReportCallback()],
-            failure_config=ray.train.FailureConfig(max_failures=fixed.max_failures),
+            failure_config=ray.train.FailureConfig(max_failures=plan.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
     )
@@ -72,8 +72,8 @@ def run_trial(config: dict[str, Any], fixed: TrialPlan) -> None:
 class TaskEvaluator:
     """Evaluates stopped trials' best checkpoints in Ray tasks (per-trial mode)."""
 
-    def __init__(self, fixed: TrialPlan):
-        self.fixed = fixed
+    def __init__(self, plan: TrialPlan):
+        self.plan = plan
         self.refs: dict[Any, str] = {}
 
     @property
@@ -84,9 +84,10 @@ class TaskEvaluator:
         import ray
 
         task = ray.remote(num_cpus=0)(evaluate_checkpoint_task)
-        self.refs[task.remote(self.fixed, checkpoint_uri)] = key
+        self.refs[task.remote(self.plan, checkpoint_uri)] = key
 
-    def ready(self, wait_s: float = 0.0) -> list[tuple[str, dict[str, Any]]]:
+    def ready(self, wait_s: float = 0.0) -> list[tuple[str, CheckpointEvaluation]]:
+        """(trial, evaluation) of the evaluations that ended, waiting up to ``wait_s`` for one."""
         import ray
 
         if not self.refs:
@@ -98,23 +99,24 @@ class TaskEvaluator:
             try:
                 out.append((key, ray.get(ref)))
             except Exception as e:  # the evaluation failed; the trial keeps its training record
-                out.append((key, {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}))
+                error = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+                out.append((key, CheckpointEvaluation(error=error)))
         return out
 
 
-def evaluate_checkpoint_task(fixed: TrialPlan, checkpoint_uri: str) -> dict[str, Any]:
+def evaluate_checkpoint_task(plan: TrialPlan, checkpoint_uri: str) -> CheckpointEvaluation:
     """Test + robustness of a checkpoint's best model; the report files come back as bytes."""
     import tempfile
     from pathlib import Path
 
     from .storage import download_dir
 
-    trainable = get_trainable(fixed.trainable)
+    trainable = get_trainable(plan.trainable)
     with tempfile.TemporaryDirectory(prefix="sertune-eval-") as tmp:
         local = download_dir(checkpoint_uri, Path(tmp) / "ckpt")
         metrics = trainable.evaluate_checkpoint(
-            str(local), fixed.data, fixed.run, fixed.run.get("device", "auto")
+            str(local), plan.data, plan.run, plan.run.get("device", "auto")
         )
         report = local / "best" / "robustness"
         files = {p.name: p.read_bytes() for p in report.iterdir()} if report.is_dir() else {}
-    return {"metrics": metrics, "files": files}
+    return CheckpointEvaluation(metrics=metrics, files=files)

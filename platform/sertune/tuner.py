@@ -4,8 +4,8 @@
   CMA-ES, GP, NSGA-II, grid - ``sertune.strategies``) over the spec's ``space`` plus an optional
   define-by-run function, seeded with earlier searches' trials (``search.warm_start``).
 * ``search.scheduler`` stops weak trials early (ASHA by default, async Hyperband, median stopping)
-  on the trial's real epoch (``epochs_done``, not Tune's iteration counter, which restarts when a
-  crashed search resumes). Multi-objective and confirmation runs go FIFO (every trial runs all
+  on the trial's real epoch (``sertune.trainable.EPOCHS_DONE``, not Tune's iteration counter,
+  which restarts when a crashed search resumes). Multi-objective and confirmation runs go FIFO (every trial runs all
   epochs).
 * ``max_concurrent_trials`` bounds concurrency; the trials themselves are thin (``sertune.warm``
   in warm mode, ``sertune.trials`` per trial) and hold no CPUs: the Train workers do.
@@ -20,7 +20,7 @@ from typing import Any
 
 from . import ray_compat, settings, strategies
 from .records import experiment_path
-from .spec import SearchSpec, load_define_by_run
+from .spec import ParamSpec, SearchSpec, load_define_by_run
 from .storage import fs_and_path
 from .trainable import get_trainable
 
@@ -43,26 +43,13 @@ class SpaceFunction:
     A picklable object (not a closure) so Tune can checkpoint the searcher and resume it.
     """
 
-    def __init__(self, space: dict[str, dict[str, Any]], define_by_run: str | None, base: str):
+    def __init__(self, space: dict[str, ParamSpec], define_by_run: str | None, base: str):
         self.space, self.define_by_run, self.base = space, define_by_run, base
 
     def __call__(self, trial: Any) -> dict[str, Any] | None:
         for name, p in self.space.items():
-            if p["type"] == "choice":
-                trial.suggest_categorical(name, p["values"])
-            elif p["type"] == "int":
-                step = int(p.get("step") or 1)
-                trial.suggest_int(
-                    name, int(p["low"]), int(p["high"]), step=step, log=bool(p.get("log"))
-                )
-            else:
-                trial.suggest_float(
-                    name,
-                    float(p["low"]),
-                    float(p["high"]),
-                    step=p.get("step"),
-                    log=bool(p.get("log")),
-                )
+            # a searcher saved before the space was typed holds plain dicts
+            (p if isinstance(p, ParamSpec) else ParamSpec(**p)).suggest(trial, name)
         if self.define_by_run:
             fn = load_define_by_run(self.define_by_run, Path(self.base))
             return fn(trial)
@@ -87,7 +74,7 @@ class TrialPlan:
 
 def trial_plan(spec: SearchSpec, name: str, data: dict[str, Any]) -> TrialPlan:
     """The :class:`TrialPlan` of a search."""
-    trainable = get_trainable(spec.trainable)
+    plugin = get_trainable(spec.trainable)
     return TrialPlan(
         trainable=spec.trainable,
         params={**spec.params, "optim.epochs": spec.budget.max_epochs, "seed": spec.seed},
@@ -96,8 +83,8 @@ def trial_plan(spec: SearchSpec, name: str, data: dict[str, Any]) -> TrialPlan:
             "device": spec.device,
             "threads": max(1, int(spec.resources.cpus_per_worker)),
             "max_steps_per_epoch": spec.budget.max_steps_per_epoch,
-            "robustness": spec.robustness.model_dump() if spec.robustness else None,
-            "select": spec.select_metric(trainable.epoch_metrics).model_dump(),
+            "robustness": spec.robustness_options(),
+            "select": spec.select_metric(plugin).model_dump(),
         },
         resources=spec.resources.model_dump(),
         max_epochs=spec.budget.max_epochs,
@@ -109,10 +96,10 @@ def trial_plan(spec: SearchSpec, name: str, data: dict[str, Any]) -> TrialPlan:
 
 def pbt_parameters(spec: SearchSpec) -> list[str]:
     """The parameters population-based training perturbs, or none for other schedulers."""
-    if spec.search.scheduler_name(spec.objective.multi) != "pbt":
+    if spec.scheduler != "pbt":
         return []
-    space = {k: v.model_dump() for k, v in spec.space.items()}
-    return strategies.pbt_mutable(space, spec.search.scheduler_options)
+    defaults = get_trainable(spec.trainable).pbt_defaults
+    return strategies.pbt_mutable(list(spec.space), defaults, spec.search.scheduler_options)
 
 
 POINT = "__point"  # a fixed configuration (confirmation runs): Tune grid-searches over these
@@ -125,14 +112,14 @@ def flat_config(config: dict[str, Any]) -> dict[str, Any]:
     return {**config[POINT], **{k: v for k, v in config.items() if k != POINT}}
 
 
-def loop_config(fixed: TrialPlan, config: dict[str, Any], trial_id: str) -> dict[str, Any]:
+def loop_config(plan: TrialPlan, config: dict[str, Any], trial_id: str) -> dict[str, Any]:
     """The trainable's ``train(config, session)`` config for one trial."""
     config = flat_config(config)
-    params = {**fixed.params, **{k: v for k, v in config.items() if not k.startswith("__")}}
+    params = {**plan.params, **{k: v for k, v in config.items() if not k.startswith("__")}}
     return {
         "params": params,
-        "data": fixed.data,
-        "run": {**fixed.run, "title": f"trial {trial_id}"},
+        "data": plan.data,
+        "run": {**plan.run, "title": f"trial {trial_id}"},
     }
 
 
@@ -176,7 +163,7 @@ def build_tuner(
         samples = 1
         param_space = {POINT: tune.grid_search(points)}
     else:
-        space = {k: v.model_dump() for k, v in spec.space.items()}
+        space = dict(spec.space)
         multi = spec.objective.multi
         ctx = strategies.Context(
             seed=spec.seed,
@@ -187,15 +174,16 @@ def build_tuner(
             metric=[m.metric for m in metrics] if multi else metrics[0].metric,
             mode=[m.mode for m in metrics] if multi else metrics[0].mode,
             space=space,
+            pbt_defaults=get_trainable(spec.trainable).pbt_defaults,
         )
         s = spec.search
         if pbt_parameters(spec):
             # Tune's PBT refuses a search algorithm (it changes configurations mid-trial): the
             # first population is drawn at random from the space, seeded.
             searcher = BasicVariantGenerator(random_state=spec.seed)
-            param_space = strategies.tune_space(space)
+            param_space = {k: p.tune_domain() for k, p in space.items()}
         else:
-            sampler = strategies.SAMPLERS[s.sampler].make(s.sampler_options, ctx)
+            sampler = strategies.SAMPLERS[s.sampler].build(s.sampler_options, ctx)
             searcher = OptunaSearch(
                 space=SpaceFunction(space, spec.define_by_run, str(Path(spec.source).parent)),
                 metric=ctx.metric,
@@ -207,7 +195,7 @@ def build_tuner(
 
             ray_compat.seed_optuna_study(searcher, optuna_trials(seeds, space))
         samples = spec.budget.trials
-        scheduler = strategies.SCHEDULERS[s.scheduler_name(multi)].make(s.scheduler_options, ctx)
+        scheduler = strategies.SCHEDULERS[spec.scheduler].build(s.scheduler_options, ctx)
     fs, root = fs_and_path(settings.storage_root())
     return tune.Tuner(
         trainable_fn,

@@ -30,28 +30,27 @@ from typing import TYPE_CHECKING, Any
 from . import settings, tracking
 
 if TYPE_CHECKING:
-    from .records import SearchRecord
+    from .spec import SearchSpec
+    from .trainable import Trainable
 
 VIEW_KEY = "sertune-trials"
 KIND_TAG = "mlflow.experimentKind"
 SHARED_VIEW = f"mlflow.sharedViewState.{VIEW_KEY}"
 PRIMARY_METRIC = "mlflow.experiment.primaryMetric.name"
 NOTE = "mlflow.note.content"
-ROBUST_COLUMNS = (
-    "robust/uar_snr10_white",
-    "robust/uar_snr10_babble",
-    "robust/uar_snr0_white",
-    "robust/uar_pgd0.005",
-)
+ROBUST_COLUMNS = 4  # robustness figures shown as columns (the trainable's first ones reported)
 
 
 def _col(kind: str, name: str) -> str:
     return f"{kind}.`{name}`"
 
 
-def view_state(objective: str, params: list[str], robust: list[str]) -> dict[str, Any]:
-    """The runs-table view: trials only, best objective first, the figures that matter."""
-    metrics = list(dict.fromkeys([objective, "val_uar", "test_uar", "val_uar_noisy", *robust]))
+def view_state(
+    objective: str, params: list[str], robust: list[str], shown: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """The runs-table view: trials only, best objective first, the figures that matter (the
+    trainable's display metrics, then its robustness figures)."""
+    metrics = list(dict.fromkeys([objective, *shown, *robust]))
     return {
         "searchFilter": f"tags.`{tracking.TAG_KIND}` = 'trial'",
         "orderByKey": _col("metrics", objective),
@@ -66,7 +65,11 @@ def view_state(objective: str, params: list[str], robust: list[str]) -> dict[str
 
 
 def experiment_tags(
-    objective: str, params: list[str], robust: list[str], searches: str = ""
+    objective: str,
+    params: list[str],
+    robust: list[str],
+    searches: str = "",
+    shown: tuple[str, ...] = (),
 ) -> dict[str, str]:
     note = (
         "**sertune** — every search is a parent run, every trial a child run.\n\n"
@@ -77,12 +80,11 @@ def experiment_tags(
     )
     if searches:
         note += f"\nSearches: {searches}\n"
-    return {
-        KIND_TAG: "custom_model_development",
-        SHARED_VIEW: json.dumps(view_state(objective, params, robust)),
-        PRIMARY_METRIC: objective,
-        NOTE: note,
-    }
+    tags = {KIND_TAG: "custom_model_development", NOTE: note}
+    if objective:  # no search yet: no view to restore
+        tags[SHARED_VIEW] = json.dumps(view_state(objective, params, robust, shown))
+        tags[PRIMARY_METRIC] = objective
+    return tags
 
 
 def runs_url(base: str, experiment_id: str) -> str:
@@ -91,29 +93,48 @@ def runs_url(base: str, experiment_id: str) -> str:
 
 def prepare_experiment(tracking_uri: str | None = None) -> str:
     """Create the experiment if needed and set its view from the latest search; return its id."""
-    from .records import list_records, objectives
+    from .records import list_records
 
-    records = [r for r in list_records() if r.spec]
+    records = list_records()
     latest = max(records, key=lambda r: r.created, default=None)
-    objective = objectives(latest.spec)[0]["metric"] if latest else "val_uar"
-    params = sorted(latest.spec["space"]) if latest else []
-    robust = _robust_columns(latest)
     names = ", ".join(sorted(r.name for r in records))
-    return tracking.Store(tracking_uri).set_experiment_tags(
-        experiment_tags(objective, params, robust, names)
-    )
+    if latest is None:
+        tags = experiment_tags("", [], [], names)
+    else:
+        spec = latest.spec
+        plugin = _plugin(spec.trainable)
+        objective = spec.metrics[0].metric
+        tags = experiment_tags(
+            objective,
+            sorted(spec.space),
+            _robust_columns(spec, plugin),
+            names,
+            plugin.display_metrics if plugin else (),
+        )
+    return tracking.Store(tracking_uri).set_experiment_tags(tags)
 
 
-def _robust_columns(record: SearchRecord | None) -> list[str]:
-    if not record or not record.spec.get("robustness"):
+def _plugin(name: str) -> Trainable | None:
+    from .trainable import UnknownTrainable, get_trainable
+
+    try:
+        return get_trainable(name)
+    except UnknownTrainable:  # a search of a trainable not installed here: no extra columns
+        return None
+
+
+def _robust_columns(spec: SearchSpec, plugin: Trainable | None) -> list[str]:
+    """The trainable's robustness figures this search reports, first ones first; else the first
+    few ``robust/*`` metrics it reports."""
+    if plugin is None or spec.robustness is None:
         return []
-    r = record.spec["robustness"]
-    have = {f"robust/uar_snr{int(s)}_{n}" for s in r["snrs_db"] for n in r["noises"]}
-    have |= {f"robust/uar_pgd{e:g}" for e in r["pgd_eps"]} | {
-        f"robust/uar_fgsm{e:g}" for e in r["fgsm_eps"]
+    have = {
+        m
+        for m in plugin.metric_names(spec.robustness_options(), spec.cross_corpus_names())
+        if m.startswith("robust/")
     }
-    picked = [m for m in ROBUST_COLUMNS if m in have]
-    return picked or sorted(have)[:4]
+    picked = [m for m in plugin.display_robust if m in have]
+    return (picked or sorted(have))[:ROBUST_COLUMNS]
 
 
 def serve_ui(host: str, port: int, tracking_uri: str | None = None, workers: int = 1) -> int:

@@ -15,37 +15,24 @@ search's record, so a resumed search does not read them again.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 from . import tracking
 from .errors import NotFound, UsageError
+from .spec import ParamSpec, SearchSpec
 
 
-def _value(p: dict[str, Any], raw: str) -> Any:
-    """A parameter as MLflow stored it (a string), back in the type of this search's space."""
-    if p["type"] == "choice":
-        for v in p["values"]:
-            if str(v) == raw:
-                return v
-        raise ValueError(f"{raw!r} is not one of {p['values']}")
-    v = float(raw)
-    if p["type"] == "int":
-        if not v.is_integer():
-            raise ValueError(f"{raw!r} is not an integer")
-        v = int(v)
-    if not (float(p["low"]) <= v <= float(p["high"])):
-        raise ValueError(f"{raw} outside [{p['low']}, {p['high']}]")
-    return v
-
-
-def collect(spec: Any, tracking_uri: str, log=print) -> dict[str, Any] | None:
+def collect(
+    spec: SearchSpec, tracking_uri: str, log: Callable[[str], None] = print
+) -> dict[str, Any] | None:
     """The seeds of ``spec.search.warm_start``: ``{"sources": {name: n}, "trials": [{"params",
     "values"}], "skipped": n}``, or None when the spec asks for no warm start."""
     names = spec.search.warm_start
     if not names:
         return None
-    space = {k: v.model_dump() for k, v in spec.space.items()}
-    metrics = [m.metric for m in spec.objective.as_list()]
+    space = spec.space
+    metrics = [m.metric for m in spec.metrics]
     store = tracking.Store(tracking_uri)
     trials, sources, skipped = [], {}, 0
     for i, name in enumerate(names):
@@ -57,7 +44,7 @@ def collect(spec: Any, tracking_uri: str, log=print) -> dict[str, Any] | None:
         for t in found:
             values = [t.metrics.get(m) for m in metrics]
             try:
-                params = {k: _value(p, t.params[k]) for k, p in space.items()}
+                params = {k: p.parse(t.params[k]) for k, p in space.items()}
             except (KeyError, ValueError):
                 skipped += 1
                 continue
@@ -82,36 +69,19 @@ def collect(spec: Any, tracking_uri: str, log=print) -> dict[str, Any] | None:
     return {"sources": sources, "trials": trials, "skipped": skipped}
 
 
-def optuna_trials(seeds: dict[str, Any], space: dict[str, dict[str, Any]]) -> list[Any]:
+def optuna_trials(seeds: dict[str, Any], space: dict[str, ParamSpec]) -> list[Any]:
     """The seeds as completed Optuna trials over this search's distributions."""
     import optuna
-    from optuna.distributions import (
-        CategoricalDistribution,
-        FloatDistribution,
-        IntDistribution,
-    )
 
-    def dist(p: dict[str, Any]):
-        if p["type"] == "choice":
-            return CategoricalDistribution(p["values"])
-        if p["type"] == "int":
-            return IntDistribution(
-                int(p["low"]), int(p["high"]), log=bool(p.get("log")), step=int(p.get("step") or 1)
-            )
-        return FloatDistribution(
-            float(p["low"]), float(p["high"]), log=bool(p.get("log")), step=p.get("step")
-        )
-
-    dists = {k: dist(p) for k, p in space.items()}
+    dists = {k: p.distribution() for k, p in space.items()}
     out = []
     for t in seeds["trials"]:
         params = {k: v for k, v in t["params"].items() if k in dists}
-        values = t["values"]
         out.append(
             optuna.trial.create_trial(
                 params=params,
                 distributions={k: dists[k] for k in params},
-                values=values,
+                values=t["values"],
                 user_attrs={"sertune.warm_start": t["from"]},
             )
         )

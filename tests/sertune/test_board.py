@@ -1,9 +1,20 @@
 """The job board's state machine on its own (the plain class behind the JobBoard actor, no
-Ray): submit, take, report, cancel, a slot whose workers died, stop, evaluations."""
+Ray): submit, take, report, cancel, a slot whose workers died, stop, evaluations, and the typed
+messages it hands back."""
 
 import asyncio
 
-from sertune.warm.board import SHUTDOWN, Board, Job, JobKind, JobState
+from sertune.trainable import EPOCHS_DONE, CheckpointEvaluation
+from sertune.warm.board import (
+    SHUTDOWN,
+    Board,
+    EpochReport,
+    Job,
+    JobEnded,
+    JobFailed,
+    JobKind,
+    JobState,
+)
 
 
 def train(key="t1"):
@@ -23,13 +34,13 @@ def test_a_job_goes_pending_running_done_and_its_proxy_reads_every_report():
         assert job == train() and not job.resumed
         assert b.jobs["t1"].state is JobState.RUNNING and b.slot_job == {0: "t1"}
         for epoch in (1, 2):
-            assert await b.report("t1", {"epochs_done": epoch}) is False
+            assert await b.report("t1", {EPOCHS_DONE: epoch}) is False
         await b.finish("t1", "done")
         reports = [await b.next_report("t1", 1) for _ in range(3)]
         assert reports == [
-            {"kind": "result", "metrics": {"epochs_done": 1}},
-            {"kind": "result", "metrics": {"epochs_done": 2}},
-            {"kind": "end", "outcome": "done"},
+            EpochReport({EPOCHS_DONE: 1}),
+            EpochReport({EPOCHS_DONE: 2}),
+            JobEnded(JobState.DONE),
         ]
         assert await b.next_report("t1", 0.05) is None  # nothing more: the proxy waits
         assert b.jobs["t1"].state is JobState.DONE and b.slot_job == {}
@@ -67,7 +78,7 @@ def test_a_cancelled_pending_job_is_never_taken_and_a_running_one_is_told():
         assert await b.cancelled("b") is False
         await b.cancel("b")  # the scheduler stopped it while it trains
         assert await b.cancelled("b") is True
-        assert await b.report("b", {"epochs_done": 1}) is True  # the slot learns at its report
+        assert await b.report("b", {EPOCHS_DONE: 1}) is True  # the slot learns at its report
         assert await b.settled("b", 0.05) is False  # still in the slot
         await b.finish("b", "stopped")
         assert await b.settled("b", 0.05) is True
@@ -86,10 +97,7 @@ def test_a_slot_whose_workers_died_gets_its_job_again_until_the_failure_budget_i
         assert await b.take(0, 0.05) is None  # the third death: the job fails, the slot waits
         assert b.jobs["t1"].state is JobState.FAILED
         failed = await b.next_report("t1", 1)
-        assert failed == {
-            "kind": "failed",
-            "reason": "its workers died 3 times (budget.trial_max_failures = 2)",
-        }
+        assert failed == JobFailed("its workers died 3 times (budget.trial_max_failures = 2)")
 
     run(scenario)
 
@@ -102,7 +110,7 @@ def test_a_slot_that_died_on_a_cancelled_job_does_not_run_it_again():
         await b.cancel("a")
         assert (await b.take(0, 1)).key == "b"  # the restarted slot moves on
         assert b.jobs["a"].state is JobState.STOPPED
-        assert await b.next_report("a", 1) == {"kind": "end", "outcome": "stopped"}
+        assert await b.next_report("a", 1) == JobEnded(JobState.STOPPED)
 
     run(scenario)
 
@@ -143,12 +151,12 @@ def test_an_evaluation_is_a_job_whose_result_goes_to_the_evaluator():
         await b.submit(Job.evaluation("t2", trainable="linear", checkpoint="/c/2", device="cpu"))
         first = await b.take(0, 1)
         assert first.kind is JobKind.EVALUATE and first.key == "eval:t1" and first.trial == "t1"
-        await b.finish(first.key, "done", "", {"metrics": {"test_uar": 0.5}, "files": {}})
+        await b.finish(first.key, "done", "", CheckpointEvaluation(metrics={"test_uar": 0.5}))
         second = await b.take(0, 1)
         await b.finish(second.key, "failed", "OSError: gone")
         assert await b.evaluations(1) == [
-            ("t1", {"metrics": {"test_uar": 0.5}, "files": {}}),
-            ("t2", {"error": "OSError: gone"}),
+            ("t1", CheckpointEvaluation(metrics={"test_uar": 0.5})),
+            ("t2", CheckpointEvaluation(error="OSError: gone")),
         ]
         assert await b.evaluations(0) == []
 
@@ -158,11 +166,43 @@ def test_an_evaluation_is_a_job_whose_result_goes_to_the_evaluator():
 def test_a_report_for_an_unknown_job_is_refused_and_its_proxy_told():
     async def scenario(b):
         assert await b.report("ghost", {}) is True
-        assert await b.next_report("ghost", 0.05) == {
-            "kind": "failed",
-            "reason": "the job board lost this trial",
-        }
+        assert await b.next_report("ghost", 0.05) == JobFailed("the job board lost this trial")
         await b.finish("ghost", "done")  # a slot finishing a job the board forgot: nothing
         assert await b.stats() == {"queued": 0, "busy_slots": 0}
+
+    run(scenario)
+
+
+def test_what_comes_back_is_typed_and_a_diverged_trial_says_so():
+    """A proxy matches on the message's type: an epoch, a failure (diverged or not), an end; an
+    evaluation comes back as a ``CheckpointEvaluation``."""
+
+    async def scenario(b):
+        for key in ("ok", "broken", "nan"):
+            await b.submit(train(key))
+            await b.take(slot=len(b.slot_job), timeout=1)
+        await b.report("ok", {EPOCHS_DONE: 1, "val_uar": 0.4})
+        await b.finish("ok", "stopped")
+        await b.finish("broken", "failed", "OSError: disk full")
+        await b.finish("nan", "failed", "TrialDiverged: loss became nan", diverged=True)
+
+        epoch, end = await b.next_report("ok", 1), await b.next_report("ok", 1)
+        assert isinstance(epoch, EpochReport) and epoch.metrics["val_uar"] == 0.4
+        assert isinstance(end, JobEnded) and end.outcome is JobState.STOPPED
+        broken = await b.next_report("broken", 1)
+        assert isinstance(broken, JobFailed) and not broken.diverged
+        assert broken.reason == "OSError: disk full"
+        nan = await b.next_report("nan", 1)
+        assert isinstance(nan, JobFailed) and nan.diverged
+        assert nan.reason.startswith("TrialDiverged: ")
+
+        await b.submit(Job.evaluation("ok", trainable="linear", checkpoint="/c/ok", device="cpu"))
+        job = await b.take(0, 1)
+        figures = CheckpointEvaluation(metrics={"test_uar": 0.5}, files={"robustness.json": b"{}"})
+        await b.finish(job.key, "done", "", figures)
+        ((trial, evaluation),) = await b.evaluations(1)
+        assert trial == "ok" and isinstance(evaluation, CheckpointEvaluation)
+        assert evaluation.metrics == {"test_uar": 0.5} and evaluation.error is None
+        assert evaluation.files == {"robustness.json": b"{}"}
 
     run(scenario)

@@ -315,4 +315,4 @@ def test_a_second_ray_instance_on_the_host_does_not_disturb_a_search(tmp_path, h
         )
     finally:
         shutdown_ray()
-    assert result.errors == 0 and result.finished == 2
+    assert result.errors == 0 and result.completed == 2

@@ -40,7 +40,7 @@ def test_a_confirmed_promotion_registers_the_best_mean_not_the_best_seed(home, t
         "steady",
         SearchRecord(
             name="steady",
-            spec=spec.model_dump(),
+            spec=spec,
             data={"fingerprint": "f"},
             tracking_uri=tracking.ensure_store(),
             path=str(home / "x"),
@@ -123,7 +123,7 @@ def test_confirmation_and_a_fair_baseline_run_through_the_same_machinery(home, t
     assert load_record("paired").phase == "done"
     base = load_record("paired--stl_baseline")
     assert base.status == "finished" and base.baseline_of == "paired"
-    assert base.spec["params"]["loss.w_aug"] == 0.0 and "loss.w_aug" not in base.spec["space"]
+    assert base.spec.params["loss.w_aug"] == 0.0 and "loss.w_aug" not in base.spec.space
 
     c = MlflowClient(settings.tracking_uri())
     exp = c.get_experiment_by_name("sertune").experiment_id

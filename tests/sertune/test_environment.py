@@ -169,7 +169,7 @@ def test_fail_fast_rules():
 
     diverged = FailFast("t-div", first=2)  # bad hyperparameters, not a broken search
     for _ in range(3):
-        diverged.observe("TrainingDiverged: loss became nan at epoch 1 step 0")
+        diverged.observe("TrialDiverged: loss became nan at epoch 1 step 0")
     assert not diverged.tripped
 
     env = FailFast("t-env", first=4)

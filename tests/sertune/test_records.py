@@ -25,7 +25,10 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def record(**kw) -> SearchRecord:
-    return SearchRecord(name="r", spec={"budget": {"trials": 2}}, path="/tmp/r", **kw)
+    from sertune.spec import load_spec
+
+    spec = load_spec(REPO / "search_spaces" / "smoke.yaml")
+    return SearchRecord(name="r", spec=spec, path="/tmp/r", **kw)
 
 
 def test_a_record_is_frozen_and_round_trips_through_its_file(home):
@@ -47,13 +50,31 @@ def test_a_record_is_frozen_and_round_trips_through_its_file(home):
 def test_a_bad_record_file_is_refused_naming_the_file_and_field(home):
     save_record("good", record().but(name="good"))
     bad = record_path("bad")
-    bad.write_text(json.dumps({"name": "bad", "spec": {}, "path": "/p", "phase": "sideways"}))
+    spec = json.loads(record().to_json())["spec"]
+    bad.write_text(json.dumps({"name": "bad", "spec": spec, "path": "/p", "phase": "sideways"}))
     with pytest.raises(UsageError, match=r"bad\.json: field phase"):
         load_record("bad")
     record_path("half").write_text('{"name": "ha')
     with pytest.raises(UsageError, match=r"half\.json: not a search record"):
         load_record("half")
     assert [r.name for r in list_records()] == ["good"]  # `search list` shows the others
+
+
+def test_a_record_written_before_the_spec_was_typed_opens_typed(home):
+    """Older records hold the spec as the plain JSON of ``SearchSpec.model_dump()``: the same
+    object, so they read as a typed spec; a spec field that no longer fits is named."""
+    from sertune.spec import ParamSpec, SearchSpec
+
+    old = json.loads(record().to_json())
+    old["spec"] = {k: v for k, v in old["spec"].items()}  # as the dict-era driver wrote it
+    record_path("old").write_text(json.dumps({**old, "name": "old"}, indent=2))
+    r = load_record("old")
+    assert isinstance(r.spec, SearchSpec) and r.spec.budget.trials == 2
+    assert all(isinstance(p, ParamSpec) for p in r.spec.space.values())
+    old["spec"]["budget"]["trails"] = 3  # a field this version does not know
+    record_path("odd").write_text(json.dumps({**old, "name": "odd"}))
+    with pytest.raises(UsageError, match=r"odd\.json: field spec\.budget\.trails"):
+        load_record("odd")
 
 
 def test_the_drivers_saves_and_the_loggers_parent_run_callback_do_not_undo_each_other(home):

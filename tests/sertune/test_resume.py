@@ -16,7 +16,8 @@ from pathlib import Path
 
 import yaml
 
-from sertune.testing import kill_owned, start_sertune
+from sertune.testing import kill_owned, start_sertune, wait_mid_trial
+from sertune.trainable import SCHEDULE_PREFIX
 
 REPO = Path(__file__).resolve().parents[2]
 EPOCHS = 8
@@ -51,36 +52,10 @@ def test_resume_after_sigkill_mid_trial(home, tmp_path):
     ray_tmp = f"/tmp/rs{os.getpid()}"  # Ray's socket paths must stay short
     env = driver_env(home, ray_tmp)
     proc, lines = start_sertune("search", "run", str(spec), env=env)
-    finished: set[str] = set()
-    victim = None
-    seen: dict[str, float] = {}  # when each "trial X started" line arrived
-    state = home / "searches" / "crash"
-    deadline = time.monotonic() + 300
     try:
-        while time.monotonic() < deadline:
-            text = "".join(lines)
-            finished = set(re.findall(r"trial (\w+) finished", text))
-            for t in re.findall(r"trial (\w+) started", text):
-                seen.setdefault(t, time.time())
-            saved = max(
-                (p.stat().st_mtime for p in state.glob("experiment_state-*.json")), default=0
-            )
-            # Tune saves its state every 2 s: once a saved state knows a finished trial and the
-            # running one, kill the driver while that one is in the middle of its epochs
-            mid = [
-                t
-                for t, e in re.findall(rf"trial (\w+) epoch (\d)/{EPOCHS}", text)
-                if t not in finished and 2 <= int(e) <= EPOCHS - 2 and saved > seen[t] + 0.5
-            ]
-            if finished and mid:
-                victim = mid[-1]
-                break
-            assert proc.poll() is None, "".join(lines)[-3000:]
-            time.sleep(0.1)
-        else:
-            raise AssertionError(
-                "no trial reached the kill point in time:\n" + "".join(lines)[-3000:]
-            )
+        # once a saved state knows a finished trial and the running one, kill the driver while
+        # that one is in the middle of its epochs
+        finished, victim = wait_mid_trial(lines, proc, home / "searches" / "crash", EPOCHS, 300)
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray processes it started
         proc.wait(timeout=30)
     finally:
@@ -217,7 +192,9 @@ def test_pbt_resumes_after_sigkill_of_the_driver(home, tmp_path):
     for ch in children:
         assert ch.data.tags["sertune.status"] == "finished", ch.data.tags
         # the epochs it trained itself, once each (a trial that took a checkpoint skips ahead)
-        steps = sorted(m.step for m in c.get_metric_history(ch.info.run_id, "schedule/optim.lr"))
+        steps = sorted(
+            m.step for m in c.get_metric_history(ch.info.run_id, f"{SCHEDULE_PREFIX}optim.lr")
+        )
         assert steps == sorted(set(steps)) and steps[0] == 1 and steps[-1] == PBT_EPOCHS, steps
     local = c.download_artifacts(parent.info.run_id, "summary", str(tmp_path / "dl"))
     sched = json.loads((Path(local) / "pbt_schedules.json").read_text())

@@ -10,6 +10,7 @@ from sertune.records import load_record
 from sertune.search import run_search
 from sertune.spec import load_spec
 from sertune.status import search_status
+from sertune.trainable import EPOCHS_DONE
 
 REPO = Path(__file__).resolve().parents[2]
 SMOKE = REPO / "search_spaces" / "smoke.yaml"
@@ -67,7 +68,7 @@ def test_smoke_single_objective(home, tmp_path):
         assert {"loss.w_aug", "loss.w_rec", "aug.p_white_noise"} <= set(ch.data.params)
         hist = c.get_metric_history(ch.info.run_id, "train_loss_rec")
         # one point per epoch, the step being the trial's real epoch
-        assert [m.step for m in hist] == list(range(1, int(ch.data.metrics["epochs_done"]) + 1))
+        assert [m.step for m in hist] == list(range(1, int(ch.data.metrics[EPOCHS_DONE]) + 1))
         # every trial, stopped early or not, gets its best epoch's test and robustness figures
         assert "test_uar" in ch.data.metrics and "robust/uar_snr10_white" in ch.data.metrics
         robust = {a.path for a in c.list_artifacts(ch.info.run_id, "robustness")}

@@ -36,7 +36,7 @@ def test_linear_trainable_search_promote_predict_report(home, tmp_path):
     spec_path = tmp_path / "linear.yaml"
     spec_path.write_text(yaml.safe_dump(raw))
     result = run_search(load_spec(spec_path), log=lambda *a: None)
-    assert result.errors == 0 and result.finished == 2
+    assert result.errors == 0 and result.completed == 2
     assert all("robust/uar_snr10_white" in r and "test_uar" in r for r in result.rows)
 
     v = promote("linear-smoke", gates=["robust/uar_snr10_white>=0"], model_name="ser-linear")

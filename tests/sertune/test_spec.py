@@ -210,3 +210,29 @@ def test_presets_by_name_from_anywhere(home, tmp_path, monkeypatch):
     assert load_spec("smoke.yaml").name == "smoke"
     with pytest.raises(SpecError, match="packaged presets: conditional|packaged presets: demo"):
         load_spec("nope")
+
+
+def test_a_searched_parameter_knows_its_distribution_grid_domain_and_stored_values():
+    """The one place a ``space`` entry is interpreted: Optuna, Ray Tune, grids, warm starts."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+    from sertune.spec import ParamSpec
+
+    f = ParamSpec(type="float", low=0.0, high=1.0, step=0.25)
+    i = ParamSpec(type="int", low=2, high=8, step=3, log=False)
+    c = ParamSpec(type="choice", values=["a", 1, True])
+    lg = ParamSpec(type="float", low=1e-4, high=1e-1, log=True)
+    assert f.distribution() == FloatDistribution(0.0, 1.0, step=0.25)
+    assert i.distribution() == IntDistribution(2, 8, step=3)
+    assert c.distribution() == CategoricalDistribution(["a", 1, True])
+    assert (f.grid_values(), i.grid_values(), lg.grid_values()) == (
+        [0.0, 0.25, 0.5, 0.75, 1.0],
+        [2, 5, 8],
+        None,
+    )
+    assert (f.parse("0.5"), i.parse("5"), c.parse("True"), c.parse("1")) == (0.5, 5, True, 1)
+    for p, raw in ((f, "1.5"), (i, "2.5"), (c, "b")):
+        with pytest.raises(ValueError):
+            p.parse(raw)
+    assert 1e-4 <= lg.tune_domain().sample() <= 1e-1
+    assert lg.bounds() == (1e-4, 1e-1) and c.bounds() is None

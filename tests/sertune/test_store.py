@@ -67,11 +67,13 @@ def test_finished_trials_of_an_earlier_search_and_an_unknown_name_is_refused(uri
 def test_search_rm_with_mlflow_deletes_that_search_s_runs_and_no_other(uri, tmp_path):
     from sertune.records import SearchRecord, list_records, save_record
     from sertune.remove import remove_search
+    from sertune.spec import load_spec
 
     for name in ("gone", "kept"):
         write_search(uri, name, [("t1", "finished", 0.5)])
         path = str(tmp_path / name)
-        record = SearchRecord(name=name, spec={}, path=path, tracking_uri=uri, status="finished")
+        spec = load_spec("smoke")
+        record = SearchRecord(name=name, spec=spec, path=path, tracking_uri=uri, status="finished")
         save_record(name, record)
     said = remove_search("gone", mlflow_runs=True)
     assert "deleted 2 MLflow run(s) of 'gone' (restorable from the MLflow UI's trash)" in said

@@ -9,6 +9,7 @@ import yaml
 
 from sertune import strategies
 from sertune.spec import SpecError, load_spec
+from sertune.trainable import EPOCHS_DONE
 from tests.linear_trainable import linear_spec
 
 REPO = Path(__file__).resolve().parents[2]
@@ -57,7 +58,7 @@ def test_every_sampler_validates_and_proposes_configurations_in_the_space(sample
         assert set(config) == set(spec.space), config
         for name, p in spec.space.items():
             assert p.low <= config[name] <= p.high, (name, config)
-        searcher.on_trial_complete(f"t{i}", {"val_uar": 0.1 * i, "epochs_done": 2})
+        searcher.on_trial_complete(f"t{i}", {"val_uar": 0.1 * i, EPOCHS_DONE: 2})
     assert (
         type(searcher._ot_study.sampler)
         .__name__.lower()
@@ -191,7 +192,7 @@ def test_a_warm_started_search_begins_with_the_earlier_trials(home, tmp_path):
         return load_spec(p)
 
     a = run_search(spec("ws-a", {"sampler": "random", "scheduler": "median"}), log=lambda *m: None)
-    assert a.errors == 0 and a.finished == 2
+    assert a.errors == 0 and a.completed == 2
     lines: list[str] = []
     b_spec = spec(
         "ws-b",
@@ -203,7 +204,7 @@ def test_a_warm_started_search_begins_with_the_earlier_trials(home, tmp_path):
         },
     )
     b = run_search(b_spec, log=lines.append)
-    assert b.errors == 0 and b.finished == 2
+    assert b.errors == 0 and b.completed == 2
     assert any(
         "warm start: 2 finished trial(s) seed the sampler (2 from 'ws-a')" in ln for ln in lines
     ), lines
@@ -272,7 +273,7 @@ def test_pbt_exploits_and_explores_with_warm_slots_and_records_the_schedule(home
     p.write_text(yaml.safe_dump(raw))
     lines: list[str] = []
     result = run_search(load_spec(p), log=lines.append)
-    assert result.errors == 0 and result.finished == 4, lines
+    assert result.errors == 0 and result.completed == 4, lines
     exploits = [ln for ln in lines if "'s checkpoint at epoch" in ln]
     assert exploits, "\n".join(lines)
     assert all(" goes on with optim.lr=" in ln for ln in exploits)
@@ -319,10 +320,38 @@ def test_a_two_trial_search_runs_with_each_remaining_sampler(home, tmp_path, sea
     p = tmp_path / f"{name}.yaml"
     p.write_text(yaml.safe_dump(linear_spec(home, name, space=space, search=search)))
     result = run_search(load_spec(p), log=lambda *m: None)
-    assert result.errors == 0 and result.finished == 2
+    assert result.errors == 0 and result.completed == 2
     assert len({tuple(sorted(r["config"].items())) for r in result.rows}) == 2  # two proposals
     spec = load_record(name).spec
-    assert (spec["search"]["sampler"], spec["search"]["scheduler"]) == (
+    assert (spec.search.sampler, spec.search.scheduler) == (
         search["sampler"],
         search["scheduler"],
     )
+
+
+def test_every_factory_gets_each_option_with_its_one_default_applied():
+    """A factory reads a complete mapping: the spec's value where given, else the knob's default
+    (a value, a function of the budget, or None for the library's own) - never its own."""
+    import dataclasses
+
+    ctx = strategies.Context(
+        seed=0,
+        trials=12,
+        max_epochs=8,
+        grace_epochs=2,
+        reduction_factor=3.0,
+        metric="val_uar",
+        mode="max",
+        space={},
+    )
+    for table in (strategies.SAMPLERS, strategies.SCHEDULERS):
+        for name, entry in table.items():
+            got = dataclasses.replace(entry, make=lambda o, c: o).build({}, ctx)
+            assert set(got) == set(entry.knobs), name
+    tpe = dataclasses.replace(strategies.SAMPLERS["tpe"], make=lambda o, c: o)
+    assert tpe.build({}, ctx) == {"n_startup_trials": 4, "multivariate": False}
+    assert tpe.build({"n_startup_trials": 7}, ctx)["n_startup_trials"] == 7
+    asha = dataclasses.replace(strategies.SCHEDULERS["asha"], make=lambda o, c: o)
+    assert asha.build({}, ctx) == {"grace_epochs": 2, "reduction_factor": 3.0}
+    nsga = dataclasses.replace(strategies.SAMPLERS["nsga2"], make=lambda o, c: o)
+    assert nsga.build({}, ctx) == {"population_size": 6, "crossover_prob": 0.9}

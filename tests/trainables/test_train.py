@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from sertune.sessions import LocalSession
+from sertune.trainable import TrialDiverged
 from tests.conftest import TINY
-from trainables.mtl_aug.train import TrainingDiverged, load_state, train
+from trainables.mtl_aug.train import load_state, train
 
 
 def loop_config(cache, **params):
@@ -90,5 +91,5 @@ def test_nan_loss_fails_with_the_reason(synth_corpus):
     cfg = loop_config(
         synth_corpus["cache"], **{"optim.epochs": 3, "optim.lr": 1e20, "optim.grad_clip": 0.0}
     )
-    with pytest.raises(TrainingDiverged, match=r"loss became (nan|inf)"):
+    with pytest.raises(TrialDiverged, match=r"loss became (nan|inf)"):
         train(cfg, LocalSession(device="cpu"))

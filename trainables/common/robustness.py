@@ -30,19 +30,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sertune.trainable import ROBUSTNESS_DEFAULTS
+
 from .metrics import confusion, scores
 from .noise import add_noise_flat
 from .utterances import Forward, Utterances, Windowing, utterance_logits
 
 SCHEMA = "sertune.robustness/1"
-DEFAULTS = {
-    "snrs_db": [20.0, 10.0, 5.0, 0.0],
-    "noises": ["white", "babble"],
-    "fgsm_eps": [0.001, 0.005, 0.01],
-    "pgd_eps": [0.005],
-    "pgd_steps": 5,
-    "max_utterances": 200,
-}
+# the one table of defaults (a spec's ``robustness:`` starts from it too)
+DEFAULTS = {k: list(v) if isinstance(v, tuple) else v for k, v in ROBUSTNESS_DEFAULTS.items()}
 
 
 def robust_metric_names(options: dict[str, Any] | None, cross: list[str] | None = None) -> set:

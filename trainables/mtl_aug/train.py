@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from sertune.trainable import BEST_EPOCH, EPOCHS_DONE, LOOP_STARTED_AT, TrialDiverged
 from trainables.common.metrics import confusion, scores
 from trainables.common.noise import add_noise_flat
 from trainables.common.robustness import evaluate_robustness, make_noise, write_report
@@ -60,10 +61,6 @@ STATE_FILE = "state.pt"
 BEST = "best"
 NOISY_VAL_SNR_DB = 10.0
 DEFAULT_SELECT = {"metric": "val_uar", "mode": "max"}
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the trial fails with this reason."""
 
 
 def seed_for(seed: int, rank: int, epoch: int) -> int:
@@ -347,7 +344,7 @@ def train(config: dict[str, Any], session: Any) -> list[dict[str, Any]]:
             out = model(feats)
             losses = mtl_aug_loss(out, y, aug_type, cfg.loss)
             if not torch.isfinite(losses.total):
-                raise TrainingDiverged(
+                raise TrialDiverged(
                     f"loss became {float(losses.total.detach())} at epoch {epoch} step {step} "
                     f"(emo={float(losses.emotion.detach()):.4g}, aug={float(losses.aug.detach()):.4g}, "
                     f"rec={float(losses.reconstruction.detach()):.4g}); lr={cfg.optim.lr}"
@@ -382,7 +379,7 @@ def train(config: dict[str, Any], session: Any) -> list[dict[str, Any]]:
         )
         metrics: dict[str, Any] = {
             "epoch": epoch,
-            "epochs_done": epoch + 1,  # what schedulers and MLflow steps count
+            EPOCHS_DONE: epoch + 1,  # what schedulers and MLflow steps count
             "val_uar": val["uar"],
             "val_war": val["war"],
             "val_f1": val["f1"],
@@ -398,7 +395,7 @@ def train(config: dict[str, Any], session: Any) -> list[dict[str, Any]]:
             "train_time_s": train_time,
             # data load + epochs so far, and when the loop started (bench search)
             "loop_time_s": time.perf_counter() - loop_t0,
-            "loop_started_at": loop_started_at,
+            LOOP_STARTED_AT: loop_started_at,
         }
         value = metrics.get(select["metric"], metrics["val_uar"])
         if _better(value, best["value"], select.get("mode", "max")):
@@ -408,7 +405,7 @@ def train(config: dict[str, Any], session: Any) -> list[dict[str, Any]]:
                 metrics={k: v for k, v in metrics.items() if k.startswith("val_")},
                 state={k: v.detach().cpu().clone() for k, v in core.state_dict().items()},
             )
-        metrics["best_epoch"] = best["epoch"]
+        metrics[BEST_EPOCH] = best["epoch"]
         if epoch == start_epoch:
             metrics.update(session.placement())
 

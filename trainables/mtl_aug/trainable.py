@@ -29,6 +29,18 @@ class MTLAugTrainable(CorpusHooks, Trainable):
         "train_loss_rec",
     )
     final_metrics = ("test_uar", "test_war", "test_f1")
+    # unweighted average recall is the field's headline figure (classes are imbalanced)
+    display_metrics = ("val_uar", "val_uar_noisy", "test_uar")
+    display_robust = (
+        "robust/uar_snr10_white",  # the robustness gate users reach for first
+        "robust/uar_snr10_babble",
+        "robust/uar_snr0_white",
+        "robust/uar_pgd0.005",
+        "robust/uar_clean",
+    )
+    checkpoint_metric = ("val_uar", "max")
+    # the auxiliary-loss weights and the augmentation mix: what MTL-AUG's schedule is about
+    pbt_defaults = ("loss.w_aug", "loss.w_rec", "aug.p_")
 
     def param_names(self) -> set[str]:
         return set(MTLAugConfig().to_flat())

@@ -42,7 +42,9 @@ from ..testing import (
     start_mlflow,
     start_ray_head,
     start_sertune,
+    wait_mid_trial,
 )
+from ..trainable import EPOCHS_DONE
 
 
 class Drill:
@@ -143,9 +145,24 @@ class Drill:
             if r.data.tags.get("sertune.kind") != "trial":
                 continue
             steps = [m.step for m in c.get_metric_history(r.info.run_id, "val_uar")]
-            want = list(range(1, int(r.data.metrics.get("epochs_done", epochs)) + 1))
+            want = list(range(1, int(r.data.metrics.get(EPOCHS_DONE, epochs)) + 1))
             lost += len(set(want) ^ set(steps)) + (len(steps) - len(set(steps)))
         return lost
+
+
+def submit_to_token_head(d: Drill, spec: str) -> subprocess.CompletedProcess:
+    """``sertune search submit --wait`` of the drill's spec ``spec`` to a token-authenticated head
+    of its own, from a client that has the token but not ``RAY_AUTH_MODE``; the head is stopped
+    afterwards."""
+    head, address, env = start_token_head(d)
+    try:
+        client = {**env}
+        client.pop("RAY_AUTH_MODE")
+        return d.cli(
+            "search", "submit", str(d.spec(spec)), "--address", address, "--wait", env=client
+        )
+    finally:
+        kill_owned(session=head.pid, temp_dir=d.ray_tmp + "h")
 
 
 def start_token_head(
@@ -187,32 +204,8 @@ def driver_kill(d: Drill) -> tuple[int, str]:
         lambda r: r["budget"].update(trials=3, concurrency=1, max_epochs=6, grace_epochs=6),
     )
     proc, lines = d.start("search", "run", str(spec))
-    state = d.home / "searches" / "crash"
-    seen: dict[str, float] = {}
     try:
-        deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
-            text = "".join(lines)
-            finished = set(re.findall(r"trial (\w+) finished", text))
-            for t in re.findall(r"trial (\w+) started", text):
-                seen.setdefault(t, time.time())
-            saved = max(
-                (p.stat().st_mtime for p in state.glob("experiment_state-*.json")), default=0
-            )
-            mid = [
-                t
-                for t, e in re.findall(r"trial (\w+) epoch (\d)/6", text)
-                if t not in finished and 2 <= int(e) <= 4 and saved > seen[t] + 0.5
-            ]
-            if finished and mid:
-                break
-            if proc.poll() is not None:
-                raise RuntimeError(
-                    "the search ended before a trial was mid-way with its state saved"
-                )
-            time.sleep(0.1)
-        else:
-            raise TimeoutError("no trial was mid-way with its state saved within 600 s")
+        finished, _ = wait_mid_trial(lines, proc, d.home / "searches" / "crash", 6, 600)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
@@ -379,15 +372,7 @@ def resources(d: Drill, limit_s: float = 60.0) -> tuple[int, str]:
 
 def token_head(d: Drill) -> tuple[int, str]:
     """Submit to a token-authenticated `ray start --head`."""
-    head, address, env = start_token_head(d)
-    try:
-        client = {**env}
-        client.pop("RAY_AUTH_MODE")
-        p = d.cli(
-            "search", "submit", str(d.spec("sub")), "--address", address, "--wait", env=client
-        )
-    finally:
-        kill_owned(session=head.pid, temp_dir=d.ray_tmp + "h")
+    p = submit_to_token_head(d, "sub")
     return (p.returncode != 0) + (
         0 if "(2 trials, 0 failed" in p.stdout else 1
     ), f"exit {p.returncode}"
@@ -404,15 +389,9 @@ def secrets(d: Drill) -> tuple[int, str]:
     d.env.update(fake)
     run = d.cli("search", "run", str(d.spec("sec")))
     promote = d.cli("promote", "sec")
-    head, address, env = start_token_head(d)
     try:
-        client = {**env}
-        client.pop("RAY_AUTH_MODE")
-        sub = d.cli(
-            "search", "submit", str(d.spec("sec-sub")), "--address", address, "--wait", env=client
-        )
+        sub = submit_to_token_head(d, "sec-sub")
     finally:
-        kill_owned(session=head.pid, temp_dir=d.ray_tmp + "h")
         d.clean()
     needles = [
         fake["AWS_SECRET_ACCESS_KEY"],

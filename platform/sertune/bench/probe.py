@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UsageError
-from ..trainable import CorpusCache, Trainable, TrainBench
+from ..trainable import EPOCHS_DONE, LOOP_STARTED_AT, CorpusCache, Trainable, TrainBench
 
 NAME = "scale_probe"
 ENTRY = f"{NAME}=sertune.bench.probe:PROBE"
@@ -59,11 +59,11 @@ class ScaleProbe(Trainable):
             frac = (epoch + 1) / int(p["optim.epochs"])
             m = {
                 "epoch": epoch,
-                "epochs_done": epoch + 1,
+                EPOCHS_DONE: epoch + 1,
                 "val_uar": score * frac,
                 "val_uar_noisy": score * frac * 0.9,
                 "loop_time_s": time.perf_counter() - t0,
-                "loop_started_at": started,
+                LOOP_STARTED_AT: started,
             }
             if epoch == int(p["optim.epochs"]) - 1:
                 m["test_uar"] = score * 0.95

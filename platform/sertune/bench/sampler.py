@@ -15,6 +15,7 @@ import json
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +64,7 @@ def run_sampler_bench(
     concurrency: int = 2,
     num_cpus: int | None = None,
     out: str | None = None,
-    log=print,
+    log: Callable[[str], None] = print,
 ) -> int:
     ray_compat.quiet()  # before the store is opened: no MLflow/alembic chatter
     spec_path = presets()["demo"]

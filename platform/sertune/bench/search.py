@@ -28,7 +28,7 @@ from ray.tune import Callback
 from ..cluster import init_ray, shutdown_ray
 from ..ray_compat import FAST_ENV
 from ..spec import load_spec, presets, validate_spec
-from ..trainable import get_trainable
+from ..trainable import LOOP_STARTED_AT, get_trainable
 from ..tuner import build_tuner, trial_plan
 
 
@@ -77,7 +77,7 @@ def _run(
     spec: Any, fast: bool, num_cpus: int | None, home: Path
 ) -> tuple[TrialClock, float, float]:
     """One mode: (clock, wall of the trials, one-time start cost)."""
-    from ..search import Execution
+    from ..execution import Execution, WarmExecution
 
     for k in FAST_ENV:
         os.environ.pop(k, None)
@@ -87,13 +87,14 @@ def _run(
     shutdown_ray()
     init_ray(num_cpus=num_cpus, fast=fast)
     wall_start = time.time()
-    execution = Execution(spec, spec.name, spec.budget.concurrency)
+    execution = Execution.start(spec, spec.name, spec.budget.concurrency)
     clock = TrialClock()
-    fixed = trial_plan(spec, spec.name, data)
+    plan = trial_plan(spec, spec.name, data)
     fifo = True
-    reuse = execution.reuse_actors(fifo) if (fast or execution.pool is not None) else False
+    warm = isinstance(execution, WarmExecution)
+    reuse = execution.reuse_actors(fifo) if (fast or warm) else False
     tuner = build_tuner(
-        spec, spec.name, execution.trainable(fixed), callbacks=[clock], reuse_actors=reuse
+        spec, spec.name, execution.tune_trainable(plan), callbacks=[clock], reuse_actors=reuse
     )
     t0 = time.monotonic()
     try:
@@ -101,7 +102,7 @@ def _run(
     finally:
         execution.close()
     wall = time.monotonic() - t0
-    loops = [float(r["loop_started_at"]) for r in clock.last.values() if "loop_started_at" in r]
+    loops = [float(r[LOOP_STARTED_AT]) for r in clock.last.values() if LOOP_STARTED_AT in r]
     startup = (min(loops) - wall_start) if loops else float("nan")  # until the first loop ran
     shutdown_ray()
     return clock, wall, startup
@@ -115,7 +116,7 @@ def _fixed_costs(clock: TrialClock) -> tuple[list[float], list[float], list[floa
             lt = float(last.get("loop_time_s", 0.0))
             loop.append(lt)
             over.append(clock.end[tid] - start - lt)
-            before.append(float(last.get("loop_started_at", start)) - start)
+            before.append(float(last.get(LOOP_STARTED_AT, start)) - start)
     return over, loop, before
 
 

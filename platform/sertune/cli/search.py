@@ -195,7 +195,7 @@ def strategies(a: argparse.Namespace) -> int:
 
 def _finish(result) -> int:
     print_result(result)
-    if not result.finished:
+    if not result.completed:
         print(
             f"sertune: error: every trial of {result.name!r} failed (see the table above)",
             file=sys.stderr,
@@ -230,8 +230,7 @@ def list_(a: argparse.Namespace) -> int:
     for r in records:
         status = effective_status(r)
         print(
-            f"{r.name:28} {status:12} {r.created:20} {r.spec['budget']['trials']:>6}  "
-            f"{r.source or ''}"
+            f"{r.name:28} {status:12} {r.created:20} {r.spec.budget.trials:>6}  {r.source or ''}"
         )
     crashed = [r.name for r in records if effective_status(r) == "crashed"]
     for name in crashed:

@@ -25,20 +25,35 @@ polling on every trial (docs/architecture.md). So a search starts one long-lived
 * Trials a scheduler stopped are evaluated on their best checkpoint by a free slot (test and
   robustness figures for every trial, not only those that ran to the end).
 
-Modules by the process they run in: ``board`` (the JobBoard actor and the :class:`Job` it hands
-out), ``slot`` (a slot's Train workers; their session is ``sertune.sessions.SlotSession``),
+Modules by the process they run in: ``board`` (the JobBoard actor, the :class:`Job` it hands
+out and the reports it hands back: :class:`EpochReport`, :class:`JobFailed`, :class:`JobEnded`),
+``slot`` (a slot's Train workers; their session is ``sertune.sessions.SlotSession``),
 ``proxy`` (the driver: Tune's proxies, the pool, the evaluator).
 """
 
-from .board import Job, JobBoard, JobKind, JobState, TrialFailed
+from .board import (
+    EpochReport,
+    Job,
+    JobBoard,
+    JobEnded,
+    JobFailed,
+    JobKind,
+    JobState,
+    Report,
+    TrialFailed,
+)
 from .proxy import BoardEvaluator, SlotPool, WarmTrial
 
 __all__ = [
     "BoardEvaluator",
+    "EpochReport",
     "Job",
     "JobBoard",
+    "JobEnded",
+    "JobFailed",
     "JobKind",
     "JobState",
+    "Report",
     "SlotPool",
     "TrialFailed",
     "WarmTrial",

@@ -1,7 +1,8 @@
 """The job board: one actor per driver between the Tune proxies and the warm slots.
 
 Proxies submit jobs and read their reports; slots take jobs, report epochs and finish them.
-What crosses between them is a :class:`Job` (frozen); the board keeps each job's state.
+What crosses between them is frozen: a :class:`Job` one way, a :data:`Report` (an epoch's
+metrics, then how the job ended) the other; the board keeps each job's state.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from enum import StrEnum
 from typing import Any
 
 import ray
+
+from ..trainable import CheckpointEvaluation
 
 
 class TrialFailed(RuntimeError):
@@ -57,13 +60,40 @@ class Job:
 SHUTDOWN = Job(key="", kind=JobKind.SHUTDOWN)
 
 
+# -- what a trial's proxy reads from the board, in order: epochs, then one end --------------------
+@dataclass(frozen=True)
+class EpochReport:
+    """One epoch's metrics, as the slot's session reported them."""
+
+    metrics: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class JobFailed:
+    """The job failed: its training raised, or its workers died too often. ``diverged``: the
+    trainable raised ``TrialDiverged`` (the configuration's fault; the proxy raises it again)."""
+
+    reason: str
+    diverged: bool = False
+
+
+@dataclass(frozen=True)
+class JobEnded:
+    """The job ended without failing and without a last epoch to report (stopped, shut down)."""
+
+    outcome: JobState
+
+
+Report = EpochReport | JobFailed | JobEnded
+
+
 @dataclass
 class _Entry:
     """The board's own record of a job."""
 
     job: Job
     state: JobState = JobState.PENDING
-    reports: collections.deque = field(default_factory=collections.deque)
+    reports: collections.deque[Report] = field(default_factory=collections.deque)
     cancelled: bool = False
     attempts: int = 0
     slot: int | None = None
@@ -83,7 +113,7 @@ class Board:
         self.queue: collections.deque[str] = collections.deque()  # job keys, FIFO
         self.jobs: dict[str, _Entry] = {}
         self.slot_job: dict[int, str] = {}
-        self.evals_done: list[tuple[str, dict[str, Any]]] = []
+        self.evals_done: list[tuple[str, CheckpointEvaluation]] = []
         self.closed = False
         self.changed = asyncio.Event()
 
@@ -108,12 +138,13 @@ class Board:
         self.queue.append(job.key)
         self._notify()
 
-    async def next_report(self, key: str, timeout: float) -> dict[str, Any] | None:
+    async def next_report(self, key: str, timeout: float) -> Report | None:
+        """The job's next report; None when none came within ``timeout``."""
         deadline = time.monotonic() + timeout
         while True:
             job = self.jobs.get(key)
             if job is None:
-                return {"kind": "failed", "reason": "the job board lost this trial"}
+                return JobFailed("the job board lost this trial")
             if job.reports:
                 return job.reports.popleft()
             left = deadline - time.monotonic()
@@ -131,7 +162,9 @@ class Board:
         self._notify()
 
     # evaluations of stopped trials (submitted as jobs of kind EVALUATE)
-    async def evaluations(self, timeout: float) -> list[tuple[str, dict[str, Any]]]:
+    async def evaluations(self, timeout: float) -> list[tuple[str, CheckpointEvaluation]]:
+        """(trial, evaluation) of every evaluation that ended since the last call; waits up to
+        ``timeout`` when there is none yet."""
         if not self.evals_done and timeout > 0:
             await self._wait(timeout)
         out, self.evals_done = self.evals_done, []
@@ -178,7 +211,7 @@ class Board:
         job = self.jobs.get(key)
         if job is None:
             return True
-        job.reports.append({"kind": "result", "metrics": metrics})
+        job.reports.append(EpochReport(metrics))
         self._notify()
         return job.cancelled
 
@@ -198,22 +231,35 @@ class Board:
         job = self.jobs.get(key)
         return job is None or job.cancelled or self.closed
 
-    async def finish(self, key: str, outcome: str, reason: str = "", result=None) -> None:
-        """A slot is done with ``key``: outcome ``done``, ``stopped`` or ``failed``."""
+    async def finish(
+        self,
+        key: str,
+        outcome: str,
+        reason: str = "",
+        result: CheckpointEvaluation | None = None,
+        diverged: bool = False,
+    ) -> None:
+        """A slot is done with ``key``: outcome ``done``, ``stopped`` or ``failed`` (``diverged``
+        when the trainable raised ``TrialDiverged``); ``result``: an evaluation's figures."""
         job = self.jobs.get(key)
         if job is not None:
-            self._end(job, JobState(outcome), reason, result)
+            self._end(job, JobState(outcome), reason, result, diverged)
 
-    def _end(self, job: _Entry, outcome: JobState, reason: str = "", result=None) -> None:
+    def _end(
+        self, job: _Entry, outcome: JobState, reason: str = "", result=None, diverged=False
+    ) -> None:
+        """Record how ``job`` ended (arguments as :meth:`finish`'s) for its proxy or evaluator."""
         job.state = outcome
         if job.slot is not None and self.slot_job.get(job.slot) == job.job.key:
             self.slot_job.pop(job.slot, None)
         if job.job.kind == JobKind.EVALUATE:
-            self.evals_done.append((job.job.trial, result or {"error": reason or outcome.value}))
+            if result is None:
+                result = CheckpointEvaluation(error=reason or outcome.value)
+            self.evals_done.append((job.job.trial, result))
         elif outcome == JobState.FAILED:
-            job.reports.append({"kind": "failed", "reason": reason})
+            job.reports.append(JobFailed(reason, diverged))
         else:
-            job.reports.append({"kind": "end", "outcome": outcome.value})
+            job.reports.append(JobEnded(outcome))
         self._notify()
 
     async def close(self) -> None:

@@ -13,8 +13,18 @@ import ray
 from ray import tune
 
 from ..storage import exists, read_text, remove_dir, upload_dir, write_text
+from ..trainable import (
+    CHECKPOINT_PATH,
+    EPOCHS_DONE,
+    PBT_EXPLOITED_EPOCH,
+    PBT_EXPLOITED_FROM,
+    PBT_LINEAGE,
+    SCHEDULE_PREFIX,
+    CheckpointEvaluation,
+    TrialDiverged,
+)
 from ..tuner import TrialPlan, flat_config, loop_config
-from .board import Job, JobBoard, TrialFailed
+from .board import EpochReport, Job, JobBoard, JobEnded, JobFailed, TrialFailed
 from .slot import run_slot
 
 
@@ -25,8 +35,8 @@ class WarmTrial(tune.Trainable):
     checkpoint in between (population-based training hands a trial another's checkpoint), which
     must be in the trial's storage before a slot starts on it."""
 
-    def setup(self, config: dict[str, Any], fixed: TrialPlan | None = None, board=None):
-        self.fixed, self.board = fixed, board
+    def setup(self, config: dict[str, Any], plan: TrialPlan | None = None, board=None):
+        self.plan, self.board = plan, board
         self._config = config
         self._active: str | None = None
         self._last_epoch = 0
@@ -39,14 +49,14 @@ class WarmTrial(tune.Trainable):
 
     @property
     def _slot_storage(self) -> str:
-        return f"{self.fixed.train_storage}/{self.trial_id}"
+        return f"{self.plan.train_storage}/{self.trial_id}"
 
     def _submit(self) -> None:
         key = self.trial_id
         job = Job(
             key=key,
-            trainable=self.fixed.trainable,
-            config=loop_config(self.fixed, self._config, key),
+            trainable=self.plan.trainable,
+            config=loop_config(self.plan, self._config, key),
             checkpoints=self._slot_storage,
         )
         ray.get(self.board.settled.remote(key, 120.0))  # a cancelled run of this trial is gone
@@ -57,8 +67,8 @@ class WarmTrial(tune.Trainable):
         """The perturbed parameters' values this epoch trained with (population-based training)."""
         config = flat_config(self._config)
         return {
-            f"schedule/{k}": float(config[k])
-            for k in self.fixed.mutable
+            f"{SCHEDULE_PREFIX}{k}": float(config[k])
+            for k in self.plan.mutable
             if isinstance(config.get(k), (int, float))
         }
 
@@ -66,37 +76,48 @@ class WarmTrial(tune.Trainable):
         if self._active is None:
             self._submit()
         while True:
-            item = ray.get(self.board.next_report.remote(self._active, 10.0))
-            if item is None:
-                continue
-            if item["kind"] == "result":
-                metrics = dict(item["metrics"])
-                epoch = int(metrics.get("epochs_done", 0))
-                if epoch <= self._last_epoch:  # a restarted worker group re-sent its checkpoint's
+            match ray.get(self.board.next_report.remote(self._active, 10.0)):
+                case None:
                     continue
-                self._last_epoch = epoch
-                self._last_uri = metrics.get("checkpoint_path") or self._last_uri
-                if int(metrics.get("epochs_done", 0)) >= self.fixed.max_epochs:
-                    metrics["done"] = True
-                schedule = self._schedule()
-                metrics.update(schedule)
-                if schedule:
-                    self._extend_lineage(epoch, schedule)
-                    metrics["pbt_lineage"] = json.dumps(self._lineage)
-                if self._exploited:
-                    metrics["pbt_exploited_from"] = self._exploited["trial"]
-                    metrics["pbt_exploited_epoch"] = self._exploited["epoch"]
-                    self._exploited = None
-                return metrics
-            if item["kind"] == "failed":
-                raise TrialFailed(item["reason"])
-            # "end" without a final result: stopped by the board (shutdown)
-            raise TrialFailed(f"the slot ended this trial ({item.get('outcome')})")
+                case EpochReport(metrics=reported):
+                    epoch = int(reported.get(EPOCHS_DONE, 0))
+                    # a restarted worker group re-sends its checkpoint's epoch: Tune has it
+                    if epoch <= self._last_epoch:
+                        continue
+                    return self._relay(epoch, dict(reported))
+                case JobFailed(reason=reason, diverged=True):
+                    # the same exception as in the slot (failfast never counts it); its reason
+                    # without the slot's "TrialDiverged: ", which the traceback line says again
+                    raise TrialDiverged(reason.removeprefix(f"{TrialDiverged.__name__}: "))
+                case JobFailed(reason=reason):
+                    raise TrialFailed(reason)
+                case JobEnded(outcome=outcome):  # without a final result: the board shut down
+                    raise TrialFailed(f"the slot ended this trial ({outcome})")
+                case other:
+                    raise TrialFailed(f"the job board sent {other!r}")
+
+    def _relay(self, epoch: int, metrics: dict[str, Any]) -> dict[str, Any]:
+        """A new epoch's metrics as Tune gets them: ``done`` at the last epoch, and under
+        population-based training the schedule, the lineage and a hand-over."""
+        self._last_epoch = epoch
+        self._last_uri = metrics.get(CHECKPOINT_PATH) or self._last_uri
+        if epoch >= self.plan.max_epochs:
+            metrics["done"] = True
+        schedule = self._schedule()
+        metrics.update(schedule)
+        if schedule:
+            self._extend_lineage(epoch, schedule)
+            metrics[PBT_LINEAGE] = json.dumps(self._lineage)
+        if self._exploited:
+            metrics[PBT_EXPLOITED_FROM] = self._exploited["trial"]
+            metrics[PBT_EXPLOITED_EPOCH] = self._exploited["epoch"]
+            self._exploited = None
+        return metrics
 
     def _extend_lineage(self, epoch: int, schedule: dict[str, float]) -> None:
         """Add ``epoch``; epochs since the last one known were trained here with the same
         values (the configuration changes only when a checkpoint is taken, which resets this)."""
-        values = {k.removeprefix("schedule/"): v for k, v in schedule.items()}
+        values = {k.removeprefix(SCHEDULE_PREFIX): v for k, v in schedule.items()}
         kept = [e for e in self._lineage if e[0] < epoch]
         last = kept[-1][0] if kept else 0
         gap = [[e, values, self.trial_id] for e in range(last + 1, epoch)]
@@ -126,7 +147,7 @@ class WarmTrial(tune.Trainable):
         to continue from."""
         from ..storage import download_dir
 
-        if self.fixed.mutable and self._last_uri:
+        if self.plan.mutable and self._last_uri:
             download_dir(self._last_uri, Path(checkpoint_dir) / "slot")
             pointer = {
                 "trial": self.trial_id,
@@ -199,9 +220,9 @@ class SlotPool:
             self.slots[ref] = i
         return self
 
-    def trainable(self, fixed: TrialPlan):
+    def trainable(self, plan: TrialPlan):
         return tune.with_resources(
-            tune.with_parameters(WarmTrial, fixed=fixed, board=self.board),
+            tune.with_parameters(WarmTrial, plan=plan, board=self.board),
             {"CPU": 0, "memory": 1 << 20},
         )
 
@@ -239,8 +260,8 @@ class SlotPool:
 class BoardEvaluator:
     """Evaluates stopped trials' best checkpoints in free slots (warm mode)."""
 
-    def __init__(self, pool: SlotPool, fixed: TrialPlan):
-        self.pool, self.fixed = pool, fixed
+    def __init__(self, pool: SlotPool, plan: TrialPlan):
+        self.pool, self.plan = pool, plan
         self.waiting: set[str] = set()
 
     @property
@@ -250,15 +271,16 @@ class BoardEvaluator:
     def submit(self, key: str, checkpoint_uri: str) -> None:
         job = Job.evaluation(
             key,
-            trainable=self.fixed.trainable,
-            config=loop_config(self.fixed, {}, key),
+            trainable=self.plan.trainable,
+            config=loop_config(self.plan, {}, key),
             checkpoint=checkpoint_uri,
             device=self.pool.device,
         )
         ray.get(self.pool.board.submit.remote(job))
         self.waiting.add(key)
 
-    def ready(self, wait_s: float = 0.0) -> list[tuple[str, dict[str, Any]]]:
+    def ready(self, wait_s: float = 0.0) -> list[tuple[str, CheckpointEvaluation]]:
+        """(trial, evaluation) of the evaluations that ended, waiting up to ``wait_s`` for one."""
         if not self.waiting:
             return []
         out = ray.get(self.pool.board.evaluations.remote(wait_s))

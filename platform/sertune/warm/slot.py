@@ -13,7 +13,7 @@ from typing import Any
 import ray
 
 from ..sessions import SlotSession
-from ..trainable import TrialStopped, get_trainable
+from ..trainable import CheckpointEvaluation, TrialDiverged, TrialStopped, get_trainable
 from .board import Job, JobKind
 
 
@@ -52,11 +52,17 @@ def slot_loop(config: dict[str, Any]) -> None:
 def _run_job(job: Job, board: Any, device: str) -> None:
     trainable = get_trainable(job.trainable)
     session = SlotSession(job.key, job.checkpoints, board, device)
+    diverged = False
     try:
         trainable.train(job.config, session)
         outcome, reason = "done", ""
     except TrialStopped:
         outcome, reason = "stopped", ""
+    except TrialDiverged as e:  # its configuration's fault: the proxy raises it again
+        outcome, diverged = "failed", True
+        reason = f"{TrialDiverged.__name__}: {e}"  # by that name, also for a subclass (failfast)
+        if session.rank == 0:
+            print(traceback.format_exc(), flush=True)
     except Exception as e:  # the trial's own failure: it fails alone, the slot goes on
         outcome = "failed"
         reason = f"{type(e).__name__}: {e}"
@@ -65,7 +71,7 @@ def _run_job(job: Job, board: Any, device: str) -> None:
     finally:
         session.close()
     if session.rank == 0:
-        ray.get(board.finish.remote(job.key, outcome, reason))
+        ray.get(board.finish.remote(job.key, outcome, reason, diverged=diverged))
 
 
 def _evaluate(job: Job, board: Any) -> None:
@@ -80,7 +86,7 @@ def _evaluate(job: Job, board: Any) -> None:
             )
             report = local / "best" / "robustness"
             files = {p.name: p.read_bytes() for p in report.iterdir()} if report.is_dir() else {}
-        outcome = {"metrics": metrics, "files": files}
+        outcome = CheckpointEvaluation(metrics=metrics, files=files)
         ray.get(board.finish.remote(job.key, "done", "", outcome))
     except Exception as e:
         ray.get(board.finish.remote(job.key, "failed", f"{type(e).__name__}: {e}"))

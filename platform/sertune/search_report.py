@@ -1,0 +1,148 @@
+"""The end of a search on its MLflow parent run: the leaderboard, plots and ``best/*``
+(:meth:`SearchReport.finish`), the confirmation table (:meth:`SearchReport.confirmation`) and
+the comparison with the baseline search (:meth:`SearchReport.comparison`).
+
+The driver calls these with what they need, once a phase is over; the Tune callback that
+records trials as they run is ``sertune.search_logger.TrialLogger``. Everything goes through
+the search's journal, like the trials' records.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from . import tracking
+from .leaderboard import SearchResult
+from .search_logger import NOTE, PARENT, SearchRuns, TrialLogger, image
+from .tracking import Kind, Op
+
+
+class SearchReport:
+    """Writes a search's conclusions onto its parent run (``runs``: the search's MLflow runs)."""
+
+    def __init__(self, runs: SearchRuns):
+        self.runs = runs
+
+    def finish(
+        self,
+        result: SearchResult,
+        status: str = "finished",
+        trials: TrialLogger | None = None,
+        cause: str | None = None,
+        wait_s: float = 600.0,
+    ) -> None:
+        """Close the search: wait for stopped trials' evaluations (``trials``: the last phase's
+        logger), summary on the parent. ``cause``: why the search stopped early (its trials
+        failed the same way); nothing is evaluated then."""
+        from .summary import write_schedule, write_search_summary
+
+        runs = self.runs
+        if trials is not None and not cause:
+            trials.wait_for_evaluations(wait_s)
+        for row in result.rows:  # the leaderboard and the summary show them too
+            for k, v in runs.evaluated.get(row["trial"], {}).items():
+                if k.startswith(("test_", "robust/")) and row.get(k) is None:
+                    row[k] = v
+        with tempfile.TemporaryDirectory() as tmp:
+            best = write_search_summary(Path(tmp), result, runs.spec)
+            if best and runs.schedules.get(best["trial"]):
+                write_schedule(Path(tmp), best["trial"], runs.schedules)
+            src = runs.journal.stage(tmp)
+            runs.append(Op(Kind.ARTIFACTS, key=PARENT, src=src, path="summary"))
+        tags = {
+            tracking.TAG_STATUS: status,
+            "sertune.trials_failed": str(result.errors),
+            NOTE: self._parent_note(result, cause),
+        }
+        if cause:
+            tags["sertune.failure_reason"] = cause[:5000]
+        if best:
+            tags["sertune.best_trial"] = best["trial"]
+            ts = int(time.time() * 1000)
+            keep = {m.metric for m in runs.spec.metrics}
+            rows = [
+                [f"best/{k}", tracking.clean_value(v), ts]
+                for k, v in best.items()
+                if tracking.clean_value(v) is not None
+                and (k in keep or k.startswith(("val_", "test_", "robust/")))
+            ]
+            runs.append(Op(Kind.METRICS, key=PARENT, step=0, metrics=rows, dedupe=False))
+        runs.append(Op(Kind.TAGS, key=PARENT, tags=tags))
+        ended = "FINISHED" if status == "finished" else "FAILED"
+        runs.append(Op(Kind.END, key=PARENT, status=ended))
+
+    def _parent_note(self, result: SearchResult, cause: str | None = None) -> str:
+        from .leaderboard import format_table
+
+        lines = [f"**Stopped early**: {cause}", ""] if cause else []
+        lines += [
+            f"**Search {self.runs.name}** — {len(result.rows)} trials, {result.errors} failed, "
+            f"{sum(r['state'] == 'stopped' for r in result.rows)} stopped early. The trials are the "
+            "child runs; each result is the trial's best-validation epoch.",
+            "",
+            "```",
+            format_table(result),
+            "```",
+            "",
+            image("summary/optimisation_history.png", "optimisation history"),
+            image("summary/slices.png", "objective against each searched parameter"),
+            image("summary/param_importances.png", "parameter importances"),
+        ]
+        if len(result.metrics) > 1:
+            lines.append(image("summary/pareto_front.png", "Pareto front"))
+        if self.runs.schedules:
+            lines.append(image("summary/pbt_schedule.png", "the best trial's PBT schedule"))
+        lines += [
+            "",
+            "Everything: Artifacts → summary (leaderboard.csv, plots), search (spec, data report).",
+        ]
+        return "\n".join(lines)
+
+    def confirmation(self, groups: list[dict[str, Any]]) -> None:
+        """The confirmation table (mean ± sd per configuration) on the parent run."""
+        from .confirm import format_confirmation
+
+        if not groups:
+            return
+        runs = self.runs
+        shown = runs.columns.summary(groups[0]["stats"])
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "confirmation.json").write_text(json.dumps(groups, indent=2))
+            (Path(tmp) / "confirmation.md").write_text(
+                "```\n" + format_confirmation(groups, shown) + "\n```\n"
+            )
+            src = runs.journal.stage(tmp)
+            runs.append(Op(Kind.ARTIFACTS, key=PARENT, src=src, path="confirmation"))
+        best = groups[0]
+        ts = int(time.time() * 1000)
+        rows = [
+            [f"confirmed/{k}_{stat}", tracking.clean_value(s[stat]), ts]
+            for stat in ("mean", "sd")
+            for k, s in best["stats"].items()
+        ]
+        runs.append(Op(Kind.METRICS, key=PARENT, step=0, metrics=rows, dedupe=False))
+        tags = {"sertune.confirmed_best": best["configuration_of"]}
+        runs.append(Op(Kind.TAGS, key=PARENT, tags=tags))
+
+    def comparison(self, name: str, baseline: str) -> None:
+        """Side by side with the baseline search, from what MLflow holds of both."""
+        from .comparison import compare, format_comparison, search_figures, write_comparison
+
+        runs = self.runs
+        runs.journal.drain(600)
+        try:
+            store = tracking.Store(runs.uri)
+            cmp = compare(search_figures(store, name), search_figures(store, baseline))
+        except Exception as e:  # noqa: BLE001 - a comparison must not fail the search
+            runs.log(f"[sertune] no comparison with {baseline!r}: {e}")
+            return
+        runs.log(f"\n[sertune] {name} vs its baseline {baseline}:\n{format_comparison(cmp)}")
+        with tempfile.TemporaryDirectory() as tmp:
+            write_comparison(cmp, Path(tmp))
+            src = runs.journal.stage(tmp)
+            runs.append(Op(Kind.ARTIFACTS, key=PARENT, src=src, path="comparison"))
+        runs.append(Op(Kind.TAGS, key=PARENT, tags={"sertune.baseline": baseline}))
