@@ -65,11 +65,10 @@ bench: $(STAMP)
 	$(VENV)/bin/sertune bench train --device cpu
 	$(VENV)/bin/sertune bench search --trials 8
 
-# The MLflow UI in a real browser: Playwright drives Debian's Chromium (apt-get install chromium);
-# screenshots land in ui-check/.
+# The MLflow UI in a real browser on its own (make test runs it too): Playwright (in the lock)
+# drives Debian's Chromium (apt-get install chromium); screenshots land in ui-check/.
 ui-check: $(STAMP)
 	@command -v chromium >/dev/null || { echo "ui-check needs Chromium: apt-get install chromium"; exit 2; }
-	$(PY) -m pip install -q "playwright>=1.40"
 	SERTUNE_UI_SHOTS=$(CURDIR)/ui-check $(PY) -m pytest -q -m browser tests/sertune/test_ui.py
 
 clean:

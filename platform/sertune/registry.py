@@ -117,6 +117,68 @@ def _gate_table(best: dict[str, Any], parsed: list[tuple[str, str, float]]) -> t
     return rows, failed
 
 
+def version_description(
+    search: str,
+    best: dict[str, Any],
+    metric: str,
+    figures: list[str],
+    gate_rows: list[tuple[str, str, str, str]],
+) -> str:
+    """A registered version's Description: why it won. The objective, the trainable's headline
+    figures (test, robustness) - means ± sd over the confirmation seeds when confirmed - the
+    gates it passed, and the search it came from."""
+    run, n = best["run"], best["n"]
+
+    def value(name: str) -> str:
+        v = best["metrics"].get(name)
+        if v is None:
+            return "-"
+        sd = best["sd"].get(name)
+        return (
+            f"{v:.3f} ± {sd:.3f} (mean ± sd, {n} seeds)"
+            if n > 1 and sd is not None
+            else f"{v:.3f}"
+        )
+
+    origin = (
+        f"the median seed of {best['label']}, confirmed with {n} fresh seeds"
+        if best.get("origin")
+        else f"trial {run.trial}, its best-validation epoch"
+    )
+    lines = [
+        f"**Promoted by sertune from search `{search}`**: {origin} (MLflow run `{run.run_id}`).",
+        "",
+        "| figure | value |",
+        "|---|---|",
+        f"| {metric} (objective) | {value(metric)} |",
+    ]
+    lines += [f"| {f} | {value(f)} |" for f in dict.fromkeys(figures) if f != metric]
+    lines.append("")
+    if gate_rows:
+        passed = "; ".join(f"`{name} {req}` ({got})" for name, req, got, _ in gate_rows)
+        lines.append(f"Gates passed: {passed}.")
+    else:
+        lines.append("No gates were asked for.")
+    return "\n".join(lines)
+
+
+def _figures(
+    record: Any, metric: str, gates: list[tuple[str, str, float]], have: Any
+) -> list[str]:
+    """What a version's description shows after the objective: the trainable's headline test
+    figure, the gated metrics, then its first robustness figures - those the run has."""
+    from .trainable import UnknownTrainable, get_trainable
+
+    try:
+        plugin = get_trainable(record.spec.trainable)
+        final = [m for m in plugin.display_metrics if m in plugin.final_metrics][:1]
+        robust = list(plugin.display_robust[:3])
+    except UnknownTrainable:
+        final, robust = [], []
+    wanted = [*final, *(g[0] for g in gates), *robust]
+    return [m for m in dict.fromkeys(wanted) if m != metric and m in have]
+
+
 def promote(
     search: str,
     objective: str | None = None,
@@ -180,9 +242,17 @@ def promote(
         tags,
         description="Speech emotion models promoted by sertune",
     )
+    figures = _figures(record, metric, parsed, best["metrics"])
+    store.describe_version(
+        model_name, version, version_description(search, best, metric, figures, rows)
+    )
     if previous:
         store.set_alias(model_name, "previous", previous)
     store.set_alias(model_name, "champion", version)
+    if parsed:  # what the champion had to pass becomes a column of the trials view
+        from .ui import remember_gates
+
+        remember_gates(store.uri, search, [g[0] for g in parsed])
     return {
         "name": model_name,
         "version": version,

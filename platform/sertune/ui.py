@@ -38,7 +38,15 @@ KIND_TAG = "mlflow.experimentKind"
 SHARED_VIEW = f"mlflow.sharedViewState.{VIEW_KEY}"
 PRIMARY_METRIC = "mlflow.experiment.primaryMetric.name"
 NOTE = "mlflow.note.content"
-ROBUST_COLUMNS = 4  # robustness figures shown as columns (the trainable's first ones reported)
+ROBUST_COLUMNS = 2  # robustness columns: with the objective and the test figure they fit the
+# table's width at 1600 px even beside MLflow's assistant panel
+GATES_TAG = "sertune.gates"  # experiment tag: {search: [metrics its last promotion gated on]}
+
+
+def column_width(name: str) -> int:
+    """Pixels for a metric column whose header shows ``name`` whole (MLflow's header font is
+    about 6.5 px a character; the sort arrow and padding take the rest)."""
+    return max(90, round(6.5 * len(name) + 20))
 
 
 def _col(kind: str, name: str) -> str:
@@ -48,8 +56,10 @@ def _col(kind: str, name: str) -> str:
 def view_state(
     objective: str, params: list[str], robust: list[str], shown: tuple[str, ...] = ()
 ) -> dict[str, Any]:
-    """The runs-table view: trials only, best objective first, the figures that matter (the
-    trainable's display metrics, then its robustness figures)."""
+    """The runs-table view: trials only, best objective first. The metric columns in this order
+    (MLflow would sort them by name): the objective, ``shown`` (the trainable's headline test
+    figure), ``robust`` (the gated metrics, then the trainable's robustness figures), each wide
+    enough for its whole name, so no two read alike."""
     metrics = list(dict.fromkeys([objective, *shown, *robust]))
     return {
         "searchFilter": f"tags.`{tracking.TAG_KIND}` = 'trial'",
@@ -58,6 +68,8 @@ def view_state(
         "selectedColumns": [_col("metrics", m) for m in metrics]
         + [_col("tags", tracking.TAG_SEARCH), _col("tags", tracking.TAG_STATUS)]
         + [_col("params", p) for p in params],
+        "columnOrder": [_col("metrics", m) for m in metrics],
+        "columnWidths": {_col("metrics", m): column_width(m) for m in metrics},
         "runListHidden": False,
         "viewMaximized": False,
         "hideEmptyCharts": True,
@@ -95,6 +107,7 @@ def prepare_experiment(tracking_uri: str | None = None) -> str:
     """Create the experiment if needed and set its view from the latest search; return its id."""
     from .records import list_records
 
+    store = tracking.Store(tracking_uri)
     records = list_records()
     latest = max(records, key=lambda r: r.created, default=None)
     names = ", ".join(sorted(r.name for r in records))
@@ -103,15 +116,24 @@ def prepare_experiment(tracking_uri: str | None = None) -> str:
     else:
         spec = latest.spec
         plugin = _plugin(spec.trainable)
-        objective = spec.metrics[0].metric
+        gated = json.loads(store.experiment_tags().get(GATES_TAG) or "{}").get(latest.name, [])
+        final = [m for m in plugin.display_metrics if m in plugin.final_metrics] if plugin else []
         tags = experiment_tags(
-            objective,
+            spec.metrics[0].metric,
             sorted(spec.space),
-            _robust_columns(spec, plugin),
+            list(dict.fromkeys([*gated, *_robust_columns(spec, plugin)]))[:ROBUST_COLUMNS],
             names,
-            plugin.display_metrics if plugin else (),
+            tuple(final[:1]),
         )
-    return tracking.Store(tracking_uri).set_experiment_tags(tags)
+    return store.set_experiment_tags(tags)
+
+
+def remember_gates(tracking_uri: str | None, search: str, metrics: list[str]) -> None:
+    """A promotion's gated metrics become columns of the trials view (``sertune ui``)."""
+    store = tracking.Store(tracking_uri)
+    gates = json.loads(store.experiment_tags().get(GATES_TAG) or "{}")
+    gates[search] = list(dict.fromkeys(metrics))
+    store.set_experiment_tags({GATES_TAG: json.dumps(gates)})
 
 
 def _plugin(name: str) -> Trainable | None:
@@ -133,8 +155,7 @@ def _robust_columns(spec: SearchSpec, plugin: Trainable | None) -> list[str]:
         for m in plugin.metric_names(spec.robustness_options(), spec.cross_corpus_names())
         if m.startswith("robust/")
     }
-    picked = [m for m in plugin.display_robust if m in have]
-    return (picked or sorted(have))[:ROBUST_COLUMNS]
+    return [m for m in plugin.display_robust if m in have] or sorted(have)
 
 
 def serve_ui(host: str, port: int, tracking_uri: str | None = None, workers: int = 1) -> int:

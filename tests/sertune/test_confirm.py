@@ -90,6 +90,11 @@ def test_a_confirmed_promotion_registers_the_best_mean_not_the_best_seed(home, t
     assert v["value"] == pytest.approx(0.71)
     mv = c.get_model_version("steady", v["version"])
     assert "mean 0.7100 ± 0.0100 over 3 seeds" in mv.tags["sertune.confirmed"]
+    # the version explains itself: the means ± sd it won with, the gate, where it came from
+    assert "| val_uar (objective) | 0.710 ± 0.010 (mean ± sd, 3 seeds) |" in mv.description
+    assert "| robust/uar_snr10_white | 0.610 ± 0.010 (mean ± sd, 3 seeds) |" in mv.description
+    assert "Gates passed: `robust/uar_snr10_white >= 0.6`" in mv.description
+    assert "search `steady`" in mv.description and "configuration of trial A" in mv.description
 
     # a gate is a floor for the champion: the best configuration failing it is passed over, named
     w = promote("steady", gates=["val_uar<=0.65"], model_name="steady")

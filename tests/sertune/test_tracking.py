@@ -159,6 +159,12 @@ def test_sqlite_end_to_end(sqlite_search, tmp_path):
         "sertune.code_version",
     ):
         assert mv.tags[tag]
+    # the version's Description: the figures of the run it came from, the gate it passed
+    metrics = c.get_run(v["run_id"]).data.metrics
+    for name in ("val_uar", "test_uar", "robust/uar_snr10_white"):
+        label = f"{name} (objective)" if name == "val_uar" else name
+        assert f"| {label} | {metrics[name]:.3f} |" in mv.description, mv.description
+    assert "Gates passed: `robust/uar_snr10_white >= 0`" in mv.description
     rows = predict_files("models:/ser-mtl-aug@champion", [str(a_wav(tmp_path / "x.wav"))])
     assert rows[0]["emotion"] in ("angry", "happy", "neutral", "sad")
     assert abs(sum(rows[0]["probabilities"].values()) - 1) < 1e-5

@@ -123,6 +123,14 @@ class Store:
             self._client.delete_run(r.run_id)
         return len(runs)
 
+    def experiment_tags(self) -> dict[str, str]:
+        """The ``sertune`` experiment's tags (empty when it does not exist yet)."""
+        try:
+            exp = self.experiment_id(create=False)
+        except NotFound:
+            return {}
+        return dict(self._client.get_experiment(exp).tags)
+
     def set_experiment_tags(self, tags: Mapping[str, str]) -> str:
         """Tags on the ``sertune`` experiment (created if needed); returns its id."""
         exp = self.experiment_id()
@@ -200,6 +208,10 @@ class Store:
                 break
             time.sleep(0.5)
         return version
+
+    def describe_version(self, name: str, version: str, description: str) -> None:
+        """The version's Description in the registry UI (markdown)."""
+        self._client.update_model_version(name, version, description=description)
 
     def set_alias(self, name: str, alias: str, version: str) -> None:
         self._client.set_registered_model_alias(name, alias, version)
