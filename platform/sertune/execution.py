@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -18,21 +19,24 @@ if TYPE_CHECKING:
 Log = Callable[[str], None]
 
 
-class Execution:
+class Execution(ABC):
     """Where a driver's trials run, shared by its phases: :class:`WarmExecution` (the default)
     or :class:`PerTrialExecution`. ``tune_trainable`` is what Ray Tune runs for each trial."""
 
+    @abstractmethod
     def tune_trainable(self, plan: TrialPlan) -> Any:
-        raise NotImplementedError
+        """The trainable Ray Tune runs for each trial of a phase."""
 
+    @abstractmethod
     def evaluator(self, plan: TrialPlan) -> Evaluator:
-        raise NotImplementedError
+        """What evaluates the best checkpoints of trials a scheduler stopped."""
 
+    @abstractmethod
     def reuse_actors(self, fifo: bool) -> bool:
-        raise NotImplementedError
+        """Whether Tune may reuse a trial's actor (``fifo``: nothing stops trials early)."""
 
-    def close(self) -> None:
-        pass
+    def close(self) -> None:  # noqa: B027 - per-trial runs hold nothing between trials
+        """Release what outlives trials (the warm slots)."""
 
     @staticmethod
     def start(spec: SearchSpec, name: str, n_slots: int, log: Log = print) -> Execution:
