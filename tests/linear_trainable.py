@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,11 @@ DEFAULTS = {
     "optim.epochs": 3,
     "optim.batch_size": 32,
     "pace.epoch_s": 0.0,  # sleep after each epoch: tests that must act mid-search get the time
+    # ``val_probe`` = offset + noise_sd x N(0, 1) drawn from (the configuration, its seed, the
+    # epoch): a figure whose between-configuration spread (the searched offset) and run-to-run
+    # noise are known by construction, for the tests of noise measurement and of the stop rules
+    "probe.offset": 0.0,
+    "probe.noise_sd": 0.0,
     "seed": 0,
 }
 FORMAT = "sertune.linear/1"
@@ -122,9 +128,16 @@ def _final(predictor: LinearPredictor, data: dict, run: dict, out: Path) -> dict
     return metrics
 
 
+def _probe(cfg: dict[str, Any], epoch: int) -> float:
+    run = repr(sorted((k, v) for k, v in cfg.items() if not k.startswith("pace.")))
+    key = zlib.crc32(f"{run}|{epoch}".encode())  # the same run, the same draw, in any process
+    z = float(torch.randn(1, generator=torch.Generator().manual_seed(key)))
+    return float(cfg["probe.offset"]) + float(cfg["probe.noise_sd"]) * z
+
+
 class LinearTrainable(CorpusHooks, Trainable):
     name = "linear"
-    epoch_metrics = ("val_uar", "val_war", "val_f1", "val_uar_noisy", "train_loss")
+    epoch_metrics = ("val_uar", "val_war", "val_f1", "val_uar_noisy", "val_probe", "train_loss")
     final_metrics = ("test_uar", "test_war", "test_f1")
     # its own words, not MTL-AUG's: the control plane shows whatever a trainable names here
     display_metrics = ("val_f1", "val_war", "test_f1")
@@ -195,6 +208,7 @@ class LinearTrainable(CorpusHooks, Trainable):
                 "val_war": v["war"],
                 "val_f1": v["f1"],
                 "val_uar_noisy": vn["uar"],
+                "val_probe": _probe(cfg, epoch),
                 "train_loss": float(np.mean(losses)),
                 "loop_time_s": time.perf_counter() - t0,
                 LOOP_STARTED_AT: started,

@@ -48,7 +48,8 @@ def _stats(values: list[float]) -> dict[str, float]:
 
 
 def aggregate(rows: list[dict[str, Any]], objective: MetricSpec) -> list[dict[str, Any]]:
-    """Per confirmed configuration: mean, sd, min, max and n of every figure, best mean first."""
+    """Per confirmed configuration: mean, sd, min, max and n of every figure (and each seed's
+    value), best mean first."""
     groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
         origin = (r.get("origin") or {}).get("confirm_of")
@@ -64,11 +65,12 @@ def aggregate(rows: list[dict[str, Any]], objective: MetricSpec) -> list[dict[st
             and not isinstance(v, bool)
             and (k.startswith(("val_", "test_", "robust/")) or k == objective.metric)
         }
-        stats = {}
+        stats, values = {}, {}
         for k in sorted(keys):
             vals = [float(m[k]) for m in members if isinstance(m.get(k), (int, float))]
             if vals:
                 stats[k] = _stats(vals)
+                values[k] = vals
         out.append(
             {
                 "configuration_of": origin,
@@ -76,6 +78,7 @@ def aggregate(rows: list[dict[str, Any]], objective: MetricSpec) -> list[dict[st
                 "trials": [m["trial"] for m in members],
                 "seeds": [m["config"].get("seed") for m in members],
                 "stats": stats,
+                "values": values,  # each seed's figure (the trials' order): paired comparisons
             }
         )
     sign = -1 if objective.mode == "max" else 1

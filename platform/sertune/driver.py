@@ -34,6 +34,7 @@ from .records import (
 from .search_logger import SearchRuns, TrialLogger
 from .search_report import SearchReport
 from .spec import SearchSpec
+from .stoprule import NoiseStop
 from .storage import fs_and_path
 from .trainable import get_trainable
 from .tuner import build_tuner, trial_plan, tune_callbacks
@@ -171,6 +172,7 @@ class Search:
                 self.advance()
             if result is None:
                 result = from_saved_state(self.name, self.spec)  # resuming a later phase
+                result.stopped_by = self.record.stopped_by
             if runs(Phase.CONFIRM):
                 result.confirm = self.confirm(result, execution, stop)
                 self.advance()
@@ -207,6 +209,8 @@ class Search:
         tag: str = "",
     ) -> SearchResult:
         """One Tune experiment of the search (the search itself, or its confirmation runs)."""
+        from ray.tune.stopper import CombinedStopper
+
         from .progress import ProgressPrinter
 
         spec, name = self.spec, self.name
@@ -215,6 +219,13 @@ class Search:
         tune_name = tune_name or name
         watch = FailFast(tune_name, spec.budget.concurrency)
         callbacks = [ProgressPrinter(spec, log=self.log, budget=budget), watch, self.last_phase]
+        rule = NoiseStop.of(spec, tune_name) if points is None else None
+        stopper: Any = watch.stopper()
+        if rule is not None:
+            if restore:
+                rule.seed_from(from_saved_state(name, spec))
+            callbacks.append(rule)
+            stopper = CombinedStopper(stopper, rule.stopper())
         epoch_metrics = get_trainable(spec.trainable).epoch_metrics
         end_metrics = any(m.metric not in epoch_metrics for m in spec.metrics)
         fifo = points is not None or spec.scheduler == "none"
@@ -226,7 +237,7 @@ class Search:
             restore=restore,
             points=points,
             reuse_actors=execution.reuse_actors(fifo),
-            stop=watch.stopper(),
+            stop=stopper,
             seeds=self.record.warm_start,
         )
         if restore:
@@ -237,10 +248,16 @@ class Search:
                 grid = tuner.fit()
         finally:
             watch.close()
+            if rule is not None:
+                rule.close()
         stop.check()  # a signal ended Tune's loop: the phase is not complete
         result = summarise(name, spec, grid)
         if watch.tripped:
             raise _FailedFast(watch.tripped, result)
+        if rule is not None and rule.tripped:
+            result.stopped_by = rule.tripped
+            self.log(f"[sertune] search {name!r} ended early, {rule.tripped}")
+            self.save(stopped_by=rule.tripped)
         return result
 
     def confirm(

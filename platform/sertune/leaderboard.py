@@ -68,6 +68,7 @@ class SearchResult:
     parent_run_id: str | None = None
     confirm: list[dict[str, Any]] = field(default_factory=list)  # per configuration, mean ± sd
     stats: dict[str, float] = field(default_factory=dict)  # what the driver spent (bench scale)
+    stopped_by: str | None = None  # the stop rule that ended the search early (search.stop)
 
     @property
     def metrics(self) -> list[MetricSpec]:
@@ -241,6 +242,7 @@ def format_result(result: SearchResult, tracking_uri: str) -> str:
         f"{sum(r['state'] == 'stopped' for r in result.rows)} stopped early):",
         format_table(result),
         *failure_lines(result.rows),
+        *([f"the search ended early, {result.stopped_by}"] if result.stopped_by else []),
     ]
     if result.confirm:
         lines += [

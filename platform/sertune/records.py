@@ -57,6 +57,7 @@ class SearchRecord(BaseModel):
     phase: Phase = Phase.SEARCH
     driver: dict[str, Any] = Field(default_factory=dict)  # host, pid, start (``driver_stamp``)
     failure: str | None = None  # why a search stopped failing fast
+    stopped_by: str | None = None  # the stop rule that ended it early (search.stop)
     warm_start: dict[str, Any] | None = None  # the earlier trials that seeded the sampler
     confirm: list[dict[str, Any]] | None = None  # the confirmed configurations, mean and spread
     baseline_of: str | None = None  # a baseline's search

@@ -60,6 +60,8 @@ class SearchReport:
         }
         if cause:
             tags["sertune.failure_reason"] = cause[:5000]
+        if result.stopped_by:
+            tags["sertune.stopped_by"] = result.stopped_by
         if best:
             tags["sertune.best_trial"] = best["trial"]
             ts = int(time.time() * 1000)
@@ -79,6 +81,8 @@ class SearchReport:
         from .leaderboard import format_table
 
         lines = [f"**Stopped early**: {cause}", ""] if cause else []
+        if result.stopped_by:
+            lines += [f"**Ended early**, {result.stopped_by}.", ""]
         lines += [
             f"**Search {self.runs.name}** — {len(result.rows)} trials, {result.errors} failed, "
             f"{sum(r['state'] == 'stopped' for r in result.rows)} stopped early. The trials are the "

@@ -229,6 +229,18 @@ class ConfirmSpec(_Strict):
     seeds: int = Field(3, ge=1)  # fresh seeds each; promotion ranks them by the mean
 
 
+class StopSpec(_Strict):
+    """End the search early once its trials can no longer be told apart (``sertune.stoprule``).
+
+    Both rules weigh an improvement against one run's noise of the objective, ``noise_sd``: what
+    ``sertune bench noise`` prints as the objective's "within sd" on this corpus."""
+
+    terminator: bool = False  # Optuna's Terminator: stop when the regret bound < the noise
+    patience: int | None = Field(None, ge=1)  # stop after N trials without a resolved improvement
+    noise_sd: float | None = Field(None, gt=0)  # one run's sd of the objective
+    min_trials: int = Field(8, ge=2)  # never stop before this many trials have ended
+
+
 class StrategySpec(_Strict):
     """How the search proposes and stops trials (``sertune.strategies`` lists every choice)."""
 
@@ -237,6 +249,7 @@ class StrategySpec(_Strict):
     scheduler: str | None = None  # asha | hyperband | median | none (default: asha; none if multi)
     scheduler_options: dict[str, Any] = {}
     warm_start: list[str] = []  # earlier searches (or MLflow experiments) seeding the sampler
+    stop: StopSpec | None = None  # end early when trials can no longer be told apart
 
     def scheduler_name(self, multi: bool) -> str:
         from .strategies import default_scheduler
@@ -659,11 +672,47 @@ def _check_strategy(spec: SearchSpec) -> list[tuple[str, str]]:
                 )
     if s.scheduler_name(multi) == "pbt":
         problems += _check_pbt(spec)
+    if s.stop is not None:
+        problems += _check_stop(spec)
     for i, name in enumerate(s.warm_start):
         if not name.strip():
             problems.append((f"search.warm_start.{i}", "empty name"))
         elif name == spec.name:
             problems.append((f"search.warm_start.{i}", f"{name!r} is this search"))
+    return problems
+
+
+def _check_stop(spec: SearchSpec) -> list[tuple[str, str]]:
+    stop, multi = spec.search.stop, spec.objective.multi
+    if not (stop.terminator or stop.patience):
+        return [("search.stop", "give `terminator: true` and/or `patience: N` (trials)")]
+    problems = []
+    if multi:
+        problems.append(("search.stop", "the stop rules need a single objective"))
+    if spec.search.scheduler_name(multi) == "pbt":
+        problems.append(
+            ("search.stop", "population-based training runs one population; nothing ends early")
+        )
+    if stop.noise_sd is None:
+        problems.append(
+            (
+                "search.stop.noise_sd",
+                "the stop rules weigh improvements against one run's noise of the objective: "
+                f"measure it with `sertune bench noise {Path(spec.source).stem or 'SPEC'}` (the "
+                "objective's 'within sd') and give it here",
+            )
+        )
+    if stop.terminator and not spec.space:
+        problems.append(
+            ("search.stop.terminator", "needs parameters in `space` (its model of the objective)")
+        )
+    if stop.min_trials > spec.budget.trials:
+        problems.append(
+            (
+                "search.stop.min_trials",
+                f"({stop.min_trials}) > budget.trials ({spec.budget.trials}): it would never stop",
+            )
+        )
     return problems
 
 

@@ -27,6 +27,7 @@ def search_status(name: str) -> dict[str, Any]:
         "budget": spec.budget.trials,
         "tracking_uri": record.tracking_uri,
         "parent_run_id": record.parent_run_id,
+        "stopped_by": record.stopped_by,
         "trials": {},
         "rows": [],
     }
@@ -89,6 +90,8 @@ def format_status(s: dict[str, Any], record: SearchRecord) -> str:
     lines.append(f"  created {s['created']}, budget {s['budget']} trials, trials in {s['path']}")
     if s.get("note"):
         lines.append(f"  {s['note']}")
+    if s.get("stopped_by"):
+        lines.append(f"  ended early, {s['stopped_by']}")
     if s["trials"]:
         lines.append("  trials: " + ", ".join(f"{n} {k}" for k, n in sorted(s["trials"].items())))
     if s.get("best"):

@@ -106,6 +106,26 @@ def add(sub) -> None:
     bp.add_argument("--out", help="also write bench_sampler.png/.json into this folder")
     bp.set_defaults(func=bench_sampler)
 
+    from .search import spec_options
+
+    bn = command(
+        bsub,
+        "noise",
+        "how much of each figure is the configuration and how much the seed: N random "
+        "configurations x S seeds, between/within sd, reliability (ICC), smallest difference "
+        "resolved",
+        "sertune bench noise smoke --configs 6 --seeds 3\n"
+        "sertune bench noise mtl_aug --set data.corpus=iemocap --set data.root=/data/IEMOCAP "
+        "--configs 8 --seeds 4",
+        parents=[spec_options()],
+    )
+    bn.add_argument("spec", help="a preset name (see `sertune search presets`) or a YAML file")
+    bn.add_argument("--configs", type=int, default=6, help="configurations drawn from the space")
+    bn.add_argument("--seeds", type=int, default=3, help="seeds per configuration (>= 2)")
+    bn.add_argument("--num-cpus", type=int, help="CPUs for local Ray (default: all)")
+    bn.add_argument("--out", help="also write bench_noise.png/.json into this folder")
+    bn.set_defaults(func=bench_noise)
+
     sc = command(
         bsub,
         "scale",
@@ -209,6 +229,21 @@ def bench_sampler(a: argparse.Namespace) -> int:
         num_cpus=a.num_cpus,
         out=a.out,
     )
+
+
+def bench_noise(a: argparse.Namespace) -> int:
+    from ..bench.noise import run_noise_bench
+
+    run_noise_bench(
+        a.spec,
+        configs=a.configs,
+        seeds=a.seeds,
+        sets=a.set,
+        smoke=a.smoke,
+        num_cpus=a.num_cpus,
+        out=a.out,
+    )
+    return 0
 
 
 def bench_scale(a: argparse.Namespace) -> int:
