@@ -14,7 +14,7 @@ from typing import Any
 
 from .failures import error_reason
 from .records import experiment_path
-from .spec import MetricSpec, SearchSpec
+from .spec import Condition, MetricSpec, SearchSpec
 from .trainable import BEST_EPOCH, CHECKPOINT_PATH, EPOCHS_DONE, LOOP_STARTED_AT, get_trainable
 
 
@@ -29,6 +29,9 @@ class Columns:
     robust: tuple[str, ...] = ()  # ``Trainable.display_robust``
     headline: tuple[str, ...] = ()  # beside the objective where room is short: the first
     # display metric known only at the end of a trial, then the first two robustness figures
+    constraints: tuple[
+        Condition, ...
+    ] = ()  # ``objective.constraints``: feasible trials rank first
 
     @classmethod
     def of(cls, spec: SearchSpec) -> Columns:
@@ -42,11 +45,31 @@ class Columns:
             kept=frozenset((*plugin.epoch_metrics, *plugin.final_metrics)),
             robust=tuple(plugin.display_robust),
             headline=tuple(m for m in (*final, *plugin.display_robust[:2]) if m not in names),
+            constraints=tuple(spec.objective.conditions()),
         )
 
     @property
     def first(self) -> MetricSpec:
         return self.objectives[0]
+
+    def feasible(self, row: dict[str, Any]) -> bool | None:
+        """Whether a trial meets every constraint; None while a figure is missing (a trial
+        stopped early, before its end-of-trial report is in)."""
+        values = [row.get(c.metric) for c in self.constraints]
+        if any(
+            c.holds(v) is False and v is not None
+            for c, v in zip(self.constraints, values, strict=True)
+        ):
+            return False
+        return None if any(v is None for v in values) else True
+
+    def failing(self, row: dict[str, Any]) -> list[str]:
+        """The constraints a trial fails, each with its figure."""
+        return [
+            f"{c.metric} {row[c.metric]:.3f}"
+            for c in self.constraints
+            if isinstance(row.get(c.metric), (int, float)) and not c.holds(row[c.metric])
+        ]
 
     @property
     def table(self) -> list[str]:
@@ -134,13 +157,16 @@ def trial_row(
     return row
 
 
-def rank(rows: list[dict[str, Any]], objective: MetricSpec) -> list[dict[str, Any]]:
+def rank(rows: list[dict[str, Any]], columns: Columns) -> list[dict[str, Any]]:
+    """Best first: trials with a result, feasible before infeasible (``objective.constraints``),
+    then by the first objective."""
+    objective = columns.first
     key, sign = objective.metric, (-1 if objective.mode == "max" else 1)
 
     def order(row: dict) -> tuple:
         v = row.get(key)
         good = row["state"] in ("finished", "stopped") and isinstance(v, (int, float))
-        return (not good, sign * v if good else 0.0)
+        return (not good, columns.feasible(row) is False, sign * v if good else 0.0)
 
     return sorted(rows, key=order)
 
@@ -156,7 +182,7 @@ def summarise(name: str, spec: SearchSpec, grid: Any) -> SearchResult:
             err = error_reason(str(r.error)) if str(r.error).strip() else type(r.error).__name__
         tid = m.get("trial_id") or _trial_id_from_path(r.path)
         rows.append(trial_row(tid, m, r.config, spec.budget.max_epochs, columns, err))
-    rows = rank(rows, columns.first)
+    rows = rank(rows, columns)
     return SearchResult(
         name=name,
         path=experiment_path(name),
@@ -190,7 +216,7 @@ def from_saved_state(name: str, spec: SearchSpec, path: str | None = None) -> Se
         )
         for t in ExperimentAnalysis(local, storage_filesystem=fs).trials
     ]
-    rows = rank(rows, columns.first)
+    rows = rank(rows, columns)
     return SearchResult(name, path, rows, columns, sum(r["state"] == "failed" for r in rows))
 
 
@@ -200,13 +226,24 @@ def _trial_id_from_path(path: str | None) -> str:
 
 
 def format_table(result: SearchResult, top: int = 10) -> str:
-    cols = result.columns.table
-    header = ["#", "trial", "status", "epochs", *cols, "config"]
+    columns = result.columns
+    cols = columns.table
+    checks = ["constraints"] if columns.constraints else []
+    header = ["#", "trial", "status", "epochs", *cols, *checks, "config"]
     lines = []
     for i, row in enumerate(result.rows[:top], start=1):
         cfg = ", ".join(f"{k}={_short(v)}" for k, v in sorted((row["config"] or {}).items()))
         vals = [f"{row[c]:.3f}" if isinstance(row.get(c), (int, float)) else "-" for c in cols]
         status = "failed (below)" if row["state"] == "failed" else row["status"][:48]
+        if checks:
+            ok = columns.feasible(row)
+            vals.append(
+                "met"
+                if ok
+                else "unknown"
+                if ok is None
+                else "fails " + ", ".join(columns.failing(row))
+            )
         lines.append([str(i), row["trial"], status, str(row["epochs"]), *vals, cfg])
     widths = [
         max(len(h), *(len(line[j]) for line in lines)) if lines else len(h)

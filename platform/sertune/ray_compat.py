@@ -109,6 +109,15 @@ def seed_optuna_study(searcher: Any, trials: list[Any]) -> int:
     return len(trials)
 
 
+def optuna_trial(searcher: Any, trial_id: str) -> Any:
+    """The Optuna trial Ray Tune's ``OptunaSearch`` asked for a Tune trial (None if unknown)."""
+    trials = getattr(searcher, "_ot_trials", None)
+    if trials is None:
+        _moved("OptunaSearch._ot_trials")
+        return None
+    return trials.get(trial_id)
+
+
 def set_restored_callbacks(tuner: Any, callbacks: list[Any]) -> None:
     """``Tuner.restore`` runs with the callbacks pickled at the first start; ours carry live
     state (the MLflow journal, the console), so put them back in."""

@@ -12,8 +12,6 @@ single trial wins. Every version is tagged with where it came from.
 from __future__ import annotations
 
 import json
-import operator
-import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -21,25 +19,16 @@ from typing import Any
 from . import __version__
 from .errors import GateFailed, NotFound, UsageError
 from .records import load_record
+from .spec import Condition
 from .tracking import Run, Store
-
-_OPS = {
-    ">=": operator.ge,
-    "<=": operator.le,
-    ">": operator.gt,
-    "<": operator.lt,
-    "==": operator.eq,
-}
-_GATE = re.compile(r"^\s*([\w./-]+)\s*(>=|<=|==|>|<)\s*(-?[\d.]+(?:e-?\d+)?)\s*$")
 
 
 def parse_gate(expr: str) -> tuple[str, str, float]:
-    m = _GATE.match(expr)
-    if not m:
-        raise UsageError(
-            f"--gate {expr!r}: expected METRIC OP VALUE, e.g. 'robust/uar_snr10_white>=0.5'"
-        )
-    return m.group(1), m.group(2), float(m.group(3))
+    try:
+        c = Condition.parse(expr)
+    except ValueError as e:
+        raise UsageError(f"--gate {e}") from None
+    return c.metric, c.op, c.bound
 
 
 def code_version() -> str:
@@ -109,7 +98,7 @@ def _gate_table(best: dict[str, Any], parsed: list[tuple[str, str, float]]) -> t
     rows, failed = [], False
     for name, op, value in parsed:
         actual = best["metrics"].get(name)
-        ok = actual is not None and _OPS[op](actual, value)
+        ok = Condition(name, op, value).holds(actual)
         failed |= not ok
         spread = f" ± {best['sd'][name]:.3f}" if best["n"] > 1 and name in best["sd"] else ""
         shown = "missing" if actual is None else f"{actual:.4f}{spread}"
@@ -192,7 +181,9 @@ def promote(
     first = record.spec.metrics[0]
     metric = objective or first.metric
     mode = first.mode if metric == first.metric else "max"
-    parsed = [parse_gate(g) for g in gates or []]
+    # the search's own constraints (objective.constraints) are floors of its champion too
+    constraints = [(c.metric, c.op, c.bound) for c in record.spec.objective.conditions()]
+    parsed = list(dict.fromkeys([*(parse_gate(g) for g in gates or []), *constraints]))
 
     candidates, confirmed = _candidates(store.runs_of(search, kind="trial"), metric, mode)
     if not candidates:

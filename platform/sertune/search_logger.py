@@ -323,6 +323,7 @@ class TrialLogger(Callback):
             tags["sertune.stopped_by"] = f"scheduler at epoch {epochs}"
         if BEST_EPOCH in last:
             tags["sertune.best_epoch"] = str(int(last[BEST_EPOCH]) + 1)
+        tags.update(self._constraint_tags(last))
         runs.append(Op(Kind.TAGS, key=key, tags=tags))
         ckpt = self._checkpoint_uri(last)
         if ckpt:
@@ -341,6 +342,17 @@ class TrialLogger(Callback):
                 runs.append(Op(Kind.TAGS, key=key, tags={NOTE: note}))
         runs.append(Op(Kind.END, key=key, status="FINISHED"))
         runs.open_trials.discard(key)
+
+    def _constraint_tags(self, metrics: dict[str, Any]) -> dict[str, str]:
+        """``sertune.feasible`` (true, false or unknown) and what fails, for the trials view."""
+        columns = self.runs.columns
+        if not columns.constraints:
+            return {}
+        ok = columns.feasible(metrics)
+        tags = {"sertune.feasible": "unknown" if ok is None else str(ok).lower()}
+        if ok is False:
+            tags["sertune.constraints_failed"] = ", ".join(columns.failing(metrics))
+        return tags
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         key = self._child(trial)
@@ -373,7 +385,8 @@ class TrialLogger(Callback):
                 ]
                 runs.append(Op(Kind.METRICS, key=key, step=step, metrics=rows, dedupe=False))
                 note = trial_note(key, outcome.metrics, step, True, tuple(runs.columns.table))
-                runs.append(Op(Kind.TAGS, key=key, tags={NOTE: note}))
+                tags = {NOTE: note, **self._constraint_tags(outcome.metrics)}
+                runs.append(Op(Kind.TAGS, key=key, tags=tags))
                 if outcome.files:
                     with tempfile.TemporaryDirectory() as tmp:
                         for name, data in outcome.files.items():

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from . import tracking
-from .leaderboard import SearchResult
+from .leaderboard import SearchResult, rank
 from .search_logger import NOTE, PARENT, SearchRuns, TrialLogger, image
 from .tracking import Kind, Op
 
@@ -47,6 +47,8 @@ class SearchReport:
             for k, v in runs.evaluated.get(row["trial"], {}).items():
                 if k.startswith(("test_", "robust/")) and row.get(k) is None:
                     row[k] = v
+        if result.columns.constraints:  # a stopped trial's figures decide its feasibility now
+            result.rows = rank(result.rows, result.columns)
         with tempfile.TemporaryDirectory() as tmp:
             best = write_search_summary(Path(tmp), result, runs.spec)
             if best and runs.schedules.get(best["trial"]):

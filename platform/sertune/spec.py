@@ -16,7 +16,10 @@ from __future__ import annotations
 import copy
 import importlib.util
 import math
+import operator
 import os
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -77,10 +80,54 @@ class MetricSpec(_Strict):
     mode: Literal["max", "min"] = "max"
 
 
+_OPS = {
+    ">=": operator.ge,
+    "<=": operator.le,
+    ">": operator.gt,
+    "<": operator.lt,
+    "==": operator.eq,
+}
+_CONDITION = re.compile(r"^\s*([\w./-]+)\s*(>=|<=|==|>|<)\s*(-?[\d.]+(?:e-?\d+)?)\s*$")
+
+
+@dataclass(frozen=True)
+class Condition:
+    """``METRIC OP VALUE`` (``robust/uar_snr10_white >= 0.5``): an objective's constraint, a
+    promotion's gate."""
+
+    metric: str
+    op: str
+    bound: float
+
+    @classmethod
+    def parse(cls, text: str) -> Condition:
+        m = _CONDITION.match(text)
+        if not m:
+            raise ValueError(
+                f"{text!r}: expected METRIC OP VALUE, e.g. 'robust/uar_snr10_white>=0.5'"
+            )
+        return cls(m.group(1), m.group(2), float(m.group(3)))
+
+    def __str__(self) -> str:
+        return f"{self.metric} {self.op} {self.bound:g}"
+
+    def holds(self, value: float | None) -> bool:
+        return value is not None and _OPS[self.op](value, self.bound)
+
+    def violation(self, value: float | None, missing: float = 1.0) -> float:
+        """Optuna's constraint value: <= 0 where it holds, else by how much it fails
+        (``missing`` when the trial has no such figure, e.g. stopped before its end)."""
+        if value is None or not math.isfinite(value):
+            return missing
+        return self.bound - value if self.op in (">=", ">") else value - self.bound
+
+
 class ObjectiveSpec(_Strict):
     metric: str | None = None  # a single objective ...
     mode: Literal["max", "min"] = "max"
     metrics: list[MetricSpec] = []  # ... or several (multi-objective, Pareto front)
+    # feasibility, e.g. 'robust/uar_snr10_white >= 0.5': the sampler steers away from what fails
+    constraints: list[str] = []
 
     @model_validator(mode="after")
     def _one_form(self) -> ObjectiveSpec:
@@ -98,6 +145,10 @@ class ObjectiveSpec(_Strict):
     @property
     def multi(self) -> bool:
         return len(self.as_list()) > 1
+
+    def conditions(self) -> list[Condition]:
+        """The constraints, parsed (validated when the spec was loaded)."""
+        return [Condition.parse(c) for c in self.constraints]
 
 
 class BudgetSpec(_Strict):
@@ -603,6 +654,7 @@ def _check_semantics(spec: SearchSpec, check_paths: bool = True) -> list[tuple[s
                     "multi-objective search",
                 )
             )
+    problems += _check_constraints(spec, known_metrics)
     if spec.budget.grace_epochs > spec.budget.max_epochs:
         problems.append(
             (
@@ -679,6 +731,44 @@ def _check_strategy(spec: SearchSpec) -> list[tuple[str, str]]:
             problems.append((f"search.warm_start.{i}", "empty name"))
         elif name == spec.name:
             problems.append((f"search.warm_start.{i}", f"{name!r} is this search"))
+    return problems
+
+
+def _check_constraints(spec: SearchSpec, known: set[str]) -> list[tuple[str, str]]:
+    from . import strategies
+
+    problems = []
+    for i, text in enumerate(spec.objective.constraints):
+        field = f"objective.constraints.{i}"
+        try:
+            c = Condition.parse(text)
+        except ValueError as e:
+            problems.append((field, str(e)))
+            continue
+        if c.op == "==":
+            problems.append((field, "a constraint bounds a figure: use >=, >, <= or <"))
+        elif c.metric not in known:
+            problems.append(
+                (field, f"unknown metric {c.metric!r}; known: {', '.join(sorted(known))}")
+            )
+        elif c.metric.startswith("test_"):
+            problems.append(
+                (field, "never select on the test speakers; use a val_* or robust/* figure")
+            )
+    if spec.objective.constraints:
+        s, multi = spec.search, spec.objective.multi
+        able = [n for n, st in strategies.SAMPLERS.items() if st.constraints]
+        if s.scheduler_name(multi) == "pbt":
+            problems.append(
+                ("objective.constraints", "population-based training has no sampler to steer")
+            )
+        elif s.sampler not in able:
+            problems.append(
+                (
+                    "objective.constraints",
+                    f"sampler {s.sampler!r} cannot use constraints; these can: {', '.join(able)}",
+                )
+            )
     return problems
 
 

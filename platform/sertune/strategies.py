@@ -86,6 +86,7 @@ class Strategy:
     make: Callable[[dict[str, Any], Context], Any]  # (complete options, context) -> the object
     multi_objective: bool
     knobs: dict[str, Knob] = field(default_factory=dict)
+    constraints: bool = False  # steered by ``objective.constraints`` (Optuna's trial constraints)
 
     def build(self, options: dict[str, Any], ctx: Context) -> Any:
         """The sampler or scheduler, its factory handed every knob: the spec's value, else the
@@ -108,7 +109,9 @@ def _tpe(o: dict[str, Any], ctx: Context):
     import optuna
 
     return optuna.samplers.TPESampler(
-        seed=ctx.seed, n_startup_trials=int(o["n_startup_trials"]), multivariate=o["multivariate"]
+        seed=ctx.seed,
+        n_startup_trials=int(o["n_startup_trials"]),
+        multivariate=o["multivariate"],
     )
 
 
@@ -132,7 +135,10 @@ def _cmaes(o: dict[str, Any], ctx: Context):
 def _gp(o: dict[str, Any], ctx: Context):
     import optuna
 
-    return optuna.samplers.GPSampler(seed=ctx.seed, n_startup_trials=int(o["n_startup_trials"]))
+    return optuna.samplers.GPSampler(
+        seed=ctx.seed,
+        n_startup_trials=int(o["n_startup_trials"]),
+    )
 
 
 def _nsga2(o: dict[str, Any], ctx: Context):
@@ -164,6 +170,7 @@ SAMPLERS: dict[str, Strategy] = {
             "n_startup_trials": _STARTUP,
             "multivariate": Knob(bool, "model the parameters jointly", False),
         },
+        constraints=True,
     ),
     "random": Strategy(
         "uniform random search: the baseline every sampler must beat",
@@ -184,6 +191,7 @@ SAMPLERS: dict[str, Strategy] = {
         _gp,
         multi_objective=True,
         knobs={"n_startup_trials": _STARTUP},
+        constraints=True,
     ),
     "nsga2": Strategy(
         "NSGA-II: a genetic algorithm, for one objective or a Pareto front",
@@ -198,6 +206,7 @@ SAMPLERS: dict[str, Strategy] = {
             ),
             "crossover_prob": Knob(float, "crossover probability", 0.9, ge=0, le=1),
         },
+        constraints=True,
     ),
     "grid": Strategy(
         "every combination of the space's values (choices, ints, floats with a step)",

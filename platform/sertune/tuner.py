@@ -18,9 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ray.tune.search.optuna import OptunaSearch
+
 from . import ray_compat, settings, strategies
 from .records import experiment_path
-from .spec import ParamSpec, SearchSpec, load_define_by_run
+from .spec import Condition, ParamSpec, SearchSpec, load_define_by_run
 from .storage import fs_and_path
 from .trainable import get_trainable
 
@@ -54,6 +56,27 @@ class SpaceFunction:
             fn = load_define_by_run(self.define_by_run, Path(self.base))
             return fn(trial)
         return None
+
+
+class ConstrainedOptunaSearch(OptunaSearch):
+    """Ray Tune's ``OptunaSearch`` that sets each ended trial's constraint values
+    (``objective.constraints``; Optuna's ``Trial.set_constraint``, <= 0 where one holds) before it
+    tells Optuna the trial's objective: TPE, GP and NSGA-II then steer away from infeasible
+    regions. A figure the trial did not report (stopped by the scheduler before its end-of-trial
+    report) counts as failing by 1; a warm start's trials carry none and count as feasible."""
+
+    def __init__(self, *args: Any, conditions: list[Condition], **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.conditions = conditions
+
+    def on_trial_complete(
+        self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False
+    ) -> None:
+        trial = ray_compat.optuna_trial(self, trial_id)
+        if trial is not None and result and trial_id not in getattr(self, "_completed_trials", ()):
+            for c in self.conditions:
+                trial.set_constraint(str(c), c.violation(result.get(c.metric)))
+        super().on_trial_complete(trial_id, result, error)
 
 
 @dataclass(frozen=True)
@@ -143,7 +166,6 @@ def build_tuner(
     from ray import tune
     from ray.tune.schedulers import FIFOScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
-    from ray.tune.search.optuna import OptunaSearch
 
     if restore:
         fs, path = fs_and_path(experiment_path(name))
@@ -165,6 +187,7 @@ def build_tuner(
     else:
         space = dict(spec.space)
         multi = spec.objective.multi
+        conditions = spec.objective.conditions()
         ctx = strategies.Context(
             seed=spec.seed,
             trials=spec.budget.trials,
@@ -184,11 +207,12 @@ def build_tuner(
             param_space = {k: p.tune_domain() for k, p in space.items()}
         else:
             sampler = strategies.SAMPLERS[s.sampler].build(s.sampler_options, ctx)
-            searcher = OptunaSearch(
+            searcher = (ConstrainedOptunaSearch if conditions else OptunaSearch)(
                 space=SpaceFunction(space, spec.define_by_run, str(Path(spec.source).parent)),
                 metric=ctx.metric,
                 mode=ctx.mode,
                 sampler=sampler,
+                **({"conditions": conditions} if conditions else {}),
             )
         if seeds and seeds.get("trials"):
             from .warmstart import optuna_trials

@@ -121,7 +121,15 @@ def prepare_experiment(tracking_uri: str | None = None) -> str:
         tags = experiment_tags(
             spec.metrics[0].metric,
             sorted(spec.space),
-            list(dict.fromkeys([*gated, *_robust_columns(spec, plugin)]))[:ROBUST_COLUMNS],
+            list(
+                dict.fromkeys(
+                    [
+                        *gated,
+                        *(c.metric for c in spec.objective.conditions()),
+                        *_robust_columns(spec, plugin),
+                    ]
+                )
+            )[:ROBUST_COLUMNS],
             names,
             tuple(final[:1]),
         )

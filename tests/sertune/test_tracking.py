@@ -81,6 +81,9 @@ def mlflow_server(tmp_path_factory):
         f"database_uri = sqlite:///{root / 'auth.db'}\n"
         f"admin_username = admin\nadmin_password = {ADMIN_PASSWORD}\n"
         "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        # check each credential's scrypt hash once, not on every request (hundreds in a search,
+        # ~0.1 s of CPU each); a request without credentials is still refused
+        "auth_cache_ttl_seconds = 3600\n"
     )
     env = {
         **os.environ,
@@ -384,6 +387,9 @@ def test_an_mlflow_outage_loses_no_record(tmp_path):
         "SERTUNE_RAY_NUM_CPUS": "2",
         "PYTHONUNBUFFERED": "1",
         "MLFLOW_TRACKING_URI": url,
+        # a request caught by the shutdown fails after 10 s (sertune's default is 20 s), so the
+        # outage below need only be longer than that
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
     }
     proc, lines = start_sertune("search", "run", str(spec), env=env)
     try:
@@ -393,9 +399,10 @@ def test_an_mlflow_outage_loses_no_record(tmp_path):
             time.sleep(0.1)
         os.killpg(server.pid, signal.SIGTERM)  # the outage
         server.wait(timeout=30)
-        # down longer than MLflow's request timeout (20 s): a request caught by the shutdown
-        # fails within the outage instead of succeeding on its retry after it
-        time.sleep(25)
+        # down longer than the driver's MLflow request timeout (10 s, above): a request caught
+        # by the shutdown fails within the outage instead of succeeding on its retry after it;
+        # back before the journal's retry at ~31 s (its backoff 1+2+4+8+16 s), not at ~61 s
+        time.sleep(15)
         server = start_mlflow(root, port)  # back, same store
         proc.wait(timeout=600)
     finally:
