@@ -144,6 +144,7 @@ class LinearTrainable(CorpusHooks, Trainable):
     display_robust = ("robust/uar_clean",)
     checkpoint_metric = ("val_uar", "max")
     pbt_defaults = ("optim.lr",)  # the one continuous knob a linear model has
+    supports_cv = True
 
     def param_names(self) -> set[str]:
         return set(DEFAULTS)
@@ -162,7 +163,7 @@ class LinearTrainable(CorpusHooks, Trainable):
         cfg = _config(config.get("params", {}))
         data, run = config["data"], config.get("run", {})
         corpus = load_cache(data["cache"])
-        split = speaker_independent_split(corpus, data.get("fold", 0))
+        split = speaker_independent_split(corpus, data.get("fold", 0), cv=data.get("cv"))
         utts = Utterances.from_corpus(corpus, torch.device("cpu"))
         val = utts.select(split["val"])
         torch.manual_seed(int(cfg["seed"]))

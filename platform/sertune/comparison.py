@@ -2,8 +2,10 @@
 
 Each search is represented by its winning configuration: the best confirmed configuration (mean
 ± sd over its fresh seeds) when the search was confirmed, else its best single trial (no spread).
-A verdict is given only where the difference exceeds the seed spread of both sides
-(|Δ| > sd_A + sd_B); single runs get none.
+Each figure's difference A - B gets a 95 % confidence interval: paired seed by seed when both
+sides ran the same seeds (a search and its baseline do: same initialisations, same data order),
+else Welch's; the verdict names a side only when the interval excludes 0, and says the interval.
+Single runs get no verdict.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from .confirm import difference_interval
 from .errors import NotFound, UsageError
 from .tracking import Run, Store
 
@@ -55,6 +58,10 @@ def search_figures(store: Store, search: str) -> dict[str, Any]:
         out["stats"] = {
             k: _stats([g.metrics[k] for g in group if k in g.metrics]) for k in sorted(metrics)
         }
+        out["by_seed"] = {
+            k: {_seed(g, i): g.metrics[k] for i, g in enumerate(group) if k in g.metrics}
+            for k in sorted(metrics)
+        }
         return out
     done = [r for r in trials if key in r.metrics and r.done]
     if not done:
@@ -62,7 +69,14 @@ def search_figures(store: Store, search: str) -> dict[str, Any]:
     best = max(done, key=lambda r: sign * r.metrics[key])
     out.update(source="best single run (no seed spread)", configuration_of=best.trial)
     out["stats"] = {k: _stats([v]) for k, v in sorted(best.metrics.items())}
+    out["by_seed"] = {k: {_seed(best, 0): v} for k, v in sorted(best.metrics.items())}
     return out
+
+
+def _seed(run: Run, i: int) -> str:
+    """What pairs two runs: the seed they trained with (a run without one pairs with none)."""
+    seed = run.params.get("seed")
+    return str(seed) if seed is not None else f"{run.run_id}:{i}"
 
 
 def _final_display(trainable: str) -> list[str]:
@@ -88,13 +102,28 @@ def compare(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
         if not sa or not sb:
             continue
         diff = sa["mean"] - sb["mean"]
-        if sa["n"] < 2 or sb["n"] < 2:
+        ci = difference_interval(a.get("by_seed", {}).get(m, {}), b.get("by_seed", {}).get(m, {}))
+        if ci is None:
             verdict = "no verdict (single run)"
-        elif abs(diff) > sa["sd"] + sb["sd"]:
-            verdict = f"{a['search'] if diff > 0 else b['search']} higher"
         else:
-            verdict = "within the seed spread"
-        rows.append({"metric": m, "a": sa, "b": sb, "diff": diff, "verdict": verdict})
+            lo, hi, n, paired = ci
+            how = f"paired over {n} seeds" if paired else "unpaired"
+            span = f"95 % CI {lo:+.3f} to {hi:+.3f}, {how}"
+            if lo > 0 or hi < 0:
+                verdict = f"{a['search'] if diff > 0 else b['search']} higher ({span})"
+            else:
+                verdict = f"no difference resolved ({span})"
+        rows.append(
+            {
+                "metric": m,
+                "a": sa,
+                "b": sb,
+                "diff": diff,
+                "interval": None if ci is None else [ci[0], ci[1]],
+                "paired": bool(ci and ci[3]),
+                "verdict": verdict,
+            }
+        )
     same_data = a["fingerprint"] == b["fingerprint"]
     return {"a": a, "b": b, "rows": rows, "same_data": same_data}
 

@@ -71,6 +71,7 @@ def _candidates(runs: list[Run], metric: str, mode: str) -> tuple[list[dict[str,
                 {
                     "metrics": means,
                     "sd": sds,
+                    "values": {k: [g.metrics[k] for g in group] for k in keys},
                     "run": median,
                     "n": len(group),
                     "label": f"configuration of trial {origin}",
@@ -94,14 +95,31 @@ def _candidates(runs: list[Run], metric: str, mode: str) -> tuple[list[dict[str,
     return out, False
 
 
-def _gate_table(best: dict[str, Any], parsed: list[tuple[str, str, float]]) -> tuple[list, bool]:
+def _gate_table(
+    best: dict[str, Any], parsed: list[tuple[str, str, float]], gate_on: str = "mean"
+) -> tuple[list, bool]:
+    """Each gate against the candidate's figure: its mean (a single trial's value), or with
+    ``gate_on="lower"`` the cautious end of the mean's 95 % confidence interval over the seeds
+    (the lower bound for ``>=``/``>``, the upper for ``<=``/``<``)."""
+    from .confirm import mean_interval
+
+    if gate_on == "lower" and best["n"] < 2:
+        raise UsageError(
+            f"--gate-on lower needs seeds to bound the mean; {best['label']} is one run. "
+            "Confirm first: sertune promote SEARCH --confirm-top K --seeds 3"
+        )
     rows, failed = [], False
     for name, op, value in parsed:
         actual = best["metrics"].get(name)
+        shown = "missing" if actual is None else f"{actual:.4f}"
+        if actual is not None and best["n"] > 1 and name in best["sd"]:
+            shown += f" ± {best['sd'][name]:.3f}"
+        if gate_on == "lower" and actual is not None:
+            lo, hi = mean_interval(best["values"][name])
+            actual = lo if op in (">=", ">") else hi
+            shown += f" (95 % CI {lo:.4f} to {hi:.4f})"
         ok = Condition(name, op, value).holds(actual)
         failed |= not ok
-        spread = f" ± {best['sd'][name]:.3f}" if best["n"] > 1 and name in best["sd"] else ""
-        shown = "missing" if actual is None else f"{actual:.4f}{spread}"
         rows.append((name, f"{op} {value:g}", shown, "pass" if ok else "FAIL"))
     return rows, failed
 
@@ -174,8 +192,10 @@ def promote(
     gates: list[str] | None = None,
     model_name: str = "ser-mtl-aug",
     tracking_uri: str | None = None,
+    gate_on: str = "mean",
 ) -> dict[str, Any]:
-    """Register the best configuration of ``search`` and point ``champion`` at it."""
+    """Register the best configuration of ``search`` and point ``champion`` at it. ``gate_on``:
+    gates compare the mean (``mean``) or the cautious end of its 95 % interval (``lower``)."""
     record = load_record(search)
     store = Store(tracking_uri or record.tracking_uri)
     first = record.spec.metrics[0]
@@ -194,7 +214,7 @@ def promote(
     # but fragile configuration is passed over (and named), never promoted.
     passed_over = []
     for best in candidates:
-        rows, failed = _gate_table(best, parsed)
+        rows, failed = _gate_table(best, parsed, gate_on)
         if not failed:
             break
         passed_over.append((best, rows))

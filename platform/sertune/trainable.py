@@ -175,6 +175,10 @@ class Trainable(ABC):
     #: population-based training perturbs these searched parameters by default (names, or
     #: prefixes ending in ``_`` such as ``aug.p_``): what may change while a model trains
     pbt_defaults: tuple[str, ...] = ()
+    #: ``train`` honours ``config["data"]["cv"] = {"fold": k, "folds": K}`` (validates on fold k of
+    #: the non-test speakers, e.g. through ``speaker_independent_split(..., cv=...)``): a
+    #: cross-validated objective (``objective.cv``) is possible
+    supports_cv: bool = False
 
     # -- the search space ----------------------------------------------------------------------
     @abstractmethod

@@ -105,6 +105,69 @@ def test_a_confirmed_promotion_registers_the_best_mean_not_the_best_seed(home, t
         {"label": "configuration of trial A", "value": pytest.approx(0.71), "failed": ["val_uar"]}
     ]
 
+    # --gate-on lower: A's robustness mean is 0.61, but its 95 % interval over 3 seeds reaches
+    # down to 0.585 (0.61 - 4.303 x 0.01 / sqrt 3): a floor of 0.6 is not assured, one of 0.58 is
+    with pytest.raises(GateFailed) as failed:
+        promote(
+            "steady", gates=["robust/uar_snr10_white>=0.6"], model_name="steady", gate_on="lower"
+        )
+    assert "95 % CI 0.5852 to 0.6348" in str(failed.value)
+    v = promote(
+        "steady", gates=["robust/uar_snr10_white>=0.58"], model_name="steady", gate_on="lower"
+    )
+    assert v["run_id"] == runs["A1"]
+
+
+def test_a_lower_bound_gate_needs_seeds():
+    from sertune.errors import UsageError
+    from sertune.registry import _gate_table
+
+    one = {"metrics": {"m": 0.7}, "sd": {}, "n": 1, "label": "trial x"}
+    with pytest.raises(UsageError, match="--confirm-top"):
+        _gate_table(one, [("m", ">=", 0.5)], "lower")
+    assert _gate_table(one, [("m", ">=", 0.5)])[1] is False  # on the mean: passes
+
+
+def _side(name, by_seed):
+    from sertune.confirm import _stats
+
+    return {
+        "search": name,
+        "objective": {"metric": "val_uar", "mode": "max"},
+        "headline": [],
+        "fingerprint": "f",
+        "source": "confirmed",
+        "configuration_of": "x",
+        "stats": {m: _stats(list(v.values())) for m, v in by_seed.items()},
+        "by_seed": by_seed,
+    }
+
+
+def test_compare_names_a_side_only_when_the_interval_of_the_difference_excludes_zero():
+    """Paired by seed: A is 0.05 above B on every seed (a tiny spread of differences), though
+    each side's own spread (0.10) is twice the difference: the pairing resolves it. Unpaired
+    (different seeds), the same figures resolve nothing."""
+    from sertune.comparison import compare, format_comparison
+
+    a = {"1000": 0.60, "2000": 0.80, "3000": 0.70}
+    b = {"1000": 0.55, "2000": 0.74, "3000": 0.66}
+    c = compare(_side("mtl", {"val_uar": a}), _side("stl", {"val_uar": b}))
+    (row,) = c["rows"]
+    assert row["paired"] and row["diff"] == pytest.approx(0.05)
+    lo, hi = row["interval"]
+    assert 0 < lo < 0.05 < hi  # mean diff 0.05, sd 0.01, t(2) = 4.303: +0.025 to +0.075
+    assert lo == pytest.approx(0.05 - 4.303 * 0.01 / 3**0.5, abs=1e-3)
+    assert row["verdict"].startswith("mtl higher (95 % CI +0.025 to +0.075, paired over 3 seeds")
+    assert "paired over 3 seeds" in format_comparison(c)
+
+    shifted = {str(int(k) + 1): v for k, v in b.items()}
+    (row,) = compare(_side("mtl", {"val_uar": a}), _side("stl", {"val_uar": shifted}))["rows"]
+    assert not row["paired"] and row["verdict"].startswith("no difference resolved")
+    assert "unpaired" in row["verdict"] and row["interval"][0] < 0 < row["interval"][1]
+
+    (row,) = compare(_side("a", {"val_uar": {"1": 0.7}}), _side("b", {"val_uar": b}))["rows"]
+    assert row["verdict"] == "no verdict (single run)" and row["interval"] is None
+
 
 @pytest.mark.usefixtures("ray_2cpu")
 def test_confirmation_and_a_fair_baseline_run_through_the_same_machinery(home, tmp_path):
@@ -149,4 +212,6 @@ def test_confirmation_and_a_fair_baseline_run_through_the_same_machinery(home, t
         "val_uar",
         "robust/uar_snr10_white",
     }
+    # the search and its baseline ran the same two confirmation seeds: every difference paired
+    assert all(r["paired"] and "paired over 2 seeds" in r["verdict"] for r in cmp["rows"])
     assert "confirmed/val_uar_mean" in parent.data.metrics

@@ -226,3 +226,26 @@ def test_a_search_on_a_flat_objective_is_ended_by_the_terminator(home, tmp_path)
     assert "finished" in status.splitlines()[0] and "ended early, stopped by" in status
     parent = tracking.Store().runs_of("flat", "search")[0]
     assert parent.tags["sertune.stopped_by"] == result.stopped_by
+
+
+@pytest.mark.usefixtures("ray_2cpu")
+def test_bench_sampler_measures_a_sampler_on_the_users_own_spec(home, tmp_path):
+    """``sertune bench sampler SPEC``: any spec (here the linear trainable on its own corpus)
+    instead of the demo, the spec's confirmation left out of the measured searches."""
+    from sertune.bench.sampler import run_sampler_bench
+
+    path = _write(
+        tmp_path,
+        home,
+        params={"features.n_mels": 16},
+        space={"optim.lr": {"type": "float", "low": 0.01, "high": 0.1}},
+        confirm={"top_k": 1, "seeds": 2},
+    )
+    lines = []
+    run_sampler_bench(
+        ["random", "tpe"], spec=str(path), trials=2, seeds=1, epochs=1, log=lines.append
+    )
+    text = "\n".join(lines)
+    assert "spec 'flat' on synthetic" in lines[0]
+    assert text.count("after 2 trials") == 2  # one search per sampler, no confirmation trials
+    assert "tpe vs random at 2 trials" in text and "plot: MLflow run" in text

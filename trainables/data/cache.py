@@ -207,6 +207,7 @@ def speaker_independent_split(
     n_folds: int | None = None,
     label_fraction: float = 1.0,
     label_seed: int = 0,
+    cv: dict[str, int] | None = None,
 ) -> dict[str, np.ndarray]:
     """Indices of ``train``, ``val``, ``test`` and ``unlabelled`` with no speaker group shared.
 
@@ -219,13 +220,36 @@ def speaker_independent_split(
     utterances only that share (at least one) keeps its label; the rest join ``unlabelled``.
     The choice depends only on ``label_seed``, so every trial, seed and baseline of a search sees
     the same labels. Validation and test keep theirs.
+
+    ``cv = {"fold": k, "folds": K}`` is fold k of a cross-validated objective: the speaker groups
+    of train and validation together (never the test set's) are dealt round-robin into K folds;
+    fold k validates, the others train. The test set is the same for every fold.
     """
     split = _split(corpus, fold, n_folds)
+    if cv is not None:
+        split = _cv_fold(corpus, split, int(cv["fold"]), int(cv["folds"]))
     if label_fraction < 1.0:
         keep, drop = _label_share(corpus, split["train"], label_fraction, label_seed)
         unlabelled = np.sort(np.concatenate([split["unlabelled"], drop]))
         split = {**split, "train": keep, "unlabelled": unlabelled}
     return split
+
+
+def _cv_fold(
+    corpus: DecodedCorpus, split: dict[str, np.ndarray], k: int, folds: int
+) -> dict[str, np.ndarray]:
+    pool = np.sort(np.concatenate([split["train"], split["val"]]))
+    groups = sorted({corpus.groups[i] for i in pool})
+    if len(groups) < folds:
+        raise ValueError(
+            f"{corpus.path}: {folds}-fold cross-validation needs >= {folds} speaker groups "
+            f"outside the test set, found {len(groups)}"
+        )
+    if not 0 <= k < folds:
+        raise ValueError(f"cross-validation fold {k} is outside 0..{folds - 1}")
+    fold_of = {g: i % folds for i, g in enumerate(groups)}
+    f = np.array([fold_of[corpus.groups[i]] for i in pool])
+    return {**split, "train": pool[f != k], "val": pool[f == k]}
 
 
 def _label_share(

@@ -267,6 +267,7 @@ def train(config: dict[str, Any], session: Any) -> list[dict[str, Any]]:
         data_cfg.get("n_folds"),
         data_cfg.get("label_fraction", 1.0),
         data_cfg.get("label_seed", 0),
+        data_cfg.get("cv"),  # fold k of a cross-validated objective (objective.cv)
     )
     n_labels = len(corpus.label_names)
     if cfg.model.n_emotions != n_labels:

@@ -41,6 +41,7 @@ class MTLAugTrainable(CorpusHooks, Trainable):
     checkpoint_metric = ("val_uar", "max")
     # the auxiliary-loss weights and the augmentation mix: what MTL-AUG's schedule is about
     pbt_defaults = ("loss.w_aug", "loss.w_rec", "aug.p_")
+    supports_cv = True  # train.py passes data["cv"] to the speaker-independent split
 
     def param_names(self) -> set[str]:
         return set(MTLAugConfig().to_flat())

@@ -1,7 +1,8 @@
 """``sertune bench sampler``: is the search worth more than trying configurations at random?
 
-The same spec (the demo's MTL-AUG search on the synthetic corpus, robustness off) runs with each
-sampler at the same budget, once per seed (the seed drives the sampler, the model's
+The same spec (by default the demo's MTL-AUG search on the synthetic corpus; any spec or preset,
+``--set`` edits included, to measure on your own corpus; robustness off) runs with each sampler at
+the same budget, once per seed (the seed drives the sampler, the model's
 initialisation and the data order, the same seeds for every sampler: paired runs). For each it
 reads the trials back from MLflow in the order they were proposed and prints the best objective
 so far after each trial and at the wall time that trial ended, as mean ± standard deviation over
@@ -21,7 +22,7 @@ from typing import Any
 
 from .. import ray_compat, settings, tracking
 from ..search import run_search
-from ..spec import load_spec, presets
+from ..spec import load_spec, resolve_spec_path
 
 
 def _curves(
@@ -57,6 +58,8 @@ def _mean_sd(rows: list[list[float]]) -> tuple[list[float], list[float]]:
 
 def run_sampler_bench(
     samplers: list[str],
+    spec: str = "demo",
+    sets: list[str] | None = None,
     pbt: bool = False,
     trials: int = 8,
     seeds: int = 3,
@@ -67,15 +70,15 @@ def run_sampler_bench(
     log: Callable[[str], None] = print,
 ) -> int:
     ray_compat.quiet()  # before the store is opened: no MLflow/alembic chatter
-    spec_path = presets()["demo"]
-    base = load_spec(spec_path)
+    spec_path = str(resolve_spec_path(spec))
+    base = load_spec(spec_path, sets=sets)
     metric, mode = base.objective.metric, base.objective.mode
     store = tracking.Store()
     curves: dict[str, dict[str, Any]] = {}
     stamp = time.strftime("%m%d%H%M")
     log(
         f"[bench sampler] {', '.join(samplers + (['pbt'] if pbt else []))} x {seeds} seed(s), {trials} trials each, "
-        f"{concurrency} at a time, <= {epochs} epochs, demo spec on the synthetic corpus"
+        f"{concurrency} at a time, <= {epochs} epochs, spec {base.name!r} on {base.data.corpus}"
     )
     arms = [(s, {"sampler": s}) for s in samplers]
     if pbt:  # population-based training of the aux weights and the augmentation mix
@@ -95,10 +98,13 @@ def run_sampler_bench(
             name = f"bench-sampler-{stamp}-{sampler}-s{seed}"
             spec = load_spec(
                 spec_path,
-                {
+                sets=sets,
+                overrides={
                     "name": name,
                     "seed": seed,
                     "robustness": None,
+                    "confirm": None,  # the bench compares searches, not their confirmations
+                    "baseline": None,
                     "budget": {
                         **base.budget.model_dump(),
                         "trials": trials,

@@ -25,6 +25,13 @@ def add(sub) -> None:
         metavar="EXPR",
         help="e.g. 'robust/uar_snr10_white>=0.5' (repeatable; all must pass; means when confirmed)",
     )
+    pr.add_argument(
+        "--gate-on",
+        choices=["mean", "lower"],
+        default="mean",
+        help="what a gate compares for a confirmed configuration: the mean over its seeds, or the "
+        "cautious end of the mean's 95 %% confidence interval (lower bound for >=)",
+    )
     pr.add_argument("--name", default="ser-mtl-aug", help="registered model name")
     pr.add_argument(
         "--confirm-top",
@@ -100,6 +107,7 @@ def promote(a: argparse.Namespace) -> int:
         objective=a.objective,
         gates=a.gate or [],
         model_name=a.name,
+        gate_on=a.gate_on,
         tracking_uri=a.tracking_uri,
     )
     for skipped in v["passed_over"]:

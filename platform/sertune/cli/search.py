@@ -8,7 +8,8 @@ import sys
 from .options import command, print_result, tracking_option
 
 
-def spec_options() -> argparse.ArgumentParser:
+def spec_options(smoke: bool = True) -> argparse.ArgumentParser:
+    """``--set`` (and ``--smoke`` where a command runs the spec's own budget)."""
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument(
         "--set",
@@ -18,6 +19,8 @@ def spec_options() -> argparse.ArgumentParser:
         "--set budget.trials=8 --set params.loss.w_aug=0 --set space.loss.w_aug.low=0.1 "
         "(repeatable)",
     )
+    if not smoke:
+        return p
     p.add_argument(
         "--smoke",
         action="store_true",

@@ -82,11 +82,21 @@ def add(sub) -> None:
     bs.add_argument("--num-cpus", type=int, help="CPUs for local Ray (default: all)")
     bs.set_defaults(func=bench_search)
 
+    from .search import spec_options
+
     bp = command(
         bsub,
         "sampler",
         "the search's value: each sampler against random search at the same budget, over seeds",
-        "sertune bench sampler\nsertune bench sampler --samplers random tpe gp --trials 12 --seeds 5",
+        "sertune bench sampler\nsertune bench sampler --samplers random tpe gp --trials 12 --seeds 5\n"
+        "sertune bench sampler mtl_aug --set data.corpus=emodb --set data.root=/data/emodb",
+        parents=[spec_options(smoke=False)],
+    )
+    bp.add_argument(
+        "spec",
+        nargs="?",
+        default="demo",
+        help="the search to measure: a preset or a YAML file (default: demo, synthetic corpus)",
     )
     bp.add_argument(
         "--samplers",
@@ -105,8 +115,6 @@ def add(sub) -> None:
     bp.add_argument("--num-cpus", type=int, help="CPUs for local Ray (default: all)")
     bp.add_argument("--out", help="also write bench_sampler.png/.json into this folder")
     bp.set_defaults(func=bench_sampler)
-
-    from .search import spec_options
 
     bn = command(
         bsub,
@@ -222,6 +230,8 @@ def bench_sampler(a: argparse.Namespace) -> int:
         )
     return run_sampler_bench(
         a.samplers,
+        spec=a.spec,
+        sets=a.set,
         pbt=a.pbt,
         trials=a.trials,
         seeds=a.seeds,
