@@ -15,7 +15,14 @@ from typing import Any
 from .failures import error_reason
 from .records import experiment_path
 from .spec import Condition, MetricSpec, SearchSpec
-from .trainable import BEST_EPOCH, CHECKPOINT_PATH, EPOCHS_DONE, LOOP_STARTED_AT, get_trainable
+from .trainable import (
+    BEST_EPOCH,
+    CHECKPOINT_PATH,
+    CV_FOLD,
+    EPOCHS_DONE,
+    LOOP_STARTED_AT,
+    get_trainable,
+)
 
 
 @dataclass(frozen=True)
@@ -150,7 +157,12 @@ def trial_row(
         LOOP_STARTED_AT: metrics.get(LOOP_STARTED_AT),  # when its training began (benches)
     }
     for k, v in metrics.items():
-        if k in columns.kept or k == BEST_EPOCH or k.startswith(("robust/", "test_")):
+        if (
+            k in columns.kept
+            or k in (BEST_EPOCH, CV_FOLD)
+            or k.startswith(("robust/", "test_"))
+            or (k.endswith("_se") and k.removesuffix("_se") in columns.kept)
+        ):
             row[k] = v
     for m in columns.objectives:
         row[m.metric] = metrics.get(m.metric)
@@ -233,7 +245,7 @@ def format_table(result: SearchResult, top: int = 10) -> str:
     lines = []
     for i, row in enumerate(result.rows[:top], start=1):
         cfg = ", ".join(f"{k}={_short(v)}" for k, v in sorted((row["config"] or {}).items()))
-        vals = [f"{row[c]:.3f}" if isinstance(row.get(c), (int, float)) else "-" for c in cols]
+        vals = [_figure(row, c) for c in cols]
         status = "failed (below)" if row["state"] == "failed" else row["status"][:48]
         if checks:
             ok = columns.feasible(row)
@@ -263,6 +275,15 @@ def failure_lines(rows: list[dict[str, Any]]) -> list[str]:
         f"failed ({len(trials)}): {', '.join(trials[:8])}{' ...' if len(trials) > 8 else ''}: {why}"
         for why, trials in by_reason.items()
     ]
+
+
+def _figure(row: dict[str, Any], metric: str) -> str:
+    """``0.612`` or, for a cross-validated trial, ``0.612 ± 0.031`` (mean ± se over its folds)."""
+    v = row.get(metric)
+    if not isinstance(v, (int, float)):
+        return "-"
+    se = row.get(f"{metric}_se")
+    return f"{v:.3f} ± {se:.3f}" if isinstance(se, (int, float)) else f"{v:.3f}"
 
 
 def _short(v: Any) -> str:

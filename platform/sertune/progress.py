@@ -25,6 +25,15 @@ def short_config(config: dict[str, Any]) -> str:
     )
 
 
+def _se(result: dict, metric: str, folds: int) -> str:
+    """`` ± se (folds 0.61 0.55 0.70)`` for a cross-validated trial's figure."""
+    se = result.get(f"{metric}_se")
+    if not folds or not isinstance(se, (int, float)):
+        return ""
+    each = " ".join(f"{result.get(f'fold{k}/{metric}', float('nan')):.2f}" for k in range(folds))
+    return f" ± {se:.3f} (folds {each})"
+
+
 class ProgressPrinter(Callback):
     def __init__(
         self, spec: SearchSpec, log: Callable[[str], None] = print, budget: int | None = None
@@ -33,6 +42,7 @@ class ProgressPrinter(Callback):
         self.max_epochs = spec.budget.max_epochs
         self.budget = budget or spec.budget.trials
         self.log = log
+        self.folds = spec.objective.cv.folds if spec.objective.cv else 0
         self.t0 = time.monotonic()
         self.done = 0
 
@@ -43,13 +53,18 @@ class ProgressPrinter(Callback):
         return f"[{time.monotonic() - self.t0:6.1f}s]"
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.log(f"{self._stamp()} trial {trial.trial_id} started: {short_config(trial.config)}")
+        jobs = f" ({self.folds} fold jobs)" if self.folds else ""
+        self.log(
+            f"{self._stamp()} trial {trial.trial_id} started{jobs}: {short_config(trial.config)}"
+        )
 
     def on_trial_result(
         self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
     ) -> None:
         vals = "  ".join(
-            f"{m}={result[m]:.3f}" for m in self.metrics if isinstance(result.get(m), (int, float))
+            f"{m}={result[m]:.3f}" + _se(result, m, self.folds)
+            for m in self.metrics
+            if isinstance(result.get(m), (int, float))
         )
         if result.get(PBT_EXPLOITED_FROM):
             now = ", ".join(

@@ -31,6 +31,7 @@ from .tracking import Kind, Op
 from .trainable import (
     BEST_EPOCH,
     CHECKPOINT_PATH,
+    CV_FOLD,
     PBT_EXPLOITED_EPOCH,
     PBT_EXPLOITED_FROM,
     PBT_LINEAGE,
@@ -324,6 +325,9 @@ class TrialLogger(Callback):
         if BEST_EPOCH in last:
             tags["sertune.best_epoch"] = str(int(last[BEST_EPOCH]) + 1)
         tags.update(self._constraint_tags(last))
+        if isinstance(last.get(CV_FOLD), (int, float)):  # which fold's model the trial logs
+            k, n = int(last[CV_FOLD]), runs.spec.objective.cv.folds
+            tags["sertune.model_fold"] = f"fold {k} of {n}: the fold model closest to the mean"
         runs.append(Op(Kind.TAGS, key=key, tags=tags))
         ckpt = self._checkpoint_uri(last)
         if ckpt:

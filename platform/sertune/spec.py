@@ -122,12 +122,21 @@ class Condition:
         return self.bound - value if self.op in (">=", ">") else value - self.bound
 
 
+class CVSpec(_Strict):
+    """A cross-validated objective: each trial trains ``folds`` speaker-independent folds of the
+    training speakers (each validating on its own held-out speakers) as parallel jobs, and
+    reports their mean (and ``<metric>_se``) at each epoch."""
+
+    folds: int = Field(..., ge=2, le=20)
+
+
 class ObjectiveSpec(_Strict):
     metric: str | None = None  # a single objective ...
     mode: Literal["max", "min"] = "max"
     metrics: list[MetricSpec] = []  # ... or several (multi-objective, Pareto front)
     # feasibility, e.g. 'robust/uar_snr10_white >= 0.5': the sampler steers away from what fails
     constraints: list[str] = []
+    cv: CVSpec | None = None  # {folds: K}: every figure the mean over K speaker folds
 
     @model_validator(mode="after")
     def _one_form(self) -> ObjectiveSpec:
@@ -655,6 +664,8 @@ def _check_semantics(spec: SearchSpec, check_paths: bool = True) -> list[tuple[s
                 )
             )
     problems += _check_constraints(spec, known_metrics)
+    if spec.objective.cv is not None:
+        problems += _check_cv(spec, trainable)
     if spec.budget.grace_epochs > spec.budget.max_epochs:
         problems.append(
             (
@@ -731,6 +742,21 @@ def _check_strategy(spec: SearchSpec) -> list[tuple[str, str]]:
             problems.append((f"search.warm_start.{i}", "empty name"))
         elif name == spec.name:
             problems.append((f"search.warm_start.{i}", f"{name!r} is this search"))
+    return problems
+
+
+def _check_cv(spec: SearchSpec, trainable: Trainable) -> list[tuple[str, str]]:
+    problems = []
+    if not trainable.supports_cv:
+        problems.append(
+            ("objective.cv", f"trainable {spec.trainable!r} does not train cross-validation folds")
+        )
+    if spec.execution != "warm":
+        problems.append(("objective.cv", "fold jobs run on warm slots: execution: warm"))
+    if spec.search.scheduler_name(spec.objective.multi) == "pbt":
+        problems.append(
+            ("objective.cv", "population-based training hands over one model, not K folds")
+        )
     return problems
 
 

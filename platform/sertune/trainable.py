@@ -86,6 +86,9 @@ EPOCHS_DONE = "epochs_done"  # epochs trained so far (1-based): survives a resum
 BEST_EPOCH = "best_epoch"  # 0-based epoch whose checkpoint is the trial's result so far
 CHECKPOINT_PATH = "checkpoint_path"  # where rank 0's checkpoint of this epoch was persisted
 LOOP_STARTED_AT = "loop_started_at"  # wall time the training loop began (benches)
+# Added by the warm proxy for a cross-validated objective (never by a trainable): every figure
+# is the folds' mean, with ``<figure>_se`` and ``fold<k>/<figure>`` beside it, and
+CV_FOLD = "cv_fold"  # the fold whose model stands for the trial (closest to the mean)
 # Added by the warm proxy under population-based training (never by a trainable):
 SCHEDULE_PREFIX = "schedule/"  # schedule/<param>: the value this epoch trained with
 PBT_LINEAGE = "pbt_lineage"  # JSON [[epoch, {param: value}, trained as trial], ...]

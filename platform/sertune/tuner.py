@@ -93,6 +93,7 @@ class TrialPlan:
     train_storage: str  # <search>/_train: every trial's epoch checkpoints
     max_failures: int  # worker-group restarts a trial may use
     mutable: tuple[str, ...] = ()  # population-based training: the perturbed parameters
+    cv_folds: int = 0  # a cross-validated objective: fold jobs per trial (0: one job)
 
 
 def trial_plan(spec: SearchSpec, name: str, data: dict[str, Any]) -> TrialPlan:
@@ -114,6 +115,7 @@ def trial_plan(spec: SearchSpec, name: str, data: dict[str, Any]) -> TrialPlan:
         train_storage=f"{experiment_path(name)}/_train",
         max_failures=spec.budget.trial_max_failures,
         mutable=tuple(pbt_parameters(spec)),
+        cv_folds=spec.objective.cv.folds if spec.objective.cv else 0,
     )
 
 
@@ -135,15 +137,24 @@ def flat_config(config: dict[str, Any]) -> dict[str, Any]:
     return {**config[POINT], **{k: v for k, v in config.items() if k != POINT}}
 
 
-def loop_config(plan: TrialPlan, config: dict[str, Any], trial_id: str) -> dict[str, Any]:
-    """The trainable's ``train(config, session)`` config for one trial."""
+def loop_config(
+    plan: TrialPlan, config: dict[str, Any], trial_id: str, fold: int | None = None
+) -> dict[str, Any]:
+    """The trainable's ``train(config, session)`` config for one trial (``fold``: one fold job of
+    a cross-validated trial)."""
     config = flat_config(config)
     params = {**plan.params, **{k: v for k, v in config.items() if not k.startswith("__")}}
-    return {
-        "params": params,
-        "data": plan.data,
-        "run": {**plan.run, "title": f"trial {trial_id}"},
-    }
+    data = (
+        plan.data if fold is None else {**plan.data, "cv": {"fold": fold, "folds": plan.cv_folds}}
+    )
+    title = f"trial {trial_id}" if fold is None else f"trial {trial_id} fold {fold}"
+    return {"params": params, "data": data, "run": {**plan.run, "title": title}}
+
+
+def concurrent_trials(spec: SearchSpec) -> int:
+    """Trials at once: ``budget.concurrency`` jobs, K of them per cross-validated trial."""
+    folds = spec.objective.cv.folds if spec.objective.cv else 1
+    return max(1, spec.budget.concurrency // folds)
 
 
 def build_tuner(
@@ -228,7 +239,8 @@ def build_tuner(
             search_alg=searcher,
             scheduler=scheduler,
             num_samples=samples,
-            max_concurrent_trials=spec.budget.concurrency,
+            # budget.concurrency counts jobs: a cross-validated trial runs one per fold
+            max_concurrent_trials=concurrent_trials(spec),
             reuse_actors=reuse_actors,
         ),
         run_config=tune.RunConfig(

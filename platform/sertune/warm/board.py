@@ -152,6 +152,22 @@ class Board:
                 return None
             await self._wait(left)
 
+    async def next_of(self, keys: list[str], timeout: float) -> tuple[str, Report] | None:
+        """The next report of any of ``keys`` (a cross-validated trial's fold jobs), with its
+        key, in the order of ``keys``; None when none came within ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for key in keys:
+                job = self.jobs.get(key)
+                if job is None:
+                    return key, JobFailed("the job board lost this trial")
+                if job.reports:
+                    return key, job.reports.popleft()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            await self._wait(left)
+
     async def cancel(self, key: str) -> None:
         job = self.jobs.get(key)
         if job is None:

@@ -5,6 +5,7 @@ stopped trials' checkpoints to free slots (:class:`BoardEvaluator`)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -14,8 +15,11 @@ from ray import tune
 
 from ..storage import exists, read_text, remove_dir, upload_dir, write_text
 from ..trainable import (
+    BEST_EPOCH,
     CHECKPOINT_PATH,
+    CV_FOLD,
     EPOCHS_DONE,
+    LOOP_STARTED_AT,
     PBT_EXPLOITED_EPOCH,
     PBT_EXPLOITED_FROM,
     PBT_LINEAGE,
@@ -24,8 +28,45 @@ from ..trainable import (
     TrialDiverged,
 )
 from ..tuner import TrialPlan, flat_config, loop_config
-from .board import EpochReport, Job, JobBoard, JobEnded, JobFailed, TrialFailed
+from .board import EpochReport, Job, JobBoard, JobEnded, JobFailed, JobState, TrialFailed
 from .slot import run_slot
+
+# what a fold's report carries that is not a figure: never averaged, never per fold
+_NOT_FIGURES = frozenset({EPOCHS_DONE, BEST_EPOCH, CHECKPOINT_PATH, LOOP_STARTED_AT, "epoch"})
+
+
+def fold_mean(reports: list[dict[str, Any]], select: str) -> dict[str, Any]:
+    """One epoch of a cross-validated trial from its K folds' reports of that epoch: the mean of
+    every figure the folds share, ``<figure>_se`` (the standard error over the folds),
+    ``fold<k>/<figure>`` for each fold, and the checkpoint and best epoch of the fold whose
+    ``select`` figure is closest to the mean (:data:`CV_FOLD`), the model that stands for it."""
+    k = len(reports)
+    shared = set.intersection(*(set(r) for r in reports))
+    out: dict[str, Any] = {}
+    for key in sorted(shared - _NOT_FIGURES):
+        values = [r[key] for r in reports]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            continue
+        mean = sum(values) / k
+        sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (k - 1)) if k > 1 else 0.0
+        out[key], out[f"{key}_se"] = mean, sd / math.sqrt(k)
+        for i, v in enumerate(values):
+            out[f"fold{i}/{key}"] = v
+    target = out.get(select)
+    rep = (
+        min(range(k), key=lambda i: abs(reports[i][select] - target))
+        if isinstance(target, (int, float))
+        else 0
+    )
+    for key in (CHECKPOINT_PATH, BEST_EPOCH):
+        if key in reports[rep]:
+            out[key] = reports[rep][key]
+    out[CV_FOLD] = rep
+    out[EPOCHS_DONE] = reports[0].get(EPOCHS_DONE)
+    starts = [r[LOOP_STARTED_AT] for r in reports if LOOP_STARTED_AT in r]
+    if starts:
+        out[LOOP_STARTED_AT] = min(starts)
+    return out
 
 
 class WarmTrial(tune.Trainable):
@@ -39,6 +80,8 @@ class WarmTrial(tune.Trainable):
         self.plan, self.board = plan, board
         self._config = config
         self._active: str | None = None
+        self._folds: list[str] = []  # a cross-validated trial's fold jobs (keys)
+        self._fold_reports: list[dict[int, dict[str, Any]]] = []  # per fold: epoch -> report
         self._last_epoch = 0
         self._last_uri: str | None = None
         self._exploited: dict[str, Any] | None = None
@@ -52,6 +95,8 @@ class WarmTrial(tune.Trainable):
         return f"{self.plan.train_storage}/{self.trial_id}"
 
     def _submit(self) -> None:
+        if self.plan.cv_folds:
+            return self._submit_folds()
         key = self.trial_id
         job = Job(
             key=key,
@@ -62,6 +107,50 @@ class WarmTrial(tune.Trainable):
         ray.get(self.board.settled.remote(key, 120.0))  # a cancelled run of this trial is gone
         ray.get(self.board.submit.remote(job))
         self._active = key
+
+    def _submit_folds(self) -> None:
+        """One job per fold, each with its own checkpoints; they run in parallel on free slots."""
+        self._folds = [f"{self.trial_id}.fold{k}" for k in range(self.plan.cv_folds)]
+        self._fold_reports = [{} for _ in self._folds]
+        for k, key in enumerate(self._folds):
+            job = Job(
+                key=key,
+                trainable=self.plan.trainable,
+                config=loop_config(self.plan, self._config, self.trial_id, fold=k),
+                checkpoints=f"{self._slot_storage}/fold{k}",
+            )
+            ray.get(self.board.settled.remote(key, 120.0))
+            ray.get(self.board.submit.remote(job))
+        self._active = self.trial_id
+
+    def _step_folds(self) -> dict[str, Any]:
+        """The next epoch once every fold has reported it: the folds' mean (:func:`fold_mean`)."""
+        select = self.plan.run["select"]["metric"]
+        while True:
+            epoch = self._last_epoch + 1
+            if all(epoch in r for r in self._fold_reports):
+                reports = [r.pop(epoch) for r in self._fold_reports]
+                return self._relay(epoch, fold_mean(reports, select))
+            got = ray.get(self.board.next_of.remote(self._folds, 10.0))
+            if got is None:
+                continue
+            key, report = got
+            k = self._folds.index(key)
+            match report:
+                case EpochReport(metrics=reported):
+                    e = int(reported.get(EPOCHS_DONE, 0))
+                    if e > self._last_epoch:  # a restarted fold re-sends what Tune has
+                        self._fold_reports[k][e] = dict(reported)
+                case JobFailed(reason=reason, diverged=True):
+                    raise TrialDiverged(
+                        f"fold {k}: " + reason.removeprefix(f"{TrialDiverged.__name__}: ")
+                    )
+                case JobFailed(reason=reason):
+                    raise TrialFailed(f"fold {k}: {reason}")
+                case JobEnded(outcome=JobState.DONE):
+                    pass  # a fold that reported its last epoch; the others may still train
+                case JobEnded(outcome=outcome):
+                    raise TrialFailed(f"the slot ended fold {k} of this trial ({outcome})")
 
     def _schedule(self) -> dict[str, float]:
         """The perturbed parameters' values this epoch trained with (population-based training)."""
@@ -75,6 +164,8 @@ class WarmTrial(tune.Trainable):
     def step(self) -> dict[str, Any]:
         if self._active is None:
             self._submit()
+        if self._folds:
+            return self._step_folds()
         while True:
             match ray.get(self.board.next_report.remote(self._active, 10.0)):
                 case None:
@@ -124,12 +215,16 @@ class WarmTrial(tune.Trainable):
         self._lineage = [*kept, *gap, [epoch, values, self.trial_id]]
 
     def _cancel(self) -> None:
+        """Cancel the trial's job, or every fold job of a cross-validated trial (a scheduler's
+        stop, the end of the search)."""
         if getattr(self, "_active", None):
-            try:
-                ray.get(self.board.cancel.remote(self._active), timeout=10)
-            except Exception:  # the board is gone with the driver: nothing left to cancel
-                pass
+            for key in getattr(self, "_folds", None) or [self._active]:
+                try:
+                    ray.get(self.board.cancel.remote(key), timeout=10)
+                except Exception:  # the board is gone with the driver: nothing left to cancel
+                    break
             self._active = None
+            self._folds = []
 
     def cleanup(self) -> None:
         self._cancel()
