@@ -297,7 +297,7 @@ class StopSpec(_Strict):
 
     terminator: bool = False  # Optuna's Terminator: stop when the regret bound < the noise
     patience: int | None = Field(None, ge=1)  # stop after N trials without a resolved improvement
-    noise_sd: float | None = Field(None, gt=0)  # one run's sd of the objective
+    noise_sd: float | None = Field(None, gt=0)  # one run's sd (default with objective.cv: the se)
     min_trials: int = Field(8, ge=2)  # never stop before this many trials have ended
 
 
@@ -809,13 +809,14 @@ def _check_stop(spec: SearchSpec) -> list[tuple[str, str]]:
         problems.append(
             ("search.stop", "population-based training runs one population; nothing ends early")
         )
-    if stop.noise_sd is None:
+    if stop.noise_sd is None and spec.objective.cv is None:
         problems.append(
             (
                 "search.stop.noise_sd",
                 "the stop rules weigh improvements against one run's noise of the objective: "
                 f"measure it with `sertune bench noise {Path(spec.source).stem or 'SPEC'}` (the "
-                "objective's 'within sd') and give it here",
+                "objective's 'within sd') and give it here, or cross-validate (objective.cv: "
+                "the folds' standard error is the noise then)",
             )
         )
     if stop.terminator and not spec.space:

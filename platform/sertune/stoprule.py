@@ -9,7 +9,11 @@ checked as each trial ends (never before ``min_trials`` have ended):
   better than the best so far the space can still be, ``RegretBoundEvaluator``) against the
   noise (``StaticErrorEvaluator(noise_sd)``); the search stops when the bound falls below it;
 * **patience** - ``patience`` trials in a row none of which beat the best so far by more than
-  the smallest difference one run each resolves at 95 % (``1.96 · √2 · noise_sd``).
+  the smallest difference two trials resolve at 95 % (``1.96 · √2 · noise``).
+
+The noise is ``noise_sd`` when given; with a cross-validated objective (``objective.cv``) and no
+``noise_sd``, it is the median of the ended trials' ``<objective>_se`` (the standard error of
+their fold means: Optuna's cross-validation error, measured by the search itself).
 
 The search then ends as ``finished``, one line says which rule stopped it and how many trials it
 saved, and the same goes on the parent run (tag ``sertune.stopped_by``, and its note).
@@ -54,6 +58,7 @@ class NoiseStop(Callback):
         self.key, self.rule, self.metric, self.mode = key, rule, metric, mode
         self.space, self.budget = space, budget  # the space: the terminator's model of it
         self.ended: list[Ended] = []
+        self.errors: list[float] = []  # the ended trials' <objective>_se (cross-validated)
         self.tripped: str | None = None
         _ACTIVE[key] = self
 
@@ -65,7 +70,7 @@ class NoiseStop(Callback):
         return cls(key, spec.search.stop, m.metric, m.mode, dict(spec.space), spec.budget.trials)
 
     def __getstate__(self) -> dict[str, Any]:  # Tune pickles callbacks with the search state
-        return {**self.__dict__, "ended": [], "tripped": None}
+        return {**self.__dict__, "ended": [], "errors": [], "tripped": None}
 
     def stopper(self) -> NoiseStopper:
         return NoiseStopper(self.key)
@@ -75,28 +80,46 @@ class NoiseStop(Callback):
 
     # -- Tune's events ---------------------------------------------------------------------------
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        value = (trial.last_result or {}).get(self.metric)
+        last = trial.last_result or {}
         config = trial.config or {}  # the search's own trials: Optuna's flat configurations
-        self.observe({k: config[k] for k in self.space if k in config}, value, len(trials))
+        params = {k: config[k] for k in self.space if k in config}
+        self.observe(params, last.get(self.metric), len(trials), last.get(f"{self.metric}_se"))
 
     def seed_from(self, result: Any) -> None:
         """A resumed search: the trials that ended before, in the order they started."""
         rows = sorted(result.rows, key=lambda r: r.get("started") or 0)
         for r in rows:
             if r["state"] in ("finished", "stopped"):
-                self.observe(r["config"], r.get(self.metric))
+                self.observe(r["config"], r.get(self.metric), error=r.get(f"{self.metric}_se"))
 
     # -- the rules -------------------------------------------------------------------------------
     @property
-    def resolvable(self) -> float:
-        """The smallest difference between two runs told apart at 95 %."""
-        return Z95 * math.sqrt(2) * float(self.rule.noise_sd)
+    def noise(self) -> float:
+        """One trial's noise of the objective: ``noise_sd``, else the median fold se so far."""
+        if self.rule.noise_sd is not None:
+            return float(self.rule.noise_sd)
+        errors = sorted(self.errors)
+        return errors[len(errors) // 2] if errors else math.inf
 
-    def observe(self, params: dict[str, Any], value: Any, started: int | None = None) -> None:
-        """One ended trial (``started``: how many trials the search has begun so far)."""
+    @property
+    def resolvable(self) -> float:
+        """The smallest difference between two trials told apart at 95 %."""
+        return Z95 * math.sqrt(2) * self.noise
+
+    def observe(
+        self,
+        params: dict[str, Any],
+        value: Any,
+        started: int | None = None,
+        error: Any = None,
+    ) -> None:
+        """One ended trial (``started``: how many trials the search has begun so far;
+        ``error``: its objective's standard error over folds, cross-validated)."""
         if self.tripped or not isinstance(value, (int, float)) or not math.isfinite(value):
             return
         self.ended.append(Ended(params, float(value)))
+        if isinstance(error, (int, float)) and math.isfinite(error):
+            self.errors.append(float(error))
         if len(self.ended) < self.rule.min_trials:
             return
         started = max(started or 0, len(self.ended))
@@ -121,18 +144,19 @@ class NoiseStop(Callback):
         return (
             f"stopped by patience: {n} trials in a row without beating the best "
             f"{self.metric} ({before:.4f}) by more than the noise resolves "
-            f"({self.resolvable:.4f} = 1.96·√2·{self.rule.noise_sd:g})"
+            f"({self.resolvable:.4f} = 1.96·√2·{self.noise:.4g})"
         )
 
     def terminator_says(self) -> str | None:
         if not self.rule.terminator:
             return None
         bound = self.regret_bound()
-        if bound is None or bound >= float(self.rule.noise_sd):
+        if bound is None or bound >= self.noise:
             return None
+        what = "one run's noise" if self.rule.noise_sd is not None else "the folds' median se"
         return (
             f"stopped by the terminator: the best {self.metric} can still improve by at most "
-            f"{bound:.4f} (Optuna's regret bound), below one run's noise {self.rule.noise_sd:g}"
+            f"{bound:.4f} (Optuna's regret bound), below {what} {self.noise:.4g}"
         )
 
     def regret_bound(self) -> float | None:

@@ -249,3 +249,24 @@ def test_bench_sampler_measures_a_sampler_on_the_users_own_spec(home, tmp_path):
     assert "spec 'flat' on synthetic" in lines[0]
     assert text.count("after 2 trials") == 2  # one search per sampler, no confirmation trials
     assert "tpe vs random at 2 trials" in text and "plot: MLflow run" in text
+
+
+def test_cross_validated_the_noise_is_the_folds_standard_error(home, tmp_path):
+    from sertune.spec import load_spec
+
+    rule = _rule(patience=3, min_trials=2)  # no noise_sd: the trials' own fold se
+    for value, se in [(0.5, 0.02), (0.6, 0.03), (0.61, 0.02), (0.62, 0.04)]:
+        rule.observe({"x": 0.5}, value, error=se)
+        assert rule.tripped is None  # 0.62 - 0.5 beats 1.96·√2·0.02 = 0.055
+    rule.observe({"x": 0.5}, 0.60, error=0.02)  # best before the last 3 is 0.6: +0.02 at most
+    assert rule.noise == 0.02 and "1.96·√2·0.02" in rule.tripped
+    # and a spec with objective.cv needs no noise_sd
+    path = _write(
+        tmp_path,
+        home,
+        objective={"metric": "val_uar", "cv": {"folds": 3}},
+        budget={"trials": 20, "concurrency": 3, "max_epochs": 1, "grace_epochs": 1},
+        space={"optim.lr": {"type": "float", "low": 0.01, "high": 0.1}},
+        search={"stop": {"terminator": True}},
+    )
+    assert load_spec(path).search.stop.noise_sd is None
