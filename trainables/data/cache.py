@@ -239,17 +239,22 @@ def _cv_fold(
     corpus: DecodedCorpus, split: dict[str, np.ndarray], k: int, folds: int
 ) -> dict[str, np.ndarray]:
     pool = np.sort(np.concatenate([split["train"], split["val"]]))
-    groups = sorted({corpus.groups[i] for i in pool})
-    if len(groups) < folds:
+    n_groups = len({corpus.groups[i] for i in pool})
+    if n_groups < folds:
         raise ValueError(
             f"{corpus.path}: {folds}-fold cross-validation needs >= {folds} speaker groups "
-            f"outside the test set, found {len(groups)}"
+            f"outside the test set, found {n_groups}"
         )
     if not 0 <= k < folds:
         raise ValueError(f"cross-validation fold {k} is outside 0..{folds - 1}")
-    fold_of = {g: i % folds for i, g in enumerate(groups)}
-    f = np.array([fold_of[corpus.groups[i]] for i in pool])
+    f = _deal(corpus, pool, folds)
     return {**split, "train": pool[f != k], "val": pool[f == k]}
+
+
+def _deal(corpus: DecodedCorpus, idx: np.ndarray, n: int) -> np.ndarray:
+    """Each of ``idx``'s fold: speaker groups sorted, then dealt round-robin into ``n`` folds."""
+    fold_of = {g: i % n for i, g in enumerate(sorted({corpus.groups[i] for i in idx}))}
+    return np.array([fold_of[corpus.groups[i]] for i in idx])
 
 
 def _label_share(
@@ -284,9 +289,8 @@ def _split(corpus: DecodedCorpus, fold: int, n_folds: int | None) -> dict[str, n
         )
     if not 0 <= fold < n:
         raise ValueError(f"data.fold: {fold} is outside 0..{n - 1}")
-    fold_of = {g: i % n for i, g in enumerate(groups)}
     val_fold = (fold + 1) % n
-    f = np.array([fold_of[corpus.groups[i]] for i in lab])
+    f = _deal(corpus, lab, n)
     return {
         "train": lab[(f != fold) & (f != val_fold)],
         "val": lab[f == val_fold],
