@@ -4,7 +4,7 @@ Each search is represented by its winning configuration: the best confirmed conf
 ± sd over its fresh seeds) when the search was confirmed, else its best single trial (no spread).
 Each figure's difference A - B gets a 95 % confidence interval: paired seed by seed when both
 sides ran the same seeds (a search and its baseline do: same initialisations, same data order),
-else Welch's; the verdict names a side only when the interval excludes 0, and says the interval.
+fold by fold when both are cross-validated trials (the same speaker folds), else Welch's; the verdict names a side only when the interval excludes 0, and says the interval.
 Single runs get no verdict.
 """
 
@@ -67,10 +67,27 @@ def search_figures(store: Store, search: str) -> dict[str, Any]:
     if not done:
         raise UsageError(f"search {search!r} has no finished trial with {key!r}")
     best = max(done, key=lambda r: sign * r.metrics[key])
+    folds = _by_fold(best)
+    if folds:  # a cross-validated trial: its folds are the spread, paired fold by fold
+        n = len(next(iter(folds.values())))
+        out.update(source=f"best trial, {n} cross-validation folds", configuration_of=best.trial)
+        out["stats"] = {k: _stats(list(v.values())) for k, v in sorted(folds.items())}
+        out["by_seed"] = folds
+        return out
     out.update(source="best single run (no seed spread)", configuration_of=best.trial)
     out["stats"] = {k: _stats([v]) for k, v in sorted(best.metrics.items())}
     out["by_seed"] = {k: {_seed(best, 0): v} for k, v in sorted(best.metrics.items())}
     return out
+
+
+def _by_fold(run: Run) -> dict[str, dict[str, float]]:
+    """A cross-validated trial's figures per fold (``fold<k>/<figure>``): {figure: {fold: v}}."""
+    out: dict[str, dict[str, float]] = defaultdict(dict)
+    for name, v in run.metrics.items():
+        head, _, figure = name.partition("/")
+        if head.startswith("fold") and head[4:].isdigit() and figure:
+            out[figure][head] = v
+    return dict(out)
 
 
 def _seed(run: Run, i: int) -> str:
@@ -107,7 +124,12 @@ def compare(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
             verdict = "no verdict (single run)"
         else:
             lo, hi, n, paired = ci
-            how = f"paired over {n} seeds" if paired else "unpaired"
+            unit = (
+                "folds"
+                if all(str(k).startswith("fold") for k in a["by_seed"].get(m, {}))
+                else "seeds"
+            )
+            how = f"paired over {n} {unit}" if paired else "unpaired"
             span = f"95 % CI {lo:+.3f} to {hi:+.3f}, {how}"
             if lo > 0 or hi < 0:
                 verdict = f"{a['search'] if diff > 0 else b['search']} higher ({span})"

@@ -256,6 +256,9 @@ class Search:
             raise _FailedFast(watch.tripped, result)
         if rule is not None and rule.tripped:
             result.stopped_by = rule.tripped
+            for row in result.rows:  # begun, then ended with the search before any epoch
+                if row["state"] == "interrupted":
+                    row["status"] = "cancelled: the search ended early"
             self.log(f"[sertune] search {name!r} ended early, {rule.tripped}")
             self.save(stopped_by=rule.tripped)
         return result

@@ -54,6 +54,8 @@ def search_status(name: str) -> dict[str, Any]:
     )
     if best:
         out["best"] = {"trial": best["trial"], first: best[first], "config": best["config"]}
+        if isinstance(best.get(f"{first}_se"), (int, float)):  # cross-validated: ± its folds' se
+            out["best"]["se"] = best[f"{first}_se"]
     return out
 
 
@@ -96,12 +98,13 @@ def format_status(s: dict[str, Any], record: SearchRecord) -> str:
         lines.append("  trials: " + ", ".join(f"{n} {k}" for k, n in sorted(s["trials"].items())))
     if s.get("best"):
         b = s["best"]
-        metric = next(k for k in b if k not in ("trial", "config"))
+        metric = next(k for k in b if k not in ("trial", "config", "se"))
         cfg = ", ".join(
             f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
             for k, v in sorted(b["config"].items())
         )
-        lines.append(f"  best so far: trial {b['trial']}  {metric}={b[metric]:.3f}  ({cfg})")
+        se = f" ± {b['se']:.3f}" if "se" in b else ""
+        lines.append(f"  best so far: trial {b['trial']}  {metric}={b[metric]:.3f}{se}  ({cfg})")
     failed = [r for r in s["rows"] if r["state"] == "failed"]
     for r in failed[:5]:
         lines.append(f"  trial {r['trial']} {r['status']}")

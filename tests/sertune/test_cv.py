@@ -61,9 +61,12 @@ def test_a_cv_spec_the_platform_cannot_run_is_refused(home, tmp_path):
 @pytest.mark.usefixtures("ray_2cpu")
 def test_a_3_fold_cv_search_with_asha_acts_on_the_folds_mean(home, tmp_path):
     from sertune import tracking
+    from sertune.comparison import compare, search_figures
     from sertune.leaderboard import format_table
+    from sertune.records import load_record
     from sertune.search import run_search
     from sertune.spec import load_spec
+    from sertune.status import format_status, search_status
 
     raw = linear_spec(
         home,
@@ -113,3 +116,13 @@ def test_a_3_fold_cv_search_with_asha_acts_on_the_folds_mean(home, tmp_path):
     assert any(r["state"] == "stopped" for r in result.rows)  # ASHA stopped some on the mean
     table = format_table(result)
     assert " ± " in table.splitlines()[1]
+    best = result.rows[0]
+    status = format_status(search_status("cv3"), load_record("cv3"))
+    assert f"val_uar={best['val_uar']:.3f} ± {best['val_uar_se']:.3f}" in status
+    # compare pairs two cross-validated trials fold by fold (here the search with itself)
+    figures = search_figures(store, "cv3")
+    assert figures["source"] == "best trial, 3 cross-validation folds"
+    (row,) = [r for r in compare(figures, figures)["rows"] if r["metric"] == "val_uar"]
+    assert (
+        row["paired"] and row["interval"] == [0.0, 0.0] and "paired over 3 folds" in row["verdict"]
+    )

@@ -187,6 +187,7 @@ def run_noise_bench(
     result = run_search(spec, num_cpus=num_cpus, log=log)
     runs = runs_by_configuration(result)
     names = set().union(*(r["values"] for r in runs)) if runs else set()
+    names = {n for n in names if not n.endswith("_se")}  # a cross-validated trial's fold se
     table = []
     for metric in metric_order(spec, names):
         rel = reliability(metric, [r["values"].get(metric, []) for r in runs])
