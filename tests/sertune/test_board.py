@@ -163,6 +163,22 @@ def test_an_evaluation_is_a_job_whose_result_goes_to_the_evaluator():
     run(scenario)
 
 
+def test_an_evaluator_reads_only_its_own_trials_evaluations():
+    """A search and its baseline share the board: the baseline's evaluator must not swallow an
+    evaluation the search is still waiting for (it would wait its full 600 s, then lose it)."""
+
+    async def scenario(b):
+        await b.submit(Job.evaluation("search-t", trainable="linear", checkpoint="/c/1"))
+        job = await b.take(0, 1)
+        await b.finish(job.key, "done", "", CheckpointEvaluation(metrics={"test_uar": 0.5}))
+        assert await b.evaluations(0, ["baseline-t"]) == []  # the baseline's evaluator
+        assert await b.evaluations(0, ["search-t"]) == [
+            ("search-t", CheckpointEvaluation(metrics={"test_uar": 0.5}))
+        ]
+
+    run(scenario)
+
+
 def test_a_report_for_an_unknown_job_is_refused_and_its_proxy_told():
     async def scenario(b):
         assert await b.report("ghost", {}) is True

@@ -178,12 +178,20 @@ class Board:
         self._notify()
 
     # evaluations of stopped trials (submitted as jobs of kind EVALUATE)
-    async def evaluations(self, timeout: float) -> list[tuple[str, CheckpointEvaluation]]:
-        """(trial, evaluation) of every evaluation that ended since the last call; waits up to
-        ``timeout`` when there is none yet."""
-        if not self.evals_done and timeout > 0:
+    async def evaluations(
+        self, timeout: float, trials: list[str] | None = None
+    ) -> list[tuple[str, CheckpointEvaluation]]:
+        """(trial, evaluation) of every evaluation of ``trials`` (all when None) that ended since
+        the last call; waits up to ``timeout`` when there is none yet. Another evaluator's are
+        kept for it: a search and its baseline share the board."""
+
+        def mine(e: tuple[str, CheckpointEvaluation]) -> bool:
+            return trials is None or e[0] in trials
+
+        if not any(mine(e) for e in self.evals_done) and timeout > 0:
             await self._wait(timeout)
-        out, self.evals_done = self.evals_done, []
+        out = [e for e in self.evals_done if mine(e)]
+        self.evals_done = [e for e in self.evals_done if not mine(e)]
         return out
 
     # slots

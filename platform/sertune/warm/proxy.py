@@ -378,7 +378,7 @@ class BoardEvaluator:
         """(trial, evaluation) of the evaluations that ended, waiting up to ``wait_s`` for one."""
         if not self.waiting:
             return []
-        out = ray.get(self.pool.board.evaluations.remote(wait_s))
+        out = ray.get(self.pool.board.evaluations.remote(wait_s, sorted(self.waiting)))
         for key, _ in out:
             self.waiting.discard(key)
         return out
