@@ -350,15 +350,20 @@ def test_an_unknown_search_name_is_one_line(home, command):
     ], p.stderr
 
 
-def test_a_killed_worker_resumes_its_trial_from_the_last_checkpoint(tmp_path, home):
+@pytest.mark.parametrize("folds", [0, 2], ids=["trial", "cv-fold"])
+def test_a_killed_worker_resumes_its_trial_from_the_last_checkpoint(tmp_path, home, folds):
     """SIGKILL the Ray Train worker of a warm slot mid-trial: Train restarts the worker group and
-    the trial continues from its last checkpoint (no epoch twice, none lost)."""
+    the trial continues from its last checkpoint (no epoch twice, none lost). Cross-validated,
+    the killed worker is one fold job's: that fold resumes, and the trial's epochs (the folds'
+    mean) still come once each."""
     from sertune.testing import processes
 
     def edit(raw):
-        raw["budget"].update(trials=1, concurrency=1, max_epochs=5, grace_epochs=5)
+        raw["budget"].update(trials=1, concurrency=max(1, folds), max_epochs=5, grace_epochs=5)
         raw["robustness"] = None
         raw["params"]["optim.min_steps_per_epoch"] = 36
+        if folds:
+            raw["objective"]["cv"] = {"folds": folds}
 
     ray_tmp = f"/tmp/rw{os.getpid()}"
     env = env_for(home, SERTUNE_RAY_TEMP_DIR=ray_tmp)
@@ -373,7 +378,7 @@ def test_a_killed_worker_resumes_its_trial_from_the_last_checkpoint(tmp_path, ho
             for pid, sid, cmd in processes()
             if sid == proc.pid and cmd.startswith("ray::RayTrainWorker")
         ]
-        assert len(workers) == 1, [c for _, s, c in processes() if s == proc.pid]
+        assert len(workers) == max(1, folds), [c for _, s, c in processes() if s == proc.pid]
         os.kill(workers[0], signal.SIGKILL)
         proc.wait(timeout=600)
     finally:
