@@ -214,9 +214,11 @@ class LinearTrainable(CorpusHooks, Trainable):
                 "loop_time_s": time.perf_counter() - t0,
                 LOOP_STARTED_AT: started,
             }
-            if v["uar"] > best["value"]:
+            # the select metric as the search asks (val_uar; a refit: the last epoch)
+            chosen = float(metrics.get(run.get("select", {}).get("metric"), v["uar"]))
+            if chosen > best["value"]:
                 best = {
-                    "value": v["uar"],
+                    "value": chosen,
                     "epoch": epoch,
                     "state": {k: t.clone() for k, t in model.state_dict().items()},
                 }

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,8 @@ def search_figures(store: Store, search: str) -> dict[str, Any]:
         raise NotFound(f"no search named {search!r} in MLflow ({store.uri})")
     objective = json.loads(parent.tags.get("sertune.objective", "[]"))[0]
     key, sign = objective["metric"], (1 if objective["mode"] == "max" else -1)
-    trials = [r for r in runs if r.kind == "trial"]
+    # a refit's validation speakers are among its training speakers: never a search's figure
+    trials = [r for r in runs if r.kind == "trial" and r.tags.get("sertune.phase") != "refit"]
     confirmed: dict[str, list[Run]] = defaultdict(list)
     for r in trials:
         if r.tags.get("sertune.phase") == "confirm" and r.status == "finished":
@@ -67,10 +69,18 @@ def search_figures(store: Store, search: str) -> dict[str, Any]:
     if not done:
         raise UsageError(f"search {search!r} has no finished trial with {key!r}")
     best = max(done, key=lambda r: sign * r.metrics[key])
-    folds = _by_fold(best)
-    if folds:  # a cross-validated trial: its folds are the spread, paired fold by fold
-        n = len(next(iter(folds.values())))
-        out.update(source=f"best trial, {n} cross-validation folds", configuration_of=best.trial)
+    folds = replica_figures(best)
+    if folds:  # a replicated trial: its folds/repeats are the spread, paired job by job
+        labels = next(iter(folds.values()))
+        n = len(labels)
+        what = (
+            "cross-validation folds"
+            if all("rep" not in lb for lb in labels)
+            else "repeats"
+            if all(lb.startswith("rep") for lb in labels)
+            else "folds x repeats"
+        )
+        out.update(source=f"best trial, {n} {what}", configuration_of=best.trial)
         out["stats"] = {k: _stats(list(v.values())) for k, v in sorted(folds.items())}
         out["by_seed"] = folds
         return out
@@ -80,12 +90,16 @@ def search_figures(store: Store, search: str) -> dict[str, Any]:
     return out
 
 
-def _by_fold(run: Run) -> dict[str, dict[str, float]]:
-    """A cross-validated trial's figures per fold (``fold<k>/<figure>``): {figure: {fold: v}}."""
+_REPLICA = re.compile(r"^(fold\d+(\.rep\d+)?|rep\d+)$")
+
+
+def replica_figures(run: Run) -> dict[str, dict[str, float]]:
+    """A replicated trial's figures per job (``fold<k>/<figure>``, ``rep<r>/...``,
+    ``fold<k>.rep<r>/...``): {figure: {job: v}}."""
     out: dict[str, dict[str, float]] = defaultdict(dict)
     for name, v in run.metrics.items():
         head, _, figure = name.partition("/")
-        if head.startswith("fold") and head[4:].isdigit() and figure:
+        if _REPLICA.match(head) and figure:
             out[figure][head] = v
     return dict(out)
 
@@ -124,10 +138,15 @@ def compare(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
             verdict = "no verdict (single run)"
         else:
             lo, hi, n, paired = ci
+            keys = [str(k) for k in a["by_seed"].get(m, {})]
             unit = (
-                "folds"
-                if all(str(k).startswith("fold") for k in a["by_seed"].get(m, {}))
-                else "seeds"
+                "seeds"
+                if not all(_REPLICA.match(k) for k in keys)
+                else "folds"
+                if all(k.startswith("fold") and "rep" not in k for k in keys)
+                else "repeats"
+                if all(k.startswith("rep") for k in keys)
+                else "fold x repeat runs"
             )
             how = f"paired over {n} {unit}" if paired else "unpaired"
             span = f"95 % CI {lo:+.3f} to {hi:+.3f}, {how}"

@@ -36,8 +36,8 @@ from .search_report import SearchReport
 from .spec import SearchSpec
 from .stoprule import NoiseStop
 from .storage import fs_and_path
-from .trainable import get_trainable
-from .tuner import build_tuner, trial_plan, tune_callbacks
+from .trainable import BEST_EPOCH, EPOCHS_PARAM, get_trainable
+from .tuner import build_tuner, refit_plan, trial_plan, tune_callbacks
 
 
 def state_save_period(trials: int) -> str:
@@ -215,6 +215,8 @@ class Search:
 
         spec, name = self.spec, self.name
         plan = trial_plan(spec, name, self.record.data)
+        if tag == "refit":
+            plan = refit_plan(plan)
         self.last_phase = TrialLogger(self.runs, execution.evaluator(plan), tag)
         tune_name = tune_name or name
         watch = FailFast(tune_name, spec.budget.concurrency)
@@ -267,36 +269,88 @@ class Search:
         self, result: SearchResult, execution: Execution, stop: StopSignals
     ) -> list[dict[str, Any]]:
         """Re-train the top-K configurations with fresh seeds; return mean ± sd per
-        configuration."""
-        from ray import tune
-
+        configuration. Then, with ``confirm.refit``, the best one on all training speakers."""
         from .confirm import aggregate, confirmation_points
 
         spec, name = self.spec, self.name
+        groups: list[dict[str, Any]] = []
         points = confirmation_points(result, spec.confirm.top_k, spec.confirm.seeds, spec.seed)
-        if not points:
+        if not points and not spec.confirm.refit:
             self.log("[sertune] no finished trial to confirm")
             return []
-        self.log(
-            f"[sertune] confirming the best {spec.confirm.top_k} configuration(s) with "
-            f"{spec.confirm.seeds} fresh seed(s) each ({len(points)} trials)"
-        )
-        tune_name = f"{name}-confirm"
+        if points:
+            self.log(
+                f"[sertune] confirming the best {spec.confirm.top_k} configuration(s) with "
+                f"{spec.confirm.seeds} fresh seed(s) each ({len(points)} trials)"
+            )
+            confirm = self.fixed_points(execution, stop, points, f"{name}-confirm", "confirm")
+            groups = aggregate(confirm.rows, spec.metrics[0])
+            self.report.confirmation(groups)
+            self.save(confirm=groups)
+        if spec.confirm.refit:
+            self.refit(result, groups, execution, stop)
+        return groups
+
+    def fixed_points(
+        self,
+        execution: Execution,
+        stop: StopSignals,
+        points: list[dict[str, Any]],
+        tune_name: str,
+        tag: str,
+    ) -> SearchResult:
+        """A phase of fixed configurations (confirmation runs, the refit), resumed if begun."""
+        from ray import tune
+
         fs, path = fs_and_path(experiment_path(tune_name))
         restore = tune.Tuner.can_restore(path, storage_filesystem=fs)
-        confirm = self.tune(
+        return self.tune(
             execution,
             stop,
             restore,
             points=points,
             tune_name=tune_name,
             budget=len(points),
-            tag="confirm",
+            tag=tag,
         )
-        groups = aggregate(confirm.rows, spec.metrics[0])
-        self.report.confirmation(groups)
-        self.save(confirm=groups)
-        return groups
+
+    def refit(
+        self,
+        result: SearchResult,
+        groups: list[dict[str, Any]],
+        execution: Execution,
+        stop: StopSignals,
+    ) -> None:
+        """The best configuration (the confirmed best, else the search's best trial) trained
+        once on every fold's training speakers for its best epoch count; promotion registers
+        this model, and its run says so."""
+        objective = result.columns.first.metric
+        rows = {r["trial"]: r for r in result.rows}
+        done = [
+            r
+            for r in result.rows
+            if r["state"] in ("finished", "stopped") and isinstance(r.get(objective), (int, float))
+        ]
+        origin = (
+            str(groups[0]["configuration_of"]) if groups else (done[0]["trial"] if done else None)
+        )
+        if origin is None or origin not in rows:
+            self.log("[sertune] no finished trial to re-train on all training speakers")
+            return
+        row = rows[origin]
+        best_epoch = row.get(BEST_EPOCH)
+        epochs = (
+            int(best_epoch) + 1
+            if isinstance(best_epoch, (int, float))
+            else self.spec.budget.max_epochs
+        )
+        point = {**row["config"], EPOCHS_PARAM: epochs, "__refit_of": origin}
+        self.log(
+            f"[sertune] re-training trial {origin}'s configuration on all training speakers "
+            f"(every fold's) for {epochs} epoch(s), its best epoch count: the model promotion "
+            "registers"
+        )
+        self.fixed_points(execution, stop, [point], f"{self.name}-refit", "refit")
 
     def baseline(self, execution: Execution, stop: StopSignals) -> None:
         """The same search with the trainable's baseline parameters fixed, run by the same

@@ -20,6 +20,7 @@ from .trainable import (
     CHECKPOINT_PATH,
     CV_FOLD,
     EPOCHS_DONE,
+    EPOCHS_PARAM,
     LOOP_STARTED_AT,
     get_trainable,
 )
@@ -131,6 +132,8 @@ def trial_row(
 
     config = flat_config(config)
     epochs = trial_epochs(metrics)
+    # a fixed point may train its own number of epochs (a refit: the search's best epoch)
+    max_epochs = int(config.get(EPOCHS_PARAM, max_epochs) or max_epochs)
     if error:
         state, label = "failed", f"failed: {error}"
     elif tune_status in ("RUNNING", "PENDING", "PAUSED"):
@@ -155,6 +158,7 @@ def trial_row(
         - float(metrics.get("time_total_s", 0) or 0),
         "ended": float(metrics.get("timestamp", 0) or 0),
         LOOP_STARTED_AT: metrics.get(LOOP_STARTED_AT),  # when its training began (benches)
+        BEST_EPOCH: metrics.get(BEST_EPOCH),  # 0-based: its model's epoch
     }
     for k, v in metrics.items():
         if (

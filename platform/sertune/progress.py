@@ -25,13 +25,13 @@ def short_config(config: dict[str, Any]) -> str:
     )
 
 
-def _se(result: dict, metric: str, folds: int) -> str:
-    """`` ± se (folds 0.61 0.55 0.70)`` for a cross-validated trial's figure."""
+def _se(result: dict, metric: str, labels: list[str], kind: str = "fold") -> str:
+    """`` ± se (folds 0.61 0.55 0.70)`` for a replicated trial's figure (its jobs' values)."""
     se = result.get(f"{metric}_se")
-    if not folds or not isinstance(se, (int, float)):
+    if not labels or not isinstance(se, (int, float)):
         return ""
-    each = " ".join(f"{result.get(f'fold{k}/{metric}', float('nan')):.2f}" for k in range(folds))
-    return f" ± {se:.3f} (folds {each})"
+    each = " ".join(f"{result.get(f'{lb}/{metric}', float('nan')):.2f}" for lb in labels)
+    return f" ± {se:.3f} ({kind}s {each})"
 
 
 class ProgressPrinter(Callback):
@@ -42,7 +42,8 @@ class ProgressPrinter(Callback):
         self.max_epochs = spec.budget.max_epochs
         self.budget = budget or spec.budget.trials
         self.log = log
-        self.folds = spec.objective.cv.folds if spec.objective.cv else 0
+        self.labels = [r.label for r in spec.objective.replicas]
+        self.kind = spec.objective.replica_kind if self.labels else ""
         self.t0 = time.monotonic()
         self.done = 0
 
@@ -53,7 +54,11 @@ class ProgressPrinter(Callback):
         return f"[{time.monotonic() - self.t0:6.1f}s]"
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        jobs = f" ({self.folds} fold jobs)" if self.folds else ""
+        from .tuner import flat_config
+
+        jobs = f" ({len(self.labels)} {self.kind} jobs)" if self.labels else ""
+        if flat_config(trial.config).get("__refit_of"):
+            jobs = " (the refit: one job on every fold's training speakers)"
         self.log(
             f"{self._stamp()} trial {trial.trial_id} started{jobs}: {short_config(trial.config)}"
         )
@@ -61,8 +66,11 @@ class ProgressPrinter(Callback):
     def on_trial_result(
         self, iteration: int, trials: list, trial: Any, result: dict, **info: Any
     ) -> None:
+        from .tuner import epochs_of
+
         vals = "  ".join(
-            f"{m}={result[m]:.3f}" + _se(result, m, self.folds)
+            f"{m}={result[m]:.3f}"
+            + _se(result, m, self.labels, "run" if " x " in self.kind else self.kind)
             for m in self.metrics
             if isinstance(result.get(m), (int, float))
         )
@@ -78,15 +86,18 @@ class ProgressPrinter(Callback):
                 f"{result.get(PBT_EXPLOITED_EPOCH)} and goes on with {now}"
             )
         self.log(
-            f"{self._stamp()} trial {trial.trial_id} epoch {trial_epochs(result)}/{self.max_epochs}  {vals}"
+            f"{self._stamp()} trial {trial.trial_id} epoch {trial_epochs(result)}/"
+            f"{epochs_of(self.max_epochs, trial.config)}  {vals}"
         )
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        from .tuner import epochs_of
+
         self.done += 1
         epochs = trial_epochs(trial.last_result or {})
         how = (
             "finished"
-            if epochs >= self.max_epochs
+            if epochs >= epochs_of(self.max_epochs, trial.config)
             else f"stopped early by the scheduler at epoch {epochs}"
         )
         self.log(

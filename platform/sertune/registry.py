@@ -49,7 +49,12 @@ def _candidates(runs: list[Run], metric: str, mode: str) -> tuple[list[dict[str,
     """Candidates best first: confirmed configurations (mean over seeds) if any, else trials."""
     sign = 1 if mode == "max" else -1
     usable = [
-        r for r in runs if r.done and metric in r.metrics and r.tags.get("sertune.model_uri")
+        r
+        for r in runs
+        if r.done
+        and metric in r.metrics
+        and r.tags.get("sertune.model_uri")
+        and r.tags.get("sertune.phase") != "refit"  # its val speakers trained it: not ranked
     ]
     confirmed: dict[str, list[Run]] = {}
     for r in usable:
@@ -80,19 +85,45 @@ def _candidates(runs: list[Run], metric: str, mode: str) -> tuple[list[dict[str,
             )
         out.sort(key=lambda c: -sign * c["metrics"][metric])
         return out, True
-    out = [
-        {
-            "metrics": dict(r.metrics),
-            "sd": {},
-            "run": r,
-            "n": 1,
-            "label": f"trial {r.trial}",
-            "origin": None,
-        }
-        for r in usable
-    ]
+    out = [_trial_candidate(r) for r in usable]
     out.sort(key=lambda c: -sign * c["metrics"][metric])
     return out, False
+
+
+def _trial_candidate(r: Run) -> dict[str, Any]:
+    """One trial as a candidate; a replicated trial (objective.cv/repeats) carries its jobs'
+    figures, so gates show mean ± sd over them and ``--gate-on lower`` can bound the mean."""
+    from .comparison import replica_figures
+
+    jobs = replica_figures(r)
+    values = {k: list(v.values()) for k, v in jobs.items() if len(v) > 1}
+    sds = {}
+    for k, vs in values.items():
+        m = sum(vs) / len(vs)
+        sds[k] = (sum((v - m) ** 2 for v in vs) / (len(vs) - 1)) ** 0.5
+    n = max((len(v) for v in values.values()), default=1)
+    return {
+        "metrics": dict(r.metrics),
+        "sd": sds,
+        "values": values,
+        "run": r,
+        "n": n,
+        "label": f"trial {r.trial}" + (f" (mean of {n} fold/repeat runs)" if n > 1 else ""),
+        "origin": None,
+    }
+
+
+def _refit_of(runs: list[Run], trial: str) -> Run | None:
+    """The refit (``confirm.refit``) of a trial's configuration, when the search made one."""
+    for r in runs:
+        if (
+            r.tags.get("sertune.phase") == "refit"
+            and r.tags.get("sertune.refit_of") == trial
+            and r.done
+            and r.tags.get("sertune.model_uri")
+        ):
+            return r
+    return None
 
 
 def _gate_table(
@@ -112,9 +143,9 @@ def _gate_table(
     for name, op, value in parsed:
         actual = best["metrics"].get(name)
         shown = "missing" if actual is None else f"{actual:.4f}"
-        if actual is not None and best["n"] > 1 and name in best["sd"]:
+        if actual is not None and name in best["sd"]:
             shown += f" ± {best['sd'][name]:.3f}"
-        if gate_on == "lower" and actual is not None:
+        if gate_on == "lower" and actual is not None and name in best.get("values", {}):
             lo, hi = mean_interval(best["values"][name])
             actual = lo if op in (">=", ">") else hi
             shown += f" (95 % CI {lo:.4f} to {hi:.4f})"
@@ -130,6 +161,7 @@ def version_description(
     metric: str,
     figures: list[str],
     gate_rows: list[tuple[str, str, str, str]],
+    model_source: str = "",
 ) -> str:
     """A registered version's Description: why it won. The objective, the trainable's headline
     figures (test, robustness) - means ± sd over the confirmation seeds when confirmed - the
@@ -141,8 +173,9 @@ def version_description(
         if v is None:
             return "-"
         sd = best["sd"].get(name)
+        runs = "seeds" if best.get("origin") else "fold/repeat runs"
         return (
-            f"{v:.3f} ± {sd:.3f} (mean ± sd, {n} seeds)"
+            f"{v:.3f} ± {sd:.3f} (mean ± sd, {n} {runs})"
             if n > 1 and sd is not None
             else f"{v:.3f}"
         )
@@ -161,6 +194,8 @@ def version_description(
     ]
     lines += [f"| {f} | {value(f)} |" for f in dict.fromkeys(figures) if f != metric]
     lines.append("")
+    if model_source:
+        lines += [f"The model: {model_source}.", ""]
     if gate_rows:
         passed = "; ".join(f"`{name} {req}` ({got})" for name, req, got, _ in gate_rows)
         lines.append(f"Gates passed: {passed}.")
@@ -205,7 +240,8 @@ def promote(
     constraints = [(c.metric, c.op, c.bound) for c in record.spec.objective.conditions()]
     parsed = list(dict.fromkeys([*(parse_gate(g) for g in gates or []), *constraints]))
 
-    candidates, confirmed = _candidates(store.runs_of(search, kind="trial"), metric, mode)
+    trial_runs = store.runs_of(search, kind="trial")
+    candidates, confirmed = _candidates(trial_runs, metric, mode)
     if not candidates:
         raise NotFound(
             f"search {search!r}: no finished trial with metric {metric!r} and a logged model"
@@ -232,6 +268,8 @@ def promote(
 
     run = best["run"]
     value = best["metrics"][metric]
+    refit = _refit_of(trial_runs, best["origin"] or run.trial)
+    model_run = refit or run
     tags = {
         "sertune.search": search,
         "sertune.trial_id": run.trial,
@@ -246,16 +284,26 @@ def promote(
             f"{metric} mean {value:.4f} ± {best['sd'].get(metric, 0.0):.4f} over {best['n']} seeds "
             f"(configuration of trial {best['origin']}; this version is its median seed)"
         )
+    tags["sertune.model_source"] = (
+        f"re-trained on all training speakers (confirm.refit), run {refit.run_id}; the "
+        f"figures are {best['label']}'s"
+        if refit
+        else run.tags.get("sertune.model_fold", "")
+        and f"{best['label']}: {run.tags['sertune.model_fold']}"
+        or f"{best['label']}"
+    )
     previous = store.version_of(model_name, "champion")
     version = store.register(
-        run.tags["sertune.model_uri"],
+        model_run.tags["sertune.model_uri"],
         model_name,
         tags,
         description="Speech emotion models promoted by sertune",
     )
     figures = _figures(record, metric, parsed, best["metrics"])
     store.describe_version(
-        model_name, version, version_description(search, best, metric, figures, rows)
+        model_name,
+        version,
+        version_description(search, best, metric, figures, rows, tags["sertune.model_source"]),
     )
     if previous:
         store.set_alias(model_name, "previous", previous)
@@ -275,6 +323,8 @@ def promote(
         "n": best["n"],
         "confirmed": confirmed,
         "run_id": run.run_id,
+        "model_run_id": model_run.run_id,
+        "model_source": tags["sertune.model_source"],
         "gates": rows,
         "passed_over": [
             {

@@ -35,6 +35,7 @@ from .trainable import (
     PBT_EXPLOITED_EPOCH,
     PBT_EXPLOITED_FROM,
     PBT_LINEAGE,
+    REPLICA_CHECKPOINTS,
     REPORT_BOOKKEEPING,
     CheckpointEvaluation,
 )
@@ -262,6 +263,13 @@ class TrialLogger(Callback):
             }
             if self.tag:
                 tags["sertune.phase"] = self.tag
+            if self.tag == "refit":
+                tags["sertune.refit"] = (
+                    "trained on every fold's training speakers for the search's best epoch "
+                    "count; its val_* speakers are among them (not an estimate): the "
+                    "cross-validated trial's figures are the search's, its test figures are "
+                    "this model's"
+                )
             for k, v in config.items():
                 if k.startswith("__"):  # confirm runs carry their origin in the config
                     tags[f"sertune.{k.strip('_')}"] = str(v)
@@ -314,20 +322,34 @@ class TrialLogger(Callback):
             ckpt = f"{scheme}://{ckpt}"
         return ckpt
 
+    def _replica_uris(self, result: dict[str, Any]) -> list[str] | None:
+        """A replicated trial's every job's checkpoint of its last epoch (their best models)."""
+        raw = result.get(REPLICA_CHECKPOINTS)
+        if not raw:
+            return None
+        return [self._checkpoint_uri({CHECKPOINT_PATH: p}) for p in json.loads(raw)]
+
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         runs, key = self.runs, self._child(trial)
         last = trial.last_result or {}
         epochs = trial_epochs(last)
-        finished = epochs >= runs.spec.budget.max_epochs
+        from .tuner import epochs_of
+
+        finished = epochs >= epochs_of(runs.spec.budget.max_epochs, trial.config)
         tags = {tracking.TAG_STATUS: "finished" if finished else "stopped_early"}
         if not finished:
             tags["sertune.stopped_by"] = f"scheduler at epoch {epochs}"
         if BEST_EPOCH in last:
             tags["sertune.best_epoch"] = str(int(last[BEST_EPOCH]) + 1)
         tags.update(self._constraint_tags(last))
-        if isinstance(last.get(CV_FOLD), (int, float)):  # which fold's model the trial logs
-            k, n = int(last[CV_FOLD]), runs.spec.objective.cv.folds
-            tags["sertune.model_fold"] = f"fold {k} of {n}: the fold model closest to the mean"
+        replicas = runs.spec.objective.replicas
+        rep = int(last[CV_FOLD]) if isinstance(last.get(CV_FOLD), (int, float)) else None
+        if rep is not None and rep < len(replicas):  # which job's model the trial logs
+            kind = runs.spec.objective.replica_kind
+            tags["sertune.model_fold"] = (
+                f"{replicas[rep].words} ({rep + 1} of {len(replicas)} {kind} jobs): the model "
+                "closest to the mean"
+            )
         runs.append(Op(Kind.TAGS, key=key, tags=tags))
         ckpt = self._checkpoint_uri(last)
         if ckpt:
@@ -335,7 +357,11 @@ class TrialLogger(Callback):
             runs.append(Op(Kind.MODEL, key=key, src=best, trainable=runs.spec.trainable))
             if not finished and self.evaluator is not None:  # its best epoch's test figures, later
                 runs.stopped[key] = epochs
-                self.evaluator.submit(key, ckpt)
+                every = self._replica_uris(last) if rep is not None else None
+                if every:  # a replicated trial (warm): each job's best model
+                    self.evaluator.submit(key, ckpt, every, rep or 0)
+                else:
+                    self.evaluator.submit(key, ckpt)
                 runs.open_trials.discard(key)
                 return
             if runs.spec.robustness is not None:

@@ -130,6 +130,27 @@ class CVSpec(_Strict):
     folds: int = Field(..., ge=2, le=20)
 
 
+REPEAT_SEED_STRIDE = 101  # repeat r of a trial trains with seed + REPEAT_SEED_STRIDE * r
+
+
+@dataclass(frozen=True)
+class Replica:
+    """One job of a replicated trial (``objective.cv`` and/or ``objective.repeats``): a speaker
+    fold of the training speakers and/or a repeat with another seed. Its figures are
+    ``<label>/<figure>`` in MLflow; the trial's are their mean (and ``<figure>_se``)."""
+
+    label: str  # fold1, rep2 or fold1.rep2
+    fold: int | None  # the cross-validation fold it validates on (None: the plain split)
+    repeat: int  # 0: the trial's seed; r: seed + REPEAT_SEED_STRIDE * r
+
+    @property
+    def words(self) -> str:
+        parts = ([f"fold {self.fold}"] if self.fold is not None else []) + (
+            [f"repeat {self.repeat}"] if self.repeat or self.fold is None else []
+        )
+        return ", ".join(parts)
+
+
 class ObjectiveSpec(_Strict):
     metric: str | None = None  # a single objective ...
     mode: Literal["max", "min"] = "max"
@@ -137,6 +158,7 @@ class ObjectiveSpec(_Strict):
     # feasibility, e.g. 'robust/uar_snr10_white >= 0.5': the sampler steers away from what fails
     constraints: list[str] = []
     cv: CVSpec | None = None  # {folds: K}: every figure the mean over K speaker folds
+    repeats: int = Field(1, ge=1, le=10)  # R: ... and over R seeds (K x R jobs per trial)
 
     @model_validator(mode="after")
     def _one_form(self) -> ObjectiveSpec:
@@ -154,6 +176,29 @@ class ObjectiveSpec(_Strict):
     @property
     def multi(self) -> bool:
         return len(self.as_list()) > 1
+
+    @property
+    def replicas(self) -> tuple[Replica, ...]:
+        """The jobs of each trial: K folds x R repeats, or () for one job (no cv, one repeat)."""
+        folds: list[int | None] = list(range(self.cv.folds)) if self.cv else [None]
+        if len(folds) == 1 and self.repeats == 1:
+            return ()
+        out = []
+        for k in folds:
+            for r in range(self.repeats):
+                label = ".".join(
+                    ([f"fold{k}"] if k is not None else [])
+                    + ([f"rep{r}"] if self.repeats > 1 else [])
+                )
+                out.append(Replica(label, k, r))
+        return tuple(out)
+
+    @property
+    def replica_kind(self) -> str:
+        """What a trial's jobs are, in the console's words: fold, repeat or fold x repeat."""
+        if self.cv and self.repeats > 1:
+            return "fold x repeat"
+        return "fold" if self.cv else "repeat"
 
     def conditions(self) -> list[Condition]:
         """The constraints, parsed (validated when the spec was loaded)."""
@@ -286,7 +331,10 @@ class RobustnessSpec(_Strict):
 
 class ConfirmSpec(_Strict):
     top_k: int = Field(3, ge=1)  # configurations re-trained after the search
-    seeds: int = Field(3, ge=1)  # fresh seeds each; promotion ranks them by the mean
+    seeds: int = Field(3, ge=0)  # fresh seeds each; promotion ranks them by the mean (0: none)
+    # a cross-validated search: re-train the best configuration once on all training speakers
+    # (every fold's), for its best epoch count; promotion registers that model
+    refit: bool = False
 
 
 class StopSpec(_Strict):
@@ -458,7 +506,11 @@ def smoke_overrides(raw: dict[str, Any]) -> dict[str, Any]:
     out["params"] = {**raw.get("params", {}), **t.smoke_params()}
     out["space"] = {k: v for k, v in (raw.get("space") or {}).items() if k not in t.smoke_params()}
     if raw.get("confirm") is not None:
-        out["confirm"] = {"top_k": 1, "seeds": 2}
+        out["confirm"] = {
+            "top_k": 1,
+            "seeds": 2,
+            "refit": isinstance(raw["confirm"], dict) and bool(raw["confirm"].get("refit")),
+        }
     if raw.get("robustness") is not None:
         out["robustness"] = {
             "snrs_db": [10],
@@ -666,6 +718,10 @@ def _check_semantics(spec: SearchSpec, check_paths: bool = True) -> list[tuple[s
     problems += _check_constraints(spec, known_metrics)
     if spec.objective.cv is not None:
         problems += _check_cv(spec, trainable)
+    if spec.objective.repeats > 1:
+        problems += _check_repeats(spec)
+    if spec.confirm is not None:
+        problems += _check_confirm(spec)
     if spec.budget.grace_epochs > spec.budget.max_epochs:
         problems.append(
             (
@@ -760,6 +816,32 @@ def _check_cv(spec: SearchSpec, trainable: Trainable) -> list[tuple[str, str]]:
     return problems
 
 
+def _check_confirm(spec: SearchSpec) -> list[tuple[str, str]]:
+    c, problems = spec.confirm, []
+    if c.refit and spec.objective.cv is None:
+        problems.append(
+            (
+                "confirm.refit",
+                "re-trains on every fold's training speakers: it needs objective.cv (without "
+                "folds the trials already train on all of them)",
+            )
+        )
+    if c.seeds == 0 and not c.refit:
+        problems.append(("confirm.seeds", "0 re-trains nothing: give seeds >= 1 or refit: true"))
+    return problems
+
+
+def _check_repeats(spec: SearchSpec) -> list[tuple[str, str]]:
+    problems = []
+    if spec.execution != "warm":
+        problems.append(("objective.repeats", "repeat jobs run on warm slots: execution: warm"))
+    if spec.search.scheduler_name(spec.objective.multi) == "pbt":
+        problems.append(
+            ("objective.repeats", "population-based training hands over one model, not R repeats")
+        )
+    return problems
+
+
 def _check_constraints(spec: SearchSpec, known: set[str]) -> list[tuple[str, str]]:
     from . import strategies
 
@@ -809,14 +891,14 @@ def _check_stop(spec: SearchSpec) -> list[tuple[str, str]]:
         problems.append(
             ("search.stop", "population-based training runs one population; nothing ends early")
         )
-    if stop.noise_sd is None and spec.objective.cv is None:
+    if stop.noise_sd is None and not spec.objective.replicas:
         problems.append(
             (
                 "search.stop.noise_sd",
                 "the stop rules weigh improvements against one run's noise of the objective: "
                 f"measure it with `sertune bench noise {Path(spec.source).stem or 'SPEC'}` (the "
-                "objective's 'within sd') and give it here, or cross-validate (objective.cv: "
-                "the folds' standard error is the noise then)",
+                "objective's 'within sd') and give it here, or cross-validate or repeat (objective."
+                "cv / objective.repeats: the standard error over those runs is the noise then)",
             )
         )
     if stop.terminator and not spec.space:

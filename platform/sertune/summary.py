@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import textwrap
 import warnings
 from pathlib import Path
 from typing import Any
@@ -86,14 +87,15 @@ def _leaderboard(out: Path, rows: list[dict], metric_columns: list[str]) -> None
                 [r.get(c, "") for c in cols] + [(r["config"] or {}).get(p, "") for p in params]
             )
     md = ["| # | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 1)]
+
+    def cell(r: dict, c: str) -> str:
+        if not isinstance(r.get(c), float):
+            return str(r.get(c, ""))
+        se = r.get(f"{c}_se")
+        return f"{r[c]:.3f} ± {se:.3f}" if _num(se) else f"{r[c]:.3f}"
+
     for i, r in enumerate(rows, 1):
-        md.append(
-            f"| {i} | "
-            + " | ".join(
-                f"{r[c]:.3f}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols
-            )
-            + " |"
-        )
+        md.append(f"| {i} | " + " | ".join(cell(r, c) for c in cols) + " |")
     (out / "leaderboard.md").write_text("\n".join(md) + "\n")
 
 
@@ -108,6 +110,9 @@ def _history(out: Path, ok: list[dict], key: str, mode: str, name: str) -> None:
     fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(vals) + 2), 4))
     xs = range(len(vals))
     colors = ["C0" if r["state"] == "finished" else "C1" for r in by_start]
+    errs = _errors(by_start, key)
+    if errs:  # a replicated objective: each trial's mean ± se over its folds/repeats
+        ax.errorbar(xs, vals, yerr=errs, fmt="none", ecolor="0.6", capsize=2, zorder=2)
     ax.scatter(xs, vals, c=colors, zorder=3)
     ax.plot(xs, best_so_far, "-", c="C2", label="best so far")
     ax.scatter([], [], c="C0", label="finished")
@@ -115,12 +120,20 @@ def _history(out: Path, ok: list[dict], key: str, mode: str, name: str) -> None:
     ax.set_xticks(list(xs))
     ax.set_xticklabels([r["trial"] for r in by_start], rotation=60, ha="right", fontsize=7)
     ax.set_xlabel("trial (in the order it started)")
-    ax.set_ylabel(key)
+    ax.set_ylabel(f"{key} (mean ± se)" if errs else key)
     ax.set_title(f"Optimisation history: {name}", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "optimisation_history.png", dpi=100)
     plt.close(fig)
+
+
+def _errors(rows: list[dict], key: str) -> list[float] | None:
+    """Each row's ``<key>_se`` (a replicated objective), or None when the rows have none."""
+    errs = [r.get(f"{key}_se") for r in rows]
+    if not any(_num(e) for e in errs):
+        return None
+    return [e if _num(e) else 0.0 for e in errs]
 
 
 def _slices(out: Path, ok: list[dict], key: str, space: dict[str, ParamSpec], name: str) -> None:
@@ -132,23 +145,25 @@ def _slices(out: Path, ok: list[dict], key: str, space: dict[str, ParamSpec], na
     nrows = math.ceil(len(params) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 2.8 * nrows), squeeze=False)
     for ax, p in zip(axes.flat, params, strict=False):
-        pts = [(r["config"][p], r[key]) for r in ok if p in (r["config"] or {})]
-        xs = [x for x, _ in pts]
-        if all(isinstance(x, (int, float)) for x in xs):
-            ax.scatter(xs, [y for _, y in pts], s=18)
-            if space[p].log:
-                ax.set_xscale("log")
-        else:  # a choice: one column per value
+        have = [r for r in ok if p in (r["config"] or {})]
+        pts = [(r["config"][p], r[key]) for r in have]
+        xs, ys, errs = [x for x, _ in pts], [y for _, y in pts], _errors(have, key)
+        if not all(isinstance(x, (int, float)) for x in xs):  # a choice: a column per value
             labels = sorted({str(x) for x in xs})
-            ax.scatter([labels.index(str(x)) for x in xs], [y for _, y in pts], s=18)
+            xs = [labels.index(str(x)) for x in xs]
             ax.set_xticks(range(len(labels)))
             ax.set_xticklabels(labels, fontsize=7)
+        elif space[p].log:
+            ax.set_xscale("log")
+        if errs:  # mean ± se over each trial's folds/repeats
+            ax.errorbar(xs, ys, yerr=errs, fmt="none", ecolor="0.6", capsize=2)
+        ax.scatter(xs, ys, s=18, zorder=3)
         ax.set_title(p, fontsize=9)
         ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[len(params) :]:
         ax.axis("off")
     for ax in axes[:, 0]:
-        ax.set_ylabel(key, fontsize=8)
+        ax.set_ylabel(f"{key} (± se)" if _errors(ok, key) else key, fontsize=8)
     fig.suptitle(f"{key} against each searched parameter: {name}", fontsize=10)
     fig.tight_layout()
     fig.savefig(out / "slices.png", dpi=100)
@@ -184,6 +199,9 @@ def _importances(
         if len(ok) < TRUST_IMPORTANCES
         else ""
     )
+    noise = _noise_caveat(ok, key)
+    if noise:
+        caveat = f"{caveat}; {noise}" if caveat else noise
     (out / "param_importances.json").write_text(
         json.dumps({**importances, **({"caveat": caveat} if caveat else {})}, indent=2)
     )
@@ -194,10 +212,28 @@ def _importances(
         ax.barh(names, [importances[n] for n in names])
         ax.set_xlabel(f"importance for {key} (Optuna's default evaluator)")
         if caveat:
-            ax.set_title(caveat, fontsize=8, color="C3")
+            ax.set_title(textwrap.fill(caveat, 80), fontsize=8, color="C3")
         fig.tight_layout()
         fig.savefig(out / "param_importances.png", dpi=100)
         plt.close(fig)
+
+
+def _noise_caveat(ok: list[dict], key: str) -> str:
+    """Where the trials' ``<key>_se`` (a replicated objective) is as large as their spread, the
+    importances may rank noise: say so, with both figures."""
+    ses = sorted(r[f"{key}_se"] for r in ok if _num(r.get(f"{key}_se")))
+    vals = [r[key] for r in ok]
+    if not ses or len(vals) < 3:
+        return ""
+    median_se = ses[len(ses) // 2]
+    mean = sum(vals) / len(vals)
+    spread = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1))
+    if spread > 2 * median_se:
+        return ""
+    return (
+        f"the trials' {key} differ by sd {spread:.3f}, within about 2x their median se "
+        f"{median_se:.3f}: the importances may rank noise"
+    )
 
 
 def _pareto(out: Path, rows: list[dict], metrics: list[MetricSpec]) -> None:

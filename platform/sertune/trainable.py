@@ -78,6 +78,9 @@ class TrialDiverged(RuntimeError):
     search's, so it never counts towards stopping a search whose trials fail alike."""
 
 
+# The parameter that says how many epochs a trial trains (budget.max_epochs; a refit sets fewer)
+EPOCHS_PARAM = "optim.epochs"
+
 # -- the trial report: keys the control plane reads by name ----------------------------------------
 # Every epoch's report (``Session.report``) carries these besides the trainable's own metrics.
 # Schedulers, the leaderboard, MLflow steps and the warm proxies read them by these constants
@@ -86,9 +89,11 @@ EPOCHS_DONE = "epochs_done"  # epochs trained so far (1-based): survives a resum
 BEST_EPOCH = "best_epoch"  # 0-based epoch whose checkpoint is the trial's result so far
 CHECKPOINT_PATH = "checkpoint_path"  # where rank 0's checkpoint of this epoch was persisted
 LOOP_STARTED_AT = "loop_started_at"  # wall time the training loop began (benches)
-# Added by the warm proxy for a cross-validated objective (never by a trainable): every figure
-# is the folds' mean, with ``<figure>_se`` and ``fold<k>/<figure>`` beside it, and
-CV_FOLD = "cv_fold"  # the fold whose model stands for the trial (closest to the mean)
+# Added by the warm proxy for a replicated objective (objective.cv folds and/or objective.repeats;
+# never by a trainable): every figure is the jobs' mean, with ``<figure>_se`` and
+# ``<label>/<figure>`` (fold1, rep2, fold1.rep2) beside it, and
+CV_FOLD = "cv_fold"  # the index of the job whose model stands for the trial (closest to the mean)
+REPLICA_CHECKPOINTS = "replica_checkpoints"  # JSON list: each job's checkpoint this epoch
 # Added by the warm proxy under population-based training (never by a trainable):
 SCHEDULE_PREFIX = "schedule/"  # schedule/<param>: the value this epoch trained with
 PBT_LINEAGE = "pbt_lineage"  # JSON [[epoch, {param: value}, trained as trial], ...]
@@ -96,7 +101,14 @@ PBT_EXPLOITED_FROM = "pbt_exploited_from"  # the trial whose checkpoint this one
 PBT_EXPLOITED_EPOCH = "pbt_exploited_epoch"  # ... at that epoch
 # Reported keys that are bookkeeping, never metrics (MLflow logs neither these nor Tune's own).
 REPORT_BOOKKEEPING = frozenset(
-    {LOOP_STARTED_AT, CHECKPOINT_PATH, PBT_LINEAGE, PBT_EXPLOITED_EPOCH, PBT_EXPLOITED_FROM}
+    {
+        LOOP_STARTED_AT,
+        CHECKPOINT_PATH,
+        REPLICA_CHECKPOINTS,
+        PBT_LINEAGE,
+        PBT_EXPLOITED_EPOCH,
+        PBT_EXPLOITED_FROM,
+    }
 )
 
 # The robustness evaluation's defaults, in one place: a spec's ``robustness:`` section starts

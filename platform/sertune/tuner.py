@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +22,16 @@ from ray.tune.search.optuna import OptunaSearch
 
 from . import ray_compat, settings, strategies
 from .records import experiment_path
-from .spec import Condition, ParamSpec, SearchSpec, load_define_by_run
+from .spec import (
+    REPEAT_SEED_STRIDE,
+    Condition,
+    ParamSpec,
+    Replica,
+    SearchSpec,
+    load_define_by_run,
+)
 from .storage import fs_and_path
-from .trainable import get_trainable
+from .trainable import EPOCHS_DONE, EPOCHS_PARAM, get_trainable
 
 TIME_ATTR = strategies.TIME_ATTR
 
@@ -93,7 +100,9 @@ class TrialPlan:
     train_storage: str  # <search>/_train: every trial's epoch checkpoints
     max_failures: int  # worker-group restarts a trial may use
     mutable: tuple[str, ...] = ()  # population-based training: the perturbed parameters
-    cv_folds: int = 0  # a cross-validated objective: fold jobs per trial (0: one job)
+    cv_folds: int = 0  # a cross-validated objective: K speaker folds (0: the plain split)
+    # a replicated trial's jobs (objective.cv folds x objective.repeats seeds); (): one job
+    replicas: tuple[Replica, ...] = ()
 
 
 def trial_plan(spec: SearchSpec, name: str, data: dict[str, Any]) -> TrialPlan:
@@ -101,7 +110,7 @@ def trial_plan(spec: SearchSpec, name: str, data: dict[str, Any]) -> TrialPlan:
     plugin = get_trainable(spec.trainable)
     return TrialPlan(
         trainable=spec.trainable,
-        params={**spec.params, "optim.epochs": spec.budget.max_epochs, "seed": spec.seed},
+        params={**spec.params, EPOCHS_PARAM: spec.budget.max_epochs, "seed": spec.seed},
         data={k: v for k, v in data.items() if k != "report"},
         run={
             "device": spec.device,
@@ -116,6 +125,19 @@ def trial_plan(spec: SearchSpec, name: str, data: dict[str, Any]) -> TrialPlan:
         max_failures=spec.budget.trial_max_failures,
         mutable=tuple(pbt_parameters(spec)),
         cv_folds=spec.objective.cv.folds if spec.objective.cv else 0,
+        replicas=spec.objective.replicas,
+    )
+
+
+def refit_plan(plan: TrialPlan) -> TrialPlan:
+    """The refit of a cross-validated search (``confirm.refit``): one job, trained on every
+    fold's training speakers (``data.cv.refit``), its model the last epoch (the point sets the
+    epochs to the search's best epoch count; the validation speakers are trained on)."""
+    return replace(
+        plan,
+        replicas=(),
+        data={**plan.data, "cv": {"fold": 0, "folds": plan.cv_folds, "refit": True}},
+        run={**plan.run, "select": {"metric": EPOCHS_DONE, "mode": "max"}},
     )
 
 
@@ -137,24 +159,31 @@ def flat_config(config: dict[str, Any]) -> dict[str, Any]:
     return {**config[POINT], **{k: v for k, v in config.items() if k != POINT}}
 
 
+def epochs_of(max_epochs: int, config: dict[str, Any]) -> int:
+    """The epochs a trial trains: the budget's, or a fixed point's own (a refit)."""
+    return int(flat_config(config).get(EPOCHS_PARAM) or max_epochs)
+
+
 def loop_config(
-    plan: TrialPlan, config: dict[str, Any], trial_id: str, fold: int | None = None
+    plan: TrialPlan, config: dict[str, Any], trial_id: str, replica: Replica | None = None
 ) -> dict[str, Any]:
-    """The trainable's ``train(config, session)`` config for one trial (``fold``: one fold job of
-    a cross-validated trial)."""
+    """The trainable's ``train(config, session)`` config for one trial (``replica``: one job of a
+    cross-validated or repeated trial: its fold of the training speakers, its seed)."""
     config = flat_config(config)
     params = {**plan.params, **{k: v for k, v in config.items() if not k.startswith("__")}}
-    data = (
-        plan.data if fold is None else {**plan.data, "cv": {"fold": fold, "folds": plan.cv_folds}}
-    )
-    title = f"trial {trial_id}" if fold is None else f"trial {trial_id} fold {fold}"
+    data, title = plan.data, f"trial {trial_id}"
+    if replica is not None:
+        title = f"trial {trial_id} {replica.words}"
+        if replica.fold is not None:
+            data = {**plan.data, "cv": {"fold": replica.fold, "folds": plan.cv_folds}}
+        if replica.repeat:
+            params["seed"] = int(params.get("seed") or 0) + REPEAT_SEED_STRIDE * replica.repeat
     return {"params": params, "data": data, "run": {**plan.run, "title": title}}
 
 
 def concurrent_trials(spec: SearchSpec) -> int:
-    """Trials at once: ``budget.concurrency`` jobs, K of them per cross-validated trial."""
-    folds = spec.objective.cv.folds if spec.objective.cv else 1
-    return max(1, spec.budget.concurrency // folds)
+    """Trials at once: ``budget.concurrency`` jobs, K x R of them per replicated trial."""
+    return max(1, spec.budget.concurrency // max(1, len(spec.objective.replicas)))
 
 
 def build_tuner(
@@ -239,7 +268,7 @@ def build_tuner(
             search_alg=searcher,
             scheduler=scheduler,
             num_samples=samples,
-            # budget.concurrency counts jobs: a cross-validated trial runs one per fold
+            # budget.concurrency counts jobs: a replicated trial runs one per fold x repeat
             max_concurrent_trials=concurrent_trials(spec),
             reuse_actors=reuse_actors,
         ),

@@ -113,6 +113,10 @@ def test_a_3_fold_cv_search_with_asha_acts_on_the_folds_mean(home, tmp_path):
             assert "test_uar_se" in row and "fold2/test_uar" in run.metrics
             assert "robust/uar_snr10_white_se" in run.metrics
             assert run.tags["sertune.model_fold"].startswith("fold ")
+        if row["state"] == "stopped":  # evaluated later: every fold's best model too
+            folds = [run.metrics[f"fold{k}/test_uar"] for k in range(3)]
+            assert run.metrics["test_uar"] == pytest.approx(sum(folds) / 3)
+            assert "test_uar_se" in run.metrics and "robust/uar_snr10_white_se" in run.metrics
     assert any(r["state"] == "stopped" for r in result.rows)  # ASHA stopped some on the mean
     table = format_table(result)
     assert " ± " in table.splitlines()[1]
@@ -126,3 +130,147 @@ def test_a_3_fold_cv_search_with_asha_acts_on_the_folds_mean(home, tmp_path):
     assert (
         row["paired"] and row["interval"] == [0.0, 0.0] and "paired over 3 folds" in row["verdict"]
     )
+
+
+def test_replicas_of_a_trial_are_folds_times_repeats_with_their_own_seeds():
+    from sertune.spec import ObjectiveSpec
+    from sertune.tuner import TrialPlan, loop_config
+
+    assert ObjectiveSpec(metric="val_uar").replicas == ()
+    reps = ObjectiveSpec(metric="val_uar", repeats=3).replicas
+    assert [r.label for r in reps] == ["rep0", "rep1", "rep2"]
+    both = ObjectiveSpec(metric="val_uar", cv={"folds": 2}, repeats=2)
+    assert [r.label for r in both.replicas] == [
+        "fold0.rep0",
+        "fold0.rep1",
+        "fold1.rep0",
+        "fold1.rep1",
+    ]
+    assert both.replica_kind == "fold x repeat"
+    plan = TrialPlan(
+        trainable="linear",
+        params={"seed": 7, "optim.epochs": 2},
+        data={"cache": "c"},
+        run={},
+        resources={},
+        max_epochs=2,
+        train_storage="s",
+        max_failures=0,
+        cv_folds=2,
+        replicas=both.replicas,
+    )
+    cfgs = [loop_config(plan, {"optim.lr": 0.1}, "t1", replica=r) for r in both.replicas]
+    assert [c["params"]["seed"] for c in cfgs] == [7, 108, 7, 108]  # seed + 101 * repeat
+    assert [c["data"]["cv"]["fold"] for c in cfgs] == [0, 0, 1, 1]
+    assert cfgs[3]["run"]["title"] == "trial t1 fold 1, repeat 1"
+
+
+def test_a_refit_trains_on_every_fold_and_only_a_cv_search_may_ask_for_one(
+    synth_corpus, home, tmp_path
+):
+    from sertune.spec import SpecError, load_spec
+    from trainables.data.cache import load_cache, speaker_independent_split
+
+    corpus = load_cache(synth_corpus["cache"])
+    plain = speaker_independent_split(corpus, 0)
+    refit = speaker_independent_split(corpus, 0, cv={"fold": 0, "folds": 3, "refit": True})
+    assert set(refit["train"]) == set(plain["train"]) | set(plain["val"])
+    assert list(refit["test"]) == list(plain["test"])
+    raw = linear_spec(
+        home, "rf", confirm={"seeds": 0, "refit": True}, objective={"metric": "val_uar"}
+    )
+    (tmp_path / "rf.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(SpecError) as e:
+        load_spec(tmp_path / "rf.yaml")
+    assert [f for f, _ in e.value.problems] == ["confirm.refit"]
+    raw["confirm"] = {"seeds": 0}
+    (tmp_path / "rf.yaml").write_text(yaml.safe_dump(raw))
+    with pytest.raises(SpecError, match="confirm.seeds: 0 re-trains nothing"):
+        load_spec(tmp_path / "rf.yaml")
+
+
+def test_a_stopped_replicated_trial_is_evaluated_on_every_job_then_averaged():
+    from types import SimpleNamespace
+
+    from sertune.spec import ObjectiveSpec
+    from sertune.trainable import CheckpointEvaluation
+    from sertune.warm.proxy import BoardEvaluator
+
+    reps = ObjectiveSpec(metric="val_uar", cv={"folds": 2}).replicas
+    ev = BoardEvaluator(pool=None, plan=SimpleNamespace(replicas=reps))
+    got = {
+        "t.fold0": CheckpointEvaluation({"test_uar": 0.5}, {"report.md": b"zero"}),
+        "t.fold1": CheckpointEvaluation({"test_uar": 0.7}, {"report.md": b"one"}),
+    }
+    out = ev._combine(["t.fold0", "t.fold1"], 1, got)
+    assert out.metrics["test_uar"] == pytest.approx(0.6)
+    assert out.metrics["test_uar_se"] == pytest.approx(0.1)
+    assert out.metrics["fold1/test_uar"] == 0.7 and out.files == {"report.md": b"one"}
+    bad = {**got, "t.fold1": CheckpointEvaluation(error="no best/")}
+    assert ev._combine(["t.fold0", "t.fold1"], 0, bad).error == "fold1: no best/"
+
+
+def test_the_parent_runs_plots_carry_error_bars_and_the_noise_caveat(tmp_path):
+    from sertune.spec import ParamSpec
+    from sertune.summary import _errors, _history, _noise_caveat, _slices
+
+    rows = [
+        {
+            "trial": f"t{i}",
+            "state": "finished",
+            "config": {"lr": 0.01 * (i + 1)},
+            "val_uar": 0.5 + 0.01 * i,
+            "val_uar_se": 0.05,
+            "started": i,
+        }
+        for i in range(4)
+    ]
+    assert _errors(rows, "val_uar") == [0.05] * 4
+    assert "may rank noise" in _noise_caveat(rows, "val_uar")  # sd 0.013 < 2 x se 0.05
+    assert _noise_caveat([{**r, "val_uar_se": 0.001} for r in rows], "val_uar") == ""
+    _history(tmp_path, rows, "val_uar", "max", "s")
+    _slices(tmp_path, rows, "val_uar", {"lr": ParamSpec(type="float", low=0.001, high=1.0)}, "s")
+    assert (tmp_path / "optimisation_history.png").stat().st_size > 0
+    assert (tmp_path / "slices.png").stat().st_size > 0
+
+
+@pytest.mark.usefixtures("ray_2cpu")
+def test_a_repeated_cv_search_then_its_refit_is_what_promotion_registers(home, tmp_path):
+    from sertune import tracking
+    from sertune.registry import promote
+    from sertune.search import run_search
+    from sertune.spec import load_spec
+
+    raw = linear_spec(
+        home,
+        "cvr",
+        objective={"metric": "val_uar", "cv": {"folds": 2}, "repeats": 2},
+        budget={"trials": 2, "concurrency": 2, "max_epochs": 2, "grace_epochs": 1},
+        resources={"cpus_per_worker": 0.5},
+        params={"features.n_mels": 16},
+        space={"optim.lr": {"type": "float", "low": 0.001, "high": 0.3, "log": True}},
+        confirm={"seeds": 0, "refit": True},
+    )
+    (tmp_path / "cvr.yaml").write_text(yaml.safe_dump(raw))
+    lines = []
+    result = run_search(load_spec(tmp_path / "cvr.yaml"), log=lines.append)
+    assert result.errors == 0
+    assert sum(" started (4 fold x repeat jobs)" in ln for ln in lines) == 2
+    assert any("(runs " in ln for ln in lines if " epoch " in ln)
+    runs = tracking.Store().runs_of("cvr", "trial")
+    trials = [r for r in runs if r.tags.get("sertune.phase") != "refit"]
+    for run in trials:
+        labels = ["fold0.rep0", "fold0.rep1", "fold1.rep0", "fold1.rep1"]
+        values = [run.metrics[f"{lb}/val_uar"] for lb in labels]
+        assert run.metrics["val_uar"] == pytest.approx(sum(values) / 4)
+        # the repeats train with other seeds: their losses differ
+        assert run.metrics["fold0.rep0/train_loss"] != run.metrics["fold0.rep1/train_loss"]
+    (refit,) = [r for r in runs if r.tags.get("sertune.phase") == "refit"]
+    best = result.rows[0]
+    assert refit.tags["sertune.refit_of"] == best["trial"]
+    assert int(refit.params["optim.epochs"]) == int(best["best_epoch"]) + 1
+    assert not any(k.startswith("fold0") for k in refit.metrics)  # one job, every fold's speakers
+    assert any("re-training trial" in ln for ln in lines)
+    v = promote("cvr", model_name="cvr-model")
+    assert v["trial"] == best["trial"] and v["model_run_id"] == refit.run_id
+    assert v["model_source"].startswith("re-trained on all training speakers")

@@ -120,6 +120,8 @@ def promote(a: argparse.Namespace) -> int:
         f"registered {v['name']} version {v['version']} (trial {v['trial']}, "
         f"{v['objective']}={v['value']:.4f}{spread})"
     )
+    if v.get("model_source"):
+        print(f"the model: {v['model_source']}")
     print(
         f"alias champion -> version {v['version']}"
         + (f"; previous -> version {v['previous']}" if v.get("previous") else "")

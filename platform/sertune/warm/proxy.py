@@ -23,24 +23,32 @@ from ..trainable import (
     PBT_EXPLOITED_EPOCH,
     PBT_EXPLOITED_FROM,
     PBT_LINEAGE,
+    REPLICA_CHECKPOINTS,
     SCHEDULE_PREFIX,
     CheckpointEvaluation,
     TrialDiverged,
 )
-from ..tuner import TrialPlan, flat_config, loop_config
+from ..tuner import TrialPlan, epochs_of, flat_config, loop_config
 from .board import EpochReport, Job, JobBoard, JobEnded, JobFailed, JobState, TrialFailed
 from .slot import run_slot
 
 # what a fold's report carries that is not a figure: never averaged, never per fold
-_NOT_FIGURES = frozenset({EPOCHS_DONE, BEST_EPOCH, CHECKPOINT_PATH, LOOP_STARTED_AT, "epoch"})
+_NOT_FIGURES = frozenset(
+    {EPOCHS_DONE, BEST_EPOCH, CHECKPOINT_PATH, LOOP_STARTED_AT, REPLICA_CHECKPOINTS, "epoch"}
+)
 
 
-def fold_mean(reports: list[dict[str, Any]], select: str) -> dict[str, Any]:
-    """One epoch of a cross-validated trial from its K folds' reports of that epoch: the mean of
-    every figure the folds share, ``<figure>_se`` (the standard error over the folds),
-    ``fold<k>/<figure>`` for each fold, and the checkpoint and best epoch of the fold whose
-    ``select`` figure is closest to the mean (:data:`CV_FOLD`), the model that stands for it."""
+def fold_mean(
+    reports: list[dict[str, Any]], select: str, labels: list[str] | None = None
+) -> dict[str, Any]:
+    """One epoch of a replicated trial (cross-validation folds and/or repeats) from its jobs'
+    reports of that epoch: the mean of every figure they share, ``<figure>_se`` (the standard
+    error over the jobs), ``<label>/<figure>`` for each job (``labels``, default ``fold<k>``), each
+    job's checkpoint (:data:`REPLICA_CHECKPOINTS`), and the checkpoint and best epoch of the job
+    whose ``select`` figure is closest to the mean (:data:`CV_FOLD`), the model that stands for
+    it."""
     k = len(reports)
+    labels = labels or [f"fold{i}" for i in range(k)]
     shared = set.intersection(*(set(r) for r in reports))
     out: dict[str, Any] = {}
     for key in sorted(shared - _NOT_FIGURES):
@@ -50,8 +58,8 @@ def fold_mean(reports: list[dict[str, Any]], select: str) -> dict[str, Any]:
         mean = sum(values) / k
         sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (k - 1)) if k > 1 else 0.0
         out[key], out[f"{key}_se"] = mean, sd / math.sqrt(k)
-        for i, v in enumerate(values):
-            out[f"fold{i}/{key}"] = v
+        for label, v in zip(labels, values, strict=True):
+            out[f"{label}/{key}"] = v
     target = out.get(select)
     rep = (
         min(range(k), key=lambda i: abs(reports[i][select] - target))
@@ -61,6 +69,8 @@ def fold_mean(reports: list[dict[str, Any]], select: str) -> dict[str, Any]:
     for key in (CHECKPOINT_PATH, BEST_EPOCH):
         if key in reports[rep]:
             out[key] = reports[rep][key]
+    if all(CHECKPOINT_PATH in r for r in reports):
+        out[REPLICA_CHECKPOINTS] = json.dumps([r[CHECKPOINT_PATH] for r in reports])
     out[CV_FOLD] = rep
     out[EPOCHS_DONE] = reports[0].get(EPOCHS_DONE)
     starts = [r[LOOP_STARTED_AT] for r in reports if LOOP_STARTED_AT in r]
@@ -80,8 +90,8 @@ class WarmTrial(tune.Trainable):
         self.plan, self.board = plan, board
         self._config = config
         self._active: str | None = None
-        self._folds: list[str] = []  # a cross-validated trial's fold jobs (keys)
-        self._fold_reports: list[dict[int, dict[str, Any]]] = []  # per fold: epoch -> report
+        self._folds: list[str] = []  # a replicated trial's jobs (keys): folds x repeats
+        self._fold_reports: list[dict[int, dict[str, Any]]] = []  # per job: epoch -> report
         self._last_epoch = 0
         self._last_uri: str | None = None
         self._exploited: dict[str, Any] | None = None
@@ -95,7 +105,7 @@ class WarmTrial(tune.Trainable):
         return f"{self.plan.train_storage}/{self.trial_id}"
 
     def _submit(self) -> None:
-        if self.plan.cv_folds:
+        if self.plan.replicas:
             return self._submit_folds()
         key = self.trial_id
         job = Job(
@@ -109,33 +119,37 @@ class WarmTrial(tune.Trainable):
         self._active = key
 
     def _submit_folds(self) -> None:
-        """One job per fold, each with its own checkpoints; they run in parallel on free slots."""
-        self._folds = [f"{self.trial_id}.fold{k}" for k in range(self.plan.cv_folds)]
+        """One job per replica (fold and/or repeat), each with its own checkpoints; they run in
+        parallel on free slots."""
+        replicas = self.plan.replicas
+        self._folds = [f"{self.trial_id}.{r.label}" for r in replicas]
         self._fold_reports = [{} for _ in self._folds]
-        for k, key in enumerate(self._folds):
+        for r, key in zip(replicas, self._folds, strict=True):
             job = Job(
                 key=key,
                 trainable=self.plan.trainable,
-                config=loop_config(self.plan, self._config, self.trial_id, fold=k),
-                checkpoints=f"{self._slot_storage}/fold{k}",
+                config=loop_config(self.plan, self._config, self.trial_id, replica=r),
+                checkpoints=f"{self._slot_storage}/{r.label}",
             )
             ray.get(self.board.settled.remote(key, 120.0))
             ray.get(self.board.submit.remote(job))
         self._active = self.trial_id
 
     def _step_folds(self) -> dict[str, Any]:
-        """The next epoch once every fold has reported it: the folds' mean (:func:`fold_mean`)."""
+        """The next epoch once every job has reported it: their mean (:func:`fold_mean`)."""
         select = self.plan.run["select"]["metric"]
+        labels = [r.label for r in self.plan.replicas]
         while True:
             epoch = self._last_epoch + 1
             if all(epoch in r for r in self._fold_reports):
                 reports = [r.pop(epoch) for r in self._fold_reports]
-                return self._relay(epoch, fold_mean(reports, select))
+                return self._relay(epoch, fold_mean(reports, select, labels))
             got = ray.get(self.board.next_of.remote(self._folds, 10.0))
             if got is None:
                 continue
             key, report = got
             k = self._folds.index(key)
+            which = self.plan.replicas[k].words
             match report:
                 case EpochReport(metrics=reported):
                     e = int(reported.get(EPOCHS_DONE, 0))
@@ -143,14 +157,14 @@ class WarmTrial(tune.Trainable):
                         self._fold_reports[k][e] = dict(reported)
                 case JobFailed(reason=reason, diverged=True):
                     raise TrialDiverged(
-                        f"fold {k}: " + reason.removeprefix(f"{TrialDiverged.__name__}: ")
+                        f"{which}: " + reason.removeprefix(f"{TrialDiverged.__name__}: ")
                     )
                 case JobFailed(reason=reason):
-                    raise TrialFailed(f"fold {k}: {reason}")
+                    raise TrialFailed(f"{which}: {reason}")
                 case JobEnded(outcome=JobState.DONE):
-                    pass  # a fold that reported its last epoch; the others may still train
+                    pass  # a job that reported its last epoch; the others may still train
                 case JobEnded(outcome=outcome):
-                    raise TrialFailed(f"the slot ended fold {k} of this trial ({outcome})")
+                    raise TrialFailed(f"the slot ended {which} of this trial ({outcome})")
 
     def _schedule(self) -> dict[str, float]:
         """The perturbed parameters' values this epoch trained with (population-based training)."""
@@ -192,7 +206,7 @@ class WarmTrial(tune.Trainable):
         population-based training the schedule, the lineage and a hand-over."""
         self._last_epoch = epoch
         self._last_uri = metrics.get(CHECKPOINT_PATH) or self._last_uri
-        if epoch >= self.plan.max_epochs:
+        if epoch >= epochs_of(self.plan.max_epochs, self._config):
             metrics["done"] = True
         schedule = self._schedule()
         metrics.update(schedule)
@@ -353,17 +367,38 @@ class SlotPool:
 
 
 class BoardEvaluator:
-    """Evaluates stopped trials' best checkpoints in free slots (warm mode)."""
+    """Evaluates stopped trials' best checkpoints in free slots (warm mode); a replicated trial's
+    every job's best checkpoint, the figures then their mean ± se as during training."""
 
     def __init__(self, pool: SlotPool, plan: TrialPlan):
         self.pool, self.plan = pool, plan
-        self.waiting: set[str] = set()
+        self.waiting: set[str] = set()  # evaluation job keys
+        # a replicated trial: its jobs' keys, the one whose files stand for it, what came back
+        self._trials: dict[str, tuple[list[str], int, dict[str, CheckpointEvaluation]]] = {}
 
     @property
     def pending(self) -> int:
-        return len(self.waiting)
+        return len(self._trials) + len(
+            self.waiting - {k for t in self._trials.values() for k in t[0]}
+        )
 
-    def submit(self, key: str, checkpoint_uri: str) -> None:
+    def submit(
+        self,
+        key: str,
+        checkpoint_uri: str,
+        replicas: list[str] | None = None,
+        representative: int = 0,
+    ) -> None:
+        """Evaluate ``checkpoint_uri``, or for a replicated trial each of ``replicas`` (its
+        jobs' checkpoints, in the plan's order) with job ``representative``'s files kept."""
+        if not replicas:
+            return self._submit(key, checkpoint_uri)
+        keys = [f"{key}.{r.label}" for r in self.plan.replicas]
+        self._trials[key] = (keys, representative, {})
+        for job_key, uri in zip(keys, replicas, strict=True):
+            self._submit(job_key, uri)
+
+    def _submit(self, key: str, checkpoint_uri: str) -> None:
         job = Job.evaluation(
             key,
             trainable=self.plan.trainable,
@@ -378,7 +413,35 @@ class BoardEvaluator:
         """(trial, evaluation) of the evaluations that ended, waiting up to ``wait_s`` for one."""
         if not self.waiting:
             return []
-        out = ray.get(self.pool.board.evaluations.remote(wait_s, sorted(self.waiting)))
-        for key, _ in out:
+        out = []
+        for key, outcome in ray.get(
+            self.pool.board.evaluations.remote(wait_s, sorted(self.waiting))
+        ):
             self.waiting.discard(key)
+            trial = next((t for t, v in self._trials.items() if key in v[0]), None)
+            if trial is None:
+                out.append((key, outcome))
+                continue
+            keys, rep, got = self._trials[trial]
+            got[key] = outcome
+            if len(got) == len(keys):
+                del self._trials[trial]
+                out.append((trial, self._combine(keys, rep, got)))
         return out
+
+    def _combine(
+        self, keys: list[str], rep: int, got: dict[str, CheckpointEvaluation]
+    ) -> CheckpointEvaluation:
+        labels = [r.label for r in self.plan.replicas]
+        errors = [
+            f"{lb}: {got[k].error}" for lb, k in zip(labels, keys, strict=True) if got[k].error
+        ]
+        if errors:
+            return CheckpointEvaluation(error="; ".join(errors))
+        metrics = fold_mean([dict(got[k].metrics) for k in keys], "", labels)
+        figures = {
+            k: v
+            for k, v in metrics.items()
+            if k not in (CV_FOLD, EPOCHS_DONE, REPLICA_CHECKPOINTS)
+        }
+        return CheckpointEvaluation(metrics=figures, files=got[keys[rep]].files)
