@@ -45,7 +45,7 @@ def run_demo(
         f"≤{epochs} epochs) on a synthetic corpus — SERTUNE_HOME={settings.home()}"
     )
     t_search = time.monotonic()
-    result = run_search(spec, verbose=verbose)
+    result = run_search(spec, verbose=verbose, replace=True)  # a demo again replaces the last
     search_s = time.monotonic() - t_search
     print(format_result(result, settings.tracking_uri()))
 

@@ -15,10 +15,11 @@ from typing import Any
 
 from . import ray_compat
 from .cluster import concurrent_slots, init_ray
+from .diskspace import DiskWatch
 from .errors import Interrupted, NotFound, SearchFailed
 from .execution import Execution, Log
 from .failfast import FailFast
-from .interrupts import Stopped, StopSignals
+from .interrupts import Stopped, StopSignals, ignoring_signals
 from .leaderboard import SearchResult, from_saved_state, summarise
 from .records import (
     Phase,
@@ -119,25 +120,32 @@ class Search:
         runs = self.start_runs(restore)
         execution: Execution | None = None
         failed_fast: _FailedFast | None = None
-        with StopSignals(log) as stop, ray_compat.tune_logs_to(log_path(name), verbose):
-            try:
-                execution = Execution.start(spec, name, n_slots, log)
-                result = self.run_phases(execution, stop, restore, only)
-            except (KeyboardInterrupt, Stopped):
-                stop.fired = stop.fired or "SIGINT"
-            except _FailedFast as e:
-                failed_fast = e
-            finally:
-                if execution is not None:
-                    execution.close()
+        stop = StopSignals(log)
+        try:
+            with stop, DiskWatch(log, name), ray_compat.tune_logs_to(log_path(name), verbose):
+                try:
+                    execution = Execution.start(spec, name, n_slots, log)
+                    result = self.run_phases(execution, stop, restore, only)
+                except (KeyboardInterrupt, Stopped):
+                    stop.fired = stop.fired or "SIGINT"
+                except _FailedFast as e:
+                    failed_fast = e
+                finally:
+                    if execution is not None and not stop.forced:
+                        execution.close()
+        except KeyboardInterrupt:  # a second signal while closing: stop at once ...
+            stop.fired, stop.forced = stop.fired or "SIGINT", True
         if stop.fired:
-            self.mark_interrupted()
-        runs.close()
-        if stop.fired:
+            # ... but never leave the record `running` or a run RUNNING: written before the
+            # exit, further signals ignored, MLflow given a bounded time
+            with ignoring_signals():
+                self.mark_interrupted()
+                runs.close(timeout_s=10.0 if stop.forced else 120.0)
             raise Interrupted(
                 f"search {name!r} interrupted ({stop.fired}); what ran is saved. "
                 f"Resume it with: sertune search resume {name}"
             )
+        runs.close()
         if failed_fast is not None:
             raise SearchFailed(
                 f"search {name!r} stopped: {failed_fast.cause}. Tracebacks: {log_path(name)}"

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from . import settings
 from .errors import DataError, ModelError, NotFound
@@ -47,13 +50,19 @@ def model_dir(model_uri: str, tracking_uri: str | None = None) -> Path:
     cache = settings.home() / "models" / key
     if (cache / "MLmodel").exists():  # a version's (or a run's) files never change
         return cache
+    partial = cache.with_name(f"{cache.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
     try:
-        path = tracking.download_model(exact, cache)
+        path = tracking.download_model(exact, partial)
     except Exception as e:
+        shutil.rmtree(partial, ignore_errors=True)
         if tracking.is_missing(e) or "not found" in str(e).lower():
             raise NotFound(f"{model_uri}: no such model in {store}") from None
         raise
-    return Path(path)
+    # the cache holds only whole downloads (verified when loaded)
+    shutil.rmtree(cache, ignore_errors=True)
+    Path(path).rename(cache)
+    return cache
 
 
 def load_model(model_uri: str, tracking_uri: str | None = None):
@@ -64,12 +73,21 @@ def load_model(model_uri: str, tracking_uri: str | None = None):
     from .serving import _load_pyfunc
 
     root = model_dir(model_uri, tracking_uri)
+    cached = root.parent == settings.home() / "models"
     try:
-        conf = yaml.safe_load((root / "MLmodel").read_text())
-        data = conf["flavors"]["python_function"]["data"]
-    except (OSError, KeyError, TypeError, yaml.YAMLError) as e:
-        raise ModelError(f"{root / 'MLmodel'}: not a sertune pyfunc model ({e})") from None
-    return _load_pyfunc(str(root / data))
+        try:
+            conf = yaml.safe_load((root / "MLmodel").read_text())
+            data = conf["flavors"]["python_function"]["data"]
+        except (OSError, KeyError, TypeError, UnicodeDecodeError, yaml.YAMLError) as e:
+            raise ModelError(f"{root / 'MLmodel'}: not a sertune pyfunc model ({e})") from None
+        return _load_pyfunc(str(root / data))
+    except ModelError as e:
+        if not cached:
+            raise
+        shutil.rmtree(root, ignore_errors=True)  # never served again; the next call downloads
+        raise ModelError(
+            f"{e} - the local copy is removed; the next call downloads it again"
+        ) from None
 
 
 def load_pyfunc(model_uri: str, tracking_uri: str | None = None):
@@ -117,6 +135,11 @@ def predict_files(
     if waves:
         probs = model.predictor.predict_proba(waves)
         for r, p in zip(good, probs, strict=True):
+            if not np.isfinite(np.asarray(p, dtype=float)).all():
+                raise ModelError(
+                    f"{model_uri}: the model gives non-finite probabilities for {r['file']}: "
+                    "its weights are damaged or diverged; nothing is predicted"
+                )
             r["emotion"] = model.label_names[int(p.argmax())]
             r["probabilities"] = {n: float(v) for n, v in zip(model.label_names, p, strict=True)}
     return rows

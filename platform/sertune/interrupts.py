@@ -28,6 +28,7 @@ class StopSignals:
 
     def __init__(self, log: Callable[[str], None] = print):
         self.fired: str | None = None
+        self.forced = False  # a second signal: stop at once (the record is still written)
         self.log = log
         self._previous: dict[int, object] = {}
         self._in_tune = False
@@ -61,6 +62,7 @@ class StopSignals:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.fired:
+            self.forced = True
             print("\n[sertune] stopping now", file=sys.stderr, flush=True)
             raise KeyboardInterrupt
         self.fired = signal.Signals(signum).name
@@ -72,3 +74,18 @@ class StopSignals:
             os.kill(os.getpid(), signal.SIGUSR1)  # Tune's own handler ends its loop cleanly
         else:  # outside Tune's loop (data preparation, between phases): stop right here
             raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def ignoring_signals() -> Iterator[None]:
+    """SIGINT and SIGTERM ignored for a bounded step that must finish (the record of an
+    interrupted search); the handlers before are restored after."""
+    try:
+        previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in StopSignals.SIGNALS}
+    except ValueError:  # not the main thread
+        previous = {}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]

@@ -11,10 +11,14 @@ SIGTERM; resumable), ``crashed`` (the driver died without a word; resumable), ``
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+import re
 import socket
 import time
+from collections.abc import Iterator
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -81,6 +85,26 @@ class SearchRecord(BaseModel):
         return self.model_dump_json(indent=2, exclude_none=True)
 
 
+# A search name becomes a file name, a folder, an MLflow tag and a URI part: a safe set only.
+NAME_MAX = 128
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def check_name(name: str) -> str:
+    """``name`` if it is a safe search name, else a one-line :class:`UsageError` (exit 2)."""
+    shown = name if len(name) <= 40 else f"{name[:40]}... ({len(name)} characters)"
+    if not isinstance(name, str) or not name:
+        raise UsageError("a search name cannot be empty")
+    if len(name) > NAME_MAX or not _NAME.match(name) or ".." in name:
+        why = (
+            f"at most {NAME_MAX} characters"
+            if len(name) > NAME_MAX
+            else "only letters, digits, '.', '_' and '-', starting with a letter or digit, no '..'"
+        )
+        raise UsageError(f"search name {shown!r}: {why}")
+    return name
+
+
 def _record_dir() -> Path:
     d = settings.local_state_dir() / "searches"
     d.mkdir(parents=True, exist_ok=True)
@@ -88,12 +112,48 @@ def _record_dir() -> Path:
 
 
 def record_path(name: str) -> Path:
-    return _record_dir() / f"{name}.json"
+    return _record_dir() / f"{check_name(name)}.json"
 
 
 def log_path(name: str) -> Path:
     """The search's log file: Ray Tune's own messages, failed trials' tracebacks among them."""
-    return _record_dir() / f"{name}.log"
+    return _record_dir() / f"{check_name(name)}.log"
+
+
+@contextlib.contextmanager
+def search_lock(name: str) -> Iterator[None]:
+    """Hold the search's name for this process: a second ``run``/``resume`` of the same name,
+    here or started at the same instant, is refused in one line (the kernel drops the lock when
+    the process dies, so a crashed driver never leaves it held)."""
+    path = _record_dir() / f"{check_name(name)}.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            raise UsageError(f"search {name!r} is running ({holder}); stop it first") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def lock_held(name: str) -> bool:
+    """Whether a live process holds the search's name (:func:`search_lock`)."""
+    path = _record_dir() / f"{check_name(name)}.lock"
+    if not path.exists():
+        return False
+    fd = os.open(path, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
 
 
 def save_record(name: str, record: SearchRecord) -> Path:
@@ -117,32 +177,40 @@ def _read(path: Path) -> SearchRecord:
     """A record file, typed to the end (the spec inside too). A file written before the spec was
     typed holds the same JSON and reads the same; one that does not fit is refused naming it."""
     try:
-        return SearchRecord.model_validate(json.loads(path.read_text()))
+        return SearchRecord.model_validate(json.loads(path.read_bytes().decode("utf-8")))
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{path}: not a search record (not UTF-8 at byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise UsageError(f"{path}: not a search record ({e})") from None
+    except OSError as e:
+        raise UsageError(f"{path}: cannot be read ({e.strerror})") from None
     except ValidationError as e:
         err = e.errors()[0]
         field = ".".join(str(x) for x in err["loc"]) or "(the record)"
         raise UsageError(f"{path}: field {field}: {err['msg']}") from None
 
 
-def list_records() -> list[SearchRecord]:
+def list_records(corrupt: list[str] | None = None) -> list[SearchRecord]:
+    """Every readable record; a file that is not one is skipped, and named with why in
+    ``corrupt`` (``search list`` shows it) - never an error for the others."""
     out = []
     for p in sorted(_record_dir().glob("*.json")):
         try:
             out.append(_read(p))
-        except UsageError:  # a half-written or foreign file: `search list` shows the others
-            continue
+        except UsageError as e:  # a half-written, damaged or foreign file
+            if corrupt is not None:
+                corrupt.append(str(e))
     return out
 
 
 def delete_record(name: str) -> None:
+    # the name's lock file stays: unlinking it under a holder would let a second one in
     record_path(name).unlink(missing_ok=True)
 
 
 def experiment_path(name: str) -> str:
     """Where Ray Tune keeps a search's trials and state (a local folder or an ``s3://`` URI)."""
-    return f"{settings.storage_root().rstrip('/')}/{name}"
+    return f"{settings.storage_root().rstrip('/')}/{check_name(name)}"
 
 
 # -- the driver of a running search ------------------------------------------------------------------

@@ -293,19 +293,22 @@ def promote(
         or f"{best['label']}"
     )
     previous = store.version_of(model_name, "champion")
-    version = store.register(
-        model_run.tags["sertune.model_uri"],
-        model_name,
-        tags,
-        description="Speech emotion models promoted by sertune",
-    )
+    model_uri = model_run.tags["sertune.model_uri"]
+    tags["sertune.model_uri"] = model_uri
+    # promotion is idempotent per model: a model registered before keeps its version
+    version = store.version_tagged(model_name, "sertune.model_uri", model_uri)
+    reused = version is not None
+    if version is None:
+        version = store.register(
+            model_uri, model_name, tags, description="Speech emotion models promoted by sertune"
+        )
     figures = _figures(record, metric, parsed, best["metrics"])
     store.describe_version(
         model_name,
         version,
         version_description(search, best, metric, figures, rows, tags["sertune.model_source"]),
     )
-    if previous:
+    if previous and previous != version:
         store.set_alias(model_name, "previous", previous)
     store.set_alias(model_name, "champion", version)
     if parsed:  # what the champion had to pass becomes a column of the trials view
@@ -315,7 +318,8 @@ def promote(
     return {
         "name": model_name,
         "version": version,
-        "previous": str(previous) if previous else None,
+        "previous": str(previous) if previous and previous != version else None,
+        "reused": reused,
         "trial": tags["sertune.trial_id"],
         "objective": metric,
         "value": value,

@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 from . import ray_compat, records, tracking, warmstart
+from .diskspace import check_free_space
 from .doctor import preflight
 from .driver import Search, state_save_period
 from .errors import NotFound, UsageError
@@ -44,15 +45,50 @@ def run_search(
     num_cpus: int | None = None,
     log: Log = print,
     verbose: bool = False,
+    replace: bool = False,
 ) -> SearchResult:
-    """Check, prepare data, record the search, run its phases, return the leaderboard."""
-    name = name or spec.name
+    """Check, prepare data, record the search, run its phases, return the leaderboard. A name
+    in use is refused (running: always; ended: unless ``replace``, which removes that search's
+    state and runs first)."""
+    name = records.check_name(spec.name if name is None else name)
     preflight()  # a broken torch/torchaudio refuses here, not in every trial
     ray_compat.quiet(verbose)
-    uri = tracking.check_store(tracking_uri)  # before data, before Ray: one line if it fails
-    seeds = warmstart.collect(spec, uri, log)  # an unknown earlier search: one line, exit 2
-    search = Search(name, spec, _new_record(spec, name, uri, log, warm_start=seeds), log)
-    return search.drive(restore=False, num_cpus=num_cpus, verbose=verbose)
+    with records.search_lock(name):  # one search per name, atomically
+        _claim(name, replace, log)
+        check_free_space()  # a full disk would cut the state files mid-write
+        uri = tracking.check_store(tracking_uri)  # before data, before Ray: one line if it fails
+        seeds = warmstart.collect(spec, uri, log)  # an unknown earlier search: one line, exit 2
+        search = Search(name, spec, _new_record(spec, name, uri, log, warm_start=seeds), log)
+        return search.drive(restore=False, num_cpus=num_cpus, verbose=verbose)
+
+
+def _claim(name: str, replace: bool, log: Log) -> None:
+    """Refuse a name an earlier search holds, unless ``replace`` (then remove that search)."""
+    try:
+        old = load_record(name)
+    except NotFound:
+        return
+    except UsageError:  # an unreadable record: only --replace may take its name
+        if not replace:
+            raise
+        records.delete_record(name)
+        return
+    status = records.effective_status(old)
+    if status == "running":
+        d = old.driver
+        raise UsageError(
+            f"search {name!r} is running (pid {d.get('pid')} on {d.get('host')}); stop it first"
+        )
+    if not replace:
+        raise UsageError(
+            f"search {name!r} exists ({status}, {old.created}): resume it (sertune search "
+            f"resume {name}), remove it (sertune search rm {name}), give another --name, or "
+            "run with --replace"
+        )
+    from .remove import remove_search
+
+    for line in remove_search(name, mlflow_runs=True, locked=True):
+        log(f"[sertune] --replace: {line}")
 
 
 def _new_record(
@@ -97,9 +133,15 @@ def resume_search(
 ) -> SearchResult:
     """Continue an interrupted or crashed search; finished trials are kept, not re-run."""
     preflight()
+    ray_compat.quiet(verbose)
+    with records.search_lock(name):
+        check_free_space()
+        return _resume(name, num_cpus, log, verbose)
+
+
+def _resume(name: str, num_cpus: int | None, log: Log, verbose: bool) -> SearchResult:
     from ray import tune
 
-    ray_compat.quiet(verbose)
     record = load_record(name)
     if record.submission_id:
         raise UsageError(
@@ -136,9 +178,12 @@ def confirm_search(
 ) -> SearchResult:
     """Run (or re-run) the confirmation phase of a finished search (``promote --confirm-top``)."""
     preflight()
-    record = load_record(name)
-    spec = record.spec.model_copy(update={"confirm": ConfirmSpec(top_k=top_k, seeds=seeds)})
-    search = Search(name, spec, record, log)
-    search.save(spec=spec, phase=Phase.CONFIRM, status="running", driver=driver_stamp())
-    ray_compat.quiet(verbose)
-    return search.drive(restore=True, num_cpus=num_cpus, verbose=verbose, only=(Phase.CONFIRM,))
+    with records.search_lock(name):
+        record = load_record(name)
+        spec = record.spec.model_copy(update={"confirm": ConfirmSpec(top_k=top_k, seeds=seeds)})
+        search = Search(name, spec, record, log)
+        search.save(spec=spec, phase=Phase.CONFIRM, status="running", driver=driver_stamp())
+        ray_compat.quiet(verbose)
+        return search.drive(
+            restore=True, num_cpus=num_cpus, verbose=verbose, only=(Phase.CONFIRM,)
+        )

@@ -15,6 +15,7 @@ windows as validation, test and the robustness report (``trainables.common.utter
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -23,6 +24,7 @@ from typing import Any
 import numpy as np
 
 META = "sertune_model.json"
+MODEL_FILES = ("model.safetensors", "model.json")  # what a trainable's save_model writes
 
 
 class SERPyfuncModel:
@@ -49,11 +51,51 @@ class SERPyfuncModel:
         return out
 
 
+def file_digests(folder: Path, names: tuple[str, ...] = MODEL_FILES) -> dict[str, str]:
+    """SHA-256 of a model's files (what ``sertune_model.json`` carries and loading verifies)."""
+    out = {}
+    for name in names:
+        h = hashlib.sha256()
+        with (folder / name).open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        out[name] = h.hexdigest()
+    return out
+
+
+def read_meta(folder: Path) -> dict[str, Any]:
+    """A model folder's ``sertune_model.json``, its files checked against the SHA-256 it holds;
+    anything wrong is one :class:`ModelError` line naming the file."""
+    from .errors import ModelError
+
+    path = folder / META
+    try:
+        meta = json.loads(path.read_bytes().decode("utf-8"))
+        if not isinstance(meta, dict) or not isinstance(meta.get("trainable"), str):
+            raise ValueError("no trainable named")
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ModelError(f"{path}: not a sertune model description ({str(e)[:120]})") from None
+    want = meta.get("sha256") or {}  # models logged before digests were kept have none
+    try:
+        got = file_digests(folder, tuple(want))
+    except OSError as e:
+        raise ModelError(
+            f"{folder}: a model file is missing ({e.strerror}: {e.filename})"
+        ) from None
+    for name, digest in want.items():
+        if got[name] != digest:
+            raise ModelError(
+                f"{folder / name}: damaged (its SHA-256 is not the one recorded in {META} when "
+                "the model was logged)"
+            )
+    return meta
+
+
 def _load_pyfunc(data_path: str) -> SERPyfuncModel:
     """MLflow's loader_module hook: rebuild the network from JSON, load safetensors weights."""
     from .trainable import get_trainable
 
-    meta = json.loads((Path(data_path) / META).read_text())
+    meta = read_meta(Path(data_path))
     return SERPyfuncModel(
         get_trainable(meta["trainable"]).load_predictor(data_path), meta["trainable"], data_path
     )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import tempfile
 import threading
 from collections.abc import Callable
@@ -26,6 +27,36 @@ from .trainable import CHECKPOINT_PATH, TrialStopped
 PROCESS_CACHE: dict[str, Any] = {}  # survives trials in one worker process (warm slots)
 CHECKPOINT_PREFIX = "checkpoint_"  # a warm slot's epoch checkpoints: checkpoint_000003
 KEEP_CHECKPOINTS = 2
+
+
+def checkpoint_manifest(folder: str | Path) -> dict[str, str]:
+    """SHA-256 of every file of a checkpoint folder, by relative path."""
+    import hashlib
+
+    root, out = Path(folder), {}
+    for f in sorted(p for p in root.rglob("*") if p.is_file() and p.name != "COMPLETE"):
+        h = hashlib.sha256()
+        with f.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        out[str(f.relative_to(root))] = h.hexdigest()
+    return out
+
+
+def damaged_file(folder: Path) -> str | None:
+    """The first file of a downloaded checkpoint that does not match the manifest its COMPLETE
+    marker holds (missing counts), or None (intact, or saved before manifests were kept)."""
+    marker = folder / "COMPLETE"
+    try:
+        want = json.loads(marker.read_text() or "{}")
+    except (OSError, ValueError):
+        return "COMPLETE"
+    if not want:
+        return None
+    got = checkpoint_manifest(folder)
+    return next((name for name, digest in want.items() if got.get(name) != digest), None)
+
+
 POLL_S = 0.25  # how often a slot's session asks the board whether its trial was cancelled
 
 
@@ -228,13 +259,30 @@ class SlotSession:
             for d in list_dirs(self.storage)
             if d.startswith(CHECKPOINT_PREFIX) and exists(f"{self.storage}/{d}/COMPLETE")
         ]
-        if not done:
-            return None
         import ray
 
         tmp = tempfile.mkdtemp(prefix="sertune-resume-")
         self._tmp.append(tmp)
-        local = download_dir(f"{self.storage}/{done[-1]}", Path(tmp) / done[-1])
+        local = None
+        for name in reversed(done):  # the newest intact one; a damaged one is named, set aside
+            got = download_dir(f"{self.storage}/{name}", Path(tmp) / name)
+            damaged = damaged_file(got)
+            if damaged is None:
+                local, chosen = got, name
+                break
+            older = [d for d in done if d < name]
+            print(
+                f"[sertune] {self.key}: checkpoint {self.storage}/{name} is damaged ({damaged} "
+                "does not match its SHA-256); "
+                + (f"resuming from {older[-1]}" if older else "no intact one left: restarting"),
+                file=sys.stderr,
+                flush=True,
+            )
+            if self.rank == 0:
+                remove_dir(f"{self.storage}/{name}")
+        if local is None:
+            return None
+        done = [*[d for d in done if d < chosen], chosen]
         saved = local / "metrics.json"
         if self.rank == 0 and saved.exists():
             metrics = {
@@ -253,7 +301,9 @@ class SlotSession:
                 name = f"{CHECKPOINT_PREFIX}{int(metrics.get('epoch', 0)):06d}"
                 uri = f"{self.storage}/{name}"
                 upload_dir(checkpoint_dir, uri)
-                write_text(f"{uri}/COMPLETE", "")  # last: a half-copied checkpoint never counts
+                # last: a half-copied checkpoint never counts; its files' SHA-256, so a damaged
+                # one is found and passed over on resume
+                write_text(f"{uri}/COMPLETE", json.dumps(checkpoint_manifest(checkpoint_dir)))
                 metrics = {**metrics, CHECKPOINT_PATH: uri}
                 self._prune()
             if ray.get(self.board.report.remote(self.key, metrics)):

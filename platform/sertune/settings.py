@@ -7,6 +7,7 @@
 | decoded caches   | ``<home>/cache``                      | ``SERTUNE_CACHE``                       |
 | MLflow tracking  | ``sqlite:///<home>/mlflow.db``        | ``--tracking-uri`` / ``MLFLOW_TRACKING_URI`` |
 | MLflow artifacts | ``<home>/mlartifacts``                | ``SERTUNE_ARTIFACT_ROOT``               |
+| free-space floor | 256 MB (a search refuses to start below; stops, resumable, below half) | ``SERTUNE_MIN_FREE_MB`` |
 """
 
 from __future__ import annotations
@@ -42,12 +43,35 @@ def local_state_dir() -> Path:
 
 
 def tracking_uri(override: str | None = None) -> str:
+    """The MLflow store, never with credentials in it: ``http://user:password@host`` becomes
+    ``http://host`` and the user and password go to ``MLFLOW_TRACKING_USERNAME`` /
+    ``MLFLOW_TRACKING_PASSWORD`` (which MLflow reads, and local Ray workers inherit), so no
+    printed line, record or Tune pickle ever holds them."""
     if override:
-        return override
+        return without_credentials(override)
     env = os.environ.get("MLFLOW_TRACKING_URI")
     if env:
-        return env
+        clean = without_credentials(env)
+        if clean != env:
+            os.environ["MLFLOW_TRACKING_URI"] = clean
+        return clean
     return f"sqlite:///{home() / 'mlflow.db'}"
+
+
+def without_credentials(uri: str) -> str:
+    """``uri`` without ``user:password@``, which goes to MLflow's environment variables."""
+    from urllib.parse import unquote, urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https") or "@" not in parts.netloc:
+        return uri
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user, _, password = userinfo.partition(":")
+    if user:
+        os.environ["MLFLOW_TRACKING_USERNAME"] = unquote(user)
+    if password:
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = unquote(password)
+    return urlunsplit(parts._replace(netloc=host))
 
 
 def artifact_root() -> str:
@@ -55,3 +79,21 @@ def artifact_root() -> str:
     if s:
         return s
     return (home() / "mlartifacts").as_uri()
+
+
+def min_free_mb() -> float:
+    """The free space a search needs on its local folders to start (it stops, resumable, below
+    half of it while it runs): ``SERTUNE_MIN_FREE_MB``, default 256."""
+    try:
+        return float(os.environ.get("SERTUNE_MIN_FREE_MB", "256"))
+    except ValueError:
+        return 256.0
+
+
+def local_folders() -> list[Path]:
+    """The local folders a search writes to (home, and the search storage when local)."""
+    out = [home()]
+    root = storage_root()
+    if "://" not in root:
+        out.append(Path(root))
+    return out

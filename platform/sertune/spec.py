@@ -19,6 +19,7 @@ import math
 import operator
 import os
 import re
+import reprlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -40,11 +41,66 @@ class SpecError(UsageError):
 
     def __init__(self, source: str, field: str = "", message: str = "", problems=None):
         self.source = source
-        self.problems: list[tuple[str, str]] = list(problems or [(field, message)])
+        # a message never carries more than ~300 characters of what the file said
+        self.problems: list[tuple[str, str]] = [
+            (f[:200], m if len(m) <= 300 else f"{m[:300]}... ({len(m)} characters)")
+            for f, m in (problems or [(field, message)])
+        ]
         self.field, self.message = self.problems[0]
         super().__init__(
             "\n".join(f"{source}: {f}: {m}" if f else f"{source}: {m}" for f, m in self.problems)
         )
+
+
+def _shown(value: Any, limit: int = 200) -> str:
+    """``repr(value)`` cut to ``limit`` characters (a spec's value can be huge)."""
+    r = reprlib.Repr()
+    r.maxstring, r.maxother, r.maxlist, r.maxdict, r.maxlevel = limit, limit, 10, 10, 3
+    text = r.repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}..."
+
+
+# Bounds on what a spec file may be, checked before it is parsed (a spec is a page of YAML)
+SPEC_MAX_BYTES = 1 << 20
+SPEC_MAX_DEPTH = 32
+
+
+def read_yaml(path: Path, src: str) -> Any:
+    """A spec file's YAML, bounded: at most :data:`SPEC_MAX_BYTES`, UTF-8, no anchors or aliases
+    (an alias bomb expands without bound), nesting at most :data:`SPEC_MAX_DEPTH` - each refused
+    in one line naming the file - then parsed with ``yaml.safe_load``."""
+    size = path.stat().st_size
+    if size > SPEC_MAX_BYTES:
+        raise SpecError(src, "", f"{size} bytes: a spec is at most {SPEC_MAX_BYTES} bytes")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise SpecError(
+            src, "", f"not UTF-8 text: byte 0x{data[e.start]:02x} at offset {e.start}"
+        ) from None
+    depth = 0
+    try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+                line = event.start_mark.line + 1
+                raise SpecError(
+                    src,
+                    "",
+                    f"line {line}: YAML anchors and aliases (&, *) are not allowed in a spec",
+                )
+            if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+                depth += 1
+                if depth > SPEC_MAX_DEPTH:
+                    line = event.start_mark.line + 1
+                    raise SpecError(
+                        src, "", f"line {line}: nested deeper than {SPEC_MAX_DEPTH} levels"
+                    )
+            elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+                depth -= 1
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise SpecError(src, "", _shown(f"not valid YAML: {e}".replace("\n", " "), 300)) from None
 
 
 class _Strict(BaseModel):
@@ -205,10 +261,14 @@ class ObjectiveSpec(_Strict):
         return [Condition.parse(c) for c in self.constraints]
 
 
+# A budget's documented maxima: a typo of a few zeros is refused, not run for a year
+MAX_TRIALS, MAX_EPOCHS, MAX_CONCURRENCY = 10_000, 10_000, 4_096
+
+
 class BudgetSpec(_Strict):
-    trials: int = Field(20, ge=1)
-    concurrency: int = Field(2, ge=1)
-    max_epochs: int = Field(20, ge=1)
+    trials: int = Field(20, ge=1, le=MAX_TRIALS)
+    concurrency: int = Field(2, ge=1, le=MAX_CONCURRENCY)
+    max_epochs: int = Field(20, ge=1, le=MAX_EPOCHS)
     grace_epochs: int = Field(2, ge=1)  # ASHA: no trial is stopped before this many epochs
     reduction_factor: float = Field(3.0, gt=1.0)  # ASHA: keep the top 1/rf at each rung
     max_steps_per_epoch: int | None = Field(None, ge=1)  # cap for smoke runs
@@ -366,7 +426,7 @@ class StrategySpec(_Strict):
 
 
 class SearchSpec(_Strict):
-    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: str = Field(..., pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=128)
     trainable: str
     seed: int = 0
     data: DataSpec
@@ -547,10 +607,7 @@ def load_spec(
     if not path.is_file():
         known = ", ".join(presets())
         raise SpecError(src, "", f"spec file not found (packaged presets: {known})")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise SpecError(src, "", f"not valid YAML: {e}".replace("\n", " ")) from None
+    raw = read_yaml(path, src)
     if not isinstance(raw, dict):
         raise SpecError(src, "", "expected a mapping at the top level")
     raw.setdefault("name", path.stem)
@@ -633,7 +690,7 @@ def validate_spec(
             if err["type"] == "extra_forbidden":
                 msg = f"unknown key (allowed: {_allowed(err['loc'])})"
             elif "input" in err and err["type"] not in ("missing",):
-                msg = f"{msg} (got {err['input']!r})"
+                msg = f"{msg} (got {_shown(err['input'])})"
             problems.append((loc, msg.removeprefix("Value error, ")))
         raise SpecError(source, problems=problems) from None
     problems = _check_semantics(spec, check_paths)

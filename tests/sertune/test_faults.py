@@ -180,11 +180,14 @@ def _run_until(args, env, pattern, timeout=300) -> tuple[subprocess.Popen, list[
     return proc, lines
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
-def test_a_stopped_search_is_interrupted_not_finished_and_resumes(tmp_path, home, sig):
-    """Ctrl-C (or SIGTERM) mid-search: exit 130, the search and its open MLflow runs are marked
-    interrupted (KILLED), the resume command is printed (not Ray's), nothing reads 'finished';
-    `sertune search resume` completes it."""
+@pytest.mark.parametrize(
+    "sig, times", [(signal.SIGINT, 2), (signal.SIGTERM, 1)], ids=["double-ctrl-c", "sigterm"]
+)
+def test_a_stopped_search_is_interrupted_not_finished_and_resumes(tmp_path, home, sig, times):
+    """SIGTERM (or Ctrl-C twice: stop at once) mid-search: exit 130, the search and its open
+    MLflow runs are marked interrupted (KILLED), the resume command is printed (not Ray's),
+    nothing reads 'finished'; `sertune search resume` completes it. (One Ctrl-C takes SIGTERM's
+    path.)"""
 
     def edit(raw):
         # the first trial is interrupted, the second has not started: resume finishes one and
@@ -198,6 +201,9 @@ def test_a_stopped_search_is_interrupted_not_finished_and_resumes(tmp_path, home
     env = env_for(home, SERTUNE_RAY_TEMP_DIR=ray_tmp)
     proc, lines = _run_until(["search", "run", str(spec)], env, r"trial \w+ epoch 2/4")
     proc.send_signal(sig)
+    for _ in range(times - 1):
+        time.sleep(0.5)
+        proc.send_signal(sig)
     try:
         proc.wait(timeout=120)
     finally:

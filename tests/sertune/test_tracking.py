@@ -296,12 +296,15 @@ def test_mlflow_server_end_to_end(mlflow_server, tmp_path, capfd):
     with Env(SERTUNE_HOME=str(home), MLFLOW_TRACKING_URI=url, **anonymous):
         with pytest.raises(Exception, match="401|nauthori|credentials"):
             MlflowClient(url).search_experiments()  # the server really asks
-    admin = dict(MLFLOW_TRACKING_USERNAME="admin", MLFLOW_TRACKING_PASSWORD=ADMIN_PASSWORD)
-    with Env(SERTUNE_HOME=str(home), MLFLOW_TRACKING_URI=url, **admin):
-        run_smoke(home, "server", url)
+    # the credentials in the URL, as users paste them: kept only in MLflow's variables
+    secret_url = url.replace("http://", f"http://admin:{ADMIN_PASSWORD}@")
+    with Env(SERTUNE_HOME=str(home), MLFLOW_TRACKING_URI=secret_url, **anonymous):
+        run_smoke(home, "server", secret_url)
         runs = check_runs_and_artifacts(tmp_path)
         v = promote("server")
         assert v["version"] == "1"
+        again = promote("server")  # idempotent: the same model keeps its version
+        assert again["version"] == "1" and again["reused"] and not again["previous"]
         rows = predict_files("models:/ser-mtl-aug@champion", [str(a_wav(tmp_path / "y.wav"))])
         assert abs(sum(rows[0]["probabilities"].values()) - 1) < 1e-5
         parent = MlflowClient(url).get_run(runs[0].data.tags["mlflow.parentRunId"])
@@ -311,6 +314,14 @@ def test_mlflow_server_end_to_end(mlflow_server, tmp_path, capfd):
     for r in [*runs, parent]:
         assert ADMIN_PASSWORD not in json.dumps({**r.data.params, **r.data.tags})
     assert ADMIN_PASSWORD not in (home / "state" / "searches" / "server.json").read_text()
+    # nor in any file the search left under its home (Tune's pickles included)
+    holding = [
+        str(f)
+        for f in home.rglob("*")
+        if f.is_file() and ADMIN_PASSWORD.encode() in f.read_bytes()
+    ]
+    assert holding == []
+    assert any(home.rglob("tuner.pkl"))
     out, err = capfd.readouterr()
     assert ADMIN_PASSWORD not in out + err
 

@@ -90,7 +90,7 @@ def run_scale_bench(
         for n in sizes:
             spec = _spec(n, slots, epochs, trial_seconds)
             cpu0, t0 = time.process_time(), time.monotonic()
-            result = run_search(spec, log=lambda *a: None)
+            result = run_search(spec, log=lambda *a: None, replace=True)
             wall = time.monotonic() - t0
             cpu = time.process_time() - cpu0
             starts = [r["started"] for r in result.rows if r.get("started")]

@@ -116,8 +116,9 @@ def promote(a: argparse.Namespace) -> int:
             f"failed {', '.join(skipped['failed'])}"
         )
     spread = f" ± {v['sd']:.4f} over {v['n']} seeds" if v["confirmed"] else ""
+    what = "already registered as" if v.get("reused") else "registered"
     print(
-        f"registered {v['name']} version {v['version']} (trial {v['trial']}, "
+        f"{what} {v['name']} version {v['version']} (trial {v['trial']}, "
         f"{v['objective']}={v['value']:.4f}{spread})"
     )
     if v.get("model_source"):

@@ -52,7 +52,17 @@ def add(sub) -> None:
         parents=[tracking_option(), spec_options()],
     )
     r.add_argument("spec", help="a preset name (see `sertune search presets`) or a YAML file")
-    r.add_argument("--name", help="search name (default: the spec's name)")
+    r.add_argument(
+        "--name",
+        help="search name (default: the spec's name): letters, digits, '.', '_', '-', at most "
+        "128; one search per name",
+    )
+    r.add_argument(
+        "--replace",
+        action="store_true",
+        help="a search of this name has ended: remove it (its folders, record and MLflow runs) "
+        "and run this one in its place (without it: refused, with what to do)",
+    )
     r.add_argument("--num-cpus", type=int, help="CPUs for local Ray (default: all)")
     r.add_argument(
         "--baseline",
@@ -169,7 +179,7 @@ def _load(path: str, name: str | None = None, a: argparse.Namespace | None = Non
     if getattr(a, "baseline", None):
         sets.append(f"baseline={a.baseline}")
     smoke = bool(getattr(a, "smoke", False))
-    return load_spec(path, {"name": name} if name else None, sets=sets, smoke=smoke)
+    return load_spec(path, {"name": name} if name is not None else None, sets=sets, smoke=smoke)
 
 
 def validate(a: argparse.Namespace) -> int:
@@ -212,7 +222,13 @@ def run(a: argparse.Namespace) -> int:
 
     spec = _load(a.spec, a.name, a)
     return _finish(
-        run_search(spec, tracking_uri=a.tracking_uri, num_cpus=a.num_cpus, verbose=a.verbose)
+        run_search(
+            spec,
+            tracking_uri=a.tracking_uri,
+            num_cpus=a.num_cpus,
+            verbose=a.verbose,
+            replace=a.replace,
+        )
     )
 
 
@@ -225,9 +241,13 @@ def resume(a: argparse.Namespace) -> int:
 def list_(a: argparse.Namespace) -> int:
     from ..records import effective_status, list_records
 
-    records = list_records()
+    corrupt: list[str] = []
+    records = list_records(corrupt)
+    for line in corrupt:  # named, skipped: the other searches are listed
+        print(f"corrupt: {line}")
     if not records:
-        print("no searches yet; start one with `sertune search run SPEC` or `sertune demo`")
+        if not corrupt:
+            print("no searches yet; start one with `sertune search run SPEC` or `sertune demo`")
         return 0
     print(f"{'name':28} {'status':12} {'created':20} {'trials':>6}  spec")
     for r in records:

@@ -20,16 +20,15 @@ def log_pyfunc_model(run_id: str, model_dir: Path, trainable: str, tracking_uri:
     from mlflow.models import infer_signature
 
     from .. import __version__
-    from ..serving import META, _load_pyfunc, code_dirs, requirements
+    from ..serving import META, MODEL_FILES, _load_pyfunc, code_dirs, file_digests, requirements
 
     with tempfile.TemporaryDirectory(prefix="sertune-pyfunc-") as tmp:
         data = Path(tmp) / "model"
         data.mkdir()
-        for name in ("model.safetensors", "model.json"):
+        for name in MODEL_FILES:
             shutil.copy(Path(model_dir) / name, data / name)
-        (data / META).write_text(
-            json.dumps({"trainable": trainable, "sertune_version": __version__})
-        )
+        meta = {"trainable": trainable, "sertune_version": __version__}
+        (data / META).write_text(json.dumps({**meta, "sha256": file_digests(data)}))
         model = _load_pyfunc(str(data))
         sr = model.predictor.sample_rate
         t = np.arange(sr // 2) / sr

@@ -209,6 +209,18 @@ class Store:
             time.sleep(0.5)
         return version
 
+    def version_tagged(self, name: str, tag: str, value: str) -> str | None:
+        """The newest READY version of ``name`` whose tag ``tag`` is ``value`` (a model promoted
+        before: promotion reuses it), or None."""
+        try:
+            found = self._client.search_model_versions(f"name = '{name}'")
+        except Exception as e:
+            if is_missing(e):
+                return None
+            raise
+        hits = [int(v.version) for v in found if v.tags.get(tag) == value and v.status == "READY"]
+        return str(max(hits)) if hits else None
+
     def describe_version(self, name: str, version: str, description: str) -> None:
         """The version's Description in the registry UI (markdown)."""
         self._client.update_model_version(name, version, description=description)
