@@ -3,7 +3,8 @@
 A full disk mid-search cuts Tune's state files and MLflow's SQLite store in the middle of a
 write. So a search refuses to start below ``settings.min_free_mb()`` (one line, exit 2), and while
 it runs a watcher stops it, as ``interrupted`` and resumable, once a folder falls below half of
-that floor - before the disk is full, so everything that ran is saved whole."""
+that floor (``settings.min_free_running_mb()``) - before the disk is full, so everything that
+ran is saved whole."""
 
 from __future__ import annotations
 
@@ -64,7 +65,7 @@ class DiskWatch:
     def _run(self) -> None:
         while not self._stop.wait(self.period_s):
             path, free = lowest()
-            floor = settings.min_free_mb() / 2
+            floor = settings.min_free_running_mb()
             if free < floor:
                 self.tripped = f"{path}: {free:.0f} MB free (below {floor:.0f} MB)"
                 self.log(

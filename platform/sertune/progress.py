@@ -11,7 +11,7 @@ from ray.tune import Callback
 from .failures import trial_error_reason
 from .leaderboard import trial_epochs
 from .spec import SearchSpec
-from .trainable import PBT_EXPLOITED_EPOCH, PBT_EXPLOITED_FROM, SCHEDULE_PREFIX
+from .trainable import PBT_EXPLOITED_EPOCH, PBT_EXPLOITED_FROM, SCHEDULE_PREFIX, SLOT_NOTE
 
 
 def short_config(config: dict[str, Any]) -> str:
@@ -74,6 +74,8 @@ class ProgressPrinter(Callback):
             for m in self.metrics
             if isinstance(result.get(m), (int, float))
         )
+        if result.get(SLOT_NOTE):
+            self.log(f"{self._stamp()} trial {trial.trial_id}: {result[SLOT_NOTE]}")
         if result.get(PBT_EXPLOITED_FROM):
             now = ", ".join(
                 f"{k.removeprefix(SCHEDULE_PREFIX)}={v:.3g}"

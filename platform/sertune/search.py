@@ -18,6 +18,7 @@ continues the phase that was running, keeping every finished trial.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from . import ray_compat, records, tracking, warmstart
@@ -73,6 +74,8 @@ def _claim(name: str, replace: bool, log: Log) -> None:
             raise
         records.delete_record(name)
         return
+    if old.submission_id and os.environ.get("SERTUNE_SUBMITTED") == name:
+        return  # the Ray Job of a submitted search, on a node that shares the submitter's home
     status = records.effective_status(old)
     if status == "running":
         d = old.driver

@@ -37,6 +37,7 @@ from .trainable import (
     PBT_LINEAGE,
     REPLICA_CHECKPOINTS,
     REPORT_BOOKKEEPING,
+    SLOT_NOTE,
     CheckpointEvaluation,
 )
 
@@ -309,6 +310,10 @@ class TrialLogger(Callback):
     ) -> None:
         key = self._child(trial)
         self._track_schedule(key, result)
+        if result.get(SLOT_NOTE):  # e.g. a damaged checkpoint passed over on resume
+            at = trial_epochs(result)
+            tags = {f"sertune.slot_note_epoch_{at}": str(result[SLOT_NOTE])[:500]}
+            self.runs.append(Op(Kind.TAGS, key=key, tags=tags))
         ts = int(result.get("timestamp", time.time()) * 1000)
         self.runs.append(
             Op(Kind.METRICS, key=key, step=trial_epochs(result), metrics=metric_rows(result, ts))

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .storage import download_dir, exists, list_dirs, remove_dir, upload_dir, write_text
-from .trainable import CHECKPOINT_PATH, TrialStopped
+from .trainable import CHECKPOINT_PATH, SLOT_NOTE, TrialStopped
 
 PROCESS_CACHE: dict[str, Any] = {}  # survives trials in one worker process (warm slots)
 CHECKPOINT_PREFIX = "checkpoint_"  # a warm slot's epoch checkpoints: checkpoint_000003
@@ -271,13 +271,12 @@ class SlotSession:
                 local, chosen = got, name
                 break
             older = [d for d in done if d < name]
-            print(
-                f"[sertune] {self.key}: checkpoint {self.storage}/{name} is damaged ({damaged} "
-                "does not match its SHA-256); "
-                + (f"resuming from {older[-1]}" if older else "no intact one left: restarting"),
-                file=sys.stderr,
-                flush=True,
+            self._note = (
+                f"checkpoint {self.storage}/{name} is damaged ({damaged} does not match its "
+                "SHA-256); "
+                + (f"resumed from {older[-1]}" if older else "no intact one left: restarted")
             )
+            print(f"[sertune] {self.key}: {self._note}", file=sys.stderr, flush=True)
             if self.rank == 0:
                 remove_dir(f"{self.storage}/{name}")
         if local is None:
@@ -297,6 +296,8 @@ class SlotSession:
         import ray
 
         if self.rank == 0:
+            if getattr(self, "_note", None):  # said once, on the console with the next epoch
+                metrics, self._note = {**metrics, SLOT_NOTE: self._note}, None
             if checkpoint_dir:
                 name = f"{CHECKPOINT_PREFIX}{int(metrics.get('epoch', 0)):06d}"
                 uri = f"{self.storage}/{name}"

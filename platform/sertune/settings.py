@@ -7,7 +7,7 @@
 | decoded caches   | ``<home>/cache``                      | ``SERTUNE_CACHE``                       |
 | MLflow tracking  | ``sqlite:///<home>/mlflow.db``        | ``--tracking-uri`` / ``MLFLOW_TRACKING_URI`` |
 | MLflow artifacts | ``<home>/mlartifacts``                | ``SERTUNE_ARTIFACT_ROOT``               |
-| free-space floor | 256 MB (a search refuses to start below; stops, resumable, below half) | ``SERTUNE_MIN_FREE_MB`` |
+| free-space floor | 256 MB to start; a running search stops (resumable) below half | ``SERTUNE_MIN_FREE_MB``, ``SERTUNE_MIN_FREE_RUNNING_MB`` |
 """
 
 from __future__ import annotations
@@ -88,6 +88,15 @@ def min_free_mb() -> float:
         return float(os.environ.get("SERTUNE_MIN_FREE_MB", "256"))
     except ValueError:
         return 256.0
+
+
+def min_free_running_mb() -> float:
+    """Below this many MB free a running search stops, resumable: ``SERTUNE_MIN_FREE_RUNNING_MB``,
+    default half of :func:`min_free_mb`."""
+    try:
+        return float(os.environ["SERTUNE_MIN_FREE_RUNNING_MB"])
+    except (KeyError, ValueError):
+        return min_free_mb() / 2
 
 
 def local_folders() -> list[Path]:

@@ -149,6 +149,9 @@ def submit(
         env["MLFLOW_TRACKING_URI"] = without_userinfo(env["MLFLOW_TRACKING_URI"])
     env.update(FAST_ENV)
     env["PYTHONUNBUFFERED"] = "1"
+    env["SERTUNE_SUBMITTED"] = (
+        spec.name
+    )  # the job's `search run` takes the submitted record's name
     entrypoint = f"python -m sertune.cli search run {src.name} --name {spec.name}"
     try:  # the working dir is uploaded by submit_job; the local copy is not needed after
         sid = _call(

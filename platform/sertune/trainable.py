@@ -89,6 +89,7 @@ EPOCHS_DONE = "epochs_done"  # epochs trained so far (1-based): survives a resum
 BEST_EPOCH = "best_epoch"  # 0-based epoch whose checkpoint is the trial's result so far
 CHECKPOINT_PATH = "checkpoint_path"  # where rank 0's checkpoint of this epoch was persisted
 LOOP_STARTED_AT = "loop_started_at"  # wall time the training loop began (benches)
+SLOT_NOTE = "slot_note"  # a warm slot's word for the console (a damaged checkpoint passed over)
 # Added by the warm proxy for a replicated objective (objective.cv folds and/or objective.repeats;
 # never by a trainable): every figure is the jobs' mean, with ``<figure>_se`` and
 # ``<label>/<figure>`` (fold1, rep2, fold1.rep2) beside it, and
@@ -105,6 +106,7 @@ REPORT_BOOKKEEPING = frozenset(
         LOOP_STARTED_AT,
         CHECKPOINT_PATH,
         REPLICA_CHECKPOINTS,
+        SLOT_NOTE,
         PBT_LINEAGE,
         PBT_EXPLOITED_EPOCH,
         PBT_EXPLOITED_FROM,

@@ -17,6 +17,9 @@ Every drill runs real processes - ``sertune`` searches as subprocesses, a real `
 | resources        | ``cpus_per_worker: 64`` on this machine               | seconds past the refusal limit |
 | token_head       | submit to a token-authenticated ``ray start --head``  | trials not finished            |
 | secrets          | fake AWS/MLflow secrets; search, promote, submit      | files containing a secret      |
+| same_name        | two ``search run --name same`` started together        | both or neither ran, runs != budget |
+| disk_low         | the disk fills mid-search (a ballast file), freed, resume | trials lost, not interrupted |
+| bad_checkpoint   | SIGKILL mid-trial, garble the newest checkpoint, resume | epochs missing/doubled, trial failed |
 """
 
 from __future__ import annotations
@@ -416,6 +419,107 @@ def secrets(d: Drill) -> tuple[int, str]:
     )
 
 
+def same_name(d: Drill) -> tuple[int, str]:
+    """Two `search run --name same` started together: exactly one runs, its budget's runs."""
+    spec = str(d.spec("same", lambda r: r["budget"].update(trials=2, max_epochs=2)))
+    a, la = d.start("search", "run", spec, "--name", "same")
+    b, lb = d.start("search", "run", spec, "--name", "same")
+    try:
+        a.wait(timeout=900)
+        b.wait(timeout=900)
+    finally:
+        d.clean(a)
+        d.clean(b)
+    exits = sorted([a.returncode, b.returncode])
+    trials = [r for r in d.runs("same") if r.data.tags.get("sertune.kind") == "trial"]
+    parents = [r for r in d.runs("same") if r.data.tags.get("sertune.kind") == "search"]
+    lost = (exits != [0, 2]) + abs(len(trials) - 2) + abs(len(parents) - 1)
+    refused = next((ln.strip() for ln in la + lb if "is running" in ln), "no refusal")
+    return (
+        lost,
+        f"exits {exits}, {len(trials)} trial runs, 1 parent: {len(parents) == 1}; {refused[:80]}",
+    )
+
+
+def disk_low(d: Drill) -> tuple[int, str]:
+    """The disk fills mid-search (a ballast file under the home takes the room the running floor
+    leaves): the search stops as interrupted with its state whole; the ballast removed, resume
+    finishes with every trial that had finished before."""
+    import shutil
+
+    from ..diskspace import MB
+
+    spec = d.spec(
+        "disk", lambda r: r["budget"].update(trials=3, concurrency=1, max_epochs=4, grace_epochs=4)
+    )
+    d.home.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(d.home).free / MB
+    env = {**d.env, "SERTUNE_MIN_FREE_MB": "64", "SERTUNE_MIN_FREE_RUNNING_MB": str(free - 300)}
+    proc, lines = d.start("search", "run", str(spec), env=env)
+    ballast = d.home / "ballast"
+    try:
+        finished, _ = wait_mid_trial(lines, proc, d.home / "searches" / "disk", 4, 600)
+        with ballast.open("wb") as fh:  # 400 MB: below the running floor
+            for _ in range(400):
+                fh.write(b"\0" * MB)
+            fh.flush()
+            os.fsync(fh.fileno())
+        proc.wait(timeout=300)
+    finally:
+        d.clean(proc)
+        ballast.unlink(missing_ok=True)
+    said = any("disk nearly full" in ln for ln in lines)
+    status = json.loads((d.home / "state" / "searches" / "disk.json").read_text())["status"]
+    resumed = d.cli("search", "resume", "disk")
+    d.clean()
+    rerun = set(re.findall(r"trial (\w+) started", resumed.stdout)) & finished
+    lost = (
+        (proc.returncode != 130)
+        + (not said)
+        + (status != "interrupted")
+        + len(rerun)
+        + (0 if "(3 trials, 0 failed" in resumed.stdout else 1)
+        + d.epoch_gaps("disk", 4)
+    )
+    return lost, (
+        f"said disk nearly full: {said}, exit {proc.returncode}, record {status}; resume exit "
+        f"{resumed.returncode}, {len(finished)} finished before, {len(rerun)} re-run"
+    )
+
+
+def bad_checkpoint(d: Drill) -> tuple[int, str]:
+    """SIGKILL the driver mid-trial, garble the newest checkpoint of the running trial, resume:
+    the damaged checkpoint is named and passed over, the trial resumes from the one before."""
+    spec = d.spec(
+        "badck",
+        lambda r: r["budget"].update(trials=2, concurrency=1, max_epochs=6, grace_epochs=6),
+    )
+    proc, lines = d.start("search", "run", str(spec))
+    try:
+        _, running = wait_mid_trial(lines, proc, d.home / "searches" / "badck", 6, 600)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        d.clean(proc)
+    ckpts = sorted((d.home / "searches" / "badck" / "_train" / running).glob("checkpoint_*"))
+    state = ckpts[-1] / "state.pt"
+    data = bytearray(state.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 64] = os.urandom(64)
+    state.write_bytes(bytes(data))
+    resumed = d.cli("search", "resume", "badck")
+    d.clean()
+    named = f"checkpoint {ckpts[-1]} is damaged" in resumed.stdout + resumed.stderr
+    lost = (
+        (resumed.returncode != 0)
+        + (0 if "(2 trials, 0 failed" in resumed.stdout else 1)
+        + d.epoch_gaps("badck", 6)
+    )
+    return (
+        lost,
+        f"garbled {state.parent.name}/state.pt; named: {named}; resume exit {resumed.returncode}",
+    )
+
+
 DRILLS: dict[str, Callable[[Drill], tuple[int, str]]] = {
     "driver_kill": driver_kill,
     "worker_kill": worker_kill,
@@ -427,6 +531,9 @@ DRILLS: dict[str, Callable[[Drill], tuple[int, str]]] = {
     "resources": resources,
     "token_head": token_head,
     "secrets": secrets,
+    "same_name": same_name,
+    "disk_low": disk_low,
+    "bad_checkpoint": bad_checkpoint,
 }
 
 

@@ -25,6 +25,7 @@ from ..trainable import (
     PBT_LINEAGE,
     REPLICA_CHECKPOINTS,
     SCHEDULE_PREFIX,
+    SLOT_NOTE,
     CheckpointEvaluation,
     TrialDiverged,
 )
@@ -34,7 +35,15 @@ from .slot import run_slot
 
 # what a fold's report carries that is not a figure: never averaged, never per fold
 _NOT_FIGURES = frozenset(
-    {EPOCHS_DONE, BEST_EPOCH, CHECKPOINT_PATH, LOOP_STARTED_AT, REPLICA_CHECKPOINTS, "epoch"}
+    {
+        EPOCHS_DONE,
+        BEST_EPOCH,
+        CHECKPOINT_PATH,
+        LOOP_STARTED_AT,
+        REPLICA_CHECKPOINTS,
+        SLOT_NOTE,
+        "epoch",
+    }
 )
 
 
@@ -71,6 +80,11 @@ def fold_mean(
             out[key] = reports[rep][key]
     if all(CHECKPOINT_PATH in r for r in reports):
         out[REPLICA_CHECKPOINTS] = json.dumps([r[CHECKPOINT_PATH] for r in reports])
+    notes = [
+        f"{lb}: {r[SLOT_NOTE]}" for lb, r in zip(labels, reports, strict=True) if r.get(SLOT_NOTE)
+    ]
+    if notes:
+        out[SLOT_NOTE] = "; ".join(notes)
     out[CV_FOLD] = rep
     out[EPOCHS_DONE] = reports[0].get(EPOCHS_DONE)
     starts = [r[LOOP_STARTED_AT] for r in reports if LOOP_STARTED_AT in r]
