@@ -16,6 +16,8 @@ moved, and ``tests/test_architecture.py`` fails on a Ray upgrade that moves any 
 | :func:`tune_logs_to`                    | Tune prints every failed trial's traceback on the console (ERROR)|
 | :func:`quiet`                           | banners, hints and per-trial chatter on the console (Tune's new |
 |                                         | output engine ignores verbose=0; the raylet's worker-pool notice)|
+| :func:`atomic_experiment_state`         | Tune writes ``experiment_state-*.json`` in place: a full disk or |
+|                                         | a kill mid-write leaves half a file and a resume loses trials   |
 | dashboard on (``sertune.cluster``)      | Train's placement-group cleaner needs the state API             |
 | explicit ``RAY_ADDRESS`` (``sertune.cluster``) | that cleaner auto-detects "the" cluster and dies beside a second one |
 """
@@ -257,6 +259,47 @@ def _drop_worker_pool_notices() -> None:
     worker.print_to_stdstream = print_to_stdstream
 
 
+def atomic_experiment_state() -> None:
+    """Tune 2.60's ``TuneController.save_to_dir`` opens ``experiment_state-*.json`` for writing
+    and dumps into it: a full disk (or a kill) mid-write leaves half a file, and a resume then
+    restores fewer trials than had finished. Write the same content to a temporary file and
+    rename it over the old one (atomic on POSIX): the old state survives a failed save. Once."""
+    try:
+        from ray.tune.execution.tune_controller import TuneController
+    except ImportError:
+        return _moved("ray.tune.execution.tune_controller.TuneController")
+    if getattr(TuneController.save_to_dir, "_sertune_atomic", False):
+        return
+    if "experiment_state_file_name" not in TuneController.save_to_dir.__code__.co_names:
+        return _moved("TuneController.save_to_dir")
+
+    def save_to_dir(self) -> None:
+        import json
+        from pathlib import Path
+
+        from ray.tune.utils.serialization import TuneFunctionEncoder
+
+        runner_state = {
+            "trial_data": list(self._get_trial_checkpoints().values()),
+            "runner_data": self.__getstate__(),
+            "stats": {"start_time": self._start_time},
+        }
+        staging = self._storage.experiment_driver_staging_path
+        os.makedirs(staging, exist_ok=True)
+        final = Path(staging, self.experiment_state_file_name)
+        tmp = final.with_name(f".{final.name}.tmp")
+        with open(tmp, "w") as f:
+            json.dump(runner_state, f, cls=TuneFunctionEncoder)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+        self._search_alg.save_to_dir(staging, session_str=self._session_str)
+        self._callbacks.save_to_dir(staging, session_str=self._session_str)
+
+    save_to_dir._sertune_atomic = True  # type: ignore[attr-defined]
+    TuneController.save_to_dir = save_to_dir
+
+
 def missing_internals() -> list[str]:
     """The Ray internals the workarounds above rely on that this Ray does not have."""
     missing = []
@@ -294,6 +337,16 @@ def missing_internals() -> list[str]:
             missing.append("ray._private.worker._global_node")
     except ImportError:
         missing.append("ray._private.worker")
+    try:
+        from ray.tune.execution.tune_controller import TuneController
+
+        code = TuneController.save_to_dir.__code__
+        if getattr(TuneController.save_to_dir, "_sertune_atomic", False):
+            pass
+        elif "experiment_state_file_name" not in code.co_names:
+            missing.append("TuneController.save_to_dir")
+    except ImportError:
+        missing.append("ray.tune.execution.tune_controller.TuneController")
     try:
         from ray.train.v2._internal.constants import HEALTH_CHECK_INTERVAL_S_ENV_VAR
 

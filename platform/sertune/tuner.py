@@ -207,6 +207,7 @@ def build_tuner(
     from ray.tune.schedulers import FIFOScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
+    ray_compat.atomic_experiment_state()  # a failed save keeps the last whole state
     if restore:
         fs, path = fs_and_path(experiment_path(name))
         return tune.Tuner.restore(

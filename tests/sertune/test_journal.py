@@ -122,3 +122,35 @@ def test_a_record_mlflow_refuses_is_skipped_and_said_the_rest_go_on(store):
     assert j.close(timeout_s=60) == 0
     assert any("could not be written and is skipped" in ln and "gone" in ln for ln in lines)
     assert history(j.run_id("parent")) == [(1, 0.1)]
+
+
+def test_a_full_disk_keeps_the_records_in_memory_and_says_so(home, tmp_path):
+    """The journal's folder on a real 2 MB tmpfs filled to the brim (skipped where tmpfs cannot
+    be mounted): appending never raises, one line says the records are in memory only, and
+    every record still reaches MLflow."""
+    import subprocess
+
+    store = tracking.ensure_store()  # the MLflow store stays on the roomy disk
+    small = home / "state" / "journal"
+    small.mkdir(parents=True)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(small)],
+                      capture_output=True).returncode != 0:  # fmt: skip
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        lines = []
+        j = Journal("j", store, log=lines.append)
+        with open(small / "ballast", "wb") as fh:
+            try:
+                while True:
+                    fh.write(b"\0" * 65536)
+            except OSError:
+                pass
+        j.start()
+        j.append(run_op())
+        for step in range(1, 4):
+            j.append(metrics("parent", step, step / 10))
+        assert j.close(30) == 0
+        assert sum("kept in memory only" in ln for ln in lines) == 1, lines
+        assert history(j.run_id("parent")) == [(1, 0.1), (2, 0.2), (3, 0.3)]
+    finally:
+        subprocess.run(["umount", "-l", str(small)], capture_output=True)

@@ -148,8 +148,12 @@ class Journal:
 
     def _write(self, name: str, text: str) -> None:
         tmp = self.dir / f".{name}.tmp"
-        tmp.write_text(text)
-        tmp.replace(self.dir / name)
+        try:
+            tmp.write_text(text)
+            tmp.replace(self.dir / name)
+        except OSError:  # a full disk: the old file stays whole; the records are in memory
+            tmp.unlink(missing_ok=True)
+            self._memory_only = True
 
     @property
     def pending(self) -> int:
@@ -166,8 +170,17 @@ class Journal:
     def append(self, op: Op) -> None:
         line = json.dumps(op.to_json(), default=str)
         with self._lock:
-            with (self.dir / "ops.jsonl").open("a") as fh:
-                fh.write(line + "\n")
+            try:
+                with (self.dir / "ops.jsonl").open("a") as fh:
+                    fh.write(line + "\n")
+            except OSError as e:  # a full disk: kept in memory, and said so once, truthfully
+                if not getattr(self, "_memory_only", False):
+                    self._memory_only = True
+                    self.log(
+                        f"[mlflow] cannot write the journal {self.dir / 'ops.jsonl'} "
+                        f"({e.strerror}): MLflow records are kept in memory only until the "
+                        "search ends"
+                    )
             self._ops.append(op)
             self._lock.notify_all()
 
@@ -240,9 +253,16 @@ class Journal:
                         self._ops[head : head + n] = [replace(op, lookup=True) for op in batch]
                     if self._down_since is None:
                         self._down_since = time.monotonic()
+                        where = (
+                            "in memory only (the journal's disk is full)"
+                            if getattr(self, "_memory_only", False)
+                            else f"on disk in {self.dir}"
+                        )
+                        full = "disk is full" in str(e) or "No space left" in str(e)
+                        what = "has no space left" if full else f"unreachable ({_why(e)})"
                         self.log(
-                            f"[mlflow] {self.uri} unreachable ({_why(e)}); records are kept and "
-                            "training goes on"
+                            f"[mlflow] {self.uri} {what}; records are kept {where} and training "
+                            "goes on"
                         )
                     time.sleep(backoff)
                     backoff = min(30.0, backoff * 2)
@@ -289,8 +309,11 @@ class Journal:
     def _remember(self, key: str, **values: Any) -> None:
         """Append, never rewrite: the cost of a record stays flat however many runs exist."""
         self._runs.setdefault(key, {}).update(values)
-        with (self.dir / "runs.jsonl").open("a") as fh:
-            fh.write(json.dumps({"key": key, **values}) + "\n")
+        try:
+            with (self.dir / "runs.jsonl").open("a") as fh:
+                fh.write(json.dumps({"key": key, **values}) + "\n")
+        except OSError:  # a full disk: kept in memory (the run is found again by its tags)
+            self._memory_only = True
 
     def _apply(self, batch: list[Op]) -> None:
         t0 = time.perf_counter()
