@@ -13,7 +13,7 @@ STAMP := $(VENV)/.installed-$(shell cat $(LOCK) pyproject.toml | sha1sum | cut -
 UV_VERSION := 0.13.9
 LOCK_TOOL := build/lock-tool
 
-.PHONY: demo test lint format bench install clean ui-check lock doctor
+.PHONY: demo test test-slow test-all lint format bench install clean ui-check lock doctor
 
 # A fresh venv every time the lock changes: nothing left over from an earlier resolution.
 $(LOCKED): $(LOCK)
@@ -49,8 +49,17 @@ lock:
 demo: $(STAMP)
 	$(VENV)/bin/sertune demo
 
+# The suite in two tiers: `make test` (CI, under 30 min on 2 cores) runs every feature end to end;
+# `make test-slow` the long fault drills and strategy variants (marked `slow`, ~20 min); both
+# before a release: `make test-all`.
 test: $(STAMP)
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q --durations=15 -m "not slow"
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q --durations=15 -m slow
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q --durations=25
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

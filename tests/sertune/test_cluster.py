@@ -66,6 +66,7 @@ def keys(prefix: str) -> list[str]:
     return list_objects(prefix)
 
 
+@pytest.mark.slow
 def test_fake_gpu_cluster_packs_trials_as_the_spec_asks(tmp_path, home, monkeypatch):
     """Two nodes with one (fake) GPU each; 0.5 GPU per trial: four warm slots, two sharing each
     node's GPU, none on the GPU-less head; every trial ran on a slot's GPU 0."""
@@ -218,6 +219,7 @@ def token_head(tmp_path_factory):
         kill_owned(session=head.pid, temp_dir=temp)
 
 
+@pytest.mark.slow
 def test_submit_to_a_token_authenticated_head(tmp_path, home, s3, token_head):
     """`sertune search submit` finds the token in Ray's standard places, never ships it, and the
     search runs on the head; results land in MLflow and S3. No credential (the token, AWS and
@@ -303,6 +305,7 @@ def test_submit_without_a_token_says_where_to_put_it(tmp_path, home, token_head)
     )
 
 
+@pytest.mark.slow
 def test_a_second_ray_instance_on_the_host_does_not_disturb_a_search(tmp_path, home, token_head):
     """Another Ray (the head above) runs on this host: the search addresses its own cluster."""
     from sertune.cluster import shutdown_ray

@@ -181,6 +181,7 @@ def test_fail_fast_rules():
         w.close()
 
 
+@pytest.mark.slow
 def test_a_search_whose_trials_all_fail_the_same_way_stops_early(home, tmp_path):
     """6 trials, 2 at a time, each raising the same error: the search stops after the first two
     end, exit 1, one line per failed trial and one line of cause, no traceback; no confirmation."""

@@ -181,7 +181,9 @@ def _run_until(args, env, pattern, timeout=300) -> tuple[subprocess.Popen, list[
 
 
 @pytest.mark.parametrize(
-    "sig, times", [(signal.SIGINT, 2), (signal.SIGTERM, 1)], ids=["double-ctrl-c", "sigterm"]
+    "sig, times",
+    [(signal.SIGINT, 2), pytest.param(signal.SIGTERM, 1, marks=pytest.mark.slow)],
+    ids=["double-ctrl-c", "sigterm"],
 )
 def test_a_stopped_search_is_interrupted_not_finished_and_resumes(tmp_path, home, sig, times):
     """SIGTERM (or Ctrl-C twice: stop at once) mid-search: exit 130, the search and its open
@@ -248,6 +250,7 @@ def test_a_stopped_search_is_interrupted_not_finished_and_resumes(tmp_path, home
     assert parent.info.status == "FINISHED" and parent.data.tags["sertune.status"] == "finished"
 
 
+@pytest.mark.slow
 def test_a_search_whose_trials_all_fail_exits_non_zero(tmp_path, home):
     (tmp_path / "nan_space.py").write_text(
         "def space(trial):\n    return {'optim.lr': 1e20, 'optim.grad_clip': 0.0}\n"
@@ -356,7 +359,9 @@ def test_an_unknown_search_name_is_one_line(home, command):
     ], p.stderr
 
 
-@pytest.mark.parametrize("folds", [0, 2], ids=["trial", "cv-fold"])
+@pytest.mark.parametrize(
+    "folds", [pytest.param(0, marks=pytest.mark.slow), 2], ids=["trial", "cv-fold"]
+)
 def test_a_killed_worker_resumes_its_trial_from_the_last_checkpoint(tmp_path, home, folds):
     """SIGKILL the Ray Train worker of a warm slot mid-trial: Train restarts the worker group and
     the trial continues from its last checkpoint (no epoch twice, none lost). Cross-validated,

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 from sertune.testing import kill_owned, start_sertune, wait_mid_trial
@@ -33,6 +34,7 @@ def sertune(*args):
     return [sys.executable, "-m", "sertune.cli", *args]
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_mid_trial(home, tmp_path):
     raw = yaml.safe_load((REPO / "search_spaces" / "smoke.yaml").read_text())
     raw.update(name="crash", robustness=None)
@@ -108,6 +110,7 @@ def test_resume_after_sigkill_mid_trial(home, tmp_path):
 PBT_EPOCHS = 8
 
 
+@pytest.mark.slow
 def test_pbt_resumes_after_sigkill_of_the_driver(home, tmp_path):
     """A PBT search is SIGKILLed after a trial has taken another's checkpoint; `resume` completes
     it: every trial ends at epoch 8 with each epoch it trained logged once, and the winner's

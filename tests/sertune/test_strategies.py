@@ -172,6 +172,7 @@ def test_incompatible_or_unknown_choices_are_refused_naming_the_field():
     assert smoke(**{"search.sampler": "nsga2"}).search.sampler == "nsga2"
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("ray_2cpu")
 def test_a_warm_started_search_begins_with_the_earlier_trials(home, tmp_path):
     """Search A (random sampler, median stopping), then B (CMA-ES, async Hyperband) warm-started
@@ -239,6 +240,7 @@ def test_a_warm_started_search_begins_with_the_earlier_trials(home, tmp_path):
         run_search(spec("ws-c", {"warm_start": ["nope"]}), log=lambda *m: None)
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("ray_2cpu")
 def test_pbt_exploits_and_explores_with_warm_slots_and_records_the_schedule(home, tmp_path):
     """4 trials, 2 at a time, 6 epochs, perturbing optim.lr every epoch: weaker trials take a
@@ -301,7 +303,7 @@ def test_pbt_exploits_and_explores_with_warm_slots_and_records_the_schedule(home
     "search",
     [
         {"sampler": "gp", "scheduler": "none"},
-        {"sampler": "nsga2", "scheduler": "asha"},
+        pytest.param({"sampler": "nsga2", "scheduler": "asha"}, marks=pytest.mark.slow),
         {"sampler": "grid", "scheduler": "median"},
     ],
     ids=lambda s: f"{s['sampler']}+{s['scheduler']}",

@@ -366,6 +366,7 @@ def test_report_command_on_a_registered_model(sqlite_search, tmp_path, capsys):
     )
 
 
+@pytest.mark.slow
 def test_an_mlflow_outage_loses_no_record(tmp_path):
     """The tracking server goes down in the middle of a search and comes back: training goes on,
     the console says MLflow is unreachable and when it caught up, and every record arrives in
