@@ -114,6 +114,7 @@ def test_a_3_fold_cv_search_with_asha_acts_on_the_folds_mean(home, tmp_path):
             assert "robust/uar_snr10_white_se" in run.metrics
             assert run.tags["sertune.model_fold"].startswith("fold ")
         if row["state"] == "stopped":  # evaluated later: every fold's best model too
+            assert "fold0/test_uar" in run.metrics, run.tags.get("sertune.evaluation_error")
             folds = [run.metrics[f"fold{k}/test_uar"] for k in range(3)]
             assert run.metrics["test_uar"] == pytest.approx(sum(folds) / 3)
             assert "test_uar_se" in run.metrics and "robust/uar_snr10_white_se" in run.metrics

@@ -13,7 +13,7 @@ from typing import Any
 import ray
 from ray import tune
 
-from ..storage import exists, read_text, remove_dir, upload_dir, write_text
+from ..storage import exists, list_dirs, read_text, remove_dir, upload_dir, write_text
 from ..trainable import (
     BEST_EPOCH,
     CHECKPOINT_PATH,
@@ -380,6 +380,21 @@ class SlotPool:
         remove_dir(f"{self.storage}/_slots")
 
 
+def _still_there(checkpoint_uri: str) -> str:
+    """The checkpoint of a stopped trial's last relayed epoch, or, when its job trained on past
+    that epoch before the stop reached it and pruned it, the job's newest complete one (whose
+    ``best/`` is the best model up to its later epoch)."""
+    if exists(f"{checkpoint_uri}/COMPLETE"):
+        return checkpoint_uri
+    parent, _, _ = checkpoint_uri.rstrip("/").rpartition("/")
+    done = [
+        d
+        for d in list_dirs(parent)
+        if d.startswith("checkpoint_") and exists(f"{parent}/{d}/COMPLETE")
+    ]
+    return f"{parent}/{done[-1]}" if done else checkpoint_uri
+
+
 class BoardEvaluator:
     """Evaluates stopped trials' best checkpoints in free slots (warm mode); a replicated trial's
     every job's best checkpoint, the figures then their mean ± se as during training."""
@@ -413,6 +428,12 @@ class BoardEvaluator:
             self._submit(job_key, uri)
 
     def _submit(self, key: str, checkpoint_uri: str) -> None:
+        # the trial's job (same key) may still be training past the stop and pruning its
+        # checkpoints: stop it, wait until its slot lets go, then read what it left
+        board = self.pool.board
+        ray.get(board.cancel.remote(key))
+        ray.get(board.settled.remote(key, 60.0))
+        checkpoint_uri = _still_there(checkpoint_uri)
         job = Job.evaluation(
             key,
             trainable=self.plan.trainable,
