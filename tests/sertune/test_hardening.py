@@ -306,8 +306,9 @@ def test_the_disk_watch_stops_a_running_search_as_a_signal_would(home, monkeypat
 def test_credentials_in_a_tracking_url_go_to_mlflow_s_variables_only(monkeypatch):
     from sertune import settings
 
-    monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
-    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
+    for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.setenv(key, "")  # recorded, so what tracking_uri sets is undone after the test
+        monkeypatch.delenv(key)
     clean = settings.tracking_uri("http://admin:p%40ss@127.0.0.1:5000")
     assert clean == "http://127.0.0.1:5000"
     assert os.environ["MLFLOW_TRACKING_USERNAME"] == "admin"

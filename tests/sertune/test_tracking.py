@@ -172,7 +172,20 @@ def test_sqlite_end_to_end(sqlite_search, tmp_path):
     assert rows[0]["emotion"] in ("angry", "happy", "neutral", "sad")
     assert abs(sum(rows[0]["probabilities"].values()) - 1) < 1e-5
 
-    v2 = promote("track")  # a second promotion: the old champion becomes `previous`
+    again = promote("track")  # idempotent: the same model keeps its version, no `previous`
+    assert again["version"] == "1" and again["reused"] and again["previous"] is None
+    # another trial's model (a gate the champion fails, on a figure where the two differ): a new
+    # version, and the old champion becomes `previous`
+    other = next(r for r in runs if r.info.run_id != best.info.run_id)
+    name = next(
+        m
+        for m, x in sorted(other.data.metrics.items())
+        if m.startswith(("test_", "robust/")) and x != best.data.metrics.get(m, x)
+    )
+    x = other.data.metrics[name]
+    op = "<=" if best.data.metrics[name] > x else ">="
+    v2 = promote("track", gates=[f"{name}{op}{x!r}"])
+    assert v2["run_id"] == other.info.run_id and not v2["reused"]
     assert v2["version"] == "2" and v2["previous"] == "1"
     assert str(c.get_model_version_by_alias("ser-mtl-aug", "previous").version) == "1"
 

@@ -51,6 +51,7 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
 @pytest.fixture(scope="module")
 def ui(tmp_path_factory):
     from sertune.cluster import init_ray, shutdown_ray
+    from sertune.errors import NotFound
     from sertune.registry import promote
     from sertune.search import run_search
     from sertune.spec import load_spec
@@ -66,8 +67,20 @@ def ui(tmp_path_factory):
     shutdown_ray()
     init_ray(num_cpus=2)
     try:
-        result = run_search(load_spec(root / "ui.yaml"), log=lambda *a: None)
-        version = promote("ui", gates=["robust/uar_snr10_white>=0.0"])
+        said: list[str] = []
+        result = run_search(
+            load_spec(root / "ui.yaml"), log=lambda *a: said.append(" ".join(map(str, a)))
+        )
+        try:
+            version = promote("ui", gates=["robust/uar_snr10_white>=0.0"])
+        except NotFound as e:  # say what the search did, not only that it left nothing to promote
+            from sertune.records import log_path
+
+            tracebacks = log_path("ui").read_text()[-4000:] if log_path("ui").exists() else ""
+            pytest.fail(
+                f"{e}\nthe search said:\n" + "\n".join(said[-40:]) + f"\nits log:\n{tracebacks}",
+                pytrace=False,
+            )
     finally:
         shutdown_ray()
     port = free_port()
