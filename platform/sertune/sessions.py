@@ -45,16 +45,46 @@ def checkpoint_manifest(folder: str | Path) -> dict[str, str]:
 
 def damaged_file(folder: Path) -> str | None:
     """The first file of a downloaded checkpoint that does not match the manifest its COMPLETE
-    marker holds (missing counts), or None (intact, or saved before manifests were kept)."""
+    marker holds (missing counts), or None (intact). One saved before manifests were kept is
+    checked file by file for what its format can tell (:func:`_unreadable_file`)."""
     marker = folder / "COMPLETE"
     try:
         want = json.loads(marker.read_text() or "{}")
     except (OSError, ValueError):
         return "COMPLETE"
     if not want:
-        return None
+        return _unreadable_file(folder)
     got = checkpoint_manifest(folder)
     return next((name for name, digest in want.items() if got.get(name) != digest), None)
+
+
+def _unreadable_file(folder: Path) -> str | None:
+    """A checkpoint saved before manifests were kept has no digests to compare: its files are
+    checked by their own structure instead - ``torch.save``'s zip archives by their CRC-32s,
+    safetensors by their header and length, JSON by parsing. The first that fails, or None."""
+    import struct
+    import zipfile
+
+    for f in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "COMPLETE"):
+        name = str(f.relative_to(folder))
+        try:
+            if f.suffix in (".pt", ".pth"):
+                with zipfile.ZipFile(f) as z:
+                    if z.testzip() is not None:
+                        return name
+            elif f.suffix == ".safetensors":
+                with f.open("rb") as fh:
+                    (n,) = struct.unpack("<Q", fh.read(8))
+                    header = json.loads(fh.read(n))
+                ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+                if f.stat().st_size != 8 + n + max(ends, default=0):
+                    return name
+            elif f.suffix == ".json":
+                json.loads(f.read_text())
+        except (OSError, ValueError, KeyError, TypeError, IndexError, struct.error,
+                zipfile.BadZipFile, RuntimeError, EOFError):  # fmt: skip
+            return name
+    return None
 
 
 POLL_S = 0.25  # how often a slot's session asks the board whether its trial was cancelled
@@ -271,9 +301,11 @@ class SlotSession:
                 local, chosen = got, name
                 break
             older = [d for d in done if d < name]
+            signed = damaged == "COMPLETE" or bool((got / "COMPLETE").read_text().strip())
             self._note = (
-                f"checkpoint {self.storage}/{name} is damaged ({damaged} does not match its "
-                "SHA-256); "
+                f"checkpoint {self.storage}/{name} is damaged ({damaged} "
+                + ("does not match its SHA-256" if signed else "cannot be read")
+                + "); "
                 + (f"resumed from {older[-1]}" if older else "no intact one left: restarted")
             )
             print(f"[sertune] {self.key}: {self._note}", file=sys.stderr, flush=True)

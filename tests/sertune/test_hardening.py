@@ -221,8 +221,31 @@ def test_a_damaged_checkpoint_is_found_by_its_manifest(tmp_path):
     data[-10:] = b"0123456789"
     (ck / "state.pt").write_bytes(bytes(data))
     assert damaged_file(ck) == "state.pt"
-    (ck / "COMPLETE").write_text("")  # a checkpoint from before manifests: taken as it is
+
+    # a checkpoint from before manifests: its files checked by what their formats tell
+    import torch
+    from safetensors.torch import save_file
+
+    (ck / "COMPLETE").write_text("")
+    torch.save({"w": torch.arange(5000.0)}, ck / "state.pt")
+    save_file({"w": torch.ones(300)}, ck / "best" / "model.safetensors")
+    (ck / "metrics.json").write_text('{"val_uar": 0.5}')
     assert damaged_file(ck) is None
+    whole = (ck / "state.pt").read_bytes()
+    (ck / "state.pt").write_bytes(whole[: len(whole) // 2])  # cut short
+    assert damaged_file(ck) == "state.pt"
+    garbled = bytearray(whole)
+    mid = len(whole) // 2  # inside the 20 kB tensor: its CRC-32 no longer matches
+    garbled[mid : mid + 60] = os.urandom(60)
+    (ck / "state.pt").write_bytes(bytes(garbled))
+    assert damaged_file(ck) == "state.pt"
+    (ck / "state.pt").write_bytes(whole)
+    weights = (ck / "best" / "model.safetensors").read_bytes()
+    (ck / "best" / "model.safetensors").write_bytes(weights[:-100])
+    assert damaged_file(ck) == "best/model.safetensors"
+    (ck / "best" / "model.safetensors").write_bytes(weights)
+    (ck / "metrics.json").write_text('{"val_uar": 0.')
+    assert damaged_file(ck) == "metrics.json"
 
 
 def _logged_model(tmp_path: Path) -> Path:
