@@ -32,11 +32,12 @@ from .records import (
     now,
     save_record,
 )
-from .search_logger import SearchRuns, TrialLogger
+from .search_logger import PARENT, SearchRuns, TrialLogger
 from .search_report import SearchReport
 from .spec import SearchSpec
 from .stoprule import NoiseStop
 from .storage import fs_and_path
+from .tracking import Kind, Op, Store
 from .trainable import BEST_EPOCH, EPOCHS_PARAM, get_trainable
 from .tuner import build_tuner, refit_plan, trial_plan, tune_callbacks
 
@@ -49,6 +50,27 @@ def state_save_period(trials: int) -> str:
 
 
 # -- the driver --------------------------------------------------------------------------------------
+
+
+def lost_from_state(state: set[str], runs: list[Any]) -> str | None:
+    """The line a resume says when MLflow holds ended trials of the search (``runs``: its trial
+    runs, confirmations and refits aside) that Tune's restored state (``state``: trial ids) does
+    not, or None when the state has every one."""
+    lost = sorted(
+        r.trial
+        for r in runs
+        if r.done
+        and r.tags.get("sertune.phase") not in ("confirm", "refit")
+        and r.trial not in state
+    )
+    if not lost:
+        return None
+    shown = ", ".join(lost[:8]) + (f" and {len(lost) - 8} more" if len(lost) > 8 else "")
+    return (
+        f"resume: Tune's saved state holds {len(state)} trial(s) but not {len(lost)} that ended "
+        f"before the stop ({shown}); their MLflow runs stay (status, compare and promote count "
+        "them) and the search runs its remaining budget from the state it has"
+    )
 
 
 class Search:
@@ -231,6 +253,8 @@ class Search:
         callbacks = [ProgressPrinter(spec, log=self.log, budget=budget), watch, self.last_phase]
         rule = NoiseStop.of(spec, tune_name) if points is None else None
         stopper: Any = watch.stopper()
+        if restore and points is None:
+            self.check_restored(tune_name)
         if rule is not None:
             if restore:
                 rule.seed_from(from_saved_state(name, spec))
@@ -272,6 +296,26 @@ class Search:
             self.log(f"[sertune] search {name!r} ended early, {rule.tripped}")
             self.save(stopped_by=rule.tripped)
         return result
+
+    def check_restored(self, tune_name: str) -> None:
+        """A resume never quietly holds fewer trials than before: the trials MLflow saw end
+        that Tune's saved state lacks (a state file older than its trials, one restored from a
+        copy) are named on the console and on the parent run; their runs stay, so status,
+        compare and promote still count them."""
+        try:
+            note = self.restored_note(tune_name)
+        except Exception:  # noqa: BLE001 - MLflow away: the journal says so; Tune resumes anyway
+            return
+        if note:
+            self.log(f"[sertune] {note}")
+            if self.runs is not None:
+                self.runs.append(Op(Kind.TAGS, key=PARENT, tags={"sertune.resume_note": note}))
+
+    def restored_note(self, tune_name: str) -> str | None:
+        """:func:`lost_from_state` of this search's trial runs and ``tune_name``'s saved state."""
+        state = {r["trial"] for r in from_saved_state(tune_name, self.spec).rows}
+        uri = self.runs.uri if self.runs else self.record.tracking_uri
+        return lost_from_state(state, Store(uri).runs_of(self.name, kind="trial"))
 
     def confirm(
         self, result: SearchResult, execution: Execution, stop: StopSignals

@@ -354,3 +354,23 @@ def test_a_second_signal_still_leaves_the_record_interrupted(monkeypatch):
         os.kill(os.getpid(), signal.SIGINT)  # ignored: the record is still written
         marked.set()
     assert marked.is_set()
+
+
+def test_a_resume_names_the_ended_trials_its_saved_state_lacks():
+    from sertune.driver import lost_from_state
+    from sertune.tracking import Run
+
+    def run(trial, status, phase=None):
+        tags = {"sertune.trial_id": trial, "sertune.status": status, "sertune.kind": "trial"}
+        return Run(run_id=trial, tags={**tags, **({"sertune.phase": phase} if phase else {})})
+
+    runs = [
+        run("a", "finished"),
+        run("b", "stopped_early"),
+        run("c", "interrupted"),  # not ended: Tune re-runs it from its checkpoint
+        run("d", "finished", phase="confirm"),  # another phase's experiment
+    ]
+    assert lost_from_state({"a", "b", "c"}, runs) is None
+    note = lost_from_state({"c"}, runs)
+    assert note.startswith("resume: Tune's saved state holds 1 trial(s) but not 2 that ended")
+    assert "(a, b)" in note and "promote count them" in note

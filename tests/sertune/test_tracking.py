@@ -546,3 +546,25 @@ def test_a_registered_model_serves_without_this_checkout(sqlite_search, tmp_path
         assert pred["emotion"] in ("angry", "happy", "neutral", "sad")
     finally:
         kill_owned(session=server.pid)
+
+
+def test_a_resume_names_the_ended_trials_a_stale_state_lacks(sqlite_search):
+    """Tune's saved state with a trial fewer than MLflow saw end (a state older than its
+    trials): the resume's check names it; the search's whole state has every one."""
+    import shutil
+
+    from sertune.driver import Search
+    from sertune.records import experiment_path, load_record
+
+    record = load_record("track")
+    search = Search("track", record.spec, record, log=lambda *a: None)
+    assert search.restored_note("track") is None
+    stale = Path(experiment_path("track-stale"))
+    shutil.copytree(experiment_path("track"), stale)
+    for f in stale.glob("experiment_state-*.json"):
+        state = json.loads(f.read_text())
+        dropped = json.loads(state["trial_data"][0][0])["trial_id"]
+        state["trial_data"] = state["trial_data"][1:]
+        f.write_text(json.dumps(state))
+    note = search.restored_note("track-stale")
+    assert note and f"but not 1 that ended before the stop ({dropped})" in note
