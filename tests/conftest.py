@@ -45,8 +45,9 @@ def home(tmp_path, monkeypatch):
     """An isolated SERTUNE_HOME (searches, caches, MLflow store) per test."""
     h = tmp_path / "home"
     monkeypatch.setenv("SERTUNE_HOME", str(h))
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.delenv("SERTUNE_STORAGE", raising=False)
+    for key in ("MLFLOW_TRACKING_URI", "SERTUNE_STORAGE"):
+        monkeypatch.setenv(key, "")  # recorded, so whatever the test sets is undone after it
+        monkeypatch.delenv(key)
     return h
 
 

@@ -60,6 +60,7 @@ def ui(tmp_path_factory):
     home = root / "home"
     old = os.environ.get("SERTUNE_HOME")
     os.environ["SERTUNE_HOME"] = str(home)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)  # this home's own store
     raw = yaml.safe_load((REPO / "search_spaces" / "smoke.yaml").read_text())
     raw["name"] = "ui"
     raw["budget"].update(trials=3, concurrency=2, max_epochs=2, grace_epochs=1)
