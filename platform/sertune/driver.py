@@ -81,6 +81,7 @@ class Search:
     def __init__(self, name: str, spec: SearchSpec, record: SearchRecord, log: Log = print):
         self.name, self.spec, self.record, self.log = name, spec, record, log
         self._saving = threading.Lock()  # the MLflow journal's thread reports the parent run
+        self._unsaved = False  # the last record write failed (a full disk)
         self.runs: SearchRuns | None = None  # its runs in MLflow, while the driver runs it
         self.last_phase: TrialLogger | None = None  # the last phase's trial logger
 
@@ -88,7 +89,24 @@ class Search:
     def save(self, **changes: Any) -> None:
         with self._saving:
             self.record = self.record.but(**changes)
-            save_record(self.name, self.record)
+            try:
+                save_record(self.name, self.record)  # a temporary file renamed: all or nothing
+            except OSError as e:  # a full disk: the last whole record stays; said once
+                if not self._unsaved:
+                    self.log(
+                        f"[sertune] cannot write the search record ({e.strerror or e}): it "
+                        f"keeps its last state ({self._saved_status()}); `sertune search resume "
+                        f"{self.name}` goes on from the saved search state"
+                    )
+                self._unsaved = True
+            else:
+                self._unsaved = False
+
+    def _saved_status(self) -> str:
+        try:
+            return load_record(self.name).status
+        except Exception:  # noqa: BLE001 - only for the message
+            return "unknown"
 
     def on_parent_run(self, run_id: str) -> None:
         """The MLflow runs' callback: the search's parent run was created (or found)."""

@@ -18,6 +18,8 @@ moved, and ``tests/test_architecture.py`` fails on a Ray upgrade that moves any 
 |                                         | output engine ignores verbose=0; the raylet's worker-pool notice)|
 | :func:`atomic_experiment_state`         | Tune writes ``experiment_state-*.json`` in place: a full disk or |
 |                                         | a kill mid-write leaves half a file and a resume loses trials   |
+| :func:`atomic_local_uploads`            | Tune syncs that folder to local storage in place (half a copy)  |
+| :func:`tolerant_trial_errors`           | an empty ``error.pkl`` (full disk) makes ``tuner.fit()`` raise  |
 | dashboard on (``sertune.cluster``)      | Train's placement-group cleaner needs the state API             |
 | explicit ``RAY_ADDRESS`` (``sertune.cluster``) | that cleaner auto-detects "the" cluster and dies beside a second one |
 """
@@ -212,6 +214,42 @@ def quiet(verbose: bool = False) -> None:
     _drop_worker_pool_notices()
 
 
+class _QuietFileHandler(logging.FileHandler):
+    """The search log's handler: a message it cannot write (a full disk) is dropped, and one
+    line on stderr says so, instead of logging's traceback for every message."""
+
+    failed = False
+
+    def _dropped(self, why: BaseException | None) -> None:
+        if not self.failed:
+            self.failed = True
+            import sys
+
+            print(
+                f"[sertune] cannot write Tune's messages to {self.baseFilename} ({why}); "
+                "they are dropped until the search ends",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def flush(self) -> None:
+        try:
+            super().flush()
+        except OSError as e:
+            self._dropped(e)
+
+    def close(self) -> None:
+        try:
+            super().close()
+        except OSError as e:  # the search's end must not fail on its log
+            self._dropped(e)
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        import sys
+
+        self._dropped(sys.exc_info()[1])
+
+
 @contextlib.contextmanager
 def tune_logs_to(path: Any, verbose: bool = False) -> Iterator[None]:
     """Ray Tune logs each failed trial's whole traceback at ERROR (``Trial task failed for
@@ -219,7 +257,7 @@ def tune_logs_to(path: Any, verbose: bool = False) -> Iterator[None]:
     ``path`` instead (the console keeps sertune's one line per failed trial); ``--verbose`` keeps
     them on the console as well."""
     logger = logging.getLogger("ray.tune")
-    handler = logging.FileHandler(path, encoding="utf-8")
+    handler = _QuietFileHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.setLevel(logging.INFO)
     old_propagate, old_level = logger.propagate, logger.level
@@ -300,6 +338,76 @@ def atomic_experiment_state() -> None:
     TuneController.save_to_dir = save_to_dir
 
 
+def atomic_local_uploads() -> None:
+    """Tune's driver syncs its experiment folder (``experiment_state-*.json``, the searcher's
+    state, ``tuner.pkl``, each trial's results) from a staging folder with pyarrow's
+    ``copy_files``, which writes in place: on a full local disk a copy is cut short and a resume
+    restores from half a file (or starts over). To a local destination, each file is copied to a
+    temporary name beside it and renamed over the old one, so a failed copy leaves the last whole
+    file. S3 uploads are whole objects already and go through Ray as before. Once."""
+    found = _internal("ray.train._internal.storage", "_upload_to_fs_path")
+    if found is None or getattr(found[1], "_sertune_atomic", False):
+        return
+    storage, original = found
+
+    def upload(local_path: str, fs: Any, fs_path: str, exclude: list[str] | None = None) -> None:
+        import fnmatch
+        import shutil
+        from pathlib import Path
+
+        import pyarrow.fs as pafs
+
+        if not isinstance(fs, pafs.LocalFileSystem):
+            return original(local_path, fs, fs_path, exclude)
+        src = Path(local_path)
+        if src.is_file():
+            pairs = [(src, Path(fs_path))]
+        else:
+            pairs = []
+            for f in sorted(src.rglob("*")):
+                rel = f.relative_to(src).as_posix()
+                if f.is_file() and not any(fnmatch.fnmatch(rel, x) for x in exclude or []):
+                    pairs.append((f, Path(fs_path, rel)))
+            Path(fs_path).mkdir(parents=True, exist_ok=True)
+        for f, dest in pairs:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dest.with_name(f".{dest.name}.sertune-partial")
+            try:
+                shutil.copyfile(f, tmp)
+                os.replace(tmp, dest)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+
+    upload._sertune_atomic = True  # type: ignore[attr-defined]
+    storage._upload_to_fs_path = upload
+
+
+def tolerant_trial_errors() -> None:
+    """Tune reads each failed trial's ``error.pkl`` when it builds the results: written on a
+    full disk it is empty, and ``cloudpickle.loads`` raises out of ``tuner.fit()`` - the search
+    then ends with a traceback instead of its record. An unreadable one counts as absent (Tune
+    falls back to ``error.txt``). Once."""
+    try:
+        from ray.tune.experiment.trial import Trial
+    except ImportError:
+        return _moved("ray.tune.experiment.trial.Trial")
+    original = getattr(Trial, "get_pickled_error", None)
+    if original is None:
+        return _moved("Trial.get_pickled_error")
+    if getattr(original, "_sertune_tolerant", False):
+        return
+
+    def get_pickled_error(self: Any) -> Any:
+        try:
+            return original(self)
+        except Exception:  # noqa: BLE001 - an empty or cut file; the text error stays
+            return None
+
+    get_pickled_error._sertune_tolerant = True  # type: ignore[attr-defined]
+    Trial.get_pickled_error = get_pickled_error
+
+
 def missing_internals() -> list[str]:
     """The Ray internals the workarounds above rely on that this Ray does not have."""
     missing = []
@@ -347,6 +455,20 @@ def missing_internals() -> list[str]:
             missing.append("TuneController.save_to_dir")
     except ImportError:
         missing.append("ray.tune.execution.tune_controller.TuneController")
+    try:
+        from ray.train._internal import storage
+
+        if not hasattr(storage, "_upload_to_fs_path"):
+            missing.append("ray.train._internal.storage._upload_to_fs_path")
+    except ImportError:
+        missing.append("ray.train._internal.storage")
+    try:
+        from ray.tune.experiment.trial import Trial
+
+        if not hasattr(Trial, "get_pickled_error"):
+            missing.append("Trial.get_pickled_error")
+    except ImportError:
+        missing.append("ray.tune.experiment.trial.Trial")
     try:
         from ray.train.v2._internal.constants import HEALTH_CHECK_INTERVAL_S_ENV_VAR
 

@@ -208,6 +208,8 @@ def build_tuner(
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     ray_compat.atomic_experiment_state()  # a failed save keeps the last whole state
+    ray_compat.atomic_local_uploads()  # ... and so does its copy in the search's folder
+    ray_compat.tolerant_trial_errors()  # an empty error.pkl (full disk) is no crash
     if restore:
         fs, path = fs_and_path(experiment_path(name))
         return tune.Tuner.restore(

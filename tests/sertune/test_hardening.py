@@ -374,3 +374,54 @@ def test_a_resume_names_the_ended_trials_its_saved_state_lacks():
     note = lost_from_state({"c"}, runs)
     assert note.startswith("resume: Tune's saved state holds 1 trial(s) but not 2 that ended")
     assert "(a, b)" in note and "promote count them" in note
+
+
+def test_tune_s_log_on_a_full_disk_is_one_line_not_a_traceback_per_message(capsys):
+    import logging
+
+    from sertune import ray_compat
+
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full here")
+    with ray_compat.tune_logs_to("/dev/full"):  # every write: ENOSPC
+        for i in range(3):
+            logging.getLogger("ray.tune").error("trial %d failed", i)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "Logging error" not in err
+    assert err.count("[sertune] cannot write Tune's messages to /dev/full") == 1
+
+
+def test_tune_s_copies_to_local_storage_are_whole_or_not_made(tmp_path, monkeypatch):
+    """The sync of Tune's experiment folder to a local search folder: a copy cut short (a full
+    disk) leaves the last whole file, never half of the new one."""
+    import errno
+    import shutil
+
+    import pyarrow.fs as pafs
+
+    from sertune import ray_compat
+
+    ray_compat.atomic_local_uploads()
+    from ray.train._internal import storage
+
+    staging, dest = tmp_path / "staging", tmp_path / "searches" / "s"
+    staging.mkdir()
+    (staging / "experiment_state-1.json").write_text('{"trial_data": [1, 2]}')
+    (staging / "skip.png").write_bytes(b"x")
+    storage._upload_to_fs_path(str(staging), pafs.LocalFileSystem(), str(dest), ["*.png"])
+    assert json.loads((dest / "experiment_state-1.json").read_text()) == {"trial_data": [1, 2]}
+    assert not (dest / "skip.png").exists()
+
+    (staging / "experiment_state-1.json").write_text('{"trial_data": [1, 2, 3]}')
+    real = shutil.copyfile
+
+    def full_disk(src, dst):
+        Path(dst).write_text('{"trial_da')  # half written, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(shutil, "copyfile", full_disk)
+    with pytest.raises(OSError):
+        storage._upload_to_fs_path(str(staging), pafs.LocalFileSystem(), str(dest))
+    monkeypatch.setattr(shutil, "copyfile", real)
+    assert json.loads((dest / "experiment_state-1.json").read_text()) == {"trial_data": [1, 2]}
+    assert sorted(p.name for p in dest.iterdir()) == ["experiment_state-1.json"]

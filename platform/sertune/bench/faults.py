@@ -20,6 +20,7 @@ Every drill runs real processes - ``sertune`` searches as subprocesses, a real `
 | same_name        | two ``search run --name same`` started together        | both or neither ran, runs != budget |
 | disk_low         | the disk fills mid-search (a ballast file), freed, resume | trials lost, not interrupted |
 | bad_checkpoint   | SIGKILL mid-trial, garble the newest checkpoint, resume | epochs missing/doubled, trial failed |
+| disk_full        | the home on a 300 MB tmpfs filled to the last byte mid-search, freed, resume | finished trials lost, tracebacks, not interrupted |
 """
 
 from __future__ import annotations
@@ -487,6 +488,68 @@ def disk_low(d: Drill) -> tuple[int, str]:
     )
 
 
+def disk_full(d: Drill) -> tuple[int, str]:
+    """The home on a real 300 MB tmpfs, filled to the last byte after the first trial finished:
+    every write fails (checkpoints, the MLflow store, Tune's state, the record) until the disk
+    watch stops the search as interrupted - no traceback on the console. The ballast removed,
+    resume keeps the finished trial and ends with the budget's trials finished. Needs root to
+    mount the tmpfs; says so and counts nothing lost where it cannot."""
+    from ..diskspace import MB
+
+    mount = d.root / "small"
+    mount.mkdir()
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=300m", "tmpfs", str(mount)], capture_output=True
+    ).returncode:
+        return 0, "skipped: cannot mount a tmpfs here (needs root)"
+    home = mount / "home"
+    env = {**d.env, "SERTUNE_HOME": str(home), "SERTUNE_MIN_FREE_MB": "150"}
+    try:
+        spec = d.spec(
+            "full",
+            lambda r: r["budget"].update(trials=4, concurrency=1, max_epochs=3, grace_epochs=3),
+        )
+        proc, lines = d.start("search", "run", str(spec), env=env)
+        try:
+            d.wait_for(lines, r"finished \(1/4", proc)
+            finished = set(re.findall(r"trial (\w+) finished", "".join(lines)))
+            with (home / "ballast").open("wb") as fh:  # until the disk says no more
+                try:
+                    while True:
+                        fh.write(b"\0" * MB)
+                except OSError:
+                    pass
+            proc.wait(timeout=300)
+        finally:
+            d.clean(proc)
+        (home / "ballast").unlink(missing_ok=True)
+        out = "".join(lines)
+        said = "disk nearly full" in out
+        tracebacks = out.count("Traceback")
+        resumed = d.cli("search", "resume", "full", env=env)
+        status = d.cli("search", "status", "full", env=env).stdout
+        d.clean()
+        rerun = set(re.findall(r"trial (\w+) started", resumed.stdout)) & finished
+        kept = all(t in resumed.stdout for t in finished)
+        lost = (
+            (proc.returncode != 130)
+            + (not said)
+            + tracebacks
+            + len(rerun)
+            + (not kept)
+            + (0 if "trials: 4 finished" in status else 1)
+        )
+        trials = re.search(r"trials: .+", status)
+        return lost, (
+            f"said disk nearly full: {said}, exit {proc.returncode}, {tracebacks} tracebacks; "
+            f"resume exit {resumed.returncode}, {len(finished)} finished before, kept: {kept}, "
+            f"{len(rerun)} re-run; status: {' '.join(status.split()[:3])} "
+            f"{trials.group(0) if trials else '(no trials line)'}"
+        )
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
 def bad_checkpoint(d: Drill) -> tuple[int, str]:
     """SIGKILL the driver mid-trial, garble the newest checkpoint of the running trial, resume:
     the damaged checkpoint is named and passed over, the trial resumes from the one before."""
@@ -534,6 +597,7 @@ DRILLS: dict[str, Callable[[Drill], tuple[int, str]]] = {
     "same_name": same_name,
     "disk_low": disk_low,
     "bad_checkpoint": bad_checkpoint,
+    "disk_full": disk_full,
 }
 
 

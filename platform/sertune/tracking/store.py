@@ -10,6 +10,7 @@ are never logged.
 from __future__ import annotations
 
 import fcntl
+import logging
 import math
 import os
 from pathlib import Path
@@ -48,6 +49,9 @@ def configure(tracking_uri: str | None = None) -> str:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # a store that fails (a full disk) is the journal's to report, in one line; MLflow's own
+    # logger would print each failed commit's whole traceback on the console
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     # MLflow also writes the URI into MLFLOW_TRACKING_URI, which sertune reads first: left there,
     # a later search of this process under another SERTUNE_HOME would log into this store
     before = os.environ.get("MLFLOW_TRACKING_URI")
