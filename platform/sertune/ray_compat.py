@@ -408,67 +408,50 @@ def tolerant_trial_errors() -> None:
     Trial.get_pickled_error = get_pickled_error
 
 
+def _absent(module: str, dotted: str = "") -> str | None:
+    """``module.dotted`` when that Ray internal is not there (the module, or an attribute on the
+    way), else None."""
+    import importlib
+
+    try:
+        obj = importlib.import_module(module)
+    except ImportError:
+        return module
+    for part in filter(None, dotted.split(".")):
+        if not hasattr(obj, part):
+            return f"{module}.{dotted}"
+        obj = getattr(obj, part)
+    return None
+
+
 def missing_internals() -> list[str]:
     """The Ray internals the workarounds above rely on that this Ray does not have."""
-    missing = []
-    try:
-        from ray.train._internal.session import get_session  # noqa: F401
-    except ImportError:
-        missing.append("ray.train._internal.session.get_session")
-    try:
-        from ray.tune.execution import class_cache
-
-        if not hasattr(class_cache, "ENV_VARS_TO_PROPAGATE"):
-            missing.append("ray.tune.execution.class_cache.ENV_VARS_TO_PROPAGATE")
-    except ImportError:
-        missing.append("ray.tune.execution.class_cache")
-    try:
-        from ray.tune.impl.tuner_internal import TunerInternal
-
-        if "_run_config" not in TunerInternal.__init__.__code__.co_names:
-            missing.append("TunerInternal._run_config")
-    except ImportError:
-        missing.append("ray.tune.impl.tuner_internal.TunerInternal")
-    try:
-        from ray.tune.search.optuna import OptunaSearch
-
-        if "_ot_study" not in OptunaSearch.__init__.__code__.co_names:
-            missing.append("OptunaSearch._ot_study")
-    except ImportError:
-        missing.append("ray.tune.search.optuna.OptunaSearch")
-    try:
-        from ray._private import worker
-
-        if not hasattr(worker, "print_to_stdstream"):
-            missing.append("ray._private.worker.print_to_stdstream")
-        if not hasattr(worker, "_global_node"):  # sertune.cluster reaps leftovers of its cluster
-            missing.append("ray._private.worker._global_node")
-    except ImportError:
-        missing.append("ray._private.worker")
-    try:
-        from ray.tune.execution.tune_controller import TuneController
-
-        code = TuneController.save_to_dir.__code__
-        if getattr(TuneController.save_to_dir, "_sertune_atomic", False):
-            pass
-        elif "experiment_state_file_name" not in code.co_names:
-            missing.append("TuneController.save_to_dir")
-    except ImportError:
-        missing.append("ray.tune.execution.tune_controller.TuneController")
-    try:
-        from ray.train._internal import storage
-
-        if not hasattr(storage, "_upload_to_fs_path"):
-            missing.append("ray.train._internal.storage._upload_to_fs_path")
-    except ImportError:
-        missing.append("ray.train._internal.storage")
-    try:
-        from ray.tune.experiment.trial import Trial
-
-        if not hasattr(Trial, "get_pickled_error"):
-            missing.append("Trial.get_pickled_error")
-    except ImportError:
-        missing.append("ray.tune.experiment.trial.Trial")
+    missing = [
+        gap
+        for gap in (
+            _absent("ray.train._internal.session", "get_session"),
+            _absent("ray.tune.execution.class_cache", "ENV_VARS_TO_PROPAGATE"),
+            _absent("ray._private.worker", "print_to_stdstream"),
+            _absent("ray._private.worker", "_global_node"),  # cluster reaps its leftovers
+            _absent("ray.train._internal.storage", "_upload_to_fs_path"),
+            _absent("ray.tune.experiment.trial", "Trial.get_pickled_error"),
+        )
+        if gap
+    ]
+    # the workarounds that read a function's code need the names it uses (or have replaced it)
+    for module, dotted, name in (
+        ("ray.tune.impl.tuner_internal", "TunerInternal.__init__", "_run_config"),
+        ("ray.tune.search.optuna", "OptunaSearch.__init__", "_ot_study"),
+        (
+            "ray.tune.execution.tune_controller",
+            "TuneController.save_to_dir",
+            "experiment_state_file_name",
+        ),
+    ):
+        gap = _absent(module, dotted)
+        fn = None if gap else importlib_attr(module, dotted)
+        if gap or (not getattr(fn, "_sertune_atomic", False) and name not in fn.__code__.co_names):
+            missing.append(gap or f"{dotted.rsplit('.', 1)[0]}.{name}")
     try:
         from ray.train.v2._internal.constants import HEALTH_CHECK_INTERVAL_S_ENV_VAR
 
@@ -477,3 +460,13 @@ def missing_internals() -> list[str]:
     except ImportError:
         missing.append("ray.train.v2._internal.constants")
     return missing
+
+
+def importlib_attr(module: str, dotted: str) -> Any:
+    """``module.dotted``, imported (it is there: :func:`_absent` said so)."""
+    import importlib
+
+    obj: Any = importlib.import_module(module)
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj

@@ -864,13 +864,7 @@ def _check_cv(spec: SearchSpec, trainable: Trainable) -> list[tuple[str, str]]:
         problems.append(
             ("objective.cv", f"trainable {spec.trainable!r} does not train cross-validation folds")
         )
-    if spec.execution != "warm":
-        problems.append(("objective.cv", "fold jobs run on warm slots: execution: warm"))
-    if spec.search.scheduler_name(spec.objective.multi) == "pbt":
-        problems.append(
-            ("objective.cv", "population-based training hands over one model, not K folds")
-        )
-    return problems
+    return problems + _replica_jobs_need(spec, "objective.cv", "fold jobs", "K folds")
 
 
 def _check_confirm(spec: SearchSpec) -> list[tuple[str, str]]:
@@ -889,13 +883,18 @@ def _check_confirm(spec: SearchSpec) -> list[tuple[str, str]]:
 
 
 def _check_repeats(spec: SearchSpec) -> list[tuple[str, str]]:
+    return _replica_jobs_need(spec, "objective.repeats", "repeat jobs", "R repeats")
+
+
+def _replica_jobs_need(
+    spec: SearchSpec, field: str, jobs: str, many: str
+) -> list[tuple[str, str]]:
+    """What a trial of several jobs (folds, repeats) needs: warm slots, and no PBT."""
     problems = []
     if spec.execution != "warm":
-        problems.append(("objective.repeats", "repeat jobs run on warm slots: execution: warm"))
+        problems.append((field, f"{jobs} run on warm slots: execution: warm"))
     if spec.search.scheduler_name(spec.objective.multi) == "pbt":
-        problems.append(
-            ("objective.repeats", "population-based training hands over one model, not R repeats")
-        )
+        problems.append((field, f"population-based training hands over one model, not {many}"))
     return problems
 
 

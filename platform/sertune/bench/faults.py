@@ -123,6 +123,37 @@ class Drill:
             time.sleep(0.1)
         raise TimeoutError(f"no {pattern!r} within {timeout:.0f}s")
 
+    def killed_mid_trial(self, search: str, trials: int, epochs: int) -> tuple[set[str], str]:
+        """Run ``search`` (``trials`` of ``epochs``, one at a time) and SIGKILL its driver once a
+        trial has finished and another is mid-way (:func:`wait_mid_trial`); returns the finished
+        trials and the running one."""
+        spec = self.spec(
+            search,
+            lambda r: r["budget"].update(
+                trials=trials, concurrency=1, max_epochs=epochs, grace_epochs=epochs
+            ),
+        )
+        proc, lines = self.start("search", "run", str(spec))
+        try:
+            got = wait_mid_trial(lines, proc, self.home / "searches" / search, epochs, 600)
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=30)
+        finally:
+            self.clean(proc)
+        return got
+
+    def together(self, *commands: list[str]) -> list[tuple[subprocess.Popen, list[str]]]:
+        """Start every ``sertune`` command at once; wait until all have ended (15 min each).
+        Returns each one's process and console lines."""
+        started = [self.start(*args) for args in commands]
+        try:
+            for p, _ in started:
+                p.wait(timeout=900)
+        finally:
+            for p, _ in started:
+                self.clean(p)
+        return started
+
     def clean(self, proc: subprocess.Popen | None = None) -> None:
         kill_owned(session=proc.pid if proc else None, temp_dir=self.ray_tmp)
 
@@ -203,17 +234,7 @@ def start_token_head(
 
 def driver_kill(d: Drill) -> tuple[int, str]:
     """SIGKILL the driver mid-trial, then `sertune search resume`."""
-    spec = d.spec(
-        "crash",
-        lambda r: r["budget"].update(trials=3, concurrency=1, max_epochs=6, grace_epochs=6),
-    )
-    proc, lines = d.start("search", "run", str(spec))
-    try:
-        finished, _ = wait_mid_trial(lines, proc, d.home / "searches" / "crash", 6, 600)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        d.clean(proc)
+    finished, _ = d.killed_mid_trial("crash", trials=3, epochs=6)
     resumed = d.cli("search", "resume", "crash")
     d.clean()
     rerun = set(re.findall(r"trial (\w+) started", resumed.stdout)) & finished
@@ -326,14 +347,9 @@ def mlflow_down(d: Drill) -> tuple[int, str]:
 
 def two_first(d: Drill) -> tuple[int, str]:
     """Two first searches at once on a fresh SERTUNE_HOME."""
-    a, la = d.start("search", "run", str(d.spec("one")))
-    b, lb = d.start("search", "run", str(d.spec("two")))
-    try:
-        a.wait(timeout=900)
-        b.wait(timeout=900)
-    finally:
-        d.clean(a)
-        d.clean(b)
+    (a, _), (b, _) = d.together(
+        ["search", "run", str(d.spec("one"))], ["search", "run", str(d.spec("two"))]
+    )
     check = d.cli("search", "list")
     lost = (a.returncode != 0) + (b.returncode != 0) + (check.returncode != 0)
     lost += sum(
@@ -423,14 +439,7 @@ def secrets(d: Drill) -> tuple[int, str]:
 def same_name(d: Drill) -> tuple[int, str]:
     """Two `search run --name same` started together: exactly one runs, its budget's runs."""
     spec = str(d.spec("same", lambda r: r["budget"].update(trials=2, max_epochs=2)))
-    a, la = d.start("search", "run", spec, "--name", "same")
-    b, lb = d.start("search", "run", spec, "--name", "same")
-    try:
-        a.wait(timeout=900)
-        b.wait(timeout=900)
-    finally:
-        d.clean(a)
-        d.clean(b)
+    (a, la), (b, lb) = d.together(*[["search", "run", spec, "--name", "same"]] * 2)
     exits = sorted([a.returncode, b.returncode])
     trials = [r for r in d.runs("same") if r.data.tags.get("sertune.kind") == "trial"]
     parents = [r for r in d.runs("same") if r.data.tags.get("sertune.kind") == "search"]
@@ -553,17 +562,7 @@ def disk_full(d: Drill) -> tuple[int, str]:
 def bad_checkpoint(d: Drill) -> tuple[int, str]:
     """SIGKILL the driver mid-trial, garble the newest checkpoint of the running trial, resume:
     the damaged checkpoint is named and passed over, the trial resumes from the one before."""
-    spec = d.spec(
-        "badck",
-        lambda r: r["budget"].update(trials=2, concurrency=1, max_epochs=6, grace_epochs=6),
-    )
-    proc, lines = d.start("search", "run", str(spec))
-    try:
-        _, running = wait_mid_trial(lines, proc, d.home / "searches" / "badck", 6, 600)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        d.clean(proc)
+    _, running = d.killed_mid_trial("badck", trials=2, epochs=6)
     ckpts = sorted((d.home / "searches" / "badck" / "_train" / running).glob("checkpoint_*"))
     state = ckpts[-1] / "state.pt"
     data = bytearray(state.read_bytes())
