@@ -20,7 +20,7 @@ Every drill runs real processes - ``sertune`` searches as subprocesses, a real `
 | same_name        | two ``search run --name same`` started together        | both or neither ran, runs != budget |
 | disk_low         | the disk fills mid-search (a ballast file), freed, resume | trials lost, not interrupted |
 | bad_checkpoint   | SIGKILL mid-trial, garble the newest checkpoint, resume | epochs missing/doubled, trial failed |
-| disk_full        | the home on a 300 MB tmpfs filled to the last byte mid-search, freed, resume | finished trials lost, tracebacks, not interrupted |
+| disk_full        | the home on a 300 MB tmpfs filled to the last byte mid-trial, freed, resume | finished trials lost, tracebacks, not interrupted |
 """
 
 from __future__ import annotations
@@ -498,8 +498,8 @@ def disk_low(d: Drill) -> tuple[int, str]:
 
 
 def disk_full(d: Drill) -> tuple[int, str]:
-    """The home on a real 300 MB tmpfs, filled to the last byte after the first trial finished:
-    every write fails (checkpoints, the MLflow store, Tune's state, the record) until the disk
+    """The home on a real 300 MB tmpfs, filled to the last byte mid-trial once Tune's saved
+    state has a trial finished: every write fails (checkpoints, the MLflow store, Tune's state, the record) until the disk
     watch stops the search as interrupted - no traceback on the console. The ballast removed,
     resume keeps the finished trial and ends with the budget's trials finished. Needs root to
     mount the tmpfs; says so and counts nothing lost where it cannot."""
@@ -516,12 +516,13 @@ def disk_full(d: Drill) -> tuple[int, str]:
     try:
         spec = d.spec(
             "full",
-            lambda r: r["budget"].update(trials=4, concurrency=1, max_epochs=3, grace_epochs=3),
+            lambda r: r["budget"].update(trials=4, concurrency=1, max_epochs=4, grace_epochs=4),
         )
         proc, lines = d.start("search", "run", str(spec), env=env)
         try:
-            d.wait_for(lines, r"finished \(1/4", proc)
-            finished = set(re.findall(r"trial (\w+) finished", "".join(lines)))
+            # once Tune's saved state, not only the console, has a trial finished (a trial that
+            # ends after the state's last save is rightly resumed from its checkpoint)
+            finished, _ = wait_mid_trial(lines, proc, home / "searches" / "full", 4, 600)
             with (home / "ballast").open("wb") as fh:  # until the disk says no more
                 try:
                     while True:
