@@ -449,7 +449,7 @@ def missing_internals() -> list[str]:
         ),
     ):
         gap = _absent(module, dotted)
-        fn = None if gap else importlib_attr(module, dotted)
+        fn = None if gap else _attr(module, dotted)
         if gap or (not getattr(fn, "_sertune_atomic", False) and name not in fn.__code__.co_names):
             missing.append(gap or f"{dotted.rsplit('.', 1)[0]}.{name}")
     try:
@@ -462,7 +462,7 @@ def missing_internals() -> list[str]:
     return missing
 
 
-def importlib_attr(module: str, dotted: str) -> Any:
+def _attr(module: str, dotted: str) -> Any:
     """``module.dotted``, imported (it is there: :func:`_absent` said so)."""
     import importlib
 
