@@ -9,8 +9,13 @@ Layout of one cache folder (``<cache_root>/<corpus>-<fingerprint[:16]>/``)::
 
 The fingerprint covers the corpus name, each file's relative path, size and mtime, the sample
 rate and the cache format version, so an edited corpus gets a new cache and an unchanged one is
-never decoded twice. A trial moves ``audio.npy`` onto its device once (an IEMOCAP-size corpus is
-~1.4 GB as int16).
+never decoded twice. A trial moves ``audio.npy`` onto its device once when it fits its slot's
+budget (an IEMOCAP-size corpus is ~1.4 GB as int16), else streams batches from the memory-mapped
+file (``trainables.common.batches``).
+
+A build decodes the files in shards (``SHARD_FILES`` each) on a process pool (Ray tasks in a
+multi-node cluster), keeps every finished shard in ``<cache_root>/.build-<name>/`` (so a killed
+build resumes where it was) and assembles them, in corpus order, into the layout above.
 """
 
 from __future__ import annotations
@@ -73,6 +78,20 @@ class DecodedCorpus:
         return self.audio[o : o + n].astype(np.float32) / 32768.0
 
 
+SHARD_FILES = 256  # files per shard of a build: the unit of parallel work and of resuming
+
+
+def build_workers() -> int:
+    """Processes a cache build decodes with: ``$SERTUNE_CACHE_WORKERS``, else every CPU."""
+    env = os.environ.get("SERTUNE_CACHE_WORKERS", "").strip()
+    if env:
+        try:
+            return max(1, int(env))
+        except ValueError:
+            raise CorpusError(f"SERTUNE_CACHE_WORKERS={env!r}: not a whole number") from None
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
+
+
 def build_cache(
     corpus: str,
     root: str | Path,
@@ -80,19 +99,42 @@ def build_cache(
     sample_rate: int = 16000,
     progress: Callable[[str], None] | None = None,
     allow_absolute_paths: bool = False,
+    workers: int | None = None,
+    shard_files: int = SHARD_FILES,
+    executor: str | None = None,
 ) -> Path | str:
     """Decode ``corpus`` at ``root`` into ``cache_root`` unless an identical cache exists.
 
     Returns the cache folder (a URI when ``cache_root`` is ``s3://``). Unusable files are skipped
     and listed in ``report.json``, with the reason; so are manifest paths outside the corpus root.
+
+    The files are decoded in shards of ``shard_files`` by ``workers`` processes (default
+    :func:`build_workers`; ``executor="ray"``, or ``"auto"`` inside a multi-node Ray cluster: Ray
+    tasks, which need the corpus on a path every node reads). Each finished shard is kept in
+    ``<cache_root>/.build-<name>/``, so a build that crashed or was killed resumes from its
+    finished shards; the cache it writes is the same, byte for byte, whatever the workers.
+    ``executor`` defaults to ``$SERTUNE_CACHE_EXECUTOR`` (``auto``, ``process`` or ``ray``).
     """
+    executor = executor or os.environ.get("SERTUNE_CACHE_EXECUTOR", "auto")
+    if executor not in ("auto", "process", "ray"):
+        raise CorpusError(f"cache executor {executor!r}: expected auto, process or ray")
     say = progress or (lambda msg: print(msg, file=sys.stderr, flush=True))
     if str(cache_root).startswith("s3://"):  # build on this machine, then publish
         from .remote import publish_cache
 
         local_root = Path(tempfile.gettempdir()) / "sertune-cache-build"
         return publish_cache(
-            build_cache(corpus, root, local_root, sample_rate, say, allow_absolute_paths),
+            build_cache(
+                corpus,
+                root,
+                local_root,
+                sample_rate,
+                say,
+                allow_absolute_paths,
+                workers,
+                shard_files,
+                executor,
+            ),  # fmt: skip
             str(cache_root),
         )
     items, excluded, rejected = scan_corpus(corpus, root, allow_absolute_paths)
@@ -106,21 +148,17 @@ def build_cache(
         fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent searches decode a corpus once
         if (out / "COMPLETE").exists():
             return out
-        return _decode(corpus, root, items, excluded, rejected, fp, out, sample_rate, say)
+        build = _Build(corpus, root, items, fp, out, sample_rate, say, max(1, shard_files))
+        build.decode(workers or build_workers(), executor)
+        return build.assemble(excluded, rejected)
 
 
-def _decode(corpus, root, items, excluded, rejected, fp, out, sample_rate, say) -> Path:
-    cache_root = out.parent
-    tmp = Path(tempfile.mkdtemp(prefix=f".{corpus}-", dir=cache_root))
-    n_rejected = sum(len(v) for v in rejected.values())
-    report = DataReport(corpus=corpus, found=len(items) + sum(excluded.values()) + n_rejected)
-    report.excluded_labels = dict(excluded)
-    for reason, paths in rejected.items():
-        for p in paths:
-            report.skip(p, reason)
-    chunks, rows, offset = [], [], 0
-    t0, last = time.monotonic(), time.monotonic()
-    for n, it in enumerate(items, start=1):
+def decode_shard(items: list[Utterance], sample_rate: int) -> tuple[np.ndarray, list, dict]:
+    """One shard's files -> (int16 samples back to back, one row per usable file, what the data
+    report counts). Runs in a pool process or a Ray task; reads files, writes nothing."""
+    report = DataReport()
+    chunks, rows = [], []
+    for it in items:
         try:
             x = read_audio(it.path, sample_rate, report)
         except AudioError as e:
@@ -128,11 +166,6 @@ def _decode(corpus, root, items, excluded, rejected, fp, out, sample_rate, say) 
             continue
         pcm = np.clip(np.round(x * 32768.0), -32768, 32767).astype(np.int16)
         chunks.append(pcm)
-        label = EMOTIONS_4.index(it.label) if it.label is not None else -1
-        if it.label is None:
-            report.unlabelled += 1
-        else:
-            report.class_counts[it.label] = report.class_counts.get(it.label, 0) + 1
         rows.append(
             {
                 "id": it.utt_id,
@@ -140,37 +173,216 @@ def _decode(corpus, root, items, excluded, rejected, fp, out, sample_rate, say) 
                 "speaker": it.speaker,
                 "group": it.group,
                 "split": it.split,
-                "label": label,
-                "offset": offset,
+                "label": EMOTIONS_4.index(it.label) if it.label is not None else -1,
                 "length": int(pcm.shape[0]),
             }
         )
-        offset += pcm.shape[0]
-        if time.monotonic() - last > 5.0:
-            last = time.monotonic()
-            say(f"[cache] {corpus}: decoded {n}/{len(items)} files ({last - t0:.0f}s)")
-    report.used = len(rows)
-    if not rows:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise CorpusError(f"{root}: no usable audio in corpus {corpus!r}\n{report.summary()}")
-    np.save(tmp / "audio.npy", np.concatenate(chunks))
-    index = {
-        "version": CACHE_VERSION,
-        "corpus": corpus,
-        "root": str(root),
-        "fingerprint": fp,
-        "sample_rate": sample_rate,
-        "label_names": list(EMOTIONS_4),
-        "utterances": rows,
-    }
-    (tmp / "index.json").write_text(json.dumps(index))
-    report.save(tmp / "report.json")
-    (tmp / "COMPLETE").write_text(fp)
-    if out.exists():  # a crashed earlier build
-        shutil.rmtree(out)
-    tmp.rename(out)
-    say(f"[cache] {report.summary()}")
-    return out
+    audio = np.concatenate(chunks) if chunks else np.zeros(0, np.int16)
+    counts = {"resampled": report.resampled, "downmixed": report.downmixed}
+    skipped = [[p, reason] for reason, paths in report.skipped.items() for p in paths]
+    return audio, rows, {**counts, "skipped": skipped}
+
+
+class _Build:
+    """One cache build: shards decoded (in parallel, resumably), then assembled into the cache."""
+
+    def __init__(self, corpus, root, items, fp, out: Path, sample_rate, say, shard_files: int):
+        self.corpus, self.root, self.items, self.fp = corpus, root, items, fp
+        self.out, self.sample_rate, self.say = out, sample_rate, say
+        self.shards = [items[i : i + shard_files] for i in range(0, len(items), shard_files)]
+        self.dir = out.parent / f".build-{out.name}"
+
+    def _done(self, k: int) -> bool:
+        return (self.dir / f"shard-{k:05d}.json").exists()
+
+    def decode(self, workers: int, executor: str) -> None:
+        if self.dir.exists() and _read_text(self.dir / "FINGERPRINT") != self.fp:
+            shutil.rmtree(self.dir)  # another corpus state's leftovers
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "FINGERPRINT").write_text(self.fp)
+        todo = [k for k in range(len(self.shards)) if not self._done(k)]
+        done_files = sum(len(self.shards[k]) for k in range(len(self.shards)) if self._done(k))
+        if done_files:
+            self.say(
+                f"[cache] {self.corpus}: resuming a build that was cut short: "
+                f"{len(self.shards) - len(todo)}/{len(self.shards)} shards ({done_files:,} files) "
+                f"already decoded in {self.dir}"
+            )
+        bar = _Progress(self.corpus, len(self.items), done_files, self.say)
+        use_ray = executor == "ray" or (executor == "auto" and _ray_cluster())
+        if use_ray:
+            import ray
+
+            workers = max(workers, int(ray.cluster_resources().get("CPU", 1)))
+        workers = min(workers, len(todo))
+        if workers <= 1 and not use_ray:
+            for k in todo:
+                self._keep(k, decode_shard(self.shards[k], self.sample_rate))
+                bar.add(len(self.shards[k]))
+        elif use_ray:
+            self._ray(todo, max(workers, 1), bar)
+        else:
+            self._pool(todo, workers, bar)
+        bar.end()
+
+    def _pool(self, todo: list[int], workers: int, bar: _Progress) -> None:
+        import multiprocessing
+        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+        # spawn: the caller may hold threads (MLflow, Ray) that a fork would copy mid-lock
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+            pending = {
+                pool.submit(decode_shard, self.shards[k], self.sample_rate): k for k in todo
+            }
+            while pending:
+                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for f in finished:
+                    k = pending.pop(f)
+                    self._keep(k, f.result())
+                    bar.add(len(self.shards[k]))
+
+    def _ray(self, todo: list[int], workers: int, bar: _Progress) -> None:
+        import ray
+
+        task = ray.remote(num_cpus=1)(decode_shard)
+        queue, running = list(todo), {}
+        while queue or running:
+            while queue and len(running) < 2 * workers:
+                k = queue.pop(0)
+                running[task.remote(self.shards[k], self.sample_rate)] = k
+            ready, _ = ray.wait(list(running), num_returns=1)
+            k = running.pop(ready[0])
+            self._keep(k, ray.get(ready[0]))
+            bar.add(len(self.shards[k]))
+
+    def _keep(self, k: int, result: tuple[np.ndarray, list, dict]) -> None:
+        """A finished shard, written whole or not at all (its .json, written last, marks it)."""
+        audio, rows, counts = result
+        base = self.dir / f"shard-{k:05d}"
+        with open(f"{base}.npy.tmp", "wb") as fh:
+            np.save(fh, audio)
+        os.replace(f"{base}.npy.tmp", f"{base}.npy")
+        Path(f"{base}.json.tmp").write_text(json.dumps({"rows": rows, **counts}))
+        os.replace(f"{base}.json.tmp", f"{base}.json")
+
+    def assemble(self, excluded, rejected) -> Path:
+        """The shards, in corpus order, into one cache folder (``audio.npy`` written through a
+        memory map: the corpus is never whole in memory)."""
+        n_rejected = sum(len(v) for v in rejected.values())
+        report = DataReport(
+            corpus=self.corpus, found=len(self.items) + sum(excluded.values()) + n_rejected
+        )
+        report.excluded_labels = dict(excluded)
+        for reason, paths in rejected.items():
+            for p in paths:
+                report.skip(p, reason)
+        rows, offset = [], 0
+        for k in range(len(self.shards)):
+            shard = json.loads((self.dir / f"shard-{k:05d}.json").read_text())
+            report.resampled += shard["resampled"]
+            report.downmixed += shard["downmixed"]
+            for path, reason in shard["skipped"]:
+                report.skip(path, reason)
+            for r in shard["rows"]:
+                rows.append({**r, "offset": offset})
+                offset += r["length"]
+                if r["label"] < 0:
+                    report.unlabelled += 1
+                else:
+                    name = EMOTIONS_4[r["label"]]
+                    report.class_counts[name] = report.class_counts.get(name, 0) + 1
+        report.used = len(rows)
+        if not rows:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise CorpusError(
+                f"{self.root}: no usable audio in corpus {self.corpus!r}\n{report.summary()}"
+            )
+        for r in rows:  # the index's column order of earlier versions
+            r["offset"], r["length"] = r.pop("offset"), r.pop("length")
+        tmp = Path(tempfile.mkdtemp(prefix=f".{self.corpus}-", dir=self.out.parent))
+        audio = np.lib.format.open_memmap(tmp / "audio.npy", "w+", np.int16, (offset,))
+        at = 0
+        for k in range(len(self.shards)):
+            part = np.load(self.dir / f"shard-{k:05d}.npy", mmap_mode="r")
+            audio[at : at + part.shape[0]] = part
+            at += part.shape[0]
+        audio.flush()
+        del audio
+        index = {
+            "version": CACHE_VERSION,
+            "corpus": self.corpus,
+            "root": str(self.root),
+            "fingerprint": self.fp,
+            "sample_rate": self.sample_rate,
+            "label_names": list(EMOTIONS_4),
+            "utterances": rows,
+        }
+        (tmp / "index.json").write_text(json.dumps(index))
+        report.save(tmp / "report.json")
+        (tmp / "COMPLETE").write_text(self.fp)
+        if self.out.exists():  # a crashed earlier build
+            shutil.rmtree(self.out)
+        tmp.rename(self.out)
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.say(f"[cache] {report.summary()}")
+        return self.out
+
+
+class _Progress:
+    """``[cache] NAME [#####.....] 1,234/6,000 files (21%), 310 files/s, ETA 15s`` every few
+    seconds while a build runs, and once at its end."""
+
+    EVERY_S = 3.0
+
+    def __init__(self, corpus: str, total: int, done: int, say):
+        self.corpus, self.total, self.done, self.say = corpus, total, done, say
+        self.start_done, self.t0 = done, time.monotonic()
+        self.last = self.t0
+
+    def add(self, n: int) -> None:
+        self.done += n
+        if time.monotonic() - self.last >= self.EVERY_S:
+            self.last = time.monotonic()
+            self.say(self.line())
+
+    def line(self) -> str:
+        dt = max(time.monotonic() - self.t0, 1e-9)
+        rate = (self.done - self.start_done) / dt
+        share = self.done / max(self.total, 1)
+        bar = "#" * int(share * 20) + "." * (20 - int(share * 20))
+        eta = (
+            f", ETA {(self.total - self.done) / rate:.0f}s"
+            if rate > 0 and self.done < self.total
+            else ""
+        )
+        return (
+            f"[cache] {self.corpus} [{bar}] {self.done:,}/{self.total:,} files ({share:.0%}), "
+            f"{rate:,.0f} files/s{eta}"
+        )
+
+    def end(self) -> None:
+        if self.done > self.start_done and time.monotonic() - self.t0 >= self.EVERY_S:
+            self.say(self.line() + f" in {time.monotonic() - self.t0:.0f}s")
+
+
+def _read_text(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except OSError:
+        return None
+
+
+def _ray_cluster() -> bool:
+    """Inside a Ray cluster of more than one node (the caller joined it): decode with Ray tasks."""
+    if "ray" not in sys.modules:
+        return False
+    import ray
+
+    try:
+        return ray.is_initialized() and sum(1 for n in ray.nodes() if n.get("Alive")) > 1
+    except Exception:
+        return False
 
 
 def load_cache(path: str | Path) -> DecodedCorpus:

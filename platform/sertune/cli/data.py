@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
+from ..errors import UsageError
 from .options import command
 
 
@@ -33,6 +35,17 @@ def add(sub) -> None:
     c.add_argument("corpus", help="iemocap | msp_improv | emodb | ravdess | crema_d | manifest")
     c.add_argument("root", help="the corpus folder as distributed (or the manifest CSV)")
     c.add_argument("--cache", help="cache root (default $SERTUNE_HOME/cache)")
+    c.add_argument(
+        "--workers",
+        type=int,
+        help="processes that decode (default: every CPU; also $SERTUNE_CACHE_WORKERS); a build "
+        "cut short resumes from its finished shards",
+    )
+    c.add_argument(
+        "--ray-address",
+        help="decode with Ray tasks on this cluster (ADDRESS as for ray.init; the corpus and the "
+        "cache root must be on paths every node reads)",
+    )
     c.add_argument("--trainable", default="mtl_aug", help=argparse.SUPPRESS)
     c.set_defaults(func=cache)
 
@@ -55,6 +68,15 @@ def cache(a: argparse.Namespace) -> int:
     from .. import settings
     from ..trainable import get_trainable
 
+    if a.workers is not None:
+        if a.workers < 1:
+            raise UsageError(f"--workers: {a.workers} (at least 1)")
+        os.environ["SERTUNE_CACHE_WORKERS"] = str(a.workers)
+    if a.ray_address:
+        import ray
+
+        ray.init(address=a.ray_address, logging_level="ERROR", log_to_driver=False)
+        os.environ["SERTUNE_CACHE_EXECUTOR"] = "ray"
     c = get_trainable(a.trainable).cache_corpus(a.corpus, a.root, a.cache or settings.cache_root())
     print(c.report_summary)
     print(
