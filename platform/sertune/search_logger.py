@@ -32,6 +32,7 @@ from .trainable import (
     BEST_EPOCH,
     CHECKPOINT_PATH,
     CV_FOLD,
+    DATA_MODE,
     PBT_EXPLOITED_EPOCH,
     PBT_EXPLOITED_FROM,
     PBT_LINEAGE,
@@ -314,6 +315,9 @@ class TrialLogger(Callback):
             at = trial_epochs(result)
             tags = {f"sertune.slot_note_epoch_{at}": str(result[SLOT_NOTE])[:500]}
             self.runs.append(Op(Kind.TAGS, key=key, tags=tags))
+        if result.get(DATA_MODE):  # where its corpora were: on the device or streamed
+            mode = {"sertune.data_mode": str(result[DATA_MODE])[:500]}
+            self.runs.append(Op(Kind.TAGS, key=key, tags=mode))
         ts = int(result.get("timestamp", time.time()) * 1000)
         self.runs.append(
             Op(Kind.METRICS, key=key, step=trial_epochs(result), metrics=metric_rows(result, ts))

@@ -109,6 +109,7 @@ class LocalSession:
     history: list[dict[str, Any]] = field(default_factory=list)
     rank: int = 0
     world_size: int = 1
+    store: dict[str, Any] | None = None  # what outlives the trial (default: this process's)
 
     def torch_device(self):
         return resolve_device(self.device)
@@ -126,7 +127,7 @@ class LocalSession:
         return None
 
     def cache(self) -> dict[str, Any]:
-        return PROCESS_CACHE
+        return PROCESS_CACHE if self.store is None else self.store
 
     def placement(self) -> dict[str, str]:
         return {}  # this process: nothing to check
@@ -329,7 +330,8 @@ class SlotSession:
 
         if self.rank == 0:
             if getattr(self, "_note", None):  # said once, on the console with the next epoch
-                metrics, self._note = {**metrics, SLOT_NOTE: self._note}, None
+                said = "; ".join(n for n in (self._note, metrics.get(SLOT_NOTE)) if n)
+                metrics, self._note = {**metrics, SLOT_NOTE: said}, None
             if checkpoint_dir:
                 name = f"{CHECKPOINT_PREFIX}{int(metrics.get('epoch', 0)):06d}"
                 uri = f"{self.storage}/{name}"

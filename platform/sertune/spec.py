@@ -279,6 +279,10 @@ class ResourcesSpec(_Strict):
     workers: int = Field(1, ge=1)  # Ray Train workers per trial (DDP when > 1)
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(0.0, ge=0)  # fractions pack several trials onto one GPU
+    # the decoded corpus on each slot's device when it fits the slot's budget (auto), always, or
+    # never (streamed from the host's memory map); the budget in MB, instead of the slot's share
+    corpus_on_device: Literal["auto", "always", "never"] = "auto"
+    corpus_budget_mb: float | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _whole_or_fraction(self) -> ResourcesSpec:

@@ -90,6 +90,7 @@ BEST_EPOCH = "best_epoch"  # 0-based epoch whose checkpoint is the trial's resul
 CHECKPOINT_PATH = "checkpoint_path"  # where rank 0's checkpoint of this epoch was persisted
 LOOP_STARTED_AT = "loop_started_at"  # wall time the training loop began (benches)
 SLOT_NOTE = "slot_note"  # a warm slot's word for the console (a damaged checkpoint passed over)
+DATA_MODE = "data_mode"  # where the trial's corpora are ("demo resident"): a tag on its run
 # Added by the warm proxy for a replicated objective (objective.cv folds and/or objective.repeats;
 # never by a trainable): every figure is the jobs' mean, with ``<figure>_se`` and
 # ``<label>/<figure>`` (fold1, rep2, fold1.rep2) beside it, and
@@ -107,6 +108,7 @@ REPORT_BOOKKEEPING = frozenset(
         CHECKPOINT_PATH,
         REPLICA_CHECKPOINTS,
         SLOT_NOTE,
+        DATA_MODE,
         PBT_LINEAGE,
         PBT_EXPLOITED_EPOCH,
         PBT_EXPLOITED_FROM,
@@ -284,6 +286,11 @@ class Trainable(ABC):
         self, device: str, batch: int | None, steps: int, rounds: int, log: Callable = print
     ) -> TrainBench:
         """``sertune bench train``: the input pipeline against the model step it feeds."""
+
+    def bench_data(self, log: Callable = print, **options: Any) -> dict[str, Any]:
+        """``sertune bench data``: cache build with 1 and N processes, training input resident
+        against streamed, each slot's peak memory (a trainable that reads no corpora: none)."""
+        raise UsageError(f"trainable {self.name!r} has no data bench")
 
 
 class UnknownTrainable(UsageError):

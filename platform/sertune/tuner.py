@@ -118,6 +118,15 @@ def trial_plan(spec: SearchSpec, name: str, data: dict[str, Any]) -> TrialPlan:
             "max_steps_per_epoch": spec.budget.max_steps_per_epoch,
             "robustness": spec.robustness_options(),
             "select": spec.select_metric(plugin).model_dump(),
+            # where each slot keeps the corpus (trainables.common.placement)
+            "data_placement": spec.resources.model_dump(
+                include={
+                    "corpus_on_device",
+                    "corpus_budget_mb",
+                    "gpus_per_worker",
+                    "cpus_per_worker",
+                }
+            ),
         },
         resources=spec.resources.model_dump(),
         max_epochs=spec.budget.max_epochs,

@@ -66,6 +66,7 @@ def test_smoke_single_objective(home, tmp_path):
         assert ch.data.tags["mlflow.parentRunId"] == p.info.run_id
         assert ch.data.tags["sertune.status"] in ("finished", "stopped_early")
         assert {"loss.w_aug", "loss.w_rec", "aug.p_white_noise"} <= set(ch.data.params)
+        assert ch.data.tags["sertune.data_mode"].endswith(" resident")  # it fits the budget
         hist = c.get_metric_history(ch.info.run_id, "train_loss_rec")
         # one point per epoch, the step being the trial's real epoch
         assert [m.step for m in hist] == list(range(1, int(ch.data.metrics[EPOCHS_DONE]) + 1))
@@ -77,6 +78,31 @@ def test_smoke_single_objective(home, tmp_path):
             "robustness/uar_vs_snr.png",
             "robustness/uar_vs_eps.png",
         } <= robust
+
+
+def test_a_search_streams_a_corpus_larger_than_its_slots_budget(home, tmp_path):
+    """``resources.corpus_budget_mb`` below the corpus size: each slot says once that it streams
+    the corpus from host memory, the trials train, and each trial run records the mode."""
+
+    def edit(raw):
+        raw["name"] = "streamed"
+        raw["resources"]["corpus_budget_mb"] = 0.5  # the smoke corpus is ~9 MB as int16
+        raw["budget"].update(max_epochs=1, grace_epochs=1)
+        raw.pop("robustness")
+
+    lines: list[str] = []
+    result = run_search(load_spec(spec_file(tmp_path, edit)), log=lines.append)
+    assert result.errors == 0 and len(result.rows) == 2
+    said = [ln for ln in lines if "streamed from host memory" in ln]
+    assert 1 <= len(said) <= 2, lines  # once per slot (two slots at most)
+    assert (
+        "> what is left of the slot's budget of 0.50 MB, set by resources.corpus_budget_mb"
+        in (said[0])
+    )
+    _, _, children = mlflow_runs("streamed")
+    assert len(children) == 2
+    for ch in children:
+        assert ch.data.tags["sertune.data_mode"].endswith(" streamed"), ch.data.tags
 
 
 def test_smoke_multi_objective_has_a_pareto_front(home, tmp_path):

@@ -15,18 +15,82 @@ same length, padded the same way.
 
 Storage: utterances lie back to back in one 1-D tensor (``audio``: int16 as decoded, or float),
 with ``offsets`` and ``lengths`` per utterance, so a whole corpus moves to the device once and
-batches are cut by index arithmetic.
+batches are cut by index arithmetic. A corpus larger than its slot's budget is *streamed*: its
+``audio`` stays on the host, a memory map of the decoded cache (one page cache for every slot of
+the node), while offsets, lengths and labels are on the device; :meth:`Utterances.take` gathers
+the samples a batch needs on the host and copies them over, so every reader below works on both.
 """
 
 from __future__ import annotations
 
+import mmap
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 Forward = Callable[[torch.Tensor], torch.Tensor]  # waveforms (B, segment) -> logits (B, C)
+
+
+class HostAudio:
+    """A decoded cache's ``audio.npy`` mapped into memory, read by gathers of sample positions.
+
+    The pages a gather touches count towards the process's resident set until the kernel drops
+    them; after every ``window_bytes`` read the mapping is told to let go (``MADV_DONTNEED``:
+    the page cache keeps them, so the next read is a memory copy, not a disk read), which keeps a
+    streaming slot's resident memory near its budget however large the corpus.
+    """
+
+    def __init__(self, path: str | Path, window_bytes: int = 256 << 20):
+        # copy-on-write: a writable view torch accepts without copying; nothing writes to it
+        self.array = np.load(Path(path), mmap_mode="c")
+        self.tensor = torch.from_numpy(self.array)
+        self.window_bytes = max(int(window_bytes), 1 << 20)
+        self._read = 0
+        self._lock = threading.Lock()
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.array.nbytes)
+
+    def gather(self, pos: torch.Tensor) -> torch.Tensor:
+        """Samples at ``pos`` (a CPU int64 tensor of any shape), int16, same shape."""
+        out = self.tensor[pos]
+        self._count(out.numel() * 2 + (pos.shape[0] if pos.dim() > 1 else 1) * mmap.PAGESIZE)
+        return out
+
+    def crops(self, start: np.ndarray, length: np.ndarray, n: int) -> torch.Tensor:
+        """(B, n) int16: each row ``n`` samples from ``start`` (a clip's ``length`` at most, zeros
+        after it) - one slice copy per row, far less work than gathering B x n positions."""
+        out = np.zeros((len(start), n), dtype=np.int16)
+        read = 0
+        for i, (s, m) in enumerate(
+            zip(start.tolist(), np.minimum(length, n).tolist(), strict=True)
+        ):
+            out[i, :m] = self.array[s : s + m]
+            read += m
+        self._count(read * 2 + len(start) * mmap.PAGESIZE)
+        return torch.from_numpy(out)
+
+    def _count(self, nbytes: int) -> None:
+        with self._lock:
+            self._read += nbytes
+            if self._read >= self.window_bytes:
+                self._read = 0
+                self.release()
+
+    def release(self) -> None:
+        _release(self.array)
+
+
+def _release(array) -> None:
+    """Let the kernel drop this process's pages of a memory-mapped array (they stay cached)."""
+    m = getattr(array, "_mmap", None)
+    if m is not None and hasattr(m, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+        m.madvise(mmap.MADV_DONTNEED)
 
 
 @dataclass
@@ -35,23 +99,43 @@ class Utterances:
     offsets: torch.Tensor  # (U,) int64
     lengths: torch.Tensor  # (U,) int64
     labels: torch.Tensor  # (U,) int64, -1 = unlabelled
+    host: HostAudio | None = None  # streamed: ``audio`` is this memory map, on the host
 
     @property
     def device(self) -> torch.device:
-        return self.audio.device
+        return self.offsets.device
+
+    @property
+    def streamed(self) -> bool:
+        return self.host is not None
 
     def __len__(self) -> int:
         return int(self.offsets.shape[0])
 
     @classmethod
-    def from_corpus(cls, corpus, device: torch.device) -> Utterances:
-        """A decoded corpus (``trainables.data.cache.DecodedCorpus``) moved onto ``device`` once."""
+    def from_corpus(
+        cls, corpus, device: torch.device, streamed: bool = False, window_bytes: int = 256 << 20
+    ) -> Utterances:
+        """A decoded corpus (``trainables.data.cache.DecodedCorpus``) moved onto ``device`` once,
+        or, ``streamed``, left on the host as a memory map of its cache (only the per-utterance
+        arrays move)."""
+        host = HostAudio(Path(corpus.path) / "audio.npy", window_bytes) if streamed else None
+        if host is None:
+            audio = torch.from_numpy(np.array(corpus.audio)).to(device)  # int16, a copy
+            _release(corpus.audio)  # the cache's pages: read once, not held twice
         return cls(
-            audio=torch.from_numpy(np.array(corpus.audio)).to(device),  # int16, a copy
+            audio=host.tensor if host else audio,
             offsets=torch.from_numpy(np.asarray(corpus.offsets)).to(device),
             lengths=torch.from_numpy(np.asarray(corpus.lengths)).to(device),
             labels=torch.from_numpy(np.asarray(corpus.labels)).to(device),
+            host=host,
         )
+
+    def take(self, pos: torch.Tensor) -> torch.Tensor:
+        """``audio[pos]`` on this utterances' device, wherever ``audio`` lives."""
+        if self.host is None:
+            return self.audio[pos]
+        return to_device(self.host.gather(pos.cpu()), self.device)
 
     @classmethod
     def from_waveforms(
@@ -77,7 +161,7 @@ class Utterances:
         offsets = torch.cumsum(lengths, 0) - lengths
         owner = torch.repeat_interleave(torch.arange(idx.numel(), device=self.device), lengths)
         rel = torch.arange(owner.numel(), device=self.device) - offsets[owner]
-        audio = _as_float(self.audio[self.offsets[idx][owner] + rel])
+        audio = _as_float(self.take(self.offsets[idx][owner] + rel))
         return Utterances(audio, offsets, lengths, self.labels[idx])
 
     def with_audio(self, audio: torch.Tensor) -> Utterances:
@@ -105,7 +189,14 @@ class Utterances:
         ar = torch.arange(length, device=self.device)
         valid = ar.unsqueeze(0) < ln.unsqueeze(1)  # (B, length)
         pos = torch.where(valid, start.unsqueeze(1) + ar, torch.zeros_like(ar))
-        return _as_float(self.audio[pos]) * valid, valid
+        return _as_float(self.take(pos)) * valid, valid
+
+
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor onto ``device``; through pinned memory, without blocking, to a GPU."""
+    if device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
 
 
 def _as_float(x: torch.Tensor) -> torch.Tensor:
@@ -144,7 +235,7 @@ class Windowing:
         rel = start.unsqueeze(1) + ar  # (W, segment)
         valid = rel < utts.lengths[clip].unsqueeze(1)
         pos = torch.where(valid, utts.offsets[clip].unsqueeze(1) + rel, torch.zeros_like(rel))
-        return _as_float(utts.audio[pos]) * valid
+        return _as_float(utts.take(pos)) * valid
 
 
 def utterance_logits(

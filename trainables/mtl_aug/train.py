@@ -27,6 +27,7 @@ reproduces the following steps exactly.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -39,7 +40,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from sertune.trainable import BEST_EPOCH, EPOCHS_DONE, LOOP_STARTED_AT, TrialDiverged
+from sertune.trainable import (
+    BEST_EPOCH,
+    DATA_MODE,
+    EPOCHS_DONE,
+    LOOP_STARTED_AT,
+    SLOT_NOTE,
+    TrialDiverged,
+)
+from trainables.common.batches import TrainBatches
 from trainables.common.metrics import confusion, scores
 from trainables.common.noise import add_noise_flat
 from trainables.common.robustness import evaluate_robustness, make_noise, write_report
@@ -74,37 +83,110 @@ class Resident:
     """Corpora and the noise bank on one device, kept in the session's cache across trials.
 
     A warm slot trains trial after trial on the same data fingerprint: the corpus is decoded,
-    copied to the device and indexed once, not once per trial.
+    copied to the device and indexed once, not once per trial. What a slot keeps is bounded in
+    bytes (:func:`trainables.common.placement.slot_budget`): a corpus that fits what is left of
+    the budget is resident on the device; one that does not is streamed from the host (its
+    memory map shared by every slot of the node), and entries no trial of this Resident uses are
+    evicted, oldest first, to make room. ``notes`` says what was decided, and why, for each
+    corpus this slot loaded for the first time.
     """
 
-    MAX_ENTRIES = 4
+    KEY = "mtl_aug.resident"
 
-    def __init__(self, cache: dict[str, Any], device: torch.device):
+    def __init__(self, cache: dict[str, Any], device: torch.device, placement: dict | None = None):
+        from trainables.common.placement import slot_budget
+
         self.cache, self.device = cache, device
+        self.options = dict(placement or {})
+        self.budget, self.budget_why = slot_budget(device, self.options)
+        self.used: set[str] = set()  # entries this trial holds: never evicted under it
+        self.notes: list[str] = []
+        self.modes: dict[str, str] = {}  # corpus name -> "resident" | "streamed"
 
-    def _get(self, key: str, build):
-        store = self.cache.setdefault("mtl_aug.resident", {})
+    def _store(self) -> dict[str, tuple[Any, int]]:
+        return self.cache.setdefault(self.KEY, {})
+
+    def held_bytes(self) -> int:
+        return sum(n for _, n in self._store().values())
+
+    def _get(self, key: str, build, nbytes=None):
+        store = self._store()
         full = f"{self.device}|{key}"
-        if full not in store:
-            while len(store) >= self.MAX_ENTRIES:
-                store.pop(next(iter(store)))
-            store[full] = build()
-        return store[full]
+        if full in store:
+            store[full] = store.pop(full)  # most recently used last
+        else:
+            value, n = build()
+            self._make_room(n)
+            store[full] = (value, n)
+        self.used.add(full)
+        return store[full][0]
+
+    def _make_room(self, n: int) -> None:
+        store = self._store()
+        for k in [k for k in store if k not in self.used]:  # oldest first
+            if self.held_bytes() + n <= self.budget:
+                break
+            store.pop(k)
+
+    def _free_for(self, n: int) -> bool:
+        """Would ``n`` more bytes fit the budget once entries no trial here uses are gone?"""
+        held = sum(b for k, (_, b) in self._store().items() if k in self.used)
+        return held + n <= self.budget
 
     def corpus(self, path: str) -> tuple[DecodedCorpus, Utterances]:
+        full = f"{self.device}|corpus:{path}"
+        kept = self._store().get(full)
+        if kept and not self._still_right(*kept):  # another trial's placement rules here now
+            self._store().pop(full)
+
         def build():
             c = load_cache(path)
-            return c, Utterances.from_corpus(c, self.device)
+            size = int(c.audio.nbytes)
+            mode = self.options.get("corpus_on_device", "auto")
+            if mode == "always" or (mode == "auto" and self._free_for(size)):
+                why = "corpus_on_device: always" if mode == "always" else (
+                    f"{_mb(size)} fits the slot's budget of {_mb(self.budget)}, {self.budget_why}"
+                )  # fmt: skip
+                utts, n = Utterances.from_corpus(c, self.device), size
+            else:
+                why = "corpus_on_device: never" if mode == "never" else (
+                    f"{_mb(size)} > what is left of the slot's budget of {_mb(self.budget)}, "
+                    f"{self.budget_why}"
+                )  # fmt: skip
+                window = max(min(self.budget // 4, 256 << 20), 1 << 20)
+                utts = Utterances.from_corpus(c, self.device, streamed=True, window_bytes=window)
+                n = int(c.offsets.nbytes * 3)  # only the per-utterance arrays are on the device
+            kind = "streamed from host memory" if utts.streamed else f"resident on {self.device}"
+            self.notes.append(f"corpus {c.path.name} ({_mb(size)}) {kind}: {why}")
+            return (c, utts), n
 
-        return self._get(f"corpus:{path}", build)
+        c, utts = self._get(f"corpus:{path}", build)
+        self.modes[c.path.name] = "streamed" if utts.streamed else "resident"
+        return c, utts
+
+    def _still_right(self, entry: tuple[DecodedCorpus, Utterances], n: int) -> bool:
+        mode = self.options.get("corpus_on_device", "auto")
+        if mode != "auto":
+            return entry[1].streamed == (mode == "never")
+        return entry[1].streamed or n <= self.budget
 
     def noise_bank(self, files: list[str], sample_rate: int) -> torch.Tensor | None:
         if not files:
             return None
-        return self._get(
-            f"noise:{sample_rate}:{'|'.join(files)}",
-            lambda: torch.from_numpy(np.concatenate([read_audio(f, sample_rate) for f in files])),
-        )
+
+        def build():
+            bank = torch.from_numpy(np.concatenate([read_audio(f, sample_rate) for f in files]))
+            return bank, int(bank.nbytes)
+
+        return self._get(f"noise:{sample_rate}:{'|'.join(files)}", build)
+
+    def mode(self) -> str:
+        """What the trial's corpora are, in one word per corpus (recorded on the trial run)."""
+        return ", ".join(f"{name} {m}" for name, m in self.modes.items())
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.0f} MB" if n >= 1e6 else f"{n / 1e6:.2f} MB"
 
 
 # -- evaluation ------------------------------------------------------------------------------------
@@ -259,7 +341,7 @@ def train(config: dict[str, Any], session: Any) -> list[dict[str, Any]]:
         torch.cuda.set_device(device)
 
     # [2] Data on the device (resident across trials); speaker-independent split
-    resident = Resident(session.cache(), device)
+    resident = Resident(session.cache(), device, run_cfg.get("data_placement"))
     corpus, utts = resident.corpus(data_cfg["cache"])
     split = speaker_independent_split(
         corpus,
@@ -281,7 +363,6 @@ def train(config: dict[str, Any], session: Any) -> list[dict[str, Any]]:
     if data_cfg.get("unlabelled_cache"):  # a separate unlabelled pool: auxiliary losses only
         extra = resident.corpus(data_cfg["unlabelled_cache"])[1]
     n_extra = 0 if extra is None else len(extra)
-    train_idx_t = torch.from_numpy(train_idx).to(device)
     n_train = len(train_idx) + n_extra
 
     # [3] Model, augmentation bank, optimiser; resume
@@ -322,6 +403,7 @@ def train(config: dict[str, Any], session: Any) -> list[dict[str, Any]]:
     if run_cfg.get("max_steps_per_epoch"):
         steps = min(steps, int(run_cfg["max_steps_per_epoch"]))
     fwd = forward_fn(model, bank.logmel)
+    batches = TrainBatches(utts, extra, train_idx, train_labels, bank.crop_length)
     history: list[dict[str, Any]] = []
     train_time = 0.0
 
@@ -331,40 +413,40 @@ def train(config: dict[str, Any], session: Any) -> list[dict[str, Any]]:
         gen = torch.Generator(device=device).manual_seed(seed_for(cfg.seed, rank, epoch))
         order = torch.randperm(
             n_train, generator=torch.Generator().manual_seed(seed_for(cfg.seed, 0, epoch))
-        ).to(device)
+        )
         model.train()
         sums = torch.zeros(5, dtype=torch.float64, device=device)  # total, emo, aug, rec, n
         t0 = time.perf_counter()
-        for step in range(steps):
-            session.poll()  # a stopped trial stops here, not at the end of the epoch
-            pos = order[(step * world + rank) * bs : (step * world + rank + 1) * bs]
-            if pos.numel() < 2:
-                pos = order[:bs]
-            wav, valid, y = _gather(utts, extra, train_idx_t, train_labels, pos, bank, gen)
-            feats, aug_type = bank(wav, gen, valid=valid)  # (B, M, T), (B,)
-            out = model(feats)
-            losses = mtl_aug_loss(out, y, aug_type, cfg.loss)
-            if not torch.isfinite(losses.total):
-                raise TrialDiverged(
-                    f"loss became {float(losses.total.detach())} at epoch {epoch} step {step} "
-                    f"(emo={float(losses.emotion.detach()):.4g}, aug={float(losses.aug.detach()):.4g}, "
-                    f"rec={float(losses.reconstruction.detach()):.4g}); lr={cfg.optim.lr}"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            losses.total.backward()
-            if cfg.optim.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            optimizer.step()
-            n = pos.numel()
-            sums += torch.stack(
-                [
-                    losses.total.detach() * n,
-                    losses.emotion.detach() * n,
-                    losses.aug.detach() * n,
-                    losses.reconstruction.detach() * n,
-                    torch.tensor(float(n), device=device),
-                ]
-            ).double()
+        steps_pos = [_step_positions(order, step, world, rank, bs) for step in range(steps)]
+        # closed however the epoch ends (a stopped trial raises in poll): its loader thread stops
+        with contextlib.closing(batches.epoch(steps_pos, seed_for(cfg.seed, rank, epoch))) as it:
+            for step in range(steps):
+                session.poll()  # a stopped trial stops here, not at the end of the epoch
+                wav, valid, y = next(it)
+                feats, aug_type = bank(wav, gen, valid=valid)  # (B, M, T), (B,)
+                out = model(feats)
+                losses = mtl_aug_loss(out, y, aug_type, cfg.loss)
+                if not torch.isfinite(losses.total):
+                    raise TrialDiverged(
+                        f"loss became {float(losses.total.detach())} at epoch {epoch} step {step} "
+                        f"(emo={float(losses.emotion.detach()):.4g}, aug={float(losses.aug.detach()):.4g}, "
+                        f"rec={float(losses.reconstruction.detach()):.4g}); lr={cfg.optim.lr}"
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                losses.total.backward()
+                if cfg.optim.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+                optimizer.step()
+                n = y.numel()
+                sums += torch.stack(
+                    [
+                        losses.total.detach() * n,
+                        losses.emotion.detach() * n,
+                        losses.aug.detach() * n,
+                        losses.reconstruction.detach() * n,
+                        torch.tensor(float(n), device=device),
+                    ]
+                ).double()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         epoch_time = time.perf_counter() - t0
@@ -409,6 +491,9 @@ def train(config: dict[str, Any], session: Any) -> list[dict[str, Any]]:
         metrics[BEST_EPOCH] = best["epoch"]
         if epoch == start_epoch:
             metrics.update(session.placement())
+            metrics[DATA_MODE] = resident.mode()  # recorded on the trial run
+            if resident.notes:  # this slot's first trial on these corpora: said once
+                metrics[SLOT_NOTE] = "; ".join(resident.notes)
 
         # [6] Checkpoint (rank 0 writes) and report (every rank calls; rank 0's metrics count)
         with tempfile.TemporaryDirectory(prefix="sertune-ckpt-") as tmp:
@@ -440,34 +525,18 @@ def evaluate_checkpoint(
     predictor = load_model(Path(checkpoint_dir) / BEST)
     model = predictor.model.to(dev)
     return final_evaluation(
-        model, predictor.cfg, data_cfg, run_cfg, Resident(cache, dev), Path(checkpoint_dir) / BEST
+        model,
+        predictor.cfg,
+        data_cfg,
+        run_cfg,
+        Resident(cache, dev, run_cfg.get("data_placement")),
+        Path(checkpoint_dir) / BEST,
     )
 
 
-def _gather(
-    utts: Utterances,
-    extra: Utterances | None,
-    train_idx: torch.Tensor,
-    train_labels: torch.Tensor,
-    pos: torch.Tensor,
-    bank: AugmentationBank,
-    gen: torch.Generator,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Positions in the training pool -> (crops, valid mask, emotion labels or -1)."""
-    length = bank.crop_length
-    n_main = train_idx.numel()
-    if extra is None:
-        idx = train_idx[pos]
-        wav, valid = utts.crops(idx, length, gen)
-        return wav, valid, train_labels[idx]
-    in_main = pos < n_main
-    wav = torch.zeros(pos.numel(), length, device=utts.device)
-    valid = torch.zeros(pos.numel(), length, dtype=torch.bool, device=utts.device)
-    y = torch.full((pos.numel(),), UNLABELLED, dtype=torch.long, device=utts.device)
-    if bool(in_main.any()):
-        idx = train_idx[pos[in_main]]
-        wav[in_main], valid[in_main] = utts.crops(idx, length, gen)
-        y[in_main] = train_labels[idx]
-    if bool((~in_main).any()):
-        wav[~in_main], valid[~in_main] = extra.crops(pos[~in_main] - n_main, length, gen)
-    return wav, valid, y
+def _step_positions(
+    order: torch.Tensor, step: int, world: int, rank: int, bs: int
+) -> torch.Tensor:
+    """Rank ``rank``'s pool positions at ``step`` of an epoch in ``order`` (a CPU tensor)."""
+    pos = order[(step * world + rank) * bs : (step * world + rank + 1) * bs]
+    return order[:bs] if pos.numel() < 2 else pos

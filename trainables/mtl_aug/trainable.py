@@ -150,5 +150,10 @@ class MTLAugTrainable(CorpusHooks, Trainable):
 
         return run_bench(device=device, batch=batch, steps=steps, rounds=rounds, log=log)
 
+    def bench_data(self, log: Callable = print, **options: Any) -> dict[str, Any]:
+        from .bench_data import run
+
+        return run(log=log, **options)
+
 
 TRAINABLE = MTLAugTrainable()

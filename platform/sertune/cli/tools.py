@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 
+from ..errors import UsageError
 from .options import command, tracking_option
 
 
@@ -65,6 +67,30 @@ def add(sub) -> None:
     bt.add_argument("--rounds", type=int, default=3, help="interleaved rounds, median reported")
     bt.add_argument("--trainable", default="mtl_aug", help=argparse.SUPPRESS)
     bt.set_defaults(func=bench_train)
+
+    bd = command(
+        bsub,
+        "data",
+        "a corpus of N hours: cache build with 1 and N processes, training input resident vs "
+        "streamed (budget below the corpus), each slot's peak memory",
+        "sertune bench data --hours 5\nsertune bench data --root /data/mine/manifest.csv "
+        "--device cuda",
+    )
+    bd.add_argument("--hours", type=float, default=5.0, help="synthetic corpus size (default 5)")
+    bd.add_argument("--root", help="your own manifest (or folder with manifest.csv) instead")
+    bd.add_argument("--workers", type=int, help="processes of the parallel build (default: CPUs)")
+    bd.add_argument("--device", default="auto", help="cpu | cuda | auto")
+    bd.add_argument(
+        "--budget-mb",
+        type=float,
+        help="the streamed slot's budget (default: a quarter of the corpus)",
+    )
+    bd.add_argument("--steps", type=int, default=60, help="timed training steps per round")
+    bd.add_argument("--rounds", type=int, default=3, help="alternating rounds, median reported")
+    bd.add_argument("--batch", type=int, help="batch size (default 256 on cuda, 32 on cpu)")
+    bd.add_argument("--sample-rate", type=int, default=16000, help="the synthetic files' rate")
+    bd.add_argument("--trainable", default="mtl_aug", help=argparse.SUPPRESS)
+    bd.set_defaults(func=bench_data)
 
     bs = command(
         bsub,
@@ -209,6 +235,30 @@ def bench_train(a: argparse.Namespace) -> int:
     print(f"(a) ceiling  (train step on features on the device): {r.ceiling:,.0f} samples/s")
     print(f"(b) pipeline (waveform -> augment -> log-mel -> step): {r.pipeline:,.0f} samples/s")
     print(f"pipeline/ceiling: {r.ratio:.2f}")
+    return 0
+
+
+def bench_data(a: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .. import settings
+    from ..trainable import get_trainable
+
+    if a.hours <= 0 or (a.workers is not None and a.workers < 1) or a.steps < 1 or a.rounds < 1:
+        raise UsageError("--hours, --workers, --steps and --rounds must be positive")
+    workers = a.workers or max(2, len(os.sched_getaffinity(0)))
+    get_trainable(a.trainable).bench_data(
+        hours=a.hours,
+        workers=workers,
+        device=a.device,
+        budget_mb=a.budget_mb,
+        steps=a.steps,
+        rounds=a.rounds,
+        batch=a.batch,
+        root=a.root,
+        home=Path(settings.home()),
+        sample_rate=a.sample_rate,
+    )
     return 0
 
 

@@ -18,6 +18,7 @@ from ..trainable import (
     BEST_EPOCH,
     CHECKPOINT_PATH,
     CV_FOLD,
+    DATA_MODE,
     EPOCHS_DONE,
     LOOP_STARTED_AT,
     PBT_EXPLOITED_EPOCH,
@@ -42,6 +43,7 @@ _NOT_FIGURES = frozenset(
         LOOP_STARTED_AT,
         REPLICA_CHECKPOINTS,
         SLOT_NOTE,
+        DATA_MODE,
         "epoch",
     }
 )
@@ -85,6 +87,9 @@ def fold_mean(
     ]
     if notes:
         out[SLOT_NOTE] = "; ".join(notes)
+    modes = {r[DATA_MODE] for r in reports if r.get(DATA_MODE)}
+    if modes:  # where each job's corpora were (one line when they agree)
+        out[DATA_MODE] = "; ".join(sorted(modes))
     out[CV_FOLD] = rep
     out[EPOCHS_DONE] = reports[0].get(EPOCHS_DONE)
     starts = [r[LOOP_STARTED_AT] for r in reports if LOOP_STARTED_AT in r]
