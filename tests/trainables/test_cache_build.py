@@ -35,6 +35,26 @@ def _corpus(root: Path, n: int, sr: int = 16000, channels: int = 1, broken: bool
     return root
 
 
+def _stat(pid: int) -> list[str] | None:
+    try:  # "pid (comm) state ppid ...": split after the command's closing parenthesis
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit() and (st := _stat(int(d.name))) and int(st[1]) == pid:
+            out.append(int(d.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    st = _stat(pid)
+    return st is not None and st[0] != "Z"
+
+
 def _files(cache: Path) -> dict[str, bytes]:
     return {f: (cache / f).read_bytes() for f in ("audio.npy", "index.json", "report.json")}
 
@@ -55,12 +75,13 @@ def test_a_parallel_build_writes_the_serial_builds_cache_and_reports_bad_files_a
 
 
 def test_a_build_killed_mid_way_resumes_from_its_finished_shards(tmp_path):
-    """SIGKILL while shards are being decoded; the next build says it resumes, decodes only the
-    missing shards and writes the cache an uninterrupted build writes."""
+    """SIGKILL while shards are being decoded by a pool; its processes leave too; the next build
+    says it resumes, decodes only the missing shards and writes the cache an uninterrupted build
+    writes."""
     root = _corpus(tmp_path / "corpus", 300, sr=44100, channels=2)
     code = (
         "import sys; from trainables.data.cache import build_cache; "
-        f"build_cache('manifest', {str(root)!r}, {str(tmp_path / 'c')!r}, workers=1, "
+        f"build_cache('manifest', {str(root)!r}, {str(tmp_path / 'c')!r}, workers=2, "
         "shard_files=5, progress=lambda m: None)"
     )
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT)
@@ -71,8 +92,14 @@ def test_a_build_killed_mid_way_resumes_from_its_finished_shards(tmp_path):
         if len(shards) >= 15:
             break
         time.sleep(0.01)
+    pool = _children(proc.pid)  # its decoding processes
+    assert pool
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and any(_alive(p) for p in pool):
+        time.sleep(0.2)
+    assert not [p for p in pool if _alive(p)]  # they leave with the build
     kept = len(list((tmp_path / "c").glob(".build-*/shard-*.json")))
     assert 15 <= kept < 60, f"killed at {kept}/60 shards"
     assert not list((tmp_path / "c").glob("manifest-*/COMPLETE"))

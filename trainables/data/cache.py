@@ -231,7 +231,10 @@ class _Build:
 
         # spawn: the caller may hold threads (MLflow, Ray) that a fork would copy mid-lock
         ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        parent = os.getpid()
+        with ProcessPoolExecutor(
+            workers, mp_context=ctx, initializer=_exit_with, initargs=(parent,)
+        ) as pool:
             pending = {
                 pool.submit(decode_shard, self.shards[k], self.sample_rate): k for k in todo
             }
@@ -364,6 +367,19 @@ class _Progress:
     def end(self) -> None:
         if self.done > self.start_done and time.monotonic() - self.t0 >= self.EVERY_S:
             self.say(self.line() + f" in {time.monotonic() - self.t0:.0f}s")
+
+
+def _exit_with(parent: int) -> None:
+    """A pool worker's watch: it leaves when the build that started it is gone (SIGKILLed, a
+    worker blocked on the task queue would otherwise wait forever)."""
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="sertune-parent-watch", daemon=True).start()
 
 
 def _read_text(path: Path) -> str | None:
