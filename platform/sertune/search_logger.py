@@ -224,7 +224,9 @@ class Evaluator(Protocol):
     @property
     def pending(self) -> int: ...
 
-    def submit(self, key: str, checkpoint_uri: str) -> None: ...
+    def submit(self, key: str, checkpoint_uri: str) -> None:
+        """Evaluate ``checkpoint_uri``; returns the checkpoint it will read (another one of the
+        same job when that one is gone), whose ``best/`` is the trial's model."""
 
     def ready(self, wait_s: float = 0.0) -> list[tuple[str, CheckpointEvaluation]]: ...
 
@@ -362,17 +364,21 @@ class TrialLogger(Callback):
         runs.append(Op(Kind.TAGS, key=key, tags=tags))
         ckpt = self._checkpoint_uri(last)
         if ckpt:
-            best = f"{ckpt.rstrip('/')}/best"
-            runs.append(Op(Kind.MODEL, key=key, src=best, trainable=runs.spec.trainable))
             if not finished and self.evaluator is not None:  # its best epoch's test figures, later
                 runs.stopped[key] = epochs
                 every = self._replica_uris(last) if rep is not None else None
                 if every:  # a replicated trial (warm): each job's best model
-                    self.evaluator.submit(key, ckpt, every, rep or 0)
+                    used = self.evaluator.submit(key, ckpt, every, rep or 0)
                 else:
-                    self.evaluator.submit(key, ckpt)
+                    used = self.evaluator.submit(key, ckpt)
+                # the model is what the evaluation reads: the stopped job may have trained past
+                # the relayed epoch and pruned its checkpoint before the stop reached it
+                best = f"{(used or ckpt).rstrip('/')}/best"
+                runs.append(Op(Kind.MODEL, key=key, src=best, trainable=runs.spec.trainable))
                 runs.open_trials.discard(key)
                 return
+            best = f"{ckpt.rstrip('/')}/best"
+            runs.append(Op(Kind.MODEL, key=key, src=best, trainable=runs.spec.trainable))
             if runs.spec.robustness is not None:
                 runs.append(
                     Op(Kind.ARTIFACTS, key=key, src=f"{best}/robustness", path="robustness")

@@ -80,11 +80,12 @@ class TaskEvaluator:
     def pending(self) -> int:
         return len(self.refs)
 
-    def submit(self, key: str, checkpoint_uri: str) -> None:
+    def submit(self, key: str, checkpoint_uri: str) -> str:
         import ray
 
         task = ray.remote(num_cpus=0)(evaluate_checkpoint_task)
         self.refs[task.remote(self.plan, checkpoint_uri)] = key
+        return checkpoint_uri  # its trial run ended: nothing prunes it any more
 
     def ready(self, wait_s: float = 0.0) -> list[tuple[str, CheckpointEvaluation]]:
         """(trial, evaluation) of the evaluations that ended, waiting up to ``wait_s`` for one."""

@@ -41,6 +41,15 @@ def test_an_epoch_of_a_cv_trial_is_the_mean_of_its_folds():
     assert m[CV_FOLD] == 2 and m[CHECKPOINT_PATH] == "c2"  # 0.62 is the closest to 0.607
     assert m[EPOCHS_DONE] == 2 and "epoch" not in m and "epoch_se" not in m
 
+    # what the jobs' slots said: once when they all said the same, else each with its label
+    from sertune.trainable import DATA_MODE, SLOT_NOTE
+
+    same = [{**r, SLOT_NOTE: "corpus x resident", DATA_MODE: "x resident"} for r in reports]
+    m = fold_mean(same, "val_uar")
+    assert m[SLOT_NOTE] == "all 3 jobs: corpus x resident" and m[DATA_MODE] == "x resident"
+    same[1][SLOT_NOTE] = "corpus x streamed"
+    assert fold_mean(same, "val_uar")[SLOT_NOTE].startswith("fold0: corpus x resident; fold1:")
+
 
 def test_a_cv_spec_the_platform_cannot_run_is_refused(home, tmp_path):
     from sertune.spec import SpecError, load_spec

@@ -85,6 +85,9 @@ def fold_mean(
     notes = [
         f"{lb}: {r[SLOT_NOTE]}" for lb, r in zip(labels, reports, strict=True) if r.get(SLOT_NOTE)
     ]
+    said = {r.get(SLOT_NOTE) for r in reports}
+    if len(notes) == k > 1 and len(said) == 1:  # every job's slot said the same: once
+        notes = [f"all {k} jobs: {reports[0][SLOT_NOTE]}"]
     if notes:
         out[SLOT_NOTE] = "; ".join(notes)
     modes = {r[DATA_MODE] for r in reports if r.get(DATA_MODE)}
@@ -422,17 +425,18 @@ class BoardEvaluator:
         checkpoint_uri: str,
         replicas: list[str] | None = None,
         representative: int = 0,
-    ) -> None:
+    ) -> str:
         """Evaluate ``checkpoint_uri``, or for a replicated trial each of ``replicas`` (its
-        jobs' checkpoints, in the plan's order) with job ``representative``'s files kept."""
+        jobs' checkpoints, in the plan's order) with job ``representative``'s files kept.
+        Returns the checkpoint read in place of ``checkpoint_uri`` (the representative's)."""
         if not replicas:
             return self._submit(key, checkpoint_uri)
         keys = [f"{key}.{r.label}" for r in self.plan.replicas]
         self._trials[key] = (keys, representative, {})
-        for job_key, uri in zip(keys, replicas, strict=True):
-            self._submit(job_key, uri)
+        used = [self._submit(job_key, uri) for job_key, uri in zip(keys, replicas, strict=True)]
+        return used[representative]
 
-    def _submit(self, key: str, checkpoint_uri: str) -> None:
+    def _submit(self, key: str, checkpoint_uri: str) -> str:
         # the trial's job (same key) may still be training past the stop and pruning its
         # checkpoints: stop it, wait until its slot lets go, then read what it left
         board = self.pool.board
@@ -448,6 +452,7 @@ class BoardEvaluator:
         )
         ray.get(self.pool.board.submit.remote(job))
         self.waiting.add(key)
+        return checkpoint_uri
 
     def ready(self, wait_s: float = 0.0) -> list[tuple[str, CheckpointEvaluation]]:
         """(trial, evaluation) of the evaluations that ended, waiting up to ``wait_s`` for one."""
