@@ -16,6 +16,8 @@ moved, and ``tests/test_architecture.py`` fails on a Ray upgrade that moves any 
 | :func:`tune_logs_to`                    | Tune prints every failed trial's traceback on the console (ERROR)|
 | :func:`quiet`                           | banners, hints and per-trial chatter on the console (Tune's new |
 |                                         | output engine ignores verbose=0; the raylet's worker-pool notice)|
+|                                         | and a task error nobody collected (a trial cut short by a stop) |
+|                                         | printed with its whole remote traceback: one line instead       |
 | :func:`atomic_experiment_state`         | Tune writes ``experiment_state-*.json`` in place: a full disk or |
 |                                         | a kill mid-write leaves half a file and a resume loses trials   |
 | :func:`atomic_local_uploads`            | Tune syncs that folder to local storage in place (half a copy)  |
@@ -182,6 +184,22 @@ class _DropRestoreHint(logging.Filter):
         return "Tuner.restore(" not in msg and "Trials did not complete" not in msg
 
 
+class _OneLineUnhandled(logging.Filter):
+    """Ray logs a task error no one collected (``Unhandled error ...``) with the whole remote
+    traceback - a trial actor's failed step that Tune dropped while the search stopped, a full
+    disk's failed checkpoint upload. The console gets its innermost error line only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if msg.startswith("Unhandled error"):
+            lines = [ln.strip() for ln in msg.splitlines() if ln.strip()]
+            frames = ("File ", "^", "~", "Traceback", "The above exception", "During handling")
+            last = next((ln for ln in reversed(lines) if not ln.startswith(frames)), lines[-1])
+            record.msg = f"[sertune] a Ray task's error that nothing collected: {last[:300]}"
+            record.args, record.exc_info, record.exc_text = (), None, None
+        return True
+
+
 QUIET_LOGGERS = (
     "ray",
     "ray.tune",
@@ -200,6 +218,9 @@ def quiet(verbose: bool = False) -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropRestoreHint) for f in logger.filters):
             logger.addFilter(_DropRestoreHint())
+    worker = logging.getLogger("ray._private.worker")
+    if not any(isinstance(f, _OneLineUnhandled) for f in worker.filters):
+        worker.addFilter(_OneLineUnhandled())
     if verbose:
         return
     for name in QUIET_LOGGERS:

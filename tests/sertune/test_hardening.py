@@ -425,3 +425,37 @@ def test_tune_s_copies_to_local_storage_are_whole_or_not_made(tmp_path, monkeypa
     monkeypatch.setattr(shutil, "copyfile", real)
     assert json.loads((dest / "experiment_state-1.json").read_text()) == {"trial_data": [1, 2]}
     assert sorted(p.name for p in dest.iterdir()) == ["experiment_state-1.json"]
+
+
+def test_a_task_error_nothing_collected_is_one_line_on_the_console():
+    """Ray logs an uncollected task error with its whole remote traceback (seen once in the
+    disk-full drill: a trial whose checkpoint upload hit ENOSPC, dropped as the search stopped);
+    the console gets the innermost error line."""
+    import logging
+
+    from ray._private.worker import _unhandled_error_handler
+
+    from sertune import ray_compat
+
+    ray_compat.quiet()
+    said: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda r: said.append(handler.format(r))  # type: ignore[method-assign]
+    logger = logging.getLogger("ray._private.worker")
+    logger.addHandler(handler)
+    remote = (
+        "ray::WarmTrial.train() (pid=1, ip=127.0.0.1, actor_id=ab, repr=WarmTrial)\n"
+        '  File "/x/ray/tune/trainable/trainable.py", line 329, in train\n'
+        "    raise skipped from exception_cause(skipped)\n"
+        "           ^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^\n"
+        '  File "/x/sertune/warm/proxy.py", line 220, in step\n'
+        "    raise TrialFailed(reason)\n"
+        "sertune.warm.board.TrialFailed: Error: [Errno 28] No space left on device\n"
+    )
+    try:
+        _unhandled_error_handler(RuntimeError(remote))
+    finally:
+        logger.removeHandler(handler)
+    assert len(said) == 1 and "\n" not in said[0], said
+    assert said[0].endswith("TrialFailed: Error: [Errno 28] No space left on device"), said
+    assert "File " not in said[0]
