@@ -73,16 +73,16 @@ class TrainBatches:
         for s, (offsets, lengths) in enumerate(self._host):
             rows = np.nonzero(in_main if s == 0 else ~in_main)[0]
             clip = self.train_idx[pos[rows]] if s == 0 else pos[rows] - self.n_main
-            parts.append({"rows": rows, "clip": clip, "off": offsets[clip], "len": lengths[clip]})
+            ln = torch.from_numpy(lengths[clip])
+            parts.append({"rows": rows, "clip": clip, "off": offsets[clip], "len": ln})
         # one draw per row, in row order, whichever source the row reads
         r = torch.rand(len(pos), generator=gen)
         for p in parts:
-            ln = torch.from_numpy(p["len"])
+            ln = p["len"]
             slack = (ln - self.length).clamp_min(0)
             p["start"] = torch.from_numpy(p["off"]) + (
                 r[torch.from_numpy(p["rows"])] * (slack + 1).float()
             ).long().clamp_max(slack)
-            p["len"] = ln
         for src, p in zip(self.sources, parts, strict=True):
             if src.streamed and len(p["rows"]):
                 p["samples"] = src.host.crops(p["start"].numpy(), p["len"].numpy(), self.length)

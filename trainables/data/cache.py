@@ -287,8 +287,9 @@ class _Build:
             report.downmixed += shard["downmixed"]
             for path, reason in shard["skipped"]:
                 report.skip(path, reason)
-            for r in shard["rows"]:
-                rows.append({**r, "offset": offset})
+            for r in shard["rows"]:  # the index's column order: ..., offset, length
+                rows.append({**{k: v for k, v in r.items() if k != "length"}, "offset": offset,
+                             "length": r["length"]})  # fmt: skip
                 offset += r["length"]
                 if r["label"] < 0:
                     report.unlabelled += 1
@@ -301,8 +302,6 @@ class _Build:
             raise CorpusError(
                 f"{self.root}: no usable audio in corpus {self.corpus!r}\n{report.summary()}"
             )
-        for r in rows:  # the index's column order of earlier versions
-            r["offset"], r["length"] = r.pop("offset"), r.pop("length")
         tmp = Path(tempfile.mkdtemp(prefix=f".{self.corpus}-", dir=self.out.parent))
         audio = np.lib.format.open_memmap(tmp / "audio.npy", "w+", np.int16, (offset,))
         at = 0

@@ -109,9 +109,12 @@ class Resident:
     def held_bytes(self) -> int:
         return sum(n for _, n in self._store().values())
 
-    def _get(self, key: str, build, nbytes=None):
+    def _full(self, key: str) -> str:
+        return f"{self.device}|{key}"
+
+    def _get(self, key: str, build):
         store = self._store()
-        full = f"{self.device}|{key}"
+        full = self._full(key)
         if full in store:
             store[full] = store.pop(full)  # most recently used last
         else:
@@ -134,10 +137,9 @@ class Resident:
         return held + n <= self.budget
 
     def corpus(self, path: str) -> tuple[DecodedCorpus, Utterances]:
-        full = f"{self.device}|corpus:{path}"
-        kept = self._store().get(full)
+        kept = self._store().get(self._full(f"corpus:{path}"))
         if kept and not self._still_right(*kept):  # another trial's placement rules here now
-            self._store().pop(full)
+            self._store().pop(self._full(f"corpus:{path}"))
 
         def build():
             c = load_cache(path)
