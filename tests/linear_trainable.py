@@ -20,11 +20,28 @@ import numpy as np
 import torch
 import torchaudio
 
-from sertune.trainable import BEST_EPOCH, EPOCHS_DONE, LOOP_STARTED_AT, Trainable, TrainBench
+from sertune.trainable import (
+    BEST_EPOCH,
+    EPOCHS_DONE,
+    LOOP_STARTED_AT,
+    KeptModel,
+    Trainable,
+    TrainBench,
+)
 from trainables.common.corpus_hooks import CorpusHooks
 from trainables.common.metrics import confusion, scores
-from trainables.common.robustness import evaluate_robustness, robust_metric_names, write_report
-from trainables.common.utterances import Utterances, Windowing, utterance_logits
+from trainables.common.robustness import (
+    evaluate_robustness,
+    robust_metric_names,
+    write_report,
+    write_validation_report,
+)
+from trainables.common.utterances import (
+    Utterances,
+    Windowing,
+    stratified_subset,
+    utterance_logits,
+)
 from trainables.data.cache import load_cache, speaker_independent_split
 
 DEFAULTS = {
@@ -39,6 +56,10 @@ DEFAULTS = {
     # noise are known by construction, for the tests of noise measurement and of the stop rules
     "probe.offset": 0.0,
     "probe.noise_sd": 0.0,
+    # "0.5,0.9,0.6": ``val_uar`` at epoch e is the e-th value (+ probe.offset) instead of the
+    # model's: a validation curve a test controls (the kept epoch's choice); "": the model's.
+    # "a,b;c,d": cross-validation fold k follows the k-th curve (cycling)
+    "probe.curve": "",
     "seed": 0,
 }
 FORMAT = "sertune.linear/1"
@@ -116,15 +137,26 @@ def _scores(predictor: LinearPredictor, utts: Utterances) -> dict[str, float]:
 
 def _final(predictor: LinearPredictor, data: dict, run: dict, out: Path) -> dict[str, float]:
     corpus = load_cache(data["cache"])
-    test = speaker_independent_split(corpus, data.get("fold", 0))["test"]
-    utts = Utterances.from_corpus(corpus, torch.device("cpu")).select(test)
+    split = speaker_independent_split(
+        corpus, data.get("fold", 0), cv=data.get("cv"), dealing=data.get("dealing", "balanced")
+    )
+    every = Utterances.from_corpus(corpus, torch.device("cpu"))
+    utts = every.select(split["test"])
     metrics = {f"test_{k}": v for k, v in _scores(predictor, utts).items()}
     if run.get("robustness"):
-        report = evaluate_robustness(
-            predictor.forward, utts, predictor.windowing, 4, run["robustness"]
-        )
+        options = run["robustness"]
+        report = evaluate_robustness(predictor.forward, utts, predictor.windowing, 4, options)
         write_report(report, out / "robustness", run.get("title", ""), 4)
         metrics.update(report["metrics"])
+        # val_robust/*: the same conditions on a capped, class-stratified share of the
+        # validation speakers' clips - the figures a search may select on
+        val = split["val"]
+        val = val[stratified_subset(corpus.labels[val], options.get("max_utterances"))]
+        vreport = evaluate_robustness(
+            predictor.forward, every.select(val), predictor.windowing, 4, options, split="val"
+        )
+        write_validation_report(vreport, out / "robustness_val")
+        metrics.update(vreport["metrics"])
     return metrics
 
 
@@ -163,23 +195,36 @@ class LinearTrainable(CorpusHooks, Trainable):
         cfg = _config(config.get("params", {}))
         data, run = config["data"], config.get("run", {})
         corpus = load_cache(data["cache"])
-        split = speaker_independent_split(corpus, data.get("fold", 0), cv=data.get("cv"))
+        split = speaker_independent_split(
+            corpus, data.get("fold", 0), cv=data.get("cv"), dealing=data.get("dealing", "balanced")
+        )
         utts = Utterances.from_corpus(corpus, torch.device("cpu"))
         val = utts.select(split["val"])
         torch.manual_seed(int(cfg["seed"]))
         model = LinearModel(int(cfg["features.n_mels"]))
         opt = torch.optim.SGD(model.parameters(), lr=cfg["optim.lr"], momentum=0.9)
         seg = int(cfg["features.segment_s"] * 16000)
-        start, best = 0, {"value": -1.0, "epoch": -1, "state": None}
+        select = run.get("select", {})
+        start, best = 0, {"value": -1.0, "epoch": -1, "state": None, "curve": []}
+        states = {}
         ckpt = session.get_checkpoint_dir()
         if ckpt:
             state = torch.load(Path(ckpt) / "state.pt", weights_only=True)
             model.load_state_dict(state["model"])
             start = int(state["epoch"]) + 1
             best = {
+                **best,
                 **json.loads(state["best"]),
                 "state": load(Path(ckpt) / "best").model.state_dict(),
             }
+            states = {best["epoch"]: best["state"], start - 1: state["model"]}
+        # the kept model: the best epoch of the smoothed select curve (sertune.stats.kept_epoch)
+        keeper = KeptModel(
+            select.get("metric", "val_uar"), select.get("mode", "max"), best["curve"], states
+        )
+        curves = str(cfg["probe.curve"]).split(";")
+        fold = int((data.get("cv") or {}).get("fold", 0))
+        curve = [float(x) for x in curves[fold % len(curves)].split(",") if x.strip()]
         history = []
         for epoch in range(start, int(cfg["optim.epochs"])):
             g = torch.Generator().manual_seed(int(cfg["seed"]) * 100 + epoch)
@@ -202,6 +247,8 @@ class LinearTrainable(CorpusHooks, Trainable):
             v = _scores(predictor, val)
             noise = 0.05 * torch.randn(val.audio.shape, generator=g)
             vn = _scores(predictor, val.with_audio(val.audio + noise))
+            if curve:
+                v["uar"] = curve[min(epoch, len(curve) - 1)] + float(cfg["probe.offset"])
             metrics = {
                 "epoch": epoch,
                 EPOCHS_DONE: epoch + 1,
@@ -215,13 +262,14 @@ class LinearTrainable(CorpusHooks, Trainable):
                 LOOP_STARTED_AT: started,
             }
             # the select metric as the search asks (val_uar; a refit: the last epoch)
-            chosen = float(metrics.get(run.get("select", {}).get("metric"), v["uar"]))
-            if chosen > best["value"]:
-                best = {
-                    "value": chosen,
-                    "epoch": epoch,
-                    "state": {k: t.clone() for k, t in model.state_dict().items()},
-                }
+            chosen = float(metrics.get(select.get("metric"), v["uar"]))
+            kept = keeper.add(chosen, {k: t.clone() for k, t in model.state_dict().items()})
+            best = {
+                "value": keeper.value,
+                "epoch": keeper.epoch,
+                "state": kept,
+                "curve": keeper.curve,
+            }
             metrics[BEST_EPOCH] = best["epoch"]
             with tempfile.TemporaryDirectory() as tmp:
                 best_model = LinearModel(int(cfg["features.n_mels"]))
@@ -261,7 +309,9 @@ class LinearTrainable(CorpusHooks, Trainable):
         idx = (
             np.nonzero(corpus.labels >= 0)[0]
             if split == "all"
-            else speaker_independent_split(corpus, data.get("fold", 0))["test"]
+            else speaker_independent_split(
+                corpus, data.get("fold", 0), dealing=data.get("dealing", "balanced")
+            )["test"]
         )
         utts = Utterances.from_corpus(corpus, torch.device("cpu")).select(idx)
         report = evaluate_robustness(

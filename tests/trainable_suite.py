@@ -8,6 +8,7 @@ reported on and benchmarked.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,9 @@ def check_interface(t: Trainable) -> None:
     assert "synthetic" in t.corpora()
     metrics = t.metric_names(ROBUSTNESS, ["other"])
     assert {"robust/uar_snr10_white", "robust/uar_fgsm0.005", "robust/uar_cross_other"} <= metrics
+    # the selection twins, on the validation speakers (none for a cross corpus)
+    assert {"val_robust/uar_snr10_white", "val_robust/uar_fgsm0.005"} <= metrics
+    assert "val_robust/uar_cross_other" not in metrics
     for name, params in t.baselines().items():
         assert isinstance(name, str) and set(params) <= names
         t.validate_params(params)
@@ -92,9 +96,13 @@ def check_trains_reports_and_serves(t: Trainable, tmp_path: Path, params: dict[s
         assert not missing, f"epoch metrics not reported: {missing}"
     last = history[-1]
     assert set(t.final_metrics) <= set(last) and "robust/uar_snr10_white" in last
+    assert "val_robust/uar_snr10_white" in last  # what a search may select on
     ckpt = Path(session.history[-1]["checkpoint"])
     best = ckpt / "best"
     assert (best / "robustness" / "robustness.json").is_file()
+    val = json.loads((best / "robustness_val" / "robustness.json").read_text())
+    assert val["data"]["split"] == "val"
+    assert val["metrics"]["val_robust/uar_snr10_white"] == last["val_robust/uar_snr10_white"]
 
     p = t.load_predictor(best)
     probs = p.predict_proba(
@@ -113,6 +121,7 @@ def check_trains_reports_and_serves(t: Trainable, tmp_path: Path, params: dict[s
 
     again = t.evaluate_checkpoint(str(ckpt), data, config["run"], "cpu")
     assert again["test_uar"] == pytest.approx(last["test_uar"])
+    assert "val_robust/uar_snr10_white" in again  # a stopped trial gets its twins too
 
     resumed = LocalSession(device="cpu", checkpoint_dir=session.history[0]["checkpoint"])
     assert [h[EPOCHS_DONE] for h in t.train(config, resumed)] == [2]  # only what was missing

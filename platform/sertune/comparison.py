@@ -1,11 +1,20 @@
 """Two searches on the same data, side by side: ``sertune compare A B`` and a search's baseline.
 
 Each search is represented by its winning configuration: the best confirmed configuration (mean
-± sd over its fresh seeds) when the search was confirmed, else its best single trial (no spread).
-Each figure's difference A - B gets a 95 % confidence interval: paired seed by seed when both
-sides ran the same seeds (a search and its baseline do: same initialisations, same data order),
-fold by fold when both are cross-validated trials (the same speaker folds), else Welch's; the verdict names a side only when the interval excludes 0, and says the interval.
-Single runs get no verdict.
+± sd over its fresh seeds) when the search was confirmed, else its best trial - over its folds
+and/or repeats when replicated, else one run (no spread). Each figure's difference A - B gets a
+95 % interval from :mod:`sertune.stats`:
+
+* **paired** only when the two sides can be paired: the same data (corpus fingerprint), the same
+  split (``data.fold``, the number of folds, the cross-validation K and the speaker dealing, so
+  the same speakers in every fold) and the same design (seeds with seeds, folds with folds);
+  pairs by seed, or fold by fold (K folds x R repeats: each fold's repeats averaged first, df
+  K-1); the printed difference is the mean of exactly the pairs the interval uses;
+* else **unpaired** (Welch), with the reason said - except a seeds side against a folds side,
+  whose spreads measure different things (seed noise, speaker-fold difficulty): no interval.
+
+The verdict names a side only when the interval excludes 0. A side whose figure is its best
+trial's objective (not re-run) is flagged: that figure is the one that selected it.
 """
 
 from __future__ import annotations
@@ -17,15 +26,13 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from .confirm import difference_interval
+from . import stats as st
 from .errors import NotFound, UsageError
 from .tracking import Run, Store
 
 
 def _stats(values: list[float]) -> dict[str, float]:
-    from .confirm import _stats as stats
-
-    return stats(values)
+    return st.summary(values).as_dict()
 
 
 def search_figures(store: Store, search: str) -> dict[str, Any]:
@@ -47,6 +54,8 @@ def search_figures(store: Store, search: str) -> dict[str, Any]:
         "objective": objective,
         "headline": _final_display(parent.tags.get("sertune.trainable", "")),
         "fingerprint": parent.tags.get("sertune.data_fingerprint", ""),
+        "split": json.loads(parent.tags.get("sertune.split", "null") or "null"),
+        "design": "single",
     }
     if confirmed:
 
@@ -56,7 +65,9 @@ def search_figures(store: Store, search: str) -> dict[str, Any]:
 
         origin, group = max(confirmed.items(), key=lambda kv: sign * mean_of(kv[1]))
         metrics = {k for g in group for k in g.metrics}
-        out.update(source=f"confirmed: {len(group)} seeds", configuration_of=origin)
+        out.update(
+            source=f"confirmed: {len(group)} seeds", configuration_of=origin, design="seeds"
+        )
         out["stats"] = {
             k: _stats([g.metrics[k] for g in group if k in g.metrics]) for k in sorted(metrics)
         }
@@ -80,11 +91,18 @@ def search_figures(store: Store, search: str) -> dict[str, Any]:
             if all(lb.startswith("rep") for lb in labels)
             else "folds x repeats"
         )
-        out.update(source=f"best trial, {n} {what}", configuration_of=best.trial)
-        out["stats"] = {k: _stats(list(v.values())) for k, v in sorted(folds.items())}
+        out.update(
+            source=f"best trial, {n} {what}",
+            configuration_of=best.trial,
+            design="folds" if any(lb.startswith("fold") for lb in labels) else "repeats",
+            selected_by=key,  # not re-run: its objective is the figure that selected it
+        )
+        out["stats"] = {k: st.design_summary(v).as_dict() for k, v in sorted(folds.items())}
         out["by_seed"] = folds
         return out
-    out.update(source="best single run (no seed spread)", configuration_of=best.trial)
+    out.update(
+        source="best single run (no seed spread)", configuration_of=best.trial, selected_by=key
+    )
     out["stats"] = {k: _stats([v]) for k, v in sorted(best.metrics.items())}
     out["by_seed"] = {k: {_seed(best, 0): v} for k, v in sorted(best.metrics.items())}
     return out
@@ -121,36 +139,49 @@ def _final_display(trainable: str) -> list[str]:
     return [m for m in plugin.display_metrics if m in plugin.final_metrics]
 
 
+def pairing(a: dict[str, Any], b: dict[str, Any]) -> tuple[bool, str]:
+    """Whether A and B can be paired unit by unit, and if not, why (one phrase)."""
+    if a["design"] != b["design"]:
+        return False, f"A's spread is over {a['design']}, B's over {b['design']}"
+    if a["fingerprint"] != b["fingerprint"]:
+        return False, "different data (corpus fingerprints differ)"
+    sa, sb = a.get("split"), b.get("split")
+    if sa != sb:
+        if sa is None or sb is None:
+            return False, "a side does not record its speaker split"
+        diff = sorted(k for k in set(sa) | set(sb) if sa.get(k) != sb.get(k))
+        said = ", ".join(f"{k} {sa.get(k)} vs {sb.get(k)}" for k in diff)
+        return False, f"different speaker splits ({said}): other speakers in each fold"
+    return True, ""
+
+
 def compare(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     """Rows for the objective, the trainable's test figures and every ``robust/*`` metric both
     sides have."""
     key = a["objective"]["metric"]
     headline = a.get("headline") or []
     wanted = [key, *headline] + sorted(k for k in a["stats"] if k.startswith("robust/"))
+    paired_ok, why = pairing(a, b)
+    mixed = a["design"] != b["design"] and "single" not in (a["design"], b["design"])
     rows = []
     for m in dict.fromkeys(wanted):
         sa, sb = a["stats"].get(m), b["stats"].get(m)
         if not sa or not sb:
             continue
-        diff = sa["mean"] - sb["mean"]
-        ci = difference_interval(a.get("by_seed", {}).get(m, {}), b.get("by_seed", {}).get(m, {}))
-        if ci is None:
+        va, vb = a.get("by_seed", {}).get(m, {}), b.get("by_seed", {}).get(m, {})
+        d = None if mixed else st.difference(va, vb, pair=paired_ok)
+        diff = d.diff if d is not None else sa["mean"] - sb["mean"]
+        if mixed:
+            verdict = f"no interval ({why}: different sources of spread)"
+        elif d is None:
             verdict = "no verdict (single run)"
         else:
-            lo, hi, n, paired = ci
-            keys = [str(k) for k in a["by_seed"].get(m, {})]
-            unit = (
-                "seeds"
-                if not all(_REPLICA.match(k) for k in keys)
-                else "folds"
-                if all(k.startswith("fold") and "rep" not in k for k in keys)
-                else "repeats"
-                if all(k.startswith("rep") for k in keys)
-                else "fold x repeat runs"
-            )
-            how = f"paired over {n} {unit}" if paired else "unpaired"
-            span = f"95 % CI {lo:+.3f} to {hi:+.3f}, {how}"
-            if lo > 0 or hi < 0:
+            unit = st.design_words(list(va)) if d.paired else ""
+            how = f"paired over {d.n} {unit}" if d.paired else "unpaired"
+            if not d.paired and paired_ok is False:
+                how += f": {why}"
+            span = f"95 % CI {d.low:+.3f} to {d.high:+.3f}, {how}"
+            if d.excludes_zero:
                 verdict = f"{a['search'] if diff > 0 else b['search']} higher ({span})"
             else:
                 verdict = f"no difference resolved ({span})"
@@ -160,13 +191,20 @@ def compare(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
                 "a": sa,
                 "b": sb,
                 "diff": diff,
-                "interval": None if ci is None else [ci[0], ci[1]],
-                "paired": bool(ci and ci[3]),
+                "interval": None if d is None else [d.low, d.high],
+                "paired": bool(d and d.paired),
                 "verdict": verdict,
             }
         )
     same_data = a["fingerprint"] == b["fingerprint"]
-    return {"a": a, "b": b, "rows": rows, "same_data": same_data}
+    return {
+        "a": a,
+        "b": b,
+        "rows": rows,
+        "same_data": same_data,
+        "paired": paired_ok,
+        "unpaired_because": why,
+    }
 
 
 def format_comparison(c: dict[str, Any]) -> str:
@@ -177,6 +215,15 @@ def format_comparison(c: dict[str, Any]) -> str:
     ]
     if not c["same_data"]:
         lines.append("WARNING: the two searches ran on different data (fingerprints differ)")
+    if not c.get("paired", True) and c.get("unpaired_because"):
+        lines.append(f"not paired: {c['unpaired_because']}")
+    key = a["objective"]["metric"]
+    for side, name in ((a, "A"), (b, "B")):
+        if side.get("selected_by"):
+            lines.append(
+                f"{name}'s {key} is the figure that selected its trial (not re-run): "
+                "optimistic; confirm it (sertune promote --confirm-top) for a fair one"
+            )
     lines.append("")
     width = max([len("metric")] + [len(r["metric"]) for r in c["rows"]])
     lines.append(

@@ -18,6 +18,7 @@ from collections import defaultdict
 from typing import Any
 
 from .spec import MetricSpec, SearchSpec
+from .stats import summary
 
 SEED_STRIDE = 1000  # seed k of a confirmation: spec.seed + SEED_STRIDE * k (k = 1..seeds)
 
@@ -41,53 +42,8 @@ def confirmation_points(
 
 
 def _stats(values: list[float]) -> dict[str, float]:
-    n = len(values)
-    mean = sum(values) / n
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
-    return {"mean": mean, "sd": sd, "min": min(values), "max": max(values), "n": n}
-
-
-def t95(df: float) -> float:
-    """Student's t quantile for a two-sided 95 % interval with ``df`` degrees of freedom."""
-    from scipy.stats import t
-
-    return float(t.ppf(0.975, df))
-
-
-def mean_interval(values: list[float]) -> tuple[float, float] | None:
-    """The 95 % confidence interval of the mean of ``values`` (None below two values)."""
-    n = len(values)
-    if n < 2:
-        return None
-    s = _stats(values)
-    half = t95(n - 1) * s["sd"] / math.sqrt(n)
-    return s["mean"] - half, s["mean"] + half
-
-
-def difference_interval(
-    a: dict[str, float], b: dict[str, float]
-) -> tuple[float, float, int, bool] | None:
-    """The 95 % interval of mean(A) - mean(B) from each side's runs keyed by seed: paired over
-    the seeds both have (the same seeds: the same initialisations and data orders), else
-    Welch's. Returns (low, high, n, paired), or None when neither can be formed."""
-    common = sorted(set(a) & set(b))
-    if len(common) >= 2:
-        d = [a[k] - b[k] for k in common]
-        lo, hi = mean_interval(d)
-        return lo, hi, len(common), True
-    va, vb = list(a.values()), list(b.values())
-    if len(va) < 2 or len(vb) < 2:
-        return None
-    sa, sb = _stats(va), _stats(vb)
-    ea, eb = sa["sd"] ** 2 / len(va), sb["sd"] ** 2 / len(vb)
-    se = math.sqrt(ea + eb)
-    if se == 0:
-        diff = sa["mean"] - sb["mean"]
-        return diff, diff, min(len(va), len(vb)), False
-    df = (ea + eb) ** 2 / (ea**2 / (len(va) - 1) + eb**2 / (len(vb) - 1))
-    half = t95(df) * se
-    diff = sa["mean"] - sb["mean"]
-    return diff - half, diff + half, min(len(va), len(vb)), False
+    """mean, sd, se, n, df, min, max of independent runs (``sertune.stats.summary``)."""
+    return summary(values).as_dict()
 
 
 def aggregate(rows: list[dict[str, Any]], objective: MetricSpec) -> list[dict[str, Any]]:

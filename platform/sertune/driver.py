@@ -38,7 +38,7 @@ from .spec import SearchSpec
 from .stoprule import NoiseStop
 from .storage import fs_and_path
 from .tracking import Kind, Op, Store
-from .trainable import BEST_EPOCH, EPOCHS_PARAM, get_trainable
+from .trainable import BEST_EPOCH, EPOCHS_PARAM, KEPT_EPOCH, get_trainable
 from .tuner import build_tuner, refit_plan, trial_plan, tune_callbacks
 
 
@@ -269,7 +269,7 @@ class Search:
         tune_name = tune_name or name
         watch = FailFast(tune_name, spec.budget.concurrency)
         callbacks = [ProgressPrinter(spec, log=self.log, budget=budget), watch, self.last_phase]
-        rule = NoiseStop.of(spec, tune_name) if points is None else None
+        rule = NoiseStop.of(spec, tune_name, self.log) if points is None else None
         stopper: Any = watch.stopper()
         if restore and points is None:
             self.check_restored(tune_name)
@@ -408,7 +408,10 @@ class Search:
             self.log("[sertune] no finished trial to re-train on all training speakers")
             return
         row = rows[origin]
-        best_epoch = row.get(BEST_EPOCH)
+        # the kept epoch of the trial's fold-mean curve (the proxy's): not the representative
+        # fold's own best epoch, which is one fold's and may sit far from the mean curve's
+        best_epoch = row.get(KEPT_EPOCH)
+        best_epoch = row.get(BEST_EPOCH) if best_epoch is None else best_epoch
         epochs = (
             int(best_epoch) + 1
             if isinstance(best_epoch, (int, float))
@@ -417,8 +420,8 @@ class Search:
         point = {**row["config"], EPOCHS_PARAM: epochs, "__refit_of": origin}
         self.log(
             f"[sertune] re-training trial {origin}'s configuration on all training speakers "
-            f"(every fold's) for {epochs} epoch(s), its best epoch count: the model promotion "
-            "registers"
+            f"(every fold's) for {epochs} epoch(s), its fold-mean curve's kept epoch count: the "
+            "model promotion registers"
         )
         self.fixed_points(execution, stop, [point], f"{self.name}-refit", "refit")
 

@@ -3,7 +3,8 @@
 Trial states: ``finished`` (all epochs), ``stopped early at epoch k`` (a scheduler's decision),
 ``failed: <reason>``, ``interrupted`` (Ctrl-C or a crash; ``resume`` continues it), ``running``,
 ``pending``. Metrics are the trial's last report: for a finished trial that carries the test and
-robustness figures of its best-validation epoch.
+robustness figures of its kept epoch's model. An objective reported every epoch is read at the
+kept epoch (the best of the smoothed validation curve, ``sertune.trainable.objective_value``).
 """
 
 from __future__ import annotations
@@ -21,8 +22,12 @@ from .trainable import (
     CV_FOLD,
     EPOCHS_DONE,
     EPOCHS_PARAM,
+    KEPT_EPOCH,
+    KEPT_PREFIX,
     LOOP_STARTED_AT,
+    RAW_BEST_PREFIX,
     get_trainable,
+    objective_value,
 )
 
 
@@ -159,18 +164,36 @@ def trial_row(
         "ended": float(metrics.get("timestamp", 0) or 0),
         LOOP_STARTED_AT: metrics.get(LOOP_STARTED_AT),  # when its training began (benches)
         BEST_EPOCH: metrics.get(BEST_EPOCH),  # 0-based: its model's epoch
+        KEPT_EPOCH: metrics.get(KEPT_EPOCH),  # 0-based: its smoothed curve's best (objective)
     }
     for k, v in metrics.items():
         if (
             k in columns.kept
             or k in (BEST_EPOCH, CV_FOLD)
-            or k.startswith(("robust/", "test_"))
+            or k.startswith(("robust/", "val_robust/", "test_"))
             or (k.endswith("_se") and k.removesuffix("_se") in columns.kept)
         ):
             row[k] = v
-    for m in columns.objectives:
-        row[m.metric] = metrics.get(m.metric)
+    for m in columns.objectives:  # the smoothed figure at the kept epoch; raw ones beside it
+        row[m.metric] = objective_value(metrics, m.metric)
+        if metrics.get(f"{KEPT_PREFIX}{m.metric}") is not None:
+            row[f"{m.metric}{RAW_LAST}"] = metrics.get(m.metric)
+            row[f"{m.metric}{RAW_BEST}"] = metrics.get(f"{RAW_BEST_PREFIX}{m.metric}")
     return row
+
+
+RAW_LAST, RAW_BEST = "_raw_last", "_raw_best"  # a row's raw figures beside its kept objective
+
+
+def kept_note(row: dict[str, Any], metric: str) -> str:
+    """`` (epoch 15; raw best 0.910, last 0.860)``: where a trial's objective was read on its
+    smoothed curve, and the raw figures it replaces; "" for a figure read raw."""
+    epoch, last = row.get(KEPT_EPOCH), row.get(f"{metric}{RAW_LAST}")
+    if not isinstance(epoch, (int, float)) or not isinstance(last, (int, float)):
+        return ""
+    best = row.get(f"{metric}{RAW_BEST}")
+    raw = f"raw best {best:.3f}, " if isinstance(best, (int, float)) else "raw "
+    return f" (epoch {int(epoch) + 1}; {raw}last {last:.3f})"
 
 
 def rank(rows: list[dict[str, Any]], columns: Columns) -> list[dict[str, Any]]:
@@ -250,6 +273,7 @@ def format_table(result: SearchResult, top: int = 10) -> str:
     for i, row in enumerate(result.rows[:top], start=1):
         cfg = ", ".join(f"{k}={_short(v)}" for k, v in sorted((row["config"] or {}).items()))
         vals = [_figure(row, c) for c in cols]
+        vals[0] += kept_note(row, cols[0])
         status = "failed (below)" if row["state"] == "failed" else row["status"][:48]
         if checks:
             ok = columns.feasible(row)

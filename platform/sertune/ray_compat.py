@@ -136,7 +136,7 @@ def set_restored_callbacks(tuner: Any, callbacks: list[Any]) -> None:
 @contextlib.contextmanager
 def strict_metric_checking(enabled: bool) -> Iterator[None]:
     """Tune checks that every result carries the searcher's metrics. A multi-objective search on
-    end-of-trial metrics (``robust/*``) has them in the last result only, so the check is off for
+    end-of-trial metrics (``val_robust/*``) has them in the last result only, so the check is off for
     that search, and back to what it was afterwards."""
     key = "TUNE_DISABLE_STRICT_METRIC_CHECKING"
     old = os.environ.get(key)

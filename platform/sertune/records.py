@@ -23,7 +23,14 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_serializer,
+    model_validator,
+)
 
 from . import settings
 from .errors import NotFound, UsageError
@@ -74,6 +81,19 @@ class SearchRecord(BaseModel):
         if unknown:
             raise TypeError(f"SearchRecord has no field {', '.join(sorted(unknown))}")
         return type(self).model_validate({**self.model_dump(), **changes})
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_dealing(cls, raw: Any) -> Any:
+        """A record written before ``data.dealing`` existed dealt its speaker folds sorted: it
+        resumes with them (its spec and its prepared data say ``sorted``), keeping its split."""
+        spec = raw.get("spec") if isinstance(raw, dict) else None
+        data = spec.get("data") if isinstance(spec, dict) else None
+        if isinstance(data, dict) and "dealing" not in data:
+            raw = {**raw, "spec": {**spec, "data": {**data, "dealing": "sorted"}}}
+            if raw.get("data"):
+                raw["data"] = {**raw["data"], "dealing": "sorted"}
+        return raw
 
     @field_serializer("spec")
     def _whole_spec(self, spec: SearchSpec) -> dict[str, Any]:

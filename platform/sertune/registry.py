@@ -1,8 +1,13 @@
 """Promotion to the MLflow model registry, gated on robustness.
 
-``promote`` picks a search's best configuration that passes every gate and registers one model
-of it under alias ``champion`` (the previous champion becomes ``previous``); better candidates a
-gate turned down are named. When the search was confirmed
+``promote`` picks a search's best configuration that passes every choosing gate and registers one
+model of it under alias ``champion`` (the previous champion becomes ``previous``); better
+candidates a gate turned down are named. Only selection figures choose: gates on ``val_*`` and
+``val_robust/*`` (the validation speakers; the search's own ``objective.constraints`` are such
+gates). A gate on a ``robust/*`` or ``test_*`` figure (the test speakers, a cross corpus) is
+report-only: it is judged on the champion already chosen, printed as such, and when it fails the
+promotion is refused - it never passes over to another candidate, which would select on the test
+speakers. When the search was confirmed
 (``confirm:`` in the spec, or ``sertune promote --confirm-top K --seeds N``), the configuration
 with the best *mean* over its fresh seeds wins, the gates apply to the means, and the registered
 model is the seed run closest to that mean (its median), not the luckiest one. Otherwise the best
@@ -13,14 +18,20 @@ from __future__ import annotations
 
 import json
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from . import __version__
 from .errors import GateFailed, NotFound, UsageError
 from .records import load_record
-from .spec import Condition
+from .spec import Condition, reported_only
 from .tracking import Run, Store
+from .trainable import objective_value
+
+# a report-only gate's verdict: it is printed, and refuses registration when it fails, but it
+# never chose the champion (no other candidate is tried for it)
+REPORTED_NOTE = "reported on the test speakers; it did not choose the champion"
 
 
 def parse_gate(expr: str) -> tuple[str, str, float]:
@@ -29,6 +40,13 @@ def parse_gate(expr: str) -> tuple[str, str, float]:
     except ValueError as e:
         raise UsageError(f"--gate {e}") from None
     return c.metric, c.op, c.bound
+
+
+def choosing(gate: tuple[str, str, float]) -> bool:
+    """Whether a gate chooses among candidates: a selection figure (``val_*``, ``val_robust/*``).
+    A gate on a ``robust/*`` or ``test_*`` figure (the test speakers, a cross corpus) only
+    reports pass/fail on the champion the choosing gates and the objective picked."""
+    return reported_only(gate[0]) is None
 
 
 def code_version() -> str:
@@ -47,7 +65,14 @@ def code_version() -> str:
 
 def _candidates(runs: list[Run], metric: str, mode: str) -> tuple[list[dict[str, Any]], bool]:
     """Candidates best first: confirmed configurations (mean over seeds) if any, else trials."""
+    from .stats import summary
+
     sign = 1 if mode == "max" else -1
+    # each trial's objective as its kept epoch has it (the smoothed curve's best), not the raw
+    # figure of its last epoch
+    runs = [
+        replace(r, metrics={k: objective_value(r.metrics, k) for k in r.metrics}) for r in runs
+    ]
     usable = [
         r
         for r in runs
@@ -65,12 +90,7 @@ def _candidates(runs: list[Run], metric: str, mode: str) -> tuple[list[dict[str,
         for origin, group in confirmed.items():
             keys = set.intersection(*(set(g.metrics) for g in group))
             means = {k: sum(g.metrics[k] for g in group) / len(group) for k in keys}
-            sds = {
-                k: (sum((g.metrics[k] - means[k]) ** 2 for g in group) / (len(group) - 1)) ** 0.5
-                if len(group) > 1
-                else 0.0
-                for k in keys
-            }
+            sds = {k: summary([g.metrics[k] for g in group]).sd for k in keys}
             median = sorted(group, key=lambda g: g.metrics[metric])[len(group) // 2]
             out.append(
                 {
@@ -94,13 +114,13 @@ def _trial_candidate(r: Run) -> dict[str, Any]:
     """One trial as a candidate; a replicated trial (objective.cv/repeats) carries its jobs'
     figures, so gates show mean ± sd over them and ``--gate-on lower`` can bound the mean."""
     from .comparison import replica_figures
+    from .stats import summary, units
 
-    jobs = replica_figures(r)
+    # K folds x R repeats: each fold's repeats averaged first (they share its speakers), so the
+    # spread and the gates' intervals are over the K independent fold means
+    jobs = {k: units(v) for k, v in replica_figures(r).items()}
     values = {k: list(v.values()) for k, v in jobs.items() if len(v) > 1}
-    sds = {}
-    for k, vs in values.items():
-        m = sum(vs) / len(vs)
-        sds[k] = (sum((v - m) ** 2 for v in vs) / (len(vs) - 1)) ** 0.5
+    sds = {k: summary(vs).sd for k, vs in values.items()}
     n = max((len(v) for v in values.values()), default=1)
     return {
         "metrics": dict(r.metrics),
@@ -132,7 +152,7 @@ def _gate_table(
     """Each gate against the candidate's figure: its mean (a single trial's value), or with
     ``gate_on="lower"`` the cautious end of the mean's 95 % confidence interval over the seeds
     (the lower bound for ``>=``/``>``, the upper for ``<=``/``<``)."""
-    from .confirm import mean_interval
+    from .stats import mean_interval
 
     if gate_on == "lower" and best["n"] < 2:
         raise UsageError(
@@ -197,7 +217,12 @@ def version_description(
     if model_source:
         lines += [f"The model: {model_source}.", ""]
     if gate_rows:
-        passed = "; ".join(f"`{name} {req}` ({got})" for name, req, got, _ in gate_rows)
+        passed = "; ".join(
+            f"`{name} {req}` ({got}"
+            + ("" if reported_only(name) is None else f", {REPORTED_NOTE}")
+            + ")"
+            for name, req, got, _ in gate_rows
+        )
         lines.append(f"Gates passed: {passed}.")
     else:
         lines.append("No gates were asked for.")
@@ -236,9 +261,15 @@ def promote(
     first = record.spec.metrics[0]
     metric = objective or first.metric
     mode = first.mode if metric == first.metric else "max"
-    # the search's own constraints (objective.constraints) are floors of its champion too
+    if reported_only(metric):
+        raise UsageError(f"--objective {reported_only(metric)}")
+    # the search's own constraints (objective.constraints, val_* / val_robust/* figures) are
+    # floors of its champion too
     constraints = [(c.metric, c.op, c.bound) for c in record.spec.objective.conditions()]
     parsed = list(dict.fromkeys([*(parse_gate(g) for g in gates or []), *constraints]))
+    # selection figures choose among the candidates; test-speaker figures only report
+    select = [g for g in parsed if choosing(g)]
+    report = [g for g in parsed if not choosing(g)]
 
     trial_runs = store.runs_of(search, kind="trial")
     candidates, confirmed = _candidates(trial_runs, metric, mode)
@@ -246,25 +277,41 @@ def promote(
         raise NotFound(
             f"search {search!r}: no finished trial with metric {metric!r} and a logged model"
         )
-    # The best candidate that passes every gate: a gate is a floor for the champion, so a better
-    # but fragile configuration is passed over (and named), never promoted.
+    # The best candidate that passes every choosing gate: such a gate is a floor for the
+    # champion, so a better but fragile configuration is passed over (and named), never promoted.
+    what = "mean over seeds" if confirmed else "actual"
     passed_over = []
     for best in candidates:
-        rows, failed = _gate_table(best, parsed, gate_on)
+        rows, failed = _gate_table(best, select, gate_on)
         if not failed:
             break
         passed_over.append((best, rows))
     else:
         best, rows = passed_over[0]
-        width = max(len(r[0]) for r in rows)
-        what = "mean over seeds" if confirmed else "actual"
-        lines = [
-            f"refusing to promote: no {'configuration' if confirmed else 'trial'} of {search!r} "
-            f"passes every gate; the best, {best['label']}:",
-            f"  {'metric'.ljust(width)}  required   {what:14}  result",
-        ]
-        lines += [f"  {a.ljust(width)}  {b:9}  {c_:14}  {d}" for a, b, c_, d in rows]
-        raise GateFailed("\n".join(lines))
+        raise GateFailed(
+            "\n".join(
+                [
+                    f"refusing to promote: no {'configuration' if confirmed else 'trial'} of "
+                    f"{search!r} passes every gate; the best, {best['label']}:",
+                    *_gate_lines(rows, what),
+                ]
+            )
+        )
+    # Report-only gates (test speakers): judged on the chosen champion alone. One that fails
+    # refuses registration - never a pass to another candidate, which would select on them.
+    reported, failed = _gate_table(best, report, gate_on)
+    rows = rows + reported
+    if failed:
+        raise GateFailed(
+            "\n".join(
+                [
+                    f"refusing to promote {best['label']} of {search!r}: it fails a gate on a "
+                    "reported figure (measured on the test speakers: it did not choose the "
+                    "champion, so no other candidate is tried for it):",
+                    *_gate_lines(rows, what),
+                ]
+            )
+        )
 
     run = best["run"]
     value = best["metrics"][metric]
@@ -330,6 +377,10 @@ def promote(
         "model_run_id": model_run.run_id,
         "model_source": tags["sertune.model_source"],
         "gates": rows,
+        "reported": [
+            f"{name} {req}: {got} {verdict.lower()} ({REPORTED_NOTE})"
+            for name, req, got, verdict in reported
+        ],
         "passed_over": [
             {
                 "label": b["label"],
@@ -339,6 +390,16 @@ def promote(
             for b, rs in passed_over
         ],
     }
+
+
+def _gate_lines(rows: list, what: str) -> list[str]:
+    """A gate table's lines; a report-only gate (test speakers) says it did not choose."""
+    width = max(len(r[0]) for r in rows)
+    lines = [f"  {'metric'.ljust(width)}  required   {what:14}  result"]
+    for a, b, c_, d in rows:
+        note = "" if reported_only(a) is None else f"  ({REPORTED_NOTE})"
+        lines.append(f"  {a.ljust(width)}  {b:9}  {c_:14}  {d}{note}")
+    return lines
 
 
 def _parent_tag(store: Store, run: Run, tag: str) -> str:

@@ -29,9 +29,9 @@ from .errors import NotFound, UsageError
 from .execution import Log
 from .leaderboard import SearchResult
 from .records import Phase, SearchRecord, driver_stamp, load_record
-from .spec import ConfirmSpec, SearchSpec
+from .spec import ConfirmSpec, SearchSpec, SpecError
 from .storage import fs_and_path
-from .trainable import get_trainable
+from .trainable import TooFewSpeakerGroups, get_trainable
 
 __all__ = ["Search", "confirm_search", "resume_search", "run_search", "state_save_period"]
 
@@ -116,6 +116,13 @@ def _new_record(
             f"[sertune] data: {report.get('used')}/{report.get('found')} files used, {skipped} "
             "skipped (listed in the data report on the MLflow parent run)"
         )
+    cv_folds = spec.objective.cv.folds if spec.objective.cv else None
+    try:  # who tests, validates, trains; K folds above the groups there are: refused here
+        split = plugin.split_report({**data, "corpus": spec.data.corpus}, cv_folds)
+    except TooFewSpeakerGroups as e:
+        raise SpecError(spec.source or spec.name, "objective.cv.folds", str(e)) from None
+    for line in split:
+        log(f"[sertune] data: {line}")
     record = SearchRecord(
         name=name,
         spec=spec,

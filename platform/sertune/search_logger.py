@@ -26,7 +26,8 @@ from . import tracking
 from .failures import trial_error_reason
 from .leaderboard import Columns, trial_epochs
 from .records import SearchRecord
-from .spec import SearchSpec
+from .run_notes import NOTE, metric_rows, parent_params, trial_note
+from .spec import SearchSpec, split_signature
 from .tracking import Kind, Op
 from .trainable import (
     BEST_EPOCH,
@@ -37,71 +38,11 @@ from .trainable import (
     PBT_EXPLOITED_FROM,
     PBT_LINEAGE,
     REPLICA_CHECKPOINTS,
-    REPORT_BOOKKEEPING,
     SLOT_NOTE,
     CheckpointEvaluation,
 )
 
 PARENT = "parent"
-NOTE = "mlflow.note.content"  # the run page's description: markdown, shown first
-
-
-def image(path: str, title: str) -> str:
-    """A markdown image of one of the run's own artifacts, as the MLflow UI serves them."""
-    return f"![{title}](get-artifact?path={path.replace('/', '%2F')}&run_uuid={{run_id}})"
-
-
-def trial_note(
-    trial_id: str, result: dict[str, Any], epochs: int, stopped: bool, shown: tuple[str, ...]
-) -> str:
-    """A trial's run page, first thing: which epoch it is, its robustness plots, the figures
-    (``shown`` first - the objective and the trainable's display metrics - then every
-    ``robust/*``)."""
-    best = result.get(BEST_EPOCH)
-    lines = [
-        f"**Trial {trial_id}** — {'stopped early by the scheduler' if stopped else 'finished'} "
-        f"after {epochs} epoch(s); its result is its best-validation epoch"
-        + (f" ({int(best) + 1})." if best is not None else "."),
-        "",
-        image("robustness/uar_vs_snr.png", "UAR vs SNR"),
-        image("robustness/uar_vs_eps.png", "UAR vs adversarial ε"),
-        "",
-        "| figure | value |",
-        "|---|---|",
-    ]
-    robust = sorted(k for k in result if k.startswith("robust/") and k not in shown)
-    for k in dict.fromkeys([*shown, *robust]):
-        if isinstance(result.get(k), (int, float)):
-            lines.append(f"| {k} | {result[k]:.3f} |")
-    lines += ["", "Report: Artifacts → robustness (robustness.json, summary.md)."]
-    return "\n".join(lines)
-
-
-# Tune's bookkeeping and the report contract's, never metrics
-REPORTED_SKIP = {
-    "timestamp",
-    "time_this_iter_s",
-    "time_total_s",
-    "pid",
-    "time_since_restore",
-    "iterations_since_restore",
-    "training_iteration",
-    "epoch",
-    "done",
-    "checkpoint_dir_name",
-    *REPORT_BOOKKEEPING,
-}
-
-
-def metric_rows(result: dict[str, Any], ts_ms: int) -> list[list[Any]]:
-    rows = []
-    for k, v in result.items():
-        if k in REPORTED_SKIP or k.startswith(("config/", "placement/")):
-            continue
-        value = tracking.clean_value(v)
-        if value is not None:
-            rows.append([k, value, ts_ms])
-    return rows
 
 
 class SearchRuns:
@@ -149,24 +90,15 @@ class SearchRuns:
             "sertune.trainable": spec.trainable,
             "sertune.corpus": spec.data.corpus,
             "sertune.data_fingerprint": self.record.data.get("fingerprint", ""),
+            "sertune.data_dealing": spec.data.dealing,  # which speakers test (data.dealing)
             "sertune.objective": json.dumps([m.model_dump() for m in spec.metrics]),
+            "sertune.split": json.dumps(split_signature(spec), sort_keys=True),
             "sertune.storage": self.record.path,
             "mlflow.runName": self.name,
         }
         if self.record.baseline_of:
             tags["sertune.baseline_of"] = self.record.baseline_of
-        params = {f"budget.{k}": v for k, v in spec.budget.model_dump().items()}
-        params |= {f"resources.{k}": v for k, v in spec.resources.model_dump().items()}
-        params |= {"seed": spec.seed, "space": ",".join(sorted(spec.space))}
-        params |= {f"fixed.{k}": v for k, v in spec.params.items()}
-        params |= {"execution": spec.execution}
-        params |= {"search.sampler": spec.search.sampler, "search.scheduler": spec.scheduler}
-        params |= {
-            f"search.sampler_options.{k}": v for k, v in spec.search.sampler_options.items()
-        }
-        params |= {
-            f"search.scheduler_options.{k}": v for k, v in spec.search.scheduler_options.items()
-        }
+        params = parent_params(spec)
         if self.record.warm_start:
             sources = self.record.warm_start["sources"]
             tags["sertune.warm_start"] = ", ".join(f"{k} ({n} trials)" for k, n in sources.items())

@@ -17,7 +17,8 @@ from typing import Any
 
 from . import tracking
 from .leaderboard import SearchResult, rank
-from .search_logger import NOTE, PARENT, SearchRuns, TrialLogger, image
+from .run_notes import NOTE, image
+from .search_logger import PARENT, SearchRuns, TrialLogger
 from .tracking import Kind, Op
 
 
@@ -45,7 +46,7 @@ class SearchReport:
             trials.wait_for_evaluations(wait_s)
         for row in result.rows:  # the leaderboard and the summary show them too
             for k, v in runs.evaluated.get(row["trial"], {}).items():
-                if k.startswith(("test_", "robust/")) and row.get(k) is None:
+                if k.startswith(("test_", "robust/", "val_robust/")) and row.get(k) is None:
                     row[k] = v
         if result.columns.constraints:  # a stopped trial's figures decide its feasibility now
             result.rows = rank(result.rows, result.columns)
@@ -88,7 +89,7 @@ class SearchReport:
         lines += [
             f"**Search {self.runs.name}** — {len(result.rows)} trials, {result.errors} failed, "
             f"{sum(r['state'] == 'stopped' for r in result.rows)} stopped early. The trials are the "
-            "child runs; each result is the trial's best-validation epoch.",
+            "child runs; each result is the trial's kept epoch (its smoothed validation curve's best).",
             "",
             "```",
             format_table(result),

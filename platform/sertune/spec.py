@@ -129,6 +129,9 @@ class DataSpec(_Strict):
     )  # <1: semi-supervised (labels kept per speaker)
     label_seed: int = 0  # which clips keep their labels: the same for every trial and baseline
     allow_absolute_paths: bool = False  # manifests may point outside their own folder
+    # how speaker groups are dealt into folds (test/val and CV): seeded and balanced on gender
+    # and classes, or sorted round-robin (a search recorded without this key resumes sorted)
+    dealing: Literal["balanced", "sorted"] = "balanced"
 
 
 class MetricSpec(_Strict):
@@ -148,7 +151,7 @@ _CONDITION = re.compile(r"^\s*([\w./-]+)\s*(>=|<=|==|>|<)\s*(-?[\d.]+(?:e-?\d+)?
 
 @dataclass(frozen=True)
 class Condition:
-    """``METRIC OP VALUE`` (``robust/uar_snr10_white >= 0.5``): an objective's constraint, a
+    """``METRIC OP VALUE`` (``val_robust/uar_snr10_white >= 0.5``): an objective's constraint, a
     promotion's gate."""
 
     metric: str
@@ -160,7 +163,7 @@ class Condition:
         m = _CONDITION.match(text)
         if not m:
             raise ValueError(
-                f"{text!r}: expected METRIC OP VALUE, e.g. 'robust/uar_snr10_white>=0.5'"
+                f"{text!r}: expected METRIC OP VALUE, e.g. 'val_robust/uar_snr10_white>=0.5'"
             )
         return cls(m.group(1), m.group(2), float(m.group(3)))
 
@@ -175,7 +178,40 @@ class Condition:
         (``missing`` when the trial has no such figure, e.g. stopped before its end)."""
         if value is None or not math.isfinite(value):
             return missing
-        return self.bound - value if self.op in (">=", ">") else value - self.bound
+        gap = self.bound - value if self.op in (">=", ">") else value - self.bound
+        if gap == 0 and self.op in (">", "<"):  # at the bound a strict condition fails (UAR on
+            return 1e-9  # few clips is quantised: ties happen), for Optuna as for holds()
+        return gap
+
+
+REPORTED_PREFIXES = ("test_", "robust/")  # the test speakers (and cross corpora): reported only
+SELECTION_ROBUST = "val_robust/"  # robustness on the validation speakers: may select
+
+
+def reported_only(metric: str) -> str | None:
+    """Why ``metric`` must never select (objective, constraint, choosing gate), or None when it
+    may. ``test_*`` and ``robust/*`` are measured on the test speakers, ``robust/uar_cross_*`` on
+    a target corpus: figures reported of the chosen model. ``val_*`` and ``val_robust/*`` (the
+    validation speakers) select."""
+    if metric.startswith("robust/uar_cross_"):
+        return (
+            f"{metric!r} is a cross-corpus figure, reported only: selecting on a target corpus "
+            "would need a held-out dev part of it (not supported yet); select on a val_* or "
+            "val_robust/* figure"
+        )
+    if metric.startswith("robust/"):
+        twin = SELECTION_ROBUST + metric.removeprefix("robust/")
+        return (
+            f"{metric!r} is measured on the test speakers: never select on it; "
+            f"use its validation twin {twin!r}"
+        )
+    if metric.startswith("test_"):
+        twin = "val_" + metric.removeprefix("test_")
+        return (
+            f"{metric!r} is measured on the test speakers: never select on the test speakers; "
+            f"use a val_* or val_robust/* figure (e.g. {twin!r})"
+        )
+    return None
 
 
 class CVSpec(_Strict):
@@ -211,7 +247,8 @@ class ObjectiveSpec(_Strict):
     metric: str | None = None  # a single objective ...
     mode: Literal["max", "min"] = "max"
     metrics: list[MetricSpec] = []  # ... or several (multi-objective, Pareto front)
-    # feasibility, e.g. 'robust/uar_snr10_white >= 0.5': the sampler steers away from what fails
+    # feasibility, e.g. 'val_robust/uar_snr10_white >= 0.5': the sampler steers away from what
+    # fails (a selection figure: val_* or val_robust/*, never robust/* or test_*)
     constraints: list[str] = []
     cv: CVSpec | None = None  # {folds: K}: every figure the mean over K speaker folds
     repeats: int = Field(1, ge=1, le=10)  # R: ... and over R seeds (K x R jobs per trial)
@@ -409,7 +446,7 @@ class StopSpec(_Strict):
 
     terminator: bool = False  # Optuna's Terminator: stop when the regret bound < the noise
     patience: int | None = Field(None, ge=1)  # stop after N trials without a resolved improvement
-    noise_sd: float | None = Field(None, gt=0)  # one run's sd (default with objective.cv: the se)
+    noise_sd: float | None = Field(None, gt=0)  # a trial objective's sd (or from its repeats)
     min_trials: int = Field(8, ge=2)  # never stop before this many trials have ended
 
 
@@ -765,8 +802,8 @@ def _check_semantics(spec: SearchSpec, check_paths: bool = True) -> list[tuple[s
             problems.append(
                 (field, f"unknown metric {m.metric!r}; known: {', '.join(sorted(known_metrics))}")
             )
-        elif m.metric.startswith("test_"):
-            problems.append((field, "never optimise on the test speakers; use a val_* metric"))
+        elif reported_only(m.metric):
+            problems.append((field, reported_only(m.metric)))
         elif m.metric not in trainable.epoch_metrics and not spec.objective.multi:
             problems.append(
                 (
@@ -919,10 +956,8 @@ def _check_constraints(spec: SearchSpec, known: set[str]) -> list[tuple[str, str
             problems.append(
                 (field, f"unknown metric {c.metric!r}; known: {', '.join(sorted(known))}")
             )
-        elif c.metric.startswith("test_"):
-            problems.append(
-                (field, "never select on the test speakers; use a val_* or robust/* figure")
-            )
+        elif reported_only(c.metric):
+            problems.append((field, reported_only(c.metric)))
     if spec.objective.constraints:
         s, multi = spec.search, spec.objective.multi
         able = [n for n, st in strategies.SAMPLERS.items() if st.constraints]
@@ -951,14 +986,21 @@ def _check_stop(spec: SearchSpec) -> list[tuple[str, str]]:
         problems.append(
             ("search.stop", "population-based training runs one population; nothing ends early")
         )
-    if stop.noise_sd is None and not spec.objective.replicas:
+    if stop.noise_sd is None and spec.objective.repeats < 2:
+        cv = spec.objective.cv
+        bench = f"sertune bench noise {Path(spec.source).stem or 'SPEC'}" + (
+            f" --set objective.cv.folds={cv.folds}" if cv else ""
+        )
         problems.append(
             (
                 "search.stop.noise_sd",
-                "the stop rules weigh improvements against one run's noise of the objective: "
-                f"measure it with `sertune bench noise {Path(spec.source).stem or 'SPEC'}` (the "
-                "objective's 'within sd') and give it here, or cross-validate or repeat (objective."
-                "cv / objective.repeats: the standard error over those runs is the noise then)",
+                f"the rules weigh gains against a trial objective's noise: give `{bench}`'s "
+                "'within sd' here, or objective.repeats >= 2 (the search measures it)"
+                + (
+                    "; the folds' spread is not that noise (mostly speaker difficulty)"
+                    if cv
+                    else ""
+                ),
             )
         )
     if stop.terminator and not spec.space:
@@ -1087,3 +1129,16 @@ def load_define_by_run(ref: str, base: Path, src: str = "<spec>"):
     if not callable(fn):
         raise SpecError(src, "define_by_run", f"{path}: no function {func!r}")
     return fn
+
+
+def split_signature(spec: SearchSpec) -> dict[str, Any]:
+    """What fixes which speakers a search's trials train, validate and test on (besides the
+    corpus itself): two searches with the same signature on the same data share every fold's
+    speakers, so their figures pair fold by fold (``sertune compare``)."""
+    cv = spec.objective.cv
+    return {
+        "fold": spec.data.fold,
+        "n_folds": spec.data.n_folds,
+        "cv_folds": cv.folds if cv is not None else 0,
+        "dealing": getattr(spec.data, "dealing", "sorted"),
+    }

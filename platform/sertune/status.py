@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from .leaderboard import from_saved_state
+from .leaderboard import from_saved_state, kept_note
 from .records import SearchRecord, effective_status, load_record
 
 
@@ -56,6 +56,8 @@ def search_status(name: str) -> dict[str, Any]:
         out["best"] = {"trial": best["trial"], first: best[first], "config": best["config"]}
         if isinstance(best.get(f"{first}_se"), (int, float)):  # cross-validated: ± its folds' se
             out["best"]["se"] = best[f"{first}_se"]
+        if kept_note(best, first):  # read on its smoothed curve: where, and the raw figures
+            out["best"]["note"] = kept_note(best, first)
     return out
 
 
@@ -98,13 +100,16 @@ def format_status(s: dict[str, Any], record: SearchRecord) -> str:
         lines.append("  trials: " + ", ".join(f"{n} {k}" for k, n in sorted(s["trials"].items())))
     if s.get("best"):
         b = s["best"]
-        metric = next(k for k in b if k not in ("trial", "config", "se"))
+        metric = next(k for k in b if k not in ("trial", "config", "se", "note"))
         cfg = ", ".join(
             f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
             for k, v in sorted(b["config"].items())
         )
         se = f" ± {b['se']:.3f}" if "se" in b else ""
-        lines.append(f"  best so far: trial {b['trial']}  {metric}={b[metric]:.3f}{se}  ({cfg})")
+        lines.append(
+            f"  best so far: trial {b['trial']}  {metric}={b[metric]:.3f}{se}{b.get('note', '')}"
+            f"  ({cfg})"
+        )
     failed = [r for r in s["rows"] if r["state"] == "failed"]
     for r in failed[:5]:
         lines.append(f"  trial {r['trial']} {r['status']}")

@@ -226,8 +226,9 @@ def _noise_caveat(ok: list[dict], key: str) -> str:
     if not ses or len(vals) < 3:
         return ""
     median_se = ses[len(ses) // 2]
-    mean = sum(vals) / len(vals)
-    spread = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1))
+    from .stats import summary
+
+    spread = summary(vals).sd
     if spread > 2 * median_se:
         return ""
     return (

@@ -19,15 +19,16 @@ Train worker, or a warm slot that runs trial after trial. The loop never imports
 from __future__ import annotations
 
 import importlib
+import math
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Protocol
 
-from .errors import UsageError
+from .errors import DataError, UsageError
 
 # Fallback when the distribution's entry points are not installed (a Ray py_modules upload, a
 # served model's code folder).
@@ -87,6 +88,13 @@ EPOCHS_PARAM = "optim.epochs"
 # (the same contract Ray Tune writes down for ``time_attr``).
 EPOCHS_DONE = "epochs_done"  # epochs trained so far (1-based): survives a resume, unlike Tune's
 BEST_EPOCH = "best_epoch"  # 0-based epoch whose checkpoint is the trial's result so far
+# Added by the control plane to every relayed epoch (never by a trainable): the epoch a trial
+# keeps is the best of its smoothed validation curve (``sertune.stats.kept_epoch``: the centred
+# 3-epoch mean; under cross-validation the fold-mean curve), and the smoothed figure there is the
+# trial's objective (:func:`objective_value`), not the last or the peak epoch's raw figure.
+KEPT_EPOCH = "kept_epoch"  # 0-based epoch of the smoothed curve's best so far
+KEPT_PREFIX = "kept/"  # kept/<metric>: the smoothed figure at the kept epoch
+RAW_BEST_PREFIX = "raw_best/"  # raw_best/<metric>: the best raw epoch figure so far (shown only)
 CHECKPOINT_PATH = "checkpoint_path"  # where rank 0's checkpoint of this epoch was persisted
 LOOP_STARTED_AT = "loop_started_at"  # wall time the training loop began (benches)
 SLOT_NOTE = "slot_note"  # a warm slot's word for the console (a damaged checkpoint passed over)
@@ -114,6 +122,114 @@ REPORT_BOOKKEEPING = frozenset(
         PBT_EXPLOITED_FROM,
     }
 )
+
+
+def objective_value(metrics: Mapping[str, Any], metric: str) -> Any:
+    """A trial's objective figure from its result: the smoothed figure at its kept epoch
+    (``kept/<metric>``) when the control plane computed one, else the raw ``metric``."""
+    kept = metrics.get(f"{KEPT_PREFIX}{metric}")
+    return kept if kept is not None else metrics.get(metric)
+
+
+def keep_epoch(curve: Sequence[float], metric: str, mode: str) -> tuple[int, float] | None:
+    """The epoch a training loop keeps from its ``metric`` curve (0-based epochs) and the
+    smoothed figure there; a refit, which selects on :data:`EPOCHS_DONE`, keeps its last."""
+    from .stats import kept_epoch
+
+    if metric == EPOCHS_DONE:
+        return (len(curve) - 1, float(curve[-1])) if curve else None
+    return kept_epoch(curve, mode)
+
+
+class KeptModel:
+    """The model a training loop keeps: the epoch :func:`keep_epoch` picks on its select
+    metric's curve. The newest epoch's smoothed figure is provisional (it averages only the
+    epochs it has), so the next epoch may make the previous one, or the best of the earlier ones,
+    the kept epoch: it holds the states of the newest epoch and of the best settled one (at most
+    one copy more than keeping the raw best).
+
+    ``curve``: the values of the epochs before (a resumed loop's, from its checkpoint);
+    ``states``: {0-based epoch: model state} a resumed loop still has (its kept epoch's and its
+    checkpoint's own)."""
+
+    def __init__(self, metric: str, mode: str, curve: Sequence[float] = (), states=None):
+        self.metric, self.mode = metric, mode
+        self.curve = [float(v) for v in curve]
+        self.states: dict[int, Any] = dict(states or {})
+        self.epoch: int | None = None  # the kept epoch (0-based) and its smoothed figure
+        self.value: float | None = None
+
+    def _ranks(self) -> list[float]:
+        """Each epoch's smoothed figure as :func:`sertune.stats.kept_epoch` ranks it (higher is
+        better; a non-finite epoch is the worst)."""
+        from .stats import smoothed
+
+        sign = 1.0 if self.mode == "max" else -1.0
+        finite = [v if math.isfinite(v) else 0.0 for v in self.curve]
+        return [
+            sign * s if math.isfinite(v) else -math.inf
+            for s, v in zip(smoothed(finite), self.curve, strict=True)
+        ]
+
+    def add(self, value: float, state: Any) -> Any:
+        """The next epoch's select figure and model state (a copy the loop no longer changes);
+        returns the kept epoch's state (:attr:`epoch`, :attr:`value` say which)."""
+        newest = len(self.curve)
+        self.curve.append(float(value))
+        self.states[newest] = state
+        kept, self.value = keep_epoch(self.curve, self.metric, self.mode) or (newest, value)
+        need = {newest, kept}
+        if self.metric != EPOCHS_DONE and newest:
+            ranks = self._ranks()
+            need.add(max(range(newest), key=lambda e: (ranks[e], -e)))  # the best settled
+        if kept not in self.states:  # a resumed loop that no longer has it: its best at hand
+            ranks = self._ranks()
+            kept = max(self.states, key=lambda e: (ranks[e], -e))
+            self.value = (
+                self.curve[kept] if self.metric == EPOCHS_DONE else self._smoothed_at(kept)
+            )
+        self.epoch = kept
+        self.states = {e: s for e, s in self.states.items() if e in need or e == kept}
+        return self.states[kept]
+
+    def _smoothed_at(self, epoch: int) -> float:
+        from .stats import smoothed
+
+        return smoothed(self.curve)[epoch]
+
+
+def kept_figures(
+    curves: Mapping[str, Mapping[int, float]], modes: Mapping[str, str]
+) -> dict[str, Any]:
+    """What the control plane adds to a relayed epoch from the trial's curves so far (metric ->
+    {0-based epoch: value}; the first metric, the select metric, chooses the epoch):
+    :data:`KEPT_EPOCH`, ``kept/<metric>`` (each curve smoothed, at that epoch) and
+    ``raw_best/<metric>``."""
+    from .stats import smoothed
+
+    out: dict[str, Any] = {}
+    if not curves:
+        return out
+    select = next(iter(curves))
+    epochs = sorted(curves[select])
+    got = keep_epoch([curves[select][e] for e in epochs], select, modes.get(select, "max"))
+    if got is None:
+        return out
+    kept = out[KEPT_EPOCH] = epochs[got[0]]
+    for metric, curve in curves.items():
+        have = sorted(curve)
+        values = [float(curve[e]) for e in have]
+        finite = [v for v in values if math.isfinite(v)]
+        if metric == select:
+            out[f"{KEPT_PREFIX}{metric}"] = got[1]
+        elif finite and len(finite) == len(values):  # at the kept epoch, or the last before it
+            at = max([i for i, e in enumerate(have) if e <= kept] or [0])
+            out[f"{KEPT_PREFIX}{metric}"] = smoothed(values)[at]
+        if finite:
+            pick = max if modes.get(metric, "max") == "max" else min
+            out[f"{RAW_BEST_PREFIX}{metric}"] = pick(finite)
+    return out
+
 
 # The robustness evaluation's defaults, in one place: a spec's ``robustness:`` section starts
 # from them and so does every trainable's evaluation (``trainables.common.robustness``).
@@ -235,6 +351,13 @@ class Trainable(ABC):
         """Build or reuse the decoded caches on the driver; return the loop's ``data`` config,
         with ``fingerprint`` and ``report`` (a data report dict) added."""
 
+    def split_report(self, data: dict[str, Any], cv_folds: int | None = None) -> list[str]:
+        """Who tests, validates and trains under ``data`` (a ``prepare_data`` result), one line
+        per part; with ``cv_folds`` K each fold's validation speakers. Raises
+        :class:`TooFewSpeakerGroups` when K exceeds the groups outside the test set. Printed at
+        a search's start and by ``sertune data split``; a trainable without corpora: none."""
+        return []
+
     @abstractmethod
     def cache_corpus(self, corpus: str, root: str, cache_root: str) -> CorpusCache:
         """Decode one corpus into the cache (``sertune data cache``)."""
@@ -291,6 +414,20 @@ class Trainable(ABC):
         """``sertune bench data``: cache build with 1 and N processes, training input resident
         against streamed, each slot's peak memory (a trainable that reads no corpora: none)."""
         raise UsageError(f"trainable {self.name!r} has no data bench")
+
+
+class TooFewSpeakerGroups(DataError):
+    """K-fold cross-validation asks for more folds than the corpus has speaker groups outside
+    its test set (IEMOCAP: 4 sessions beside the test session)."""
+
+    def __init__(self, corpus: str, folds: int, groups: list[str]):
+        self.corpus, self.folds, self.groups = corpus, folds, groups
+        shown = ", ".join(groups[:8]) + (f", ... ({len(groups)})" if len(groups) > 8 else "")
+        super().__init__(
+            f"{folds}-fold cross-validation needs at least {folds} speaker groups outside the "
+            f"test set; corpus {corpus} has {len(groups)} ({shown}): use at most "
+            f"{len(groups)} folds"
+        )
 
 
 class UnknownTrainable(UsageError):

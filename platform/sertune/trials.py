@@ -60,13 +60,32 @@ def run_trial(config: dict[str, Any], plan: TrialPlan) -> None:
             name=trial_id,  # same name after a driver crash: Train V2 resumes its checkpoint
             storage_path=train_path,
             storage_filesystem=fs,
-            callbacks=[TuneReportCallback()],
+            callbacks=[kept_report_callback(TuneReportCallback, plan, trial_id)],
             failure_config=ray.train.FailureConfig(max_failures=plan.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
     )
     trainer.fit()
     ray_compat.wait_until_reports_are_handed_over()
+
+
+def kept_report_callback(base: type, plan: TrialPlan, trial_id: str) -> Any:
+    """Ray Tune's relay of the workers' reports (``base``: ``TuneReportCallback``), each epoch
+    with the trial's kept epoch and figures (``sertune.tuner.KeptCurves``), as the warm proxy
+    relays them."""
+    from .tuner import KeptCurves
+
+    class KeptReportCallback(base):
+        def __init__(self) -> None:
+            super().__init__()
+            self.curves = KeptCurves(plan, trial_id)
+
+        def after_report(self, run_context: Any, metrics: list, checkpoint: Any) -> None:
+            if metrics:
+                metrics = [{**metrics[0], **self.curves.add(dict(metrics[0]))}, *metrics[1:]]
+            super().after_report(run_context, metrics, checkpoint)
+
+    return KeptReportCallback()
 
 
 class TaskEvaluator:

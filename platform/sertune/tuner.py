@@ -31,7 +31,7 @@ from .spec import (
     load_define_by_run,
 )
 from .storage import fs_and_path
-from .trainable import EPOCHS_DONE, EPOCHS_PARAM, get_trainable
+from .trainable import EPOCHS_DONE, EPOCHS_PARAM, KEPT_PREFIX, get_trainable
 
 TIME_ATTR = strategies.TIME_ATTR
 
@@ -103,6 +103,9 @@ class TrialPlan:
     cv_folds: int = 0  # a cross-validated objective: K speaker folds (0: the plain split)
     # a replicated trial's jobs (objective.cv folds x objective.repeats seeds); (): one job
     replicas: tuple[Replica, ...] = ()
+    # (metric, mode) whose per-epoch curves pick the kept epoch (the select metric first) and
+    # get ``kept/<metric>`` (:class:`KeptCurves`); (): none (a refit keeps its last epoch)
+    kept: tuple[tuple[str, str], ...] = ()
 
 
 def trial_plan(spec: SearchSpec, name: str, data: dict[str, Any]) -> TrialPlan:
@@ -135,7 +138,71 @@ def trial_plan(spec: SearchSpec, name: str, data: dict[str, Any]) -> TrialPlan:
         mutable=tuple(pbt_parameters(spec)),
         cv_folds=spec.objective.cv.folds if spec.objective.cv else 0,
         replicas=spec.objective.replicas,
+        kept=kept_metrics(spec, plugin),
     )
+
+
+def kept_metrics(spec: SearchSpec, plugin: Any) -> tuple[tuple[str, str], ...]:
+    """The select metric, then every objective reported each epoch: (metric, mode)."""
+    select = spec.select_metric(plugin)
+    out = [(select.metric, select.mode)]
+    for m in spec.objective.as_list():
+        if m.metric in plugin.epoch_metrics and m.metric != select.metric:
+            out.append((m.metric, m.mode))
+    return tuple(out)
+
+
+class KeptCurves:
+    """A trial's per-epoch curves of :attr:`TrialPlan.kept` as the control plane relays them
+    (under cross-validation, the fold means), kept in the search's storage so a resumed driver
+    has the epochs relayed before; :meth:`add` returns what each relayed epoch gets
+    (``sertune.trainable.kept_figures``)."""
+
+    def __init__(self, plan: TrialPlan, trial_id: str):
+        self.kept = dict(plan.kept)
+        self.uri = f"{plan.train_storage}/_curves/{trial_id}.json"
+        self.curves: dict[str, dict[int, float]] | None = None
+
+    def _load(self) -> dict[str, dict[int, float]]:
+        import json
+
+        from .storage import exists, read_text
+
+        curves: dict[str, dict[int, float]] = {m: {} for m in self.kept}
+        try:
+            if exists(self.uri):
+                for m, curve in json.loads(read_text(self.uri)).items():
+                    if m in curves:
+                        curves[m] = {int(e): float(v) for e, v in curve.items()}
+        except (OSError, ValueError):  # unreadable: start the curve again from here
+            pass
+        return curves
+
+    def add(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        import json
+        import math
+
+        from .storage import is_remote, write_text
+        from .trainable import kept_figures
+
+        if not self.kept or EPOCHS_DONE not in metrics:
+            return {}
+        if self.curves is None:
+            self.curves = self._load()
+        epoch = int(metrics[EPOCHS_DONE]) - 1
+        for m, curve in self.curves.items():
+            v = metrics.get(m)
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                curve[epoch] = float(v) if math.isfinite(v) else math.nan
+            for later in [e for e in curve if e > epoch]:  # a trial restarted from an earlier
+                del curve[later]  # epoch (a population-based exploit) trains those again
+        try:
+            if not is_remote(self.uri):  # a local store's folders are made, a bucket has none
+                Path(self.uri).parent.mkdir(parents=True, exist_ok=True)
+            write_text(self.uri, json.dumps(self.curves))
+        except OSError:  # the figures still stand; only a resumed driver would miss them
+            pass
+        return kept_figures(self.curves, self.kept)
 
 
 def refit_plan(plan: TrialPlan) -> TrialPlan:
@@ -259,9 +326,13 @@ def build_tuner(
             param_space = {k: p.tune_domain() for k, p in space.items()}
         else:
             sampler = strategies.SAMPLERS[s.sampler].build(s.sampler_options, ctx)
+            # Optuna is told each trial's kept figure (the smoothed curve at its kept epoch) of
+            # an objective reported every epoch; the scheduler reads the raw per-epoch curve
+            epochwise = get_trainable(spec.trainable).epoch_metrics
+            told = [KEPT_PREFIX + m.metric if m.metric in epochwise else m.metric for m in metrics]
             searcher = (ConstrainedOptunaSearch if conditions else OptunaSearch)(
                 space=SpaceFunction(space, spec.define_by_run, str(Path(spec.source).parent)),
-                metric=ctx.metric,
+                metric=told if multi else told[0],
                 mode=ctx.mode,
                 sampler=sampler,
                 **({"conditions": conditions} if conditions else {}),

@@ -30,11 +30,27 @@ ROBUST = {
         (["val_f1 >= banana"], {}, "objective.constraints.0", "expected METRIC OP VALUE"),
         (["robust/uar_nope >= 0.5"], {}, "objective.constraints.0", "unknown metric"),
         (["test_uar >= 0.5"], {}, "objective.constraints.0", "never select on the test"),
-        (["val_f1 == 0.5"], {}, "objective.constraints.0", "use >=, >, <= or <"),
-        (["robust/uar_clean >= 0.3"], {"sampler": "random"}, "objective.constraints", "tpe, gp"),
-        (["robust/uar_clean >= 0.3"], {"sampler": "cmaes"}, "objective.constraints", "cannot"),
         (
-            ["robust/uar_clean >= 0.3"],
+            ["robust/uar_clean >= 0.5"],
+            {},
+            "objective.constraints.0",
+            "use its validation twin 'val_robust/uar_clean'",
+        ),
+        (["val_f1 == 0.5"], {}, "objective.constraints.0", "use >=, >, <= or <"),
+        (
+            ["val_robust/uar_clean >= 0.3"],
+            {"sampler": "random"},
+            "objective.constraints",
+            "tpe, gp",
+        ),
+        (
+            ["val_robust/uar_clean >= 0.3"],
+            {"sampler": "cmaes"},
+            "objective.constraints",
+            "cannot",
+        ),
+        (
+            ["val_robust/uar_clean >= 0.3"],
             {"sampler": "random", "scheduler": "pbt"},
             "objective.constraints",
             "population-based",
@@ -73,7 +89,7 @@ def test_the_sampler_receives_each_ended_trial_s_constraint_values(home, tmp_pat
             home,
             objective={
                 "metric": "val_uar",
-                "constraints": ["robust/uar_clean >= 0.5", "val_f1 <= 0.9"],
+                "constraints": ["val_robust/uar_clean >= 0.5", "val_f1 <= 0.9"],
             },
             robustness=ROBUST,
             search={"sampler": sampler},
@@ -99,14 +115,14 @@ def test_the_sampler_receives_each_ended_trial_s_constraint_values(home, tmp_pat
         conditions=conditions,
     )
     for tid, result in [
-        ("a", {"val_uar": 0.6, "robust/uar_clean": 0.4, "val_f1": 0.95}),
-        ("b", {"val_uar": 0.5, "robust/uar_clean": 0.7, "val_f1": 0.5}),
+        ("a", {"val_uar": 0.6, "val_robust/uar_clean": 0.4, "val_f1": 0.95}),
+        ("b", {"val_uar": 0.5, "val_robust/uar_clean": 0.7, "val_f1": 0.5}),
         ("c", {"val_uar": 0.4, "val_f1": 0.5}),  # stopped before its robustness report
     ]:
         assert searcher.suggest(tid)["optim.lr"] > 0
         searcher.on_trial_complete(tid, result)
     trials = searcher._ot_study.trials  # what the sampler reads: Optuna's trial constraints
-    keys = ["robust/uar_clean >= 0.5", "val_f1 <= 0.9"]
+    keys = ["val_robust/uar_clean >= 0.5", "val_f1 <= 0.9"]
     assert [[t.constraints[k] for k in keys] for t in trials] == [
         pytest.approx(v) for v in ([0.1, 0.05], [-0.2, -0.4], [1.0, -0.4])
     ]
@@ -121,7 +137,7 @@ def test_the_leaderboard_ranks_feasible_trials_first_and_says_what_fails(home, t
         _spec(
             tmp_path,
             home,
-            objective={"metric": "val_uar", "constraints": ["robust/uar_clean >= 0.5"]},
+            objective={"metric": "val_uar", "constraints": ["val_robust/uar_clean >= 0.5"]},
             robustness=ROBUST,
             space={"optim.lr": {"type": "float", "low": 0.01, "high": 0.1}},
         )
@@ -130,7 +146,10 @@ def test_the_leaderboard_ranks_feasible_trials_first_and_says_what_fails(home, t
 
     def row(trial, uar, clean, state="finished"):
         r = {"trial": trial, "state": state, "status": state, "epochs": 2, "config": {}}
-        return {**r, "val_uar": uar, **({"robust/uar_clean": clean} if clean is not None else {})}
+        figure = {"val_robust/uar_clean": clean} if clean is not None else {}
+        # the test speakers' figure is the opposite: it must not decide feasibility
+        test = {"robust/uar_clean": 1.0 - clean} if clean is not None else {}
+        return {**r, "val_uar": uar, **figure, **test}
 
     rows = rank(
         [row("best", 0.9, 0.3), row("ok", 0.7, 0.6), row("unknown", 0.8, None, "stopped")], cols
@@ -140,7 +159,7 @@ def test_the_leaderboard_ranks_feasible_trials_first_and_says_what_fails(home, t
     table = format_table(SearchResult("robust", "p", rows, cols, 0)).splitlines()
     assert "constraints" in table[0].split()
     assert "unknown" in table[1] and " met " in table[2]
-    assert "fails robust/uar_clean 0.300" in table[3]
+    assert "fails val_robust/uar_clean 0.300" in table[3]
 
 
 @pytest.mark.usefixtures("ray_2cpu")
@@ -155,7 +174,7 @@ def test_a_constrained_search_hands_its_sampler_the_values_and_marks_its_trials(
         _spec(
             tmp_path,
             home,
-            objective={"metric": "val_uar", "constraints": ["robust/uar_clean >= 0.4"]},
+            objective={"metric": "val_uar", "constraints": ["val_robust/uar_clean >= 0.4"]},
             budget={"trials": 4, "concurrency": 2, "max_epochs": 2, "grace_epochs": 2},
             params={"features.n_mels": 16},
             robustness=ROBUST,
@@ -171,14 +190,14 @@ def test_a_constrained_search_hands_its_sampler_the_values_and_marks_its_trials(
     runs = tracking.Store().runs_of("robust", "trial")
     assert len(runs) == 4
     for run in runs:
-        clean = run.metrics["robust/uar_clean"]
+        clean = run.metrics["val_robust/uar_clean"]
         assert run.tags["sertune.feasible"] == str(clean >= 0.4).lower()
     # the searcher Tune saved holds each trial's constraint value as the sampler saw it
     searcher = ConstrainedOptunaSearch(conditions=spec.objective.conditions())
     searcher.restore_from_dir(experiment_path("robust"))
-    key = "robust/uar_clean >= 0.4"
+    key = "val_robust/uar_clean >= 0.4"
     seen = sorted(t.constraints[key] for t in searcher._ot_study.trials)
-    assert seen == pytest.approx(sorted(0.4 - r.metrics["robust/uar_clean"] for r in runs))
+    assert seen == pytest.approx(sorted(0.4 - r.metrics["val_robust/uar_clean"] for r in runs))
     # promotion treats the search's constraints as gates: the champion meets them
     from sertune.errors import GateFailed
     from sertune.registry import promote
@@ -188,7 +207,7 @@ def test_a_constrained_search_hands_its_sampler_the_values_and_marks_its_trials(
         champion = next(r for r in runs if r.run_id == v["run_id"])
         assert champion.tags["sertune.feasible"] == "true"
     else:
-        with pytest.raises(GateFailed, match="robust/uar_clean"):
+        with pytest.raises(GateFailed, match="val_robust/uar_clean"):
             promote("robust", model_name="ser-robust")
 
 

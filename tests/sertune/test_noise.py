@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from sertune.bench.noise import reliability
+from sertune.stats import max_gain_threshold, t_quantile
 
 
 def _groups(rng, configs, seeds, between, within, unbalanced=False):
@@ -35,7 +36,8 @@ def test_the_reliability_estimate_recovers_a_known_between_and_within_spread(
     assert r.within_sd == pytest.approx(within, rel=0.05)
     assert r.between_sd == pytest.approx(between, abs=0.02)
     assert r.icc == pytest.approx(icc, abs=0.05)
-    assert r.resolvable == pytest.approx(1.96 * 2**0.5 * r.within_sd, rel=1e-4)
+    df = r.runs - r.configs  # one-way: the within df
+    assert r.resolvable == pytest.approx(t_quantile(df) * 2**0.5 * r.within_sd, rel=1e-4)
     # Spearman-Brown: a mean of K runs is more reliable, and K=1 is the run itself
     assert r.icc_of_mean(1) == pytest.approx(r.icc)
     assert r.icc == 0 or r.icc_of_mean(3) > r.icc
@@ -177,18 +179,23 @@ def test_the_terminator_stops_a_flat_objective_and_not_one_with_signal():
     assert signal.regret_bound() > 0.02
 
 
-def test_patience_counts_trials_without_an_improvement_the_noise_can_resolve():
+def test_patience_counts_trials_whose_best_does_not_beat_the_best_before_them():
     rule = _rule(patience=4, noise_sd=0.05, min_trials=2)
-    resolvable = 1.96 * 2**0.5 * 0.05  # 0.139
-    assert rule.resolvable == pytest.approx(resolvable, abs=1e-3)
     for v in [0.50, 0.60, 0.70, 0.75, 0.80, 0.82]:
         rule.observe({"x": 0.5}, v)
-        assert rule.tripped is None  # 0.80 beats 0.60 (the best before the last 4) by 0.20
+        assert rule.tripped is None  # the last 4's best (0.82) beats 0.60 by 0.22 > threshold
     rule.observe({"x": 0.5}, 0.70)  # best before the last 4 is now 0.70: 0.82 is +0.12 only
-    assert rule.tripped and "4 trials in a row" in rule.tripped and "(0.7000)" in rule.tripped
+    threshold = max_gain_threshold(3, 4) * 0.05
+    assert 0.12 > threshold  # ... which the corrected threshold still calls a gain
+    assert rule.tripped is None
+    rule.observe({"x": 0.5}, 0.70)
+    assert rule.tripped is None  # the last 4 hold 0.82: +0.07 over the 0.75 before them
+    rule.observe({"x": 0.5}, 0.71)  # now 0.82 vs the 0.80 before it: +0.02 is luck
+    assert rule.tripped and "best of the last 4 trials" in rule.tripped
+    assert "(0.8000)" in rule.tripped and "noise_sd 0.05" in rule.tripped
     steady = _rule(patience=3, noise_sd=0.01, min_trials=2)
     for i in range(12):
-        steady.observe({"x": 0.5}, 0.1 * i)  # every trial beats the best by 0.1 > 0.028
+        steady.observe({"x": 0.5}, 0.1 * i)  # every trial beats the best by 0.1
     assert steady.tripped is None
 
 
@@ -251,22 +258,36 @@ def test_bench_sampler_measures_a_sampler_on_the_users_own_spec(home, tmp_path):
     assert "tpe vs random at 2 trials" in text and "plot: MLflow run" in text
 
 
-def test_cross_validated_the_noise_is_the_folds_standard_error(home, tmp_path):
-    from sertune.spec import load_spec
+def test_cross_validated_the_noise_is_never_the_folds_standard_error(home, tmp_path):
+    """The folds' se is mostly which speakers fall in a fold (shared by every trial): a
+    cross-validated spec without noise_sd or repeats is refused; with repeats the search
+    measures its own seed noise."""
+    from sertune.spec import SpecError, load_spec
 
-    rule = _rule(patience=3, min_trials=2)  # no noise_sd: the trials' own fold se
-    for value, se in [(0.5, 0.02), (0.6, 0.03), (0.61, 0.02), (0.62, 0.04)]:
-        rule.observe({"x": 0.5}, value, error=se)
-        assert rule.tripped is None  # 0.62 - 0.5 beats 1.96·√2·0.02 = 0.055
-    rule.observe({"x": 0.5}, 0.60, error=0.02)  # best before the last 3 is 0.6: +0.02 at most
-    assert rule.noise == 0.02 and "1.96·√2·0.02" in rule.tripped
-    # and a spec with objective.cv needs no noise_sd
+    space = {"optim.lr": {"type": "float", "low": 0.01, "high": 0.1}}
+    budget = {"trials": 20, "concurrency": 3, "max_epochs": 1, "grace_epochs": 1}
     path = _write(
         tmp_path,
         home,
         objective={"metric": "val_uar", "cv": {"folds": 3}},
-        budget={"trials": 20, "concurrency": 3, "max_epochs": 1, "grace_epochs": 1},
-        space={"optim.lr": {"type": "float", "low": 0.01, "high": 0.1}},
+        budget=budget,
+        space=space,
+        search={"stop": {"terminator": True}},
+    )
+    with pytest.raises(SpecError) as e:
+        load_spec(path)
+    (msg,) = [m for f, m in e.value.problems if f == "search.stop.noise_sd"]
+    assert "--set objective.cv.folds=3" in msg and "not that noise" in msg
+    path = _write(
+        tmp_path,
+        home,
+        objective={"metric": "val_uar", "cv": {"folds": 3}, "repeats": 2},
+        budget=budget,
+        space=space,
         search={"stop": {"terminator": True}},
     )
     assert load_spec(path).search.stop.noise_sd is None
+    rule = _rule(patience=2, min_trials=2)
+    jobs = {"fold0.rep0": 0.5, "fold0.rep1": 0.52, "fold1.rep0": 0.7, "fold1.rep1": 0.7}
+    rule.observe({"x": 0.5}, 0.605, jobs=jobs)
+    assert rule.noise == pytest.approx(((0.02**2 / 2) / 2) ** 0.5 / 2, rel=1e-6)

@@ -7,13 +7,21 @@ from sertune.tracking import Run
 def test_a_single_trial_s_description_names_its_figures_gates_and_search():
     best = {
         "run": Run(run_id="r1", tags={"sertune.trial_id": "abc12"}),
-        "metrics": {"val_uar": 0.6123, "test_uar": 0.5, "robust/uar_snr10_white": 0.41},
+        "metrics": {
+            "val_uar": 0.6123,
+            "test_uar": 0.5,
+            "robust/uar_snr10_white": 0.41,
+            "val_robust/uar_snr10_white": 0.45,
+        },
         "sd": {},
         "n": 1,
         "label": "trial abc12",
         "origin": None,
     }
-    gates = [("robust/uar_snr10_white", ">= 0.3", "0.4100", "pass")]
+    gates = [
+        ("val_robust/uar_snr10_white", ">= 0.4", "0.4500", "pass"),  # chose the champion
+        ("robust/uar_snr10_white", ">= 0.3", "0.4100", "pass"),  # only reported on it
+    ]
     text = version_description(
         "demo", best, "val_uar", ["test_uar", "robust/uar_snr10_white"], gates
     )
@@ -23,7 +31,11 @@ def test_a_single_trial_s_description_names_its_figures_gates_and_search():
     )
     assert "| val_uar (objective) | 0.612 |" in text
     assert "| test_uar | 0.500 |" in text and "| robust/uar_snr10_white | 0.410 |" in text
-    assert "Gates passed: `robust/uar_snr10_white >= 0.3` (0.4100)." in text
+    assert (
+        "Gates passed: `val_robust/uar_snr10_white >= 0.4` (0.4500); "
+        "`robust/uar_snr10_white >= 0.3` (0.4100, reported on the test speakers; it did not "
+        "choose the champion)." in text
+    )
 
 
 def test_a_confirmed_configuration_shows_means_and_spread_over_its_seeds():

@@ -111,7 +111,7 @@ def test_smoke_multi_objective_has_a_pareto_front(home, tmp_path):
         raw["objective"] = {
             "metrics": [
                 {"metric": "val_uar", "mode": "max"},
-                {"metric": "robust/uar_snr0_white", "mode": "max"},
+                {"metric": "val_robust/uar_snr0_white", "mode": "max"},
             ]
         }
 
@@ -123,7 +123,7 @@ def test_smoke_multi_objective_has_a_pareto_front(home, tmp_path):
     c, parent, _ = mlflow_runs("smoke-mo")
     local = c.download_artifacts(parent[0].info.run_id, "summary", str(tmp_path / "dl"))
     front = json.loads((Path(local) / "pareto_front.json").read_text())
-    assert 1 <= len(front) <= 2 and "robust/uar_snr0_white" in front[0]
+    assert 1 <= len(front) <= 2 and "val_robust/uar_snr0_white" in front[0]
 
 
 def test_a_diverging_trial_fails_with_its_reason_and_the_search_goes_on(home, tmp_path):

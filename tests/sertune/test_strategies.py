@@ -17,7 +17,7 @@ SMOKE = REPO / "search_spaces" / "smoke.yaml"
 MULTI = {
     "metrics": [
         {"metric": "val_uar", "mode": "max"},
-        {"metric": "robust/uar_snr0_white", "mode": "max"},
+        {"metric": "val_robust/uar_snr0_white", "mode": "max"},
     ]
 }
 

@@ -207,8 +207,16 @@ def test_gate_failure_refuses_with_a_table(sqlite_search, capsys):
     )
     err = capsys.readouterr().err
     assert code == 3
-    assert "refusing to promote: no trial" in err and "FAIL" in err and "pass" in err
-    assert "robust/uar_snr10_white" in err
+    # val_uar chose the champion; the test speakers' gate only reports on it, and refuses it
+    assert "refusing to promote trial" in err and "FAIL" in err and "pass" in err
+    assert "robust/uar_snr10_white" in err and "it did not choose the champion" in err
+    # a gate on the validation twin chooses: no trial passes it
+    code = main(
+        ["promote", "track", "--gate", "val_robust/uar_snr10_white>=1.01", "--name", "gated"]
+    )
+    err = capsys.readouterr().err
+    assert code == 3 and "refusing to promote: no trial" in err
+    assert "val_robust/uar_snr10_white" in err and "FAIL" in err
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 

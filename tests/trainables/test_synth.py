@@ -17,7 +17,7 @@ def test_same_seed_same_bytes(tmp_path):
 def test_manifest_lists_labelled_and_unlabelled(tmp_path):
     m = synthesise_corpus(tmp_path, n_speakers=2, per_class=2, n_unlabelled=3, seed=0)
     rows = m.read_text().splitlines()
-    assert rows[0] == "path,label,speaker" and len(rows) == 1 + 2 * 4 * 2 + 3
+    assert rows[0] == "path,label,speaker,gender" and len(rows) == 1 + 2 * 4 * 2 + 3
     assert sum(1 for r in rows[1:] if r.split(",")[1] == "") == 3
     x, sr = sf.read(tmp_path / rows[1].split(",")[0])
     assert sr == 16000 and 1.0 < len(x) / sr < 4.0

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sertune.trainable import CorpusCache
+from sertune.trainable import CorpusCache, TooFewSpeakerGroups
 
 SYNTHETIC = "synthetic"
 
@@ -50,6 +50,7 @@ class CorpusHooks:
             "n_folds": data.get("n_folds"),
             "label_fraction": float(data.get("label_fraction", 1.0)),
             "label_seed": int(data.get("label_seed", 0)),
+            "dealing": data.get("dealing") or "balanced",  # how speaker groups become folds
             "noise_files": [str(Path(p).expanduser()) for p in data.get("noise_files") or []],
             "fingerprint": loaded.fingerprint,
             "report": loaded.report.to_dict(),
@@ -62,6 +63,21 @@ class CorpusHooks:
             for c in data.get("cross_corpus") or []
         ]
         return out
+
+    def split_report(self, data: dict[str, Any], cv_folds: int | None = None) -> list[str]:
+        """The split's lines (``trainables.data.cache.split_lines``); K folds above the groups
+        outside the test set raise :class:`TooFewSpeakerGroups`."""
+        from trainables.data.cache import cv_groups, load_cache, split_lines
+
+        corpus = load_cache(data["cache"])
+        fold, n_folds = int(data.get("fold", 0)), data.get("n_folds")
+        dealing = data.get("dealing", "balanced")
+        if cv_folds:
+            groups = cv_groups(corpus, fold, n_folds, dealing)
+            if len(groups) < cv_folds:
+                name = data.get("corpus") or corpus.path.name.rsplit("-", 1)[0]
+                raise TooFewSpeakerGroups(name, cv_folds, groups)
+        return split_lines(corpus, fold, n_folds, dealing, cv_folds)
 
     def cache_corpus(self, corpus: str, root: str, cache_root: str) -> CorpusCache:
         from trainables.data.cache import build_cache, load_cache

@@ -17,7 +17,12 @@ each clip's own samples. Output (``robustness.json``, schema ``sertune.robustnes
 plus ``uar_vs_snr.png``, ``uar_vs_eps.png`` (chance level drawn, the model named) and
 ``summary.md``. ε is in waveform units (full scale is 1.0). The key figures are also metrics
 (``robust/uar_snr10_babble``, ``robust/uar_fgsm0.005``, ``robust/uar_cross_<name>``) so they sort in
-the MLflow UI and can be objectives and gates.
+the MLflow UI; they are *reported* figures of the chosen model, never selected on.
+
+Selection (objectives, constraints, choosing gates) uses the same conditions measured on the
+validation speakers: ``evaluate_robustness(..., split="val")`` (a class-stratified capped subset of
+the validation clips, no cross-corpus part) gives the ``val_robust/*`` twins
+(``val_robust/uar_snr10_white``, ...), computed beside the test report on the same kept model.
 """
 
 from __future__ import annotations
@@ -41,16 +46,29 @@ SCHEMA = "sertune.robustness/1"
 DEFAULTS = {k: list(v) if isinstance(v, tuple) else v for k, v in ROBUSTNESS_DEFAULTS.items()}
 
 
-def robust_metric_names(options: dict[str, Any] | None, cross: list[str] | None = None) -> set:
-    """The ``robust/*`` metrics a report with these options produces."""
+REPORTED = "robust/"  # measured on the test speakers: reported, never selected on
+SELECTION = "val_robust/"  # the same conditions on the validation speakers: what may select
+
+
+def val_twin(name: str) -> str:
+    """``robust/uar_snr10_white`` -> ``val_robust/uar_snr10_white`` (its validation twin)."""
+    return SELECTION + name.removeprefix(REPORTED)
+
+
+def robust_metric_names(
+    options: dict[str, Any] | None, cross: list[str] | None = None, validation: bool = True
+) -> set:
+    """The ``robust/*`` metrics a report with these options produces, and (``validation``) their
+    ``val_robust/*`` twins measured on the validation speakers (no cross-corpus twins)."""
     if options is None:
         return set()
     o = {**DEFAULTS, **options}
     names = {f"robust/uar_snr{int(s)}_{n}" for s in o["snrs_db"] for n in o["noises"]}
     names |= {f"robust/uar_fgsm{e:g}" for e in o["fgsm_eps"]}
     names |= {f"robust/uar_pgd{e:g}" for e in o["pgd_eps"]}
-    names |= {f"robust/uar_cross_{c}" for c in cross or []}
-    return names | {"robust/uar_clean", "robust/uar_noise_mean"}
+    names |= {"robust/uar_clean", "robust/uar_noise_mean"}
+    twins = {val_twin(n) for n in names} if validation else set()
+    return names | twins | {f"robust/uar_cross_{c}" for c in cross or []}
 
 
 def _score(forward: Forward, utts: Utterances, windowing: Windowing, n_classes: int) -> dict:
@@ -170,7 +188,7 @@ def evaluate_robustness(
             {"name": name, "utterances": len(cu), **_score(forward, cu, windowing, n_classes)}
         )
     report["warnings"] = masking_warnings(report)
-    report["metrics"] = flatten_metrics(report)
+    report["metrics"] = flatten_metrics(report, SELECTION if split == "val" else REPORTED)
     return report
 
 
@@ -191,17 +209,26 @@ def masking_warnings(report: dict[str, Any], tolerance: float = 0.02) -> list[st
     return out
 
 
-def flatten_metrics(report: dict[str, Any]) -> dict[str, float]:
-    m = {"robust/uar_clean": report["clean"]["uar"]}
+def flatten_metrics(report: dict[str, Any], prefix: str = REPORTED) -> dict[str, float]:
+    """The report's key figures as metrics: ``robust/*`` (the test speakers), or with
+    ``prefix=SELECTION`` the validation report's ``val_robust/*``."""
+    m = {f"{prefix}uar_clean": report["clean"]["uar"]}
     for r in report["noise"]:
-        m[f"robust/uar_snr{int(r['snr_db'])}_{r['type']}"] = r["uar"]
+        m[f"{prefix}uar_snr{int(r['snr_db'])}_{r['type']}"] = r["uar"]
     if report["noise"]:
-        m["robust/uar_noise_mean"] = float(np.mean([r["uar"] for r in report["noise"]]))
+        m[f"{prefix}uar_noise_mean"] = float(np.mean([r["uar"] for r in report["noise"]]))
     for r in report["adversarial"]:
-        m[f"robust/uar_{r['attack']}{r['eps']:g}"] = r["uar"]
+        m[f"{prefix}uar_{r['attack']}{r['eps']:g}"] = r["uar"]
     for r in report["cross_corpus"]:
-        m[f"robust/uar_cross_{r['name']}"] = r["uar"]
+        m[f"{prefix}uar_cross_{r['name']}"] = r["uar"]
     return m
+
+
+def write_validation_report(report: dict[str, Any], out: Path) -> None:
+    """The validation speakers' report (``split="val"``, ``val_robust/*``): only its
+    ``robustness.json`` (no plots: it selects, the test report is the one people read)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "robustness.json").write_text(json.dumps(report, indent=2))
 
 
 def write_report(

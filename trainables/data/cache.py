@@ -3,7 +3,7 @@
 Layout of one cache folder (``<cache_root>/<corpus>-<fingerprint[:16]>/``)::
 
     audio.npy     int16 (N,)    every utterance back to back
-    index.json    offsets, lengths, labels, speakers, groups, splits, source paths
+    index.json    offsets, lengths, labels, speakers, genders, groups, splits, source paths
     report.json   the data report (what was resampled, downmixed, skipped and why)
     COMPLETE      written last: a folder without it is a crashed build and is rebuilt
 
@@ -29,13 +29,14 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from .audio import AudioError, DataReport, read_audio
-from .corpora import EMOTIONS_4, CorpusError, Utterance, scan_corpus
+from .corpora import EMOTIONS_4, CorpusError, Utterance, scan_corpus, speaker_gender
+from .folds import check_dealing, deal, describe
 
 CACHE_VERSION = 2  # 2: int16 = round(x * 32768), so 16-bit files round-trip exactly
 
@@ -69,6 +70,7 @@ class DecodedCorpus:
     sample_rate: int
     fingerprint: str
     report: DataReport
+    genders: list[str | None] = field(default_factory=list)  # per utterance; None = unknown
 
     def __len__(self) -> int:
         return len(self.offsets)
@@ -171,6 +173,7 @@ def decode_shard(items: list[Utterance], sample_rate: int) -> tuple[np.ndarray, 
                 "id": it.utt_id,
                 "path": it.path,
                 "speaker": it.speaker,
+                "gender": it.gender,
                 "group": it.group,
                 "split": it.split,
                 "label": EMOTIONS_4.index(it.label) if it.label is not None else -1,
@@ -411,6 +414,7 @@ def load_cache(path: str | Path) -> DecodedCorpus:
         raise FileNotFoundError(f"{path}: not a complete decoded cache (no COMPLETE marker)")
     index = json.loads((path / "index.json").read_text())
     rows = index["utterances"]
+    corpus = index.get("corpus", "")
     return DecodedCorpus(
         path=path,
         audio=np.load(path / "audio.npy", mmap_mode="r"),
@@ -425,6 +429,10 @@ def load_cache(path: str | Path) -> DecodedCorpus:
         sample_rate=int(index["sample_rate"]),
         fingerprint=index["fingerprint"],
         report=DataReport.from_dict(json.loads((path / "report.json").read_text())),
+        # a cache built before genders were kept: what the speaker id says (else unknown)
+        genders=[
+            r["gender"] if "gender" in r else speaker_gender(corpus, r["speaker"]) for r in rows
+        ],
     )
 
 
@@ -435,13 +443,15 @@ def speaker_independent_split(
     label_fraction: float = 1.0,
     label_seed: int = 0,
     cv: dict[str, int] | None = None,
+    dealing: str = "balanced",
 ) -> dict[str, np.ndarray]:
     """Indices of ``train``, ``val``, ``test`` and ``unlabelled`` with no speaker group shared.
 
-    Groups (sessions or speakers) are sorted and dealt round-robin into ``n_folds`` folds
-    (default: one per group, at most 5). Fold ``fold`` is the test set, the next fold the
-    validation set (what searches optimise), the rest trains. A manifest's own split column
-    wins over folds. Unlabelled utterances only ever train (auxiliary losses).
+    Groups (sessions or speakers) are dealt into ``n_folds`` folds (default: one per group, at
+    most 5) by ``dealing`` (:mod:`trainables.data.folds`: ``balanced``, seeded and balanced on
+    gender and classes; ``sorted``, round-robin in sorted order). Fold ``fold`` is the test set,
+    the next fold the validation set (what searches optimise), the rest trains. A manifest's
+    own split column wins over folds. Unlabelled utterances only ever train (auxiliary losses).
 
     ``label_fraction`` < 1 is the semi-supervised setting: of each training speaker's labelled
     utterances only that share (at least one) keeps its label; the rest join ``unlabelled``.
@@ -449,14 +459,16 @@ def speaker_independent_split(
     the same labels. Validation and test keep theirs.
 
     ``cv = {"fold": k, "folds": K}`` is fold k of a cross-validated objective: the speaker groups
-    of train and validation together (never the test set's) are dealt round-robin into K folds;
+    of train and validation together (never the test set's) are dealt the same way into K folds;
     fold k validates, the others train. The test set is the same for every fold. With
     ``"refit": True`` (the best configuration re-trained after a cross-validated search) every
     fold trains; fold k's speakers still report ``val`` figures, on speakers it trained on.
     """
-    split = _split(corpus, fold, n_folds)
+    check_dealing(dealing)
+    split = _split(corpus, fold, n_folds, dealing)
     if cv is not None:
-        split = _cv_fold(corpus, split, int(cv["fold"]), int(cv["folds"]), bool(cv.get("refit")))
+        k, folds, refit = int(cv["fold"]), int(cv["folds"]), bool(cv.get("refit"))
+        split = _cv_fold(corpus, split, k, folds, refit, dealing)
     if label_fraction < 1.0:
         keep, drop = _label_share(corpus, split["train"], label_fraction, label_seed)
         unlabelled = np.sort(np.concatenate([split["unlabelled"], drop]))
@@ -465,7 +477,12 @@ def speaker_independent_split(
 
 
 def _cv_fold(
-    corpus: DecodedCorpus, split: dict[str, np.ndarray], k: int, folds: int, refit: bool = False
+    corpus: DecodedCorpus,
+    split: dict[str, np.ndarray],
+    k: int,
+    folds: int,
+    refit: bool = False,
+    dealing: str = "balanced",
 ) -> dict[str, np.ndarray]:
     pool = np.sort(np.concatenate([split["train"], split["val"]]))
     n_groups = len({corpus.groups[i] for i in pool})
@@ -476,14 +493,21 @@ def _cv_fold(
         )
     if not 0 <= k < folds:
         raise ValueError(f"cross-validation fold {k} is outside 0..{folds - 1}")
-    f = _deal(corpus, pool, folds)
+    f = _deal(corpus, pool, folds, dealing)
     return {**split, "train": pool if refit else pool[f != k], "val": pool[f == k]}
 
 
-def _deal(corpus: DecodedCorpus, idx: np.ndarray, n: int) -> np.ndarray:
-    """Each of ``idx``'s fold: speaker groups sorted, then dealt round-robin into ``n`` folds."""
-    fold_of = {g: i % n for i, g in enumerate(sorted({corpus.groups[i] for i in idx}))}
-    return np.array([fold_of[corpus.groups[i]] for i in idx])
+def _deal(corpus: DecodedCorpus, idx: np.ndarray, n: int, dealing: str = "balanced") -> np.ndarray:
+    """Each of ``idx``'s fold: its speaker groups dealt into ``n`` folds (:func:`folds.deal`)."""
+    genders = corpus.genders or [None] * len(corpus)
+    return deal(
+        [corpus.groups[i] for i in idx],
+        [corpus.speakers[i] for i in idx],
+        [genders[i] for i in idx],
+        corpus.labels[idx],
+        n,
+        dealing,
+    )
 
 
 def _label_share(
@@ -499,7 +523,9 @@ def _label_share(
     return np.sort(np.concatenate(keep)), np.sort(np.concatenate(drop)).astype(np.int64)
 
 
-def _split(corpus: DecodedCorpus, fold: int, n_folds: int | None) -> dict[str, np.ndarray]:
+def _split(
+    corpus: DecodedCorpus, fold: int, n_folds: int | None, dealing: str = "balanced"
+) -> dict[str, np.ndarray]:
     idx = np.arange(len(corpus))
     unl = idx[corpus.labels < 0]
     lab = idx[corpus.labels >= 0]
@@ -519,10 +545,52 @@ def _split(corpus: DecodedCorpus, fold: int, n_folds: int | None) -> dict[str, n
     if not 0 <= fold < n:
         raise ValueError(f"data.fold: {fold} is outside 0..{n - 1}")
     val_fold = (fold + 1) % n
-    f = _deal(corpus, lab, n)
+    f = _deal(corpus, lab, n, dealing)
     return {
         "train": lab[(f != fold) & (f != val_fold)],
         "val": lab[f == val_fold],
         "test": lab[f == fold],
         "unlabelled": unl,
     }
+
+
+def cv_groups(
+    corpus: DecodedCorpus, fold: int = 0, n_folds: int | None = None, dealing: str = "balanced"
+) -> list[str]:
+    """The speaker groups outside the test set: what cross-validation folds are dealt from (a
+    K-fold objective needs at least K of them)."""
+    split = _split(corpus, fold, n_folds, check_dealing(dealing))
+    return sorted({corpus.groups[i] for i in np.concatenate([split["train"], split["val"]])})
+
+
+def split_lines(
+    corpus: DecodedCorpus,
+    fold: int = 0,
+    n_folds: int | None = None,
+    dealing: str = "balanced",
+    cv_folds: int | None = None,
+) -> list[str]:
+    """One line per part of the split: who tests, validates and trains (speakers, genders, clips
+    per class); with ``cv_folds`` K, the test part and each fold's validation speakers instead."""
+    split = speaker_independent_split(corpus, fold, n_folds, dealing=dealing)
+    genders = corpus.genders or [None] * len(corpus)
+
+    def line(name: str, idx: np.ndarray) -> str:
+        return describe(name, idx, corpus.speakers, genders, corpus.labels, corpus.label_names)
+
+    if any(s is not None for s in corpus.splits):
+        head = "split: the manifest's split column"
+    else:
+        n = n_folds or min(5, len({corpus.groups[i] for i in np.nonzero(corpus.labels >= 0)[0]}))
+        head = f"split: {dealing} dealing, {n} folds: test fold {fold}, val fold {(fold + 1) % n}"
+    lines = [head, line("test", split["test"])]
+    if cv_folds:
+        for k in range(cv_folds):
+            cv = {"fold": k, "folds": cv_folds}
+            part = speaker_independent_split(corpus, fold, n_folds, cv=cv, dealing=dealing)
+            lines.append(line(f"cv fold {k} val", part["val"]))
+    else:
+        lines += [line("val", split["val"]), line("train", split["train"])]
+    if len(split["unlabelled"]):
+        lines.append(f"unlabelled: {len(split['unlabelled'])} clips (train only)")
+    return lines

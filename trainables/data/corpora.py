@@ -11,7 +11,11 @@ sad) are counted in the data report and left out; happy and excited merge for IE
 | emodb       | wav/<spk><text><E><v>.wav  (e.g. 03a01Fa.wav)                                  | speaker |
 | ravdess     | Actor_NN/MM-VV-EE-II-SS-RR-NN.wav                                              | speaker |
 | crema_d     | AudioWAV/<actor>_<sentence>_<EMO>_<level>.wav                                  | speaker |
-| manifest    | a CSV ``path,label,speaker[,split]``; empty label = unlabelled                  | speaker |
+| manifest    | a CSV ``path,label,speaker[,split][,gender]``; empty label = unlabelled         | speaker |
+
+Each utterance also carries its speaker's gender where the corpus says (EMODB's speaker list,
+RAVDESS's odd actors male, IEMOCAP's ``Ses01F``, MSP-IMPROV's ``F01``, CREMA-D's
+``VideoDemographics.csv``, a manifest's ``gender`` column): speaker folds are balanced on it.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ class Utterance:
     group: str  # speaker-independent fold unit (session or speaker)
     utt_id: str
     split: str | None = None  # only when the corpus itself fixes the split (manifest column)
+    gender: str | None = None  # "female" / "male" where the corpus says; folds balance on it
 
 
 class Scan(NamedTuple):
@@ -82,7 +87,10 @@ def _iemocap(root: Path) -> tuple[list[Utterance], dict[str, int]]:
                 continue
             # Ses01F_impro01_F000: the speaker is the session plus the gender of the last token
             speaker = f"{utt[:5]}{utt.rsplit('_', 1)[-1][0]}"
-            items.append(Utterance(str(wav), _IEMOCAP_MAP[raw], speaker, sess.name, utt))
+            gender = speaker_gender("iemocap", speaker)
+            items.append(
+                Utterance(str(wav), _IEMOCAP_MAP[raw], speaker, sess.name, utt, None, gender)
+            )
     return items, excluded
 
 
@@ -114,9 +122,8 @@ def _msp_improv(root: Path) -> tuple[list[Utterance], dict[str, int]]:
             continue
         # MSP-IMPROV-S01A-F01-P-FM01: speaker F01, session 01
         speaker = wav.stem.split("-")[3]
-        items.append(
-            Utterance(str(wav), _MSP_MAP[raw], speaker, f"session{int(speaker[1:])}", wav.stem)
-        )
+        session, gender = f"session{int(speaker[1:])}", speaker_gender("msp_improv", speaker)
+        items.append(Utterance(str(wav), _MSP_MAP[raw], speaker, session, wav.stem, None, gender))
     return items, excluded
 
 
@@ -146,7 +153,11 @@ def _emodb(root: Path) -> tuple[list[Utterance], dict[str, int]]:
         if emo not in _EMODB_MAP:
             excluded[emo] = excluded.get(emo, 0) + 1
             continue
-        items.append(Utterance(str(wav), _EMODB_MAP[emo], spk, spk, wav.stem))
+        items.append(
+            Utterance(
+                str(wav), _EMODB_MAP[emo], spk, spk, wav.stem, gender=speaker_gender("emodb", spk)
+            )
+        )
     return items, excluded
 
 
@@ -176,8 +187,10 @@ def _ravdess(root: Path) -> tuple[list[Utterance], dict[str, int]]:
             if emo not in _RAVDESS_MAP:
                 excluded[emo] = excluded.get(emo, 0) + 1
                 continue
+            actor = f"Actor_{spk}"
+            gender = speaker_gender("ravdess", actor)
             items.append(
-                Utterance(str(wav), _RAVDESS_MAP[emo], f"Actor_{spk}", f"Actor_{spk}", wav.stem)
+                Utterance(str(wav), _RAVDESS_MAP[emo], actor, actor, wav.stem, None, gender)
             )
     return items, excluded
 
@@ -193,6 +206,7 @@ def _crema_d(root: Path) -> tuple[list[Utterance], dict[str, int]]:
     if not wavs:
         raise CorpusError(f"{root}: no AudioWAV/*.wav files (CREMA-D layout)")
     items, excluded = [], {}
+    sex = _crema_d_sex(root)
     for wav in wavs:
         parts = wav.stem.split("_")  # 1001_DFA_ANG_XX
         if len(parts) != 4:
@@ -202,15 +216,32 @@ def _crema_d(root: Path) -> tuple[list[Utterance], dict[str, int]]:
         if emo not in _CREMA_MAP:
             excluded[emo] = excluded.get(emo, 0) + 1
             continue
-        items.append(Utterance(str(wav), _CREMA_MAP[emo], actor, actor, wav.stem))
+        items.append(
+            Utterance(str(wav), _CREMA_MAP[emo], actor, actor, wav.stem, gender=sex.get(actor))
+        )
     return items, excluded
+
+
+def _crema_d_sex(root: Path) -> dict[str, str]:
+    """Actor -> gender from ``VideoDemographics.csv`` (``ActorID,...,Sex``) in the root, if there."""
+    path = root / "VideoDemographics.csv"
+    if not path.is_file():
+        return {}
+    out = {}
+    with path.open(newline="", errors="replace") as fh:
+        for row in csv.DictReader(fh):
+            actor = (row.get("ActorID") or "").strip()
+            gender = _gender(row.get("Sex"))
+            if actor and gender:
+                out[actor] = gender
+    return out
 
 
 # -- generic manifest --------------------------------------------------------------------------
 
 
 def _manifest(root: Path, allow_absolute_paths: bool = False) -> Scan:
-    """A CSV ``path,label,speaker[,split]``. Paths are relative to the manifest's folder; one that
+    """A CSV ``path,label,speaker[,split][,gender]``. Paths are relative to the manifest's folder; one that
     leaves it (``../x.wav``, an absolute path, a symlink pointing out) is refused with the reason
     ``outside_corpus_root`` unless the spec sets ``data.allow_absolute_paths``."""
     path = root / "manifest.csv" if root.is_dir() else root
@@ -243,8 +274,43 @@ def _manifest(root: Path, allow_absolute_paths: bool = False) -> Scan:
                 rejected.setdefault(OUTSIDE_ROOT, []).append(row["path"])
                 continue
             spk = row["speaker"].strip()
-            items.append(Utterance(str(wav), label, spk, spk, wav.stem, split))
+            items.append(
+                Utterance(str(wav), label, spk, spk, wav.stem, split, _gender(row.get("gender")))
+            )
     return Scan(items, excluded, rejected)
+
+
+# -- speakers' gender --------------------------------------------------------------------------
+
+_EMODB_GENDER = {
+    **dict.fromkeys(("03", "10", "11", "12", "15"), "male"),
+    **dict.fromkeys(("08", "09", "13", "14", "16"), "female"),
+}
+
+
+def _gender(value: str | None) -> str | None:
+    """A metadata value as ``female`` / ``male`` (``f``, ``M``, ``Female``...); other values are
+    kept lower-cased, an empty one is unknown (None)."""
+    v = (value or "").strip().lower()
+    return {"f": "female", "m": "male", "w": "female"}.get(v, v) or None
+
+
+def speaker_gender(corpus: str, speaker: str) -> str | None:
+    """The gender a corpus's speaker id says (EMODB's speaker list, RAVDESS's odd actors male,
+    IEMOCAP's ``Ses01F``, MSP-IMPROV's ``F01``); None where the id does not say (CREMA-D and
+    manifests carry it in their metadata instead)."""
+    try:
+        if corpus == "emodb":
+            return _EMODB_GENDER.get(speaker)
+        if corpus == "ravdess":
+            return "male" if int(speaker.rsplit("_", 1)[-1]) % 2 else "female"
+        if corpus == "iemocap":
+            return _gender(speaker[-1:]) if speaker[-1:] in ("F", "M") else None
+        if corpus == "msp_improv":
+            return _gender(speaker[:1]) if speaker[:1] in ("F", "M") else None
+    except ValueError:
+        return None
+    return None
 
 
 ADAPTERS: dict[str, Callable[..., tuple[list[Utterance], dict[str, int]] | Scan]] = {

@@ -15,7 +15,7 @@ way acted emotional speech does — pitch level and range, tempo, loudness, voic
 
 Per-utterance jitter in every factor makes the classes overlap, and speakers' own registers
 overlap the emotion cues, so a model has to hear more than absolute pitch. Deterministic under a
-seed. Written as 16 kHz wav files plus ``manifest.csv`` (path,label,speaker[,split]) — the
+seed. Written as 16 kHz wav files plus ``manifest.csv`` (path,label,speaker,gender) — the
 generic manifest adapter reads it.
 """
 
@@ -61,6 +61,7 @@ class Speaker:
     name: str
     f0: float  # base pitch (Hz)
     formant_scale: float  # shorter vocal tract -> higher formants
+    gender: str = "male"  # "female" or "male": the register, and what speaker folds balance on
 
 
 def make_speakers(n: int, rng: np.random.Generator) -> list[Speaker]:
@@ -69,7 +70,8 @@ def make_speakers(n: int, rng: np.random.Generator) -> list[Speaker]:
         female = i % 2 == 1
         f0 = rng.uniform(185, 235) if female else rng.uniform(95, 135)
         scale = rng.uniform(1.1, 1.2) if female else rng.uniform(0.95, 1.05)
-        out.append(Speaker(f"spk{i:02d}{'F' if female else 'M'}", f0, scale))
+        gender = "female" if female else "male"
+        out.append(Speaker(f"spk{i:02d}{'F' if female else 'M'}", f0, scale, gender))
     return out
 
 
@@ -143,7 +145,7 @@ def synthesise_corpus(
             for k in range(per_class):
                 path = d / f"{spk.name}_{emo}_{k:03d}.wav"
                 sf.write(path, synth_utterance(spk, emo, rng), SR, subtype="PCM_16")
-                rows.append((path.relative_to(out).as_posix(), emo, spk.name))
+                rows.append((path.relative_to(out).as_posix(), emo, spk.name, spk.gender))
     for k in range(n_unlabelled):
         spk = speakers[k % len(speakers)]
         emo = EMOTIONS_4[int(rng.integers(4))]
@@ -151,10 +153,10 @@ def synthesise_corpus(
         d.mkdir(parents=True, exist_ok=True)
         path = d / f"{spk.name}_u{k:04d}.wav"
         sf.write(path, synth_utterance(spk, emo, rng), SR, subtype="PCM_16")
-        rows.append((path.relative_to(out).as_posix(), "", spk.name))
+        rows.append((path.relative_to(out).as_posix(), "", spk.name, spk.gender))
     manifest = out / "manifest.csv"
     with manifest.open("w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["path", "label", "speaker"])
+        w.writerow(["path", "label", "speaker", "gender"])
         w.writerows(rows)
     return manifest

@@ -46,12 +46,18 @@ from sertune.trainable import (
     EPOCHS_DONE,
     LOOP_STARTED_AT,
     SLOT_NOTE,
+    KeptModel,
     TrialDiverged,
 )
 from trainables.common.batches import TrainBatches
 from trainables.common.metrics import confusion, scores
 from trainables.common.noise import add_noise_flat
-from trainables.common.robustness import evaluate_robustness, make_noise, write_report
+from trainables.common.robustness import (
+    evaluate_robustness,
+    make_noise,
+    write_report,
+    write_validation_report,
+)
 from trainables.common.utterances import (
     Utterances,
     Windowing,
@@ -244,9 +250,19 @@ def final_evaluation(
 ) -> dict[str, float]:
     """Test and robustness figures of ``model`` (the best-validation one); the robustness report
     goes to ``out/robustness``. One process, whole sets: used at a trial's last epoch and for
-    trials a scheduler stopped (``MTLAugTrainable.evaluate_checkpoint``)."""
+    trials a scheduler stopped (``MTLAugTrainable.evaluate_checkpoint``).
+
+    The same robustness conditions are also measured on the validation speakers (the trial's own,
+    its cross-validation fold's with ``data["cv"]``): ``val_robust/*``, the figures a search may
+    select on (``out/robustness_val/robustness.json``); ``robust/*`` are reported only."""
     corpus, utts = resident.corpus(data_cfg["cache"])
-    split = speaker_independent_split(corpus, data_cfg.get("fold", 0), data_cfg.get("n_folds"))
+    split = speaker_independent_split(
+        corpus,
+        data_cfg.get("fold", 0),
+        data_cfg.get("n_folds"),
+        cv=data_cfg.get("cv"),
+        dealing=data_cfg.get("dealing", "balanced"),  # data.dealing
+    )
     windowing = windowing_for(cfg)
     logmel = LogMel(cfg.features).to(resident.device)
     was_training = model.training
@@ -262,6 +278,7 @@ def final_evaluation(
     if options:
         cap = options.get("max_utterances")
         pick = split["test"][stratified_subset(corpus.labels[split["test"]], cap, cfg.seed)]
+        bank = resident.noise_bank(data_cfg.get("noise_files") or [], cfg.features.sample_rate)
         cross = []
         for c in data_cfg.get("cross_corpus") or []:
             cc, cu = resident.corpus(c["cache"])
@@ -273,13 +290,29 @@ def final_evaluation(
             windowing,
             cfg.model.n_emotions,
             options,
-            resident.noise_bank(data_cfg.get("noise_files") or [], cfg.features.sample_rate),
+            bank,
             cross,
             corpus_name=corpus.path.name,
             seed=cfg.seed,
         )
         write_report(report, out / "robustness", run_cfg.get("title", ""), cfg.model.n_emotions)
         metrics.update(report["metrics"])
+        # the selection twins: the same conditions on the validation speakers (no cross corpus)
+        val = split["val"]
+        vpick = val[stratified_subset(corpus.labels[val], cap, cfg.seed)]
+        vreport = evaluate_robustness(
+            fwd,
+            utts.select(vpick),
+            windowing,
+            cfg.model.n_emotions,
+            options,
+            bank,
+            corpus_name=corpus.path.name,
+            split="val",
+            seed=cfg.seed,
+        )
+        write_validation_report(vreport, out / "robustness_val")
+        metrics.update(vreport["metrics"])
     model.train(was_training)
     return metrics
 
@@ -317,12 +350,6 @@ def load_state(directory: str | Path) -> dict[str, Any]:
     return torch.load(Path(directory) / STATE_FILE, map_location="cpu", weights_only=True)
 
 
-def _better(value: float, than: float | None, mode: str) -> bool:
-    if than is None:
-        return True
-    return value > than if mode == "max" else value < than
-
-
 # -- the loop ------------------------------------------------------------------------------------------
 
 
@@ -352,6 +379,7 @@ def train(config: dict[str, Any], session: Any) -> list[dict[str, Any]]:
         data_cfg.get("label_fraction", 1.0),
         data_cfg.get("label_seed", 0),
         data_cfg.get("cv"),  # fold k of a cross-validated objective (objective.cv)
+        data_cfg.get("dealing", "balanced"),  # how speaker groups are dealt (data.dealing)
     )
     n_labels = len(corpus.label_names)
     if cfg.model.n_emotions != n_labels:
@@ -380,7 +408,14 @@ def train(config: dict[str, Any], session: Any) -> list[dict[str, Any]]:
         core.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay
     )
     start_epoch = 0
-    best: dict[str, Any] = {"epoch": None, "value": None, "metrics": {}, "state": None}
+    best: dict[str, Any] = {
+        "epoch": None,
+        "value": None,
+        "metrics": {},
+        "state": None,
+        "curve": [],  # the select metric per epoch: the kept epoch is chosen on it, smoothed
+    }
+    states: dict[int, Any] = {}
     ckpt = session.get_checkpoint_dir()
     if ckpt:
         state = load_state(ckpt)
@@ -389,6 +424,12 @@ def train(config: dict[str, Any], session: Any) -> list[dict[str, Any]]:
         start_epoch = int(state["epoch"]) + 1
         best.update(json.loads(state["best"]))
         best["state"] = load_model(Path(ckpt) / BEST).model.state_dict()
+        states = {int(state["epoch"]): state["model"]}
+        if best["epoch"] is not None:
+            states[int(best["epoch"])] = best["state"]
+    # the model a trial keeps: the best epoch of its smoothed select curve (KeptModel)
+    keeper = KeptModel(select["metric"], select.get("mode", "max"), best["curve"], states)
+    val_of: dict[int, dict[str, Any]] = {}  # the val_* figures of the epochs keeper may keep
     model = session.wrap_model(core)
     if ckpt and start_epoch >= cfg.optim.epochs:
         # Resumed after the last epoch (the driver died before it recorded the end): report the
@@ -483,13 +524,14 @@ def train(config: dict[str, Any], session: Any) -> list[dict[str, Any]]:
             LOOP_STARTED_AT: loop_started_at,
         }
         value = metrics.get(select["metric"], metrics["val_uar"])
-        if _better(value, best["value"], select.get("mode", "max")):
-            best.update(
-                epoch=epoch,
-                value=value,
-                metrics={k: v for k, v in metrics.items() if k.startswith("val_")},
-                state={k: v.detach().cpu().clone() for k, v in core.state_dict().items()},
-            )
+        val_of[epoch] = {k: v for k, v in metrics.items() if k.startswith("val_")}
+        kept = keeper.add(
+            value, {k: v.detach().cpu().clone() for k, v in core.state_dict().items()}
+        )
+        if keeper.epoch != best["epoch"]:
+            best.update(epoch=keeper.epoch, metrics=val_of.get(keeper.epoch, best["metrics"]))
+        best.update(value=keeper.value, state=kept, curve=keeper.curve)
+        val_of = {e: m for e, m in val_of.items() if e in keeper.states}
         metrics[BEST_EPOCH] = best["epoch"]
         if epoch == start_epoch:
             metrics.update(session.placement())

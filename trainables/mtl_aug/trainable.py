@@ -122,9 +122,12 @@ class MTLAugTrainable(CorpusHooks, Trainable):
         if split == "all":
             idx = np.nonzero(corpus.labels >= 0)[0]
         else:
-            idx = speaker_independent_split(corpus, data.get("fold", 0), data.get("n_folds"))[
-                "test"
-            ]
+            idx = speaker_independent_split(
+                corpus,
+                data.get("fold", 0),
+                data.get("n_folds"),
+                dealing=data.get("dealing", "balanced"),
+            )["test"]
         idx = idx[stratified_subset(corpus.labels[idx], options.get("max_utterances"), cfg.seed)]
         utts = Utterances.from_corpus(corpus, torch.device("cpu")).select(idx)
         report = evaluate_robustness(

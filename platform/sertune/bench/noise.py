@@ -3,19 +3,26 @@
 N configurations drawn at random from a spec's space are each trained with S seeds (the
 search's own seed, then the confirmation seeds ``seed + 1000 k``), every one to its last epoch,
 through the same machinery a search uses (one search with ``confirm: {top_k: N, seeds: S-1}``:
-the warm slots, MLflow, the robustness report). For every figure the trials report it prints:
+the warm slots, MLflow, the robustness report). The spec's constraints and stop rule are left
+out of that search (a random sampler cannot use constraints, and a stop rule would measure
+fewer configurations than asked); the bench says so. For every figure the trials report it
+prints (``sertune.stats``):
 
-* the sd **between** configurations (of their true means: the one-way ANOVA estimate, so the
-  seeds' own noise is taken out of it) and the sd **within** a configuration (one seed's noise);
+* the seeds are **crossed** (every configuration runs the same S seeds), so the analysis is a
+  two-way ANOVA without replication: the sd **between** configurations (of their true means),
+  the sd **within** (one run's noise around its configuration: the residual, what separates two
+  trials of one search, which share the search's seed), and a **seed** main effect (a seed that
+  helps every configuration alike, reported apart: it cancels between trials of one search);
+  configurations that lack a seed's run fall back to the one-way analysis;
 * the objective's **reliability** ``ICC = between² / (between² + within²)``: the share of a
-  single run's variance that is the configuration. At 0.5, half of what a sampler, a scheduler
-  or a promotion gate compares is luck; averaging K runs per trial lifts it to
+  single run's variance that is the configuration; averaging K runs per trial lifts it to
   ``K·ICC / (1 + (K-1)·ICC)`` (Spearman-Brown);
 * the smallest difference between two configurations that one run each resolves at 95 %
-  (``1.96 · √2 · within``): two trials closer than that are not told apart.
+  (``t(df) · √2 · within``, df the residual's).
 
-The figures and every run's value go to MLflow (run ``bench-noise``, ``bench_noise.json`` and a
-plot of each configuration's seeds) and to ``--out``.
+A cross-validated spec (``--set objective.cv.folds=K``) measures the noise of a K-fold mean: the
+``noise_sd`` its stop rules take. The figures and every run's value go to MLflow (run
+``bench-noise``, ``bench_noise.json`` and a plot of each configuration's seeds) and to ``--out``.
 """
 
 from __future__ import annotations
@@ -29,12 +36,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .. import ray_compat, settings, tracking
+from .. import ray_compat, settings, stats, tracking
 from ..leaderboard import Columns
 from ..search import run_search
 from ..spec import SearchSpec, load_spec
-
-Z95 = 1.959964
 
 
 @dataclass(frozen=True)
@@ -45,60 +50,73 @@ class Reliability:
     configs: int
     runs: int  # every run with a value
     between_sd: float  # sd of the configurations' true means (ANOVA estimate, >= 0)
-    within_sd: float  # one run's sd around its configuration's mean (pooled)
+    within_sd: float  # one run's sd around its configuration's mean (residual)
     icc: float  # between² / (between² + within²), in [0, 1]
     resolvable: float  # smallest difference one run each tells apart at 95 %
+    seed_sd: float | None = None  # the seeds' main effect (crossed design), None if one-way
+    design: str = "one-way"
 
     def icc_of_mean(self, k: int) -> float:
         """The reliability of a mean of ``k`` runs per configuration (Spearman-Brown)."""
-        return k * self.icc / (1 + (k - 1) * self.icc) if self.icc > 0 else 0.0
+        return stats.spearman_brown(self.icc, k)
+
+
+def _of(metric: str, v: stats.Variance) -> Reliability:
+    return Reliability(
+        metric=metric,
+        configs=v.configs,
+        runs=v.runs,
+        between_sd=v.between_sd,
+        within_sd=v.within_sd,
+        icc=v.icc,
+        resolvable=v.resolvable(),
+        seed_sd=v.seed_sd,
+        design=v.design,
+    )
 
 
 def reliability(metric: str, groups: Sequence[Sequence[float]]) -> Reliability | None:
-    """One-way random-effects ANOVA of ``groups`` (each a configuration's runs).
+    """One-way random-effects ANOVA of ``groups`` (each a configuration's runs; seeds not
+    matched across configurations). None with fewer than two configurations or no repeats."""
+    v = stats.oneway_anova(groups)
+    return None if v is None else _of(metric, v)
 
-    Groups with fewer than two runs add to the between-configuration part only through their
-    mean; None when there are fewer than two configurations with two runs or more.
-    """
-    groups = [[float(v) for v in g if math.isfinite(float(v))] for g in groups]
-    groups = [g for g in groups if g]
-    multi = [g for g in groups if len(g) > 1]
-    if len(groups) < 2 or not multi:
-        return None
-    n_total = sum(len(g) for g in groups)
-    k = len(groups)
-    grand = sum(sum(g) for g in groups) / n_total
-    means = [sum(g) / len(g) for g in groups]
-    ss_within = sum(sum((v - m) ** 2 for v in g) for g, m in zip(groups, means, strict=True))
-    df_within = n_total - k
-    if df_within <= 0:
-        return None
-    ms_within = ss_within / df_within
-    ms_between = sum(len(g) * (m - grand) ** 2 for g, m in zip(groups, means, strict=True)) / (
-        k - 1
-    )
-    # the mean group size of an unbalanced design (equal to S when every configuration has S)
-    n0 = (n_total - sum(len(g) ** 2 for g in groups) / n_total) / (k - 1)
-    var_between = max(0.0, (ms_between - ms_within) / n0)
-    total = var_between + ms_within
-    return Reliability(
-        metric=metric,
-        configs=k,
-        runs=n_total,
-        between_sd=math.sqrt(var_between),
-        within_sd=math.sqrt(ms_within),
-        icc=var_between / total if total > 0 else 0.0,
-        resolvable=Z95 * math.sqrt(2 * ms_within),
-    )
+
+def crossed_reliability(
+    metric: str, table: Sequence[Sequence[float | None]]
+) -> Reliability | None:
+    """Configurations x crossed seeds (``table[i][j]``: configuration i with the j-th seed, None
+    where that run is missing): the crossed analysis over the complete configurations, or the
+    one-way one when fewer than two are complete."""
+    rows = [list(r) for r in table]
+    complete = [
+        r for r in rows if r and all(isinstance(x, (int, float)) and math.isfinite(x) for x in r)
+    ]
+    width = max((len(r) for r in rows), default=0)
+    complete = [r for r in complete if len(r) == width]
+    if len(complete) >= 2 and width >= 2:
+        v = stats.crossed_anova(complete)
+        if v is not None:
+            return _of(metric, v)
+    return reliability(metric, [[x for x in r if x is not None] for r in rows])
 
 
 def format_table(rows: list[Reliability], seeds: int) -> str:
-    header = ["metric", "between sd", "within sd", "ICC", f"ICC of {seeds}-run mean", "resolves"]
+    header = [
+        "metric",
+        "between sd",
+        "within sd",
+        "seed sd",
+        "ICC",
+        f"ICC of {seeds}-run mean",
+        "resolves",
+    ]
     cells = [
         [
             r.metric,
             f"{r.between_sd:.3f}",
             f"{r.within_sd:.3f}",
+            "-" if r.seed_sd is None else f"{r.seed_sd:.3f}",
             f"{r.icc:.2f}",
             f"{r.icc_of_mean(seeds):.2f}",
             f"{r.resolvable:.3f}",
@@ -130,26 +148,59 @@ def noise_spec(spec: SearchSpec, configs: int, seeds: int, name: str) -> SearchS
         "scheduler_options": {},
         "warm_start": [],
     }
+    raw["search"].pop("stop", None)  # measure every configuration asked for
+    raw["objective"] = {**raw["objective"], "constraints": []}  # random cannot use them
     raw["confirm"] = {"top_k": configs, "seeds": seeds - 1}
     raw["baseline"] = None
     return validate_spec(raw, src, check_paths=False)
 
 
-def runs_by_configuration(result: Any) -> list[dict[str, Any]]:
-    """Each configuration's runs: the search's own trial, then its confirmation seeds."""
-    groups = {g["configuration_of"]: g for g in result.confirm}
+def left_out(spec: SearchSpec) -> list[str]:
+    """What of the user's spec the bench's own search leaves out, for one line."""
+    out = []
+    if spec.objective.constraints:
+        out.append(f"its constraints ({', '.join(spec.objective.constraints)})")
+    if spec.search.stop is not None:
+        out.append("its stop rule (search.stop)")
+    return out
+
+
+def runs_by_configuration(result: Any, base_seed: int) -> list[dict[str, Any]]:
+    """Each configuration's runs keyed by seed (the search's own trial ran ``base_seed``, its
+    confirmations ``base_seed + 1000 k``): ``by_seed`` {metric: {seed: value}} and ``values``
+    {metric: [value, ...]} in seed order."""
+    members: dict[str, list[dict[str, Any]]] = {}
+    for r in result.rows:
+        origin = (r.get("origin") or {}).get("confirm_of")
+        if origin and r["state"] == "finished":
+            members.setdefault(str(origin), []).append(r)
     out = []
     for row in result.rows:
-        g = groups.get(row["trial"])
-        if row["state"] != "finished" or g is None:
+        if row["state"] != "finished" or row["trial"] not in members:
             continue
-        values: dict[str, list[float]] = {}
-        for metric, seeds in g.get("values", {}).items():
-            own = row.get(metric)
-            if isinstance(own, (int, float)) and not isinstance(own, bool):
-                values[metric] = [float(own), *seeds]
-        out.append({"trial": row["trial"], "config": row["config"], "values": values})
+        runs = [(base_seed, row)] + [
+            (int(m["config"].get("seed", -1)), m) for m in members[row["trial"]]
+        ]
+        by_seed: dict[str, dict[int, float]] = {}
+        for seed, r in runs:
+            for k, v in r.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and _figure(k):
+                    by_seed.setdefault(k, {})[seed] = float(v)
+        values = {k: [v[s] for s in sorted(v)] for k, v in by_seed.items()}
+        out.append(
+            {"trial": row["trial"], "config": row["config"], "values": values, "by_seed": by_seed}
+        )
     return out
+
+
+def _figure(key: str) -> bool:
+    return key.startswith(("val_", "test_", "robust/", "kept/")) and not key.endswith("_se")
+
+
+def crossed_table(runs: list[dict[str, Any]], metric: str) -> list[list[float | None]]:
+    """Configurations x seeds (every seed any configuration ran, in order; None where missing)."""
+    seeds = sorted({s for r in runs for s in r["by_seed"].get(metric, {})})
+    return [[r["by_seed"].get(metric, {}).get(s) for s in seeds] for r in runs]
 
 
 def metric_order(spec: SearchSpec, names: set[str]) -> list[str]:
@@ -178,6 +229,8 @@ def run_noise_bench(
     base = load_spec(spec_path, sets=sets, smoke=smoke)
     name = f"bench-noise-{time.strftime('%m%d%H%M%S')}"
     spec = noise_spec(base, configs, seeds, name)
+    if left_out(base):
+        log(f"[bench noise] leaves out {' and '.join(left_out(base))}: every run is measured")
     log(
         f"[bench noise] {configs} random configurations of {spec.trainable} x {seeds} seeds "
         f"({configs * seeds} trials, {spec.budget.max_epochs} epochs each, "
@@ -185,12 +238,11 @@ def run_noise_bench(
     )
     t0 = time.monotonic()
     result = run_search(spec, num_cpus=num_cpus, log=log)
-    runs = runs_by_configuration(result)
+    runs = runs_by_configuration(result, spec.seed)
     names = set().union(*(r["values"] for r in runs)) if runs else set()
-    names = {n for n in names if not n.endswith("_se")}  # a cross-validated trial's fold se
     table = []
     for metric in metric_order(spec, names):
-        rel = reliability(metric, [r["values"].get(metric, []) for r in runs])
+        rel = crossed_reliability(metric, crossed_table(runs, metric))
         if rel is not None:
             table.append(rel)
     if not table:
@@ -200,9 +252,11 @@ def run_noise_bench(
         )
     log(
         f"\nnoise over {len(runs)} configurations x {seeds} seeds "
-        f"({time.monotonic() - t0:.0f}s): between = sd of the configurations' means, within = "
-        "one seed's sd, ICC = between²/(between²+within²), resolves = the smallest difference "
-        "between two trials (one run each) told apart at 95 %"
+        f"({time.monotonic() - t0:.0f}s, seeds crossed): between = sd of the configurations' "
+        "means, within = one run's sd around its configuration's (the residual), seed = a "
+        "seed's effect shared by every configuration (cancels within a search), ICC = "
+        "between²/(between²+within²), resolves = the smallest difference between two trials "
+        "(one run each) told apart at 95 % (t on the residual's df)"
     )
     log(format_table(table, seeds))
     _record(table, runs, spec, name, seeds, out, log)

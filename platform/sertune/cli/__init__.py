@@ -23,7 +23,7 @@ quick start (embedded default: local Ray, MLflow on SQLite under ~/.sertune, syn
   sertune search presets                the packaged search specs
   sertune search run smoke              run a search from a preset (or a path to a spec)
   sertune ui                            browse every search and trial in the MLflow UI
-  sertune promote NAME --gate 'robust/uar_snr10_white>=0.5'
+  sertune promote NAME --gate 'val_robust/uar_snr10_white>=0.5'
   sertune predict models:/ser-mtl-aug@champion some.wav
 
 environment: SERTUNE_HOME (default ~/.sertune), MLFLOW_TRACKING_URI, SERTUNE_STORAGE (s3://...),

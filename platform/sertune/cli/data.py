@@ -1,4 +1,5 @@
-"""``sertune data``: synthesise a corpus, decode one into the cache (through the trainable)."""
+"""``sertune data``: synthesise a corpus, decode one into the cache, show its speaker split
+(through the trainable)."""
 
 from __future__ import annotations
 
@@ -48,6 +49,27 @@ def add(sub) -> None:
     )
     c.add_argument("--trainable", default="mtl_aug", help=argparse.SUPPRESS)
     c.set_defaults(func=cache)
+    p = command(
+        dsub,
+        "split",
+        "show who tests, validates and trains: speakers, genders, clips per class",
+        "sertune data split emodb /data/emodb\nsertune data split emodb /data/emodb --cv 4\n"
+        "sertune data split iemocap /data/iemocap --fold 2 --dealing sorted",
+    )
+    p.add_argument("corpus", help="iemocap | msp_improv | emodb | ravdess | crema_d | manifest")
+    p.add_argument("root", help="the corpus folder as distributed (or the manifest CSV)")
+    p.add_argument("--fold", type=int, default=0, help="the test fold, as data.fold (default 0)")
+    p.add_argument("--folds", type=int, help="folds, as data.n_folds (default: groups, at most 5)")
+    p.add_argument("--cv", type=int, metavar="K", help="each fold of K-fold cross-validation")
+    p.add_argument(
+        "--dealing",
+        choices=("balanced", "sorted"),
+        default="balanced",
+        help="as data.dealing (default balanced)",
+    )
+    p.add_argument("--cache", help="cache root (default $SERTUNE_HOME/cache)")
+    p.add_argument("--trainable", default="mtl_aug", help=argparse.SUPPRESS)
+    p.set_defaults(func=split)
 
 
 def synth(a: argparse.Namespace) -> int:
@@ -83,4 +105,30 @@ def cache(a: argparse.Namespace) -> int:
         f"cache: {c.path} (fingerprint {c.fingerprint[:16]}, {c.utterances} utterances, "
         f"{c.megabytes:.1f} MB int16)"
     )
+    return 0
+
+
+def split(a: argparse.Namespace) -> int:
+    import sys
+
+    from .. import settings
+    from ..trainable import get_trainable
+
+    if a.cv is not None and a.cv < 2:
+        raise UsageError(f"--cv: {a.cv} (at least 2 folds)")
+    if a.folds is not None and a.folds < 3:
+        raise UsageError(f"--folds: {a.folds} (at least 3: test, validation, training)")
+    t = get_trainable(a.trainable)
+    spec = {"corpus": a.corpus, "root": a.root, "fold": a.fold, "n_folds": a.folds}
+    data = t.prepare_data(
+        {**spec, "dealing": a.dealing},
+        a.cache or settings.cache_root(),
+        progress=lambda msg: print(msg, file=sys.stderr, flush=True),
+    )
+    try:
+        lines = t.split_report({**data, "corpus": a.corpus}, a.cv)
+    except ValueError as e:  # data.fold outside the folds, too few groups for a split
+        raise UsageError(str(e)) from None
+    for line in lines:
+        print(line)
     return 0

@@ -13,17 +13,25 @@ def add(sub) -> None:
         sub,
         "promote",
         "register a search's best model, gated on robustness (alias champion)",
-        "sertune promote mtl-aug --gate 'robust/uar_snr10_babble>=0.45' --gate 'robust/uar_pgd0.005>=0.3'\n"
+        "sertune promote mtl-aug --gate 'val_robust/uar_snr10_babble>=0.45' --gate 'robust/uar_pgd0.005>=0.3'\n"
         "sertune promote mtl-aug --confirm-top 3 --seeds 3   # re-train the top 3 first, rank by mean",
         parents=[tracking_option()],
     )
     pr.add_argument("search", help="search name")
-    pr.add_argument("--objective", help="metric to pick the best by (default: the search's first)")
+    pr.add_argument(
+        "--objective",
+        help="metric to pick the best by, a selection figure: val_* or val_robust/* (default: the "
+        "search's first)",
+    )
     pr.add_argument(
         "--gate",
         action="append",
         metavar="EXPR",
-        help="e.g. 'robust/uar_snr10_white>=0.5' (repeatable; all must pass; means when confirmed)",
+        help="e.g. 'val_robust/uar_snr10_white>=0.5' (repeatable; all must pass; means when "
+        "confirmed). Gates on val_* / val_robust/* figures (validation speakers) choose: a better "
+        "candidate failing one is passed over. Gates on robust/* / test_* figures (test "
+        "speakers) only report on the champion so chosen: a failure refuses to register, never "
+        "passes over to another candidate",
     )
     pr.add_argument(
         "--gate-on",
@@ -115,6 +123,8 @@ def promote(a: argparse.Namespace) -> int:
             f"passed over the {skipped['label']} ({v['objective']}={skipped['value']:.4f}): "
             f"failed {', '.join(skipped['failed'])}"
         )
+    for line in v.get("reported", []):
+        print(line)
     spread = f" ± {v['sd']:.4f} over {v['n']} seeds" if v["confirmed"] else ""
     what = "already registered as" if v.get("reused") else "registered"
     print(

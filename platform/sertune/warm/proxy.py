@@ -5,7 +5,6 @@ stopped trials' checkpoints to free slots (:class:`BoardEvaluator`)."""
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ from typing import Any
 import ray
 from ray import tune
 
+from ..stats import design_summary
 from ..storage import exists, list_dirs, read_text, remove_dir, upload_dir, write_text
 from ..trainable import (
     BEST_EPOCH,
@@ -20,6 +20,7 @@ from ..trainable import (
     CV_FOLD,
     DATA_MODE,
     EPOCHS_DONE,
+    KEPT_EPOCH,
     LOOP_STARTED_AT,
     PBT_EXPLOITED_EPOCH,
     PBT_EXPLOITED_FROM,
@@ -30,7 +31,7 @@ from ..trainable import (
     CheckpointEvaluation,
     TrialDiverged,
 )
-from ..tuner import TrialPlan, epochs_of, flat_config, loop_config
+from ..tuner import KeptCurves, TrialPlan, epochs_of, flat_config, loop_config
 from .board import EpochReport, Job, JobBoard, JobEnded, JobFailed, JobState, TrialFailed
 from .slot import run_slot
 
@@ -39,6 +40,7 @@ _NOT_FIGURES = frozenset(
     {
         EPOCHS_DONE,
         BEST_EPOCH,
+        KEPT_EPOCH,
         CHECKPOINT_PATH,
         LOOP_STARTED_AT,
         REPLICA_CHECKPOINTS,
@@ -53,8 +55,9 @@ def fold_mean(
     reports: list[dict[str, Any]], select: str, labels: list[str] | None = None
 ) -> dict[str, Any]:
     """One epoch of a replicated trial (cross-validation folds and/or repeats) from its jobs'
-    reports of that epoch: the mean of every figure they share, ``<figure>_se`` (the standard
-    error over the jobs), ``<label>/<figure>`` for each job (``labels``, default ``fold<k>``), each
+    reports of that epoch: the mean of every figure they share, ``<figure>_se`` (its standard
+    error by the design, ``sertune.stats.design_summary``: over the K folds, each fold's repeats
+    averaged first; over the repeats when there are no folds), ``<label>/<figure>`` for each job (``labels``, default ``fold<k>``), each
     job's checkpoint (:data:`REPLICA_CHECKPOINTS`), and the checkpoint and best epoch of the job
     whose ``select`` figure is closest to the mean (:data:`CV_FOLD`), the model that stands for
     it."""
@@ -66,9 +69,8 @@ def fold_mean(
         values = [r[key] for r in reports]
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
             continue
-        mean = sum(values) / k
-        sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (k - 1)) if k > 1 else 0.0
-        out[key], out[f"{key}_se"] = mean, sd / math.sqrt(k)
+        out[key] = sum(values) / k
+        out[f"{key}_se"] = design_summary(dict(zip(labels, values, strict=True))).se
         for label, v in zip(labels, values, strict=True):
             out[f"{label}/{key}"] = v
     target = out.get(select)
@@ -228,6 +230,11 @@ class WarmTrial(tune.Trainable):
         population-based training the schedule, the lineage and a hand-over."""
         self._last_epoch = epoch
         self._last_uri = metrics.get(CHECKPOINT_PATH) or self._last_uri
+        # the kept epoch and figure of the curve relayed so far (the fold means of a replicated
+        # trial): the trial's objective (``sertune.trainable.objective_value``)
+        if getattr(self, "_curves", None) is None or self._curves_of != self.trial_id:
+            self._curves, self._curves_of = KeptCurves(self.plan, self.trial_id), self.trial_id
+        metrics.update(self._curves.add(metrics))
         if epoch >= epochs_of(self.plan.max_epochs, self._config):
             metrics["done"] = True
         schedule = self._schedule()
