@@ -78,6 +78,14 @@ def aggregate(rows: list[dict[str, Any]], objective: MetricSpec) -> list[dict[st
                 "seeds": [m["config"].get("seed") for m in members],
                 "stats": stats,
                 "values": values,  # each seed's figure (the trials' order): paired comparisons
+                "by_seed": {  # each figure by the seed that produced it
+                    k: {
+                        int(m["config"].get("seed", -1)): float(m[k])
+                        for m in members
+                        if isinstance(m.get(k), (int, float)) and not isinstance(m.get(k), bool)
+                    }
+                    for k in values
+                },
             }
         )
     sign = -1 if objective.mode == "max" else 1

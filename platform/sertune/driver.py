@@ -138,6 +138,7 @@ class Search:
             Phase.SEARCH,
             *([Phase.CONFIRM] if spec.confirm else []),
             *([Phase.BASELINE] if spec.baseline else []),
+            Phase.CLOSING,
             Phase.DONE,
         ]
 

@@ -43,6 +43,7 @@ class Phase(StrEnum):
     SEARCH = "search"  # the Tune experiment of the spec's space
     CONFIRM = "confirm"  # the best configurations again with fresh seeds
     BASELINE = "baseline"  # the same search with the trainable's baseline parameters
+    CLOSING = "closing"  # every phase ran: the summary on the parent run, the record's end
     DONE = "done"
 
 

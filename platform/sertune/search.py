@@ -165,8 +165,13 @@ def _resume(name: str, num_cpus: int | None, log: Log, verbose: bool) -> SearchR
             f"search {name!r} is still running (pid {d.get('pid')} on {d.get('host')})"
         )
     phase = record.phase
+    if phase == Phase.DONE and status == "crashed":
+        # a driver killed after its last phase, before its record said so (made before the
+        # closing phase existed): only the closing steps are missing
+        record = record.but(phase=Phase.CLOSING)
+        phase = record.phase
     if phase == Phase.DONE:
-        raise UsageError(f"search {name!r} has finished; nothing to resume")
+        raise UsageError(f"search {name!r} has {status}; nothing to resume")
     tracking.check_store(record.tracking_uri)
     if phase == Phase.SEARCH:
         fs, path = fs_and_path(record.path)

@@ -67,6 +67,7 @@ class SearchRuns:
         self.resumed = False  # a resumed search may find its trials' runs already in MLflow
         self.journal: tracking.Journal | None = None
         self.open_trials: set[str] = set()
+        self.seen: set[str] = set()  # every trial this driver logged (open or ended)
         self.stopped: dict[str, int] = {}  # trials stopped early -> their epochs
         self.evaluated: dict[str, dict[str, float]] = {}  # stopped trials' test + robustness
         # population-based training: per trial, the weights each of its epochs trained with,
@@ -189,6 +190,7 @@ class TrialLogger(Callback):
 
         runs, tid = self.runs, trial.trial_id
         config = flat_config(trial.config)
+        runs.seen.add(tid)
         if tid not in runs.open_trials:
             runs.open_trials.add(tid)
             tags = {

@@ -44,6 +44,8 @@ class SearchReport:
         runs = self.runs
         if trials is not None and not cause:
             trials.wait_for_evaluations(wait_s)
+        if runs.resumed:
+            self.close_open_trials(result)
         for row in result.rows:  # the leaderboard and the summary show them too
             for k, v in runs.evaluated.get(row["trial"], {}).items():
                 if k.startswith(("test_", "robust/", "val_robust/")) and row.get(k) is None:
@@ -79,6 +81,30 @@ class SearchReport:
         runs.append(Op(Kind.TAGS, key=PARENT, tags=tags))
         ended = "FINISHED" if status == "finished" else "FAILED"
         runs.append(Op(Kind.END, key=PARENT, status=ended))
+
+    def close_open_trials(self, result: SearchResult) -> None:
+        """A resumed search's trial runs that a killed driver left ``running`` in MLflow and this
+        driver never took up again: ended as the leaderboard knows them (finished, stopped
+        early, else interrupted). Runs this driver logged end through their own records."""
+        runs = self.runs
+        rows = {r["trial"]: r for r in result.rows}
+        try:
+            open_runs = [
+                r
+                for r in tracking.Store(runs.uri).runs_of(runs.name, "trial")
+                if r.status == "running" and r.trial not in runs.seen
+            ]
+        except Exception as e:  # noqa: BLE001 - the store's own error, said in one line
+            runs.log(f"[sertune] could not list the search's open trial runs: {e}")
+            return
+        for r in open_runs:
+            row = rows.get(r.trial) or {}
+            state = {"finished": "finished", "stopped": "stopped_early"}.get(row.get("state"))
+            ident = {tracking.TAG_SEARCH: runs.name, tracking.TAG_TRIAL: r.trial}
+            runs.append(Op(Kind.RUN, key=r.trial, parent=PARENT, identity=ident, lookup=True))
+            tags = {tracking.TAG_STATUS: state or "interrupted"}
+            runs.append(Op(Kind.TAGS, key=r.trial, tags=tags))
+            runs.append(Op(Kind.END, key=r.trial, status="FINISHED" if state else "KILLED"))
 
     def _parent_note(self, result: SearchResult, cause: str | None = None) -> str:
         from .leaderboard import format_table

@@ -136,6 +136,8 @@ def _side(name, by_seed):
         "objective": {"metric": "val_uar", "mode": "max"},
         "headline": [],
         "fingerprint": "f",
+        "split": {"fold": 0, "n_folds": None, "cv_folds": 0, "dealing": "balanced"},
+        "design": "seeds" if len(next(iter(by_seed.values()))) > 1 else "single",
         "source": "confirmed",
         "configuration_of": "x",
         "stats": {m: _stats(list(v.values())) for m, v in by_seed.items()},

@@ -108,14 +108,32 @@ def test_a_3_fold_cv_search_with_asha_acts_on_the_folds_mean(home, tmp_path):
     epochs = [ln for ln in lines if " epoch " in ln and "val_uar=" in ln]
     assert epochs and all(" ± " in ln and "(folds " in ln for ln in epochs)
 
+    from mlflow import MlflowClient
+
+    from sertune import settings
+    from sertune.stats import kept_epoch
+
+    client = MlflowClient(settings.tracking_uri())
     runs = {r.trial: r for r in tracking.Store().runs_of("cv3", "trial")}
     store = tracking.Store()
     for row in result.rows:
         run = runs[row["trial"]]
         # what the scheduler and the leaderboard saw is the mean of the folds MLflow holds
         folds = [run.metrics[f"fold{k}/val_uar"] for k in range(3)]
-        assert row["val_uar"] == pytest.approx(sum(folds) / 3)
-        assert row["val_uar_se"] == pytest.approx(run.metrics["val_uar_se"])
+        assert row["val_uar_raw_last"] == pytest.approx(sum(folds) / 3)  # the last epoch's
+        # the trial's objective: the fold-mean curve's smoothed value at its kept epoch
+        per_fold = [
+            [
+                m.value
+                for m in sorted(
+                    client.get_metric_history(run.run_id, f"fold{k}/val_uar"), key=lambda m: m.step
+                )
+            ]
+            for k in range(3)
+        ]
+        curve = [sum(f[e] for f in per_fold) / 3 for e in range(row["epochs"])]
+        assert (row["kept_epoch"], row["val_uar"]) == pytest.approx(kept_epoch(curve))
+        assert row["val_uar_se"] == pytest.approx(run.metrics["val_uar_se"], abs=1e-4)
         history = store.metric_steps(run.run_id, "fold1/val_uar")
         assert len(history) == row["epochs"]
         if row["state"] == "finished":  # the test report: each fold's best model, mean ± se

@@ -1,7 +1,10 @@
-"""The fault drills of `sertune bench faults` that issue 26 added, as tests (slow tier: minutes
-each): two runs of one name at once, a disk filling mid-search (past a floor, and a real tmpfs
-to its last byte), a garbled checkpoint on resume.
-Each runs real `sertune` processes in its own home and must lose nothing."""
+"""The fault drills of `sertune bench faults` as tests (slow tier: minutes each): two runs of one
+name at once, a disk filling mid-search (past a floor, and a real tmpfs to its last byte), a
+garbled checkpoint on resume, and the driver SIGKILLed at each moment of a search (after a
+scheduler stop under cross-validation, during the closing steps, the confirmation, the baseline,
+with repeats, under PBT) then resumed. Each runs real `sertune` processes in its own home and
+must lose nothing and hang nowhere. One of them, the cross-validated search killed after a
+scheduler stop, also runs in `make test`."""
 
 from __future__ import annotations
 
@@ -9,8 +12,32 @@ import pytest
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["same_name", "disk_low", "disk_full", "bad_checkpoint"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "same_name",
+        "disk_low",
+        "disk_full",
+        "bad_checkpoint",
+        "kill_closing",
+        "kill_in_confirm",
+        "kill_in_baseline",
+        "kill_repeats",
+        "kill_pbt",
+    ],
+)
 def test_a_fault_drill_loses_nothing(name):
+    _drill(name)
+
+
+def test_a_cv_search_killed_after_a_scheduler_stop_resumes_to_the_end():
+    """The driver SIGKILLed 3 s after ASHA stopped a cross-validated trial (whose fold jobs
+    trained on to their last epoch): the resume ends (no wait without a deadline), finished
+    trials are not re-run, no run stays RUNNING, the search and its parent run are finished."""
+    _drill("kill_after_stop_cv")
+
+
+def _drill(name: str) -> None:
     from sertune.bench.faults import DRILLS, Drill
 
     d = Drill(name)

@@ -140,12 +140,13 @@ def check_runs_and_artifacts(tmp_path):
 def test_sqlite_end_to_end(sqlite_search, tmp_path):
     from sertune.inference import predict_files
     from sertune.registry import promote
+    from sertune.trainable import objective_value
 
     home, result = sqlite_search
     runs = check_runs_and_artifacts(tmp_path)
     v = promote("track", gates=["robust/uar_snr10_white>=0.0"])
     assert v["version"] == "1" and v["previous"] is None
-    best = max(runs, key=lambda r: r.data.metrics["val_uar"])
+    best = max(runs, key=lambda r: objective_value(r.data.metrics, "val_uar"))  # kept epoch's
     assert v["run_id"] == best.info.run_id
 
     from mlflow import MlflowClient
@@ -174,13 +175,13 @@ def test_sqlite_end_to_end(sqlite_search, tmp_path):
 
     again = promote("track")  # idempotent: the same model keeps its version, no `previous`
     assert again["version"] == "1" and again["reused"] and again["previous"] is None
-    # another trial's model (a gate the champion fails, on a figure where the two differ): a new
-    # version, and the old champion becomes `previous`
+    # another trial's model (a choosing gate the champion fails, on a validation figure where
+    # the two differ): a new version, and the old champion becomes `previous`
     other = next(r for r in runs if r.info.run_id != best.info.run_id)
     name = next(
         m
         for m, x in sorted(other.data.metrics.items())
-        if m.startswith(("test_", "robust/")) and x != best.data.metrics.get(m, x)
+        if m.startswith("val_robust/") and x != best.data.metrics.get(m, x)
     )
     x = other.data.metrics[name]
     op = "<=" if best.data.metrics[name] > x else ">="

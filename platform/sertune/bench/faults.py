@@ -21,6 +21,12 @@ Every drill runs real processes - ``sertune`` searches as subprocesses, a real `
 | disk_low         | the disk fills mid-search (a ballast file), freed, resume | trials lost, not interrupted |
 | bad_checkpoint   | SIGKILL mid-trial, garble the newest checkpoint, resume | epochs missing/doubled, trial failed |
 | disk_full        | the home on a 300 MB tmpfs filled to the last byte mid-trial, freed, resume | finished trials lost, tracebacks, not interrupted |
+| kill_after_stop_cv | 3-fold CV: SIGKILL the driver 3 s after ASHA stopped a trial, resume | resume failed or hung, runs left RUNNING, trials re-run |
+| kill_closing     | SIGKILL after the last trial, during the closing steps, resume | the same; the parent not FINISHED |
+| kill_in_confirm  | SIGKILL during the confirmation runs, resume           | the same                       |
+| kill_in_baseline | SIGKILL during the single-task baseline search, resume | the same                       |
+| kill_repeats     | ``objective.repeats: 2``: SIGKILL mid-search, resume   | the same                       |
+| kill_pbt         | population-based training: SIGKILL mid-search, resume  | the same                       |
 """
 
 from __future__ import annotations
@@ -244,6 +250,188 @@ def driver_kill(d: Drill) -> tuple[int, str]:
         + (0 if "(3 trials, 0 failed" in resumed.stdout else 1)
     )
     return lost, f"resume exit {resumed.returncode}, {len(rerun)} finished trials re-run"
+
+
+def _record_phase(d: Drill, search: str) -> str:
+    try:
+        path = d.home / "state" / "searches" / f"{search}.json"
+        return json.loads(path.read_text()).get("phase", "")
+    except (OSError, ValueError):
+        return ""
+
+
+def _kill_then_resume(
+    d: Drill,
+    search: str,
+    edit: Callable[[dict], None],
+    strike: Callable[[list[str], subprocess.Popen], bool],
+    point: str,
+    limit_s: float = 480,
+) -> tuple[int, str]:
+    """Run ``search``, SIGKILL its driver once ``strike(console, proc)`` says so, resume it
+    (``limit_s`` at most: past it the resume counts as hung), then read what the user would:
+    the resume's exit, ``search status``, MLflow's run states. Lost: a resume that failed or
+    hung, a finished trial re-run, a run left RUNNING, a parent not FINISHED."""
+    spec = d.spec(search, edit)
+    proc, lines = d.start("search", "run", str(spec))
+    try:
+        deadline = time.monotonic() + 600
+        while not strike(lines, proc):
+            if proc.poll() is not None:
+                raise RuntimeError(f"the search ended before {point}: {''.join(lines)[-600:]}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no {point} within 600 s")
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        d.clean(proc)
+    finished = set(re.findall(r"trial (\w+) finished", "".join(lines)))
+    t0 = time.monotonic()
+    try:
+        resumed = d.cli("search", "resume", search, timeout=limit_s)
+        out, code, hung = resumed.stdout + resumed.stderr, resumed.returncode, 0
+    except subprocess.TimeoutExpired as e:
+        out, code, hung = str(e.stdout or ""), None, 1
+    wall = time.monotonic() - t0
+    d.clean()
+    status = d.cli("search", "status", search).stdout.splitlines()[:1]
+    rerun = set(re.findall(r"trial (\w+) started", out)) & finished
+    runs = d.runs(search)
+    states = {}
+    for r in runs:
+        kind = "parent" if r.data.tags.get("sertune.kind") == "search" else "trial"
+        states.setdefault(kind, []).append(r.info.status)
+    parent = (states.get("parent") or ["none"])[0]
+    open_runs = sum(s in ("RUNNING", "KILLED") for s in states.get("trial", []))
+    lost = (code != 0) + len(rerun) + open_runs + (parent != "FINISHED")
+    lost += not (status and "finished" in status[0])
+    trial_states = ", ".join(
+        f"{n} {s}" for s, n in sorted(_count(states.get("trial", [])).items())
+    )
+    return lost, (
+        f"killed {point}; resume exit {code}, hung {hung}, {wall:.0f}s; "
+        f"status {status[0] if status else '?'!r}; MLflow parent {parent}, trials {trial_states}; "
+        f"{len(rerun)} finished trials re-run"
+    )
+
+
+def _count(items: list[str]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for x in items:
+        out[x] = out.get(x, 0) + 1
+    return out
+
+
+def _after(pattern: str, delay_s: float = 3.0) -> Callable[[list[str], subprocess.Popen], bool]:
+    """Strike ``delay_s`` after the console first matched ``pattern``."""
+    seen: list[float] = []
+
+    def strike(lines: list[str], proc: subprocess.Popen) -> bool:
+        if not seen and re.search(pattern, "".join(lines)):
+            seen.append(time.monotonic())
+        return bool(seen) and time.monotonic() - seen[0] >= delay_s
+
+    return strike
+
+
+def kill_after_stop_cv(d: Drill) -> tuple[int, str]:
+    """A 3-fold cross-validated search; SIGKILL the driver 3 s after ASHA stopped a trial (its
+    fold jobs train on to their end meanwhile), then resume."""
+
+    def edit(r: dict) -> None:
+        r["objective"]["cv"] = {"folds": 3}
+        # epochs of a few steps (as the smoke preset's): in the 3 s before the kill the stopped
+        # trial's fold jobs train on to their last epoch, past what Tune's saved state knows
+        r["budget"].update(
+            trials=6, concurrency=3, max_epochs=3, grace_epochs=1, max_steps_per_epoch=3
+        )
+        r["params"]["optim.min_steps_per_epoch"] = 8
+
+    return _kill_then_resume(
+        d, "cvstop", edit, _after(r"stopped early by the scheduler"), "after a scheduler stop"
+    )
+
+
+def kill_closing(d: Drill) -> tuple[int, str]:
+    """SIGKILL the driver after its last trial, while it writes the search's closing steps
+    (the record says ``closing``), then resume: only the closing steps run."""
+
+    def edit(r: dict) -> None:
+        r["budget"].update(trials=3, concurrency=2, max_epochs=2, grace_epochs=2)
+
+    return _kill_then_resume(
+        d,
+        "closing",
+        edit,
+        lambda lines, proc: _record_phase(d, "closing") == "closing",
+        "after the last trial, before the closing steps",
+    )
+
+
+def kill_in_confirm(d: Drill) -> tuple[int, str]:
+    """SIGKILL the driver 3 s into its confirmation runs, then resume."""
+
+    def edit(r: dict) -> None:
+        r["budget"].update(trials=2, concurrency=2, max_epochs=3, grace_epochs=3)
+        r["confirm"] = {"top_k": 1, "seeds": 2}
+
+    return _kill_then_resume(
+        d,
+        "confirming",
+        edit,
+        _phase_then(d, "confirming", "confirm"),
+        "during the confirmation",
+    )
+
+
+def kill_in_baseline(d: Drill) -> tuple[int, str]:
+    """SIGKILL the driver 3 s into its single-task baseline search, then resume."""
+
+    def edit(r: dict) -> None:
+        r["budget"].update(trials=2, concurrency=2, max_epochs=3, grace_epochs=3)
+        r["baseline"] = "stl_baseline"
+
+    return _kill_then_resume(
+        d, "based", edit, _phase_then(d, "based", "baseline"), "during the baseline"
+    )
+
+
+def kill_repeats(d: Drill) -> tuple[int, str]:
+    """``objective.repeats: 2``; SIGKILL the driver mid-search once a trial finished, resume."""
+
+    def edit(r: dict) -> None:
+        r["objective"]["repeats"] = 2
+        r["budget"].update(trials=3, concurrency=2, max_epochs=4, grace_epochs=4)
+
+    return _kill_then_resume(
+        d, "repeated", edit, _after(r"trial \w+ finished", 4.0), "mid-search (repeats)"
+    )
+
+
+def kill_pbt(d: Drill) -> tuple[int, str]:
+    """Population-based training; SIGKILL the driver once a trial reported epoch 3, resume."""
+
+    def edit(r: dict) -> None:
+        r["search"] = {
+            "sampler": "random",
+            "scheduler": "pbt",
+            "scheduler_options": {"perturbation_interval": 2},
+        }
+        r["budget"].update(trials=2, concurrency=2, max_epochs=6, grace_epochs=1)
+
+    return _kill_then_resume(d, "pbt", edit, _after(r"epoch 3/6", 1.0), "mid-search (PBT)")
+
+
+def _phase_then(d: Drill, search: str, phase: str, delay_s: float = 3.0):
+    seen: list[float] = []
+
+    def strike(lines: list[str], proc: subprocess.Popen) -> bool:
+        if not seen and _record_phase(d, search) == phase:
+            seen.append(time.monotonic())
+        return bool(seen) and time.monotonic() - seen[0] >= delay_s
+
+    return strike
 
 
 def worker_kill(d: Drill) -> tuple[int, str]:
@@ -598,6 +786,12 @@ DRILLS: dict[str, Callable[[Drill], tuple[int, str]]] = {
     "disk_low": disk_low,
     "bad_checkpoint": bad_checkpoint,
     "disk_full": disk_full,
+    "kill_after_stop_cv": kill_after_stop_cv,
+    "kill_closing": kill_closing,
+    "kill_in_confirm": kill_in_confirm,
+    "kill_in_baseline": kill_in_baseline,
+    "kill_repeats": kill_repeats,
+    "kill_pbt": kill_pbt,
 }
 
 

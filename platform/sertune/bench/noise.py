@@ -169,23 +169,19 @@ def runs_by_configuration(result: Any, base_seed: int) -> list[dict[str, Any]]:
     """Each configuration's runs keyed by seed (the search's own trial ran ``base_seed``, its
     confirmations ``base_seed + 1000 k``): ``by_seed`` {metric: {seed: value}} and ``values``
     {metric: [value, ...]} in seed order."""
-    members: dict[str, list[dict[str, Any]]] = {}
-    for r in result.rows:
-        origin = (r.get("origin") or {}).get("confirm_of")
-        if origin and r["state"] == "finished":
-            members.setdefault(str(origin), []).append(r)
+    groups = {g["configuration_of"]: g for g in result.confirm}
     out = []
     for row in result.rows:
-        if row["state"] != "finished" or row["trial"] not in members:
+        g = groups.get(row["trial"])
+        if row["state"] != "finished" or g is None:
             continue
-        runs = [(base_seed, row)] + [
-            (int(m["config"].get("seed", -1)), m) for m in members[row["trial"]]
-        ]
         by_seed: dict[str, dict[int, float]] = {}
-        for seed, r in runs:
-            for k, v in r.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and _figure(k):
-                    by_seed.setdefault(k, {})[seed] = float(v)
+        for k, v in row.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and _figure(k):
+                by_seed[k] = {base_seed: float(v)}
+        for k, seeds in g.get("by_seed", {}).items():
+            if k in by_seed:
+                by_seed[k].update({int(s): float(x) for s, x in seeds.items()})
         values = {k: [v[s] for s in sorted(v)] for k, v in by_seed.items()}
         out.append(
             {"trial": row["trial"], "config": row["config"], "values": values, "by_seed": by_seed}

@@ -168,6 +168,10 @@ class Board:
                 return None
             await self._wait(left)
 
+    async def states(self, keys: list[str]) -> dict[str, str]:
+        """Each job's state (``pending`` while it waits for a slot, ``running`` on one)."""
+        return {k: (self.jobs[k].state.value if k in self.jobs else "gone") for k in keys}
+
     async def cancel(self, key: str) -> None:
         job = self.jobs.get(key)
         if job is None:

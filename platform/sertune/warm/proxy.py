@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +104,49 @@ def fold_mean(
     return out
 
 
+# How long a trial's running job may be silent before the trial ends, saying so: 10x the longest
+# gap between its reports (an epoch; the last one also runs the end-of-trial evaluation), at
+# least two minutes; before its first report (the corpus loads, the model builds) half an hour.
+SILENCE_MIN_S = 120.0
+SILENCE_EPOCHS = 10
+SILENCE_FIRST_S = 1800.0
+
+
+class Silence:
+    """A bound on waiting for a trial's jobs: time counts only while one of them is on a slot
+    (a job queued behind other trials waits for a slot, which is not silence)."""
+
+    def __init__(self, board: Any, keys: list[str]):
+        self.board, self.keys = board, keys
+        self.last = time.monotonic()
+        self.heard_once = False
+        self.longest = 0.0
+
+    def heard(self) -> None:
+        now = time.monotonic()
+        if self.heard_once:
+            self.longest = max(self.longest, now - self.last)
+        self.heard_once, self.last = True, now
+
+    def bound(self) -> float:
+        if not self.heard_once or self.longest == 0:
+            return SILENCE_FIRST_S
+        return max(SILENCE_MIN_S, SILENCE_EPOCHS * self.longest)
+
+    def check(self, what: str) -> None:
+        states = ray.get(self.board.states.remote(self.keys))
+        if not any(s == JobState.RUNNING.value for s in states.values()):
+            self.last = time.monotonic()  # waiting for a slot
+            return
+        silent = time.monotonic() - self.last
+        if silent > self.bound():
+            raise TrialFailed(
+                f"no report from {what} for {silent:.0f} s while on a slot (the bound: "
+                f"{SILENCE_EPOCHS}x its longest epoch, at least {SILENCE_MIN_S:.0f} s; "
+                f"{SILENCE_FIRST_S:.0f} s before the first): the trial ends"
+            )
+
+
 class WarmTrial(tune.Trainable):
     """A Tune trial in warm mode: submits its configuration and relays the slot's reports.
 
@@ -159,18 +203,43 @@ class WarmTrial(tune.Trainable):
             ray.get(self.board.submit.remote(job))
         self._active = self.trial_id
 
+    def _next_fold_epoch(self, ended: set[int]) -> int:
+        """The next epoch to relay: the one after the last, unless a job has ended - it reports
+        nothing more, so the next is the first epoch every ended job has (a job that trained on
+        past a stop, then a killed driver's resume restarted it on its last checkpoint)."""
+        want = self._last_epoch + 1
+        if not ended:
+            return want
+        later = [{e for e in self._fold_reports[k] if e >= want} for k in sorted(ended)]
+        have = set.intersection(*later)
+        if not have:
+            k = sorted(ended)[later.index(min(later, key=len))]
+            raise TrialFailed(
+                f"{self.plan.replicas[k].words} ended without reporting epoch {want} or later"
+            )
+        return min(have)
+
     def _step_folds(self) -> dict[str, Any]:
-        """The next epoch once every job has reported it: their mean (:func:`fold_mean`)."""
+        """The next epoch once every job has reported it: their mean (:func:`fold_mean`). A job
+        that ended is noticed at once (the epochs it skipped are skipped for all); jobs silent
+        on their slots past :class:`Silence`'s bound end the trial."""
         select = self.plan.run["select"]["metric"]
         labels = [r.label for r in self.plan.replicas]
+        ended: set[int] = set()
+        silence = Silence(self.board, self._folds)
         while True:
-            epoch = self._last_epoch + 1
+            epoch = self._next_fold_epoch(ended)
             if all(epoch in r for r in self._fold_reports):
                 reports = [r.pop(epoch) for r in self._fold_reports]
+                for r in self._fold_reports:  # epochs a job skipped: never relayed
+                    for e in [e for e in r if e < epoch]:
+                        del r[e]
                 return self._relay(epoch, fold_mean(reports, select, labels))
             got = ray.get(self.board.next_of.remote(self._folds, 10.0))
             if got is None:
+                silence.check(f"the {len(self._folds)} jobs of trial {self.trial_id}")
                 continue
+            silence.heard()
             key, report = got
             k = self._folds.index(key)
             which = self.plan.replicas[k].words
@@ -186,7 +255,7 @@ class WarmTrial(tune.Trainable):
                 case JobFailed(reason=reason):
                     raise TrialFailed(f"{which}: {reason}")
                 case JobEnded(outcome=JobState.DONE):
-                    pass  # a job that reported its last epoch; the others may still train
+                    ended.add(k)  # it reported its last epoch; the others may still train
                 case JobEnded(outcome=outcome):
                     raise TrialFailed(f"the slot ended {which} of this trial ({outcome})")
 
@@ -204,10 +273,14 @@ class WarmTrial(tune.Trainable):
             self._submit()
         if self._folds:
             return self._step_folds()
+        silence = Silence(self.board, [self._active])
         while True:
-            match ray.get(self.board.next_report.remote(self._active, 10.0)):
-                case None:
-                    continue
+            got = ray.get(self.board.next_report.remote(self._active, 10.0))
+            if got is None:
+                silence.check(f"trial {self.trial_id}'s job")
+                continue
+            silence.heard()
+            match got:
                 case EpochReport(metrics=reported):
                     epoch = int(reported.get(EPOCHS_DONE, 0))
                     # a restarted worker group re-sends its checkpoint's epoch: Tune has it
