@@ -23,12 +23,14 @@ import json
 import math
 import re
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from . import stats as st
 from .errors import NotFound, UsageError
 from .tracking import Run, Store
+from .trainable import objective_value
 
 
 def _stats(values: list[float]) -> dict[str, float]:
@@ -45,6 +47,13 @@ def search_figures(store: Store, search: str) -> dict[str, Any]:
     key, sign = objective["metric"], (1 if objective["mode"] == "max" else -1)
     # a refit's validation speakers are among its training speakers: never a search's figure
     trials = [r for r in runs if r.kind == "trial" and r.tags.get("sertune.phase") != "refit"]
+    # a run's objective is its kept epoch's (smoothed) figure, not its last epoch's
+    trials = [
+        replace(r, metrics={**r.metrics, key: objective_value(r.metrics, key)})
+        if key in r.metrics
+        else r
+        for r in trials
+    ]
     confirmed: dict[str, list[Run]] = defaultdict(list)
     for r in trials:
         if r.tags.get("sertune.phase") == "confirm" and r.status == "finished":
