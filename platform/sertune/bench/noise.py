@@ -255,6 +255,21 @@ def run_noise_bench(
         "(one run each) told apart at 95 % (t on the residual's df)"
     )
     log(format_table(table, seeds))
+    by = {r.metric: r for r in table}
+    key = spec.metrics[0].metric
+    if key in by and f"{key}_raw_last" in by:  # does the kept epoch's smoothing lower the noise?
+        raw = [
+            f"{by[k].within_sd:.3f} {what}"
+            for k, what in (
+                (f"{key}_raw_last", "at the last epoch"),
+                (f"{key}_raw_best", "at the raw best epoch"),
+            )
+            if k in by
+        ]
+        log(
+            f"{key}, one run's sd (within): {by[key].within_sd:.3f} at the kept epoch (smoothed "
+            f"curve, the trials' objective) vs {' and '.join(raw)}"
+        )
     _record(table, runs, spec, name, seeds, out, log)
     return table
 
