@@ -10,15 +10,10 @@ import pytest
 import yaml
 
 from tests.linear_trainable import linear_spec
+from tests.sertune.test_confirm import _model_dir
+from tests.sertune.test_constraints import ROBUST
 
 REPO = Path(__file__).resolve().parents[2]
-ROBUST = {
-    "snrs_db": [10],
-    "noises": ["white"],
-    "fgsm_eps": [],
-    "pgd_eps": [],
-    "max_utterances": 16,
-}
 NOTE = "reported on the test speakers; it did not choose the champion"
 
 
@@ -137,19 +132,6 @@ def test_the_sampler_of_a_constrained_search_sees_validation_figures_only(home, 
     for t in trials:
         for key in [*t.constraints, *t.user_attrs, *t.params]:
             assert not key.startswith(("robust/", "test_")), key
-
-
-def _model_dir(tmp_path: Path) -> Path:
-    from trainables.mtl_aug.config import MTLAugConfig
-    from trainables.mtl_aug.export import save_model
-    from trainables.mtl_aug.model import MTLAugModel
-
-    cfg = MTLAugConfig.from_dict(
-        {"model.conv_channels": [4, 8], "model.lstm_hidden": 8, "features.n_mels": 32}
-    )
-    d = tmp_path / "model"
-    save_model(d, MTLAugModel(cfg.model, 32), cfg, ("angry", "happy", "neutral", "sad"))
-    return d
 
 
 def test_a_reported_gate_reports_on_the_champion_and_never_passes_over(home, tmp_path, capsys):
