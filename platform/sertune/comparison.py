@@ -171,7 +171,8 @@ def compare(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     headline = a.get("headline") or []
     wanted = [key, *headline] + sorted(k for k in a["stats"] if k.startswith("robust/"))
     paired_ok, why = pairing(a, b)
-    mixed = a["design"] != b["design"] and "single" not in (a["design"], b["design"])
+    # seed spread against speaker-fold spread: different things (repeats and seeds are both seeds)
+    mixed = {a["design"], b["design"]} in ({"folds", "seeds"}, {"folds", "repeats"})
     rows = []
     for m in dict.fromkeys(wanted):
         sa, sb = a["stats"].get(m), b["stats"].get(m)

@@ -241,8 +241,10 @@ class Search:
         return result
 
     def mark_interrupted(self) -> None:
-        """Open runs KILLED, the record ``interrupted`` (resumable); once."""
-        if self.record.status != "interrupted":
+        """Open runs KILLED, the record ``interrupted`` (resumable); once, and never once the
+        search has ended (a signal while the slots close after the record said so)."""
+        ended = self.record.phase == Phase.DONE and self.record.status in ("finished", "failed")
+        if self.record.status != "interrupted" and not ended:
             self.runs.interrupted()
             self.save(status="interrupted", ended=now())
 

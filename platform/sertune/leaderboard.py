@@ -172,6 +172,7 @@ def trial_row(
             or k in (BEST_EPOCH, CV_FOLD)
             or k.startswith(("robust/", "val_robust/", "test_"))
             or (k.endswith("_se") and k.removesuffix("_se") in columns.kept)
+            or _job_figure(k, columns)  # each job's objective: a resumed stop rule's noise
         ):
             row[k] = v
     for m in columns.objectives:  # the smoothed figure at the kept epoch; raw ones beside it
@@ -194,6 +195,15 @@ def kept_note(row: dict[str, Any], metric: str) -> str:
     best = row.get(f"{metric}{RAW_BEST}")
     raw = f"raw best {best:.3f}, " if isinstance(best, (int, float)) else "raw "
     return f" (epoch {int(epoch) + 1}; {raw}last {last:.3f})"
+
+
+_JOB = re.compile(r"^(fold\d+(\.rep\d+)?|rep\d+)/(.+)$")
+
+
+def _job_figure(key: str, columns: Columns) -> bool:
+    """``fold<k>.rep<r>/<objective>``: one job's figure of a replicated trial's objective."""
+    m = _JOB.match(key)
+    return bool(m) and any(o.metric == m.group(3) for o in columns.objectives)
 
 
 def rank(rows: list[dict[str, Any]], columns: Columns) -> list[dict[str, Any]]:

@@ -203,7 +203,7 @@ def version_description(
     origin = (
         f"the median seed of {best['label']}, confirmed with {n} fresh seeds"
         if best.get("origin")
-        else f"trial {run.trial}, its best-validation epoch"
+        else f"trial {run.trial}, its kept epoch (its smoothed validation curve's best)"
     )
     lines = [
         f"**Promoted by sertune from search `{search}`**: {origin} (MLflow run `{run.run_id}`).",

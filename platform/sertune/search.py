@@ -165,7 +165,7 @@ def _resume(name: str, num_cpus: int | None, log: Log, verbose: bool) -> SearchR
             f"search {name!r} is still running (pid {d.get('pid')} on {d.get('host')})"
         )
     phase = record.phase
-    if phase == Phase.DONE and status == "crashed":
+    if phase == Phase.DONE and status in ("crashed", "interrupted"):
         # a driver killed after its last phase, before its record said so (made before the
         # closing phase existed): only the closing steps are missing
         record = record.but(phase=Phase.CLOSING)

@@ -98,8 +98,11 @@ class SearchReport:
             runs.log(f"[sertune] could not list the search's open trial runs: {e}")
             return
         for r in open_runs:
-            row = rows.get(r.trial) or {}
-            state = {"finished": "finished", "stopped": "stopped_early"}.get(row.get("state"))
+            row = rows.get(r.trial)
+            if row is not None:
+                state = {"finished": "finished", "stopped": "stopped_early"}.get(row["state"])
+            else:  # a confirmation or refit run: it ended if its end-of-trial figures are there
+                state = "finished" if any(k.startswith("test_") for k in r.metrics) else None
             ident = {tracking.TAG_SEARCH: runs.name, tracking.TAG_TRIAL: r.trial}
             runs.append(Op(Kind.RUN, key=r.trial, parent=PARENT, identity=ident, lookup=True))
             tags = {tracking.TAG_STATUS: state or "interrupted"}

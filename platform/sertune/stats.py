@@ -327,9 +327,9 @@ def smoothed(values: Sequence[float], window: int = SMOOTH_WINDOW) -> list[float
     v = [float(x) for x in values]
     h = window // 2
     out = []
-    for e in range(len(v)):
-        part = v[max(0, e - h) : e + h + 1]
-        out.append(sum(part) / len(part))
+    for e in range(len(v)):  # a non-finite epoch (a diverged loss) is left out of its neighbours'
+        part = [x for x in v[max(0, e - h) : e + h + 1] if math.isfinite(x)]
+        out.append(sum(part) / len(part) if part and math.isfinite(v[e]) else math.nan)
     return out
 
 
@@ -342,15 +342,13 @@ def kept_epoch(
     of it the model holds. None for an empty curve; a non-finite value counts as the worst."""
     if not values:
         return None
-    worst = -math.inf if mode == "max" else math.inf
-    clean = [float(x) if math.isfinite(float(x)) else worst for x in values]
-    if all(not math.isfinite(x) for x in clean):
+    s = smoothed(values, window)
+    if all(not math.isfinite(x) for x in s):
         return None
-    finite = [x if math.isfinite(x) else 0.0 for x in clean]
-    s = smoothed(finite, window)
-    s = [sv if math.isfinite(x) else worst for sv, x in zip(s, clean, strict=True)]
     sign = 1 if mode == "max" else -1
-    best = max(range(len(s)), key=lambda e: (sign * s[e], -e))
+    best = max(
+        range(len(s)), key=lambda e: (sign * s[e] if math.isfinite(s[e]) else -math.inf, -e)
+    )
     return best, s[best]
 
 

@@ -43,6 +43,8 @@ from . import stats
 from .spec import ParamSpec, SearchSpec, StopSpec
 from .trainable import objective_value
 
+MIN_NOISE_DF = 4  # the search's own seed noise acts once it rests on >= 4 degrees of freedom
+
 # Tune keeps the stopper it pickled when a search resumes: the stopper finds its live rule here.
 _ACTIVE: dict[str, NoiseStop] = {}
 
@@ -135,17 +137,10 @@ class NoiseStop(Callback):
         pooled = stats.pooled_sd(
             [s for s, _, _ in self.seed_noise], [d for _, d, _ in self.seed_noise]
         )
-        if pooled is None:
+        if pooled is None or pooled[1] < MIN_NOISE_DF:  # too few repeats to trust it yet
             return None
         jobs = self.seed_noise[-1][2]
         return pooled[0] / math.sqrt(jobs)
-
-    @property
-    def noise_df(self) -> float:
-        """Degrees of freedom of the noise: a given ``noise_sd`` counts as known."""
-        if self.rule.noise_sd is not None:
-            return math.inf
-        return float(sum(d for _, d, _ in self.seed_noise)) or math.inf
 
     def _noise_words(self) -> str:
         if self.rule.noise_sd is not None:

@@ -165,11 +165,7 @@ class KeptModel:
         from .stats import smoothed
 
         sign = 1.0 if self.mode == "max" else -1.0
-        finite = [v if math.isfinite(v) else 0.0 for v in self.curve]
-        return [
-            sign * s if math.isfinite(v) else -math.inf
-            for s, v in zip(smoothed(finite), self.curve, strict=True)
-        ]
+        return [sign * s if math.isfinite(s) else -math.inf for s in smoothed(self.curve)]
 
     def add(self, value: float, state: Any) -> Any:
         """The next epoch's select figure and model state (a copy the loop no longer changes);

@@ -290,4 +290,6 @@ def test_cross_validated_the_noise_is_never_the_folds_standard_error(home, tmp_p
     rule = _rule(patience=2, min_trials=2)
     jobs = {"fold0.rep0": 0.5, "fold0.rep1": 0.52, "fold1.rep0": 0.7, "fold1.rep1": 0.7}
     rule.observe({"x": 0.5}, 0.605, jobs=jobs)
+    assert rule.noise is None  # 2 degrees of freedom: too few to act on
+    rule.observe({"x": 0.4}, 0.605, jobs=jobs)  # 4 now: the pooled seed sd / √(K·R)
     assert rule.noise == pytest.approx(((0.02**2 / 2) / 2) ** 0.5 / 2, rel=1e-6)

@@ -26,7 +26,7 @@ def test_a_single_trial_s_description_names_its_figures_gates_and_search():
         "demo", best, "val_uar", ["test_uar", "robust/uar_snr10_white"], gates
     )
     assert text.splitlines()[0] == (
-        "**Promoted by sertune from search `demo`**: trial abc12, its best-validation epoch "
+        "**Promoted by sertune from search `demo`**: trial abc12, its kept epoch (its smoothed validation curve's best) "
         "(MLflow run `r1`)."
     )
     assert "| val_uar (objective) | 0.612 |" in text

@@ -163,7 +163,7 @@ def test_the_url_opens_on_the_trials_table_and_plots_are_one_click_away(ui, page
     page.screenshot(path=str(ui["shots"] / "1-trials-table.png"))
 
     page.get_by_text(f"ui-{trials[0]}").first.click()  # click 1: the trial's run page
-    page.get_by_text("its result is its best-validation epoch").first.wait_for(timeout=60_000)
+    page.get_by_text("its result is its kept epoch").first.wait_for(timeout=60_000)
     show_plot(page, "uar_vs_snr.png", ui["shots"] / "2-trial-robustness.png")  # maybe click 2
 
 
@@ -171,7 +171,7 @@ def test_the_parent_run_shows_the_leaderboard_and_the_search_plots(ui, page):
     base, exp = re.match(r"(http://[^/]+)/#/experiments/(\d+)/", ui["url"]).groups()
     page.goto(f"{base}/#/experiments/{exp}/runs/{ui['result'].parent_run_id}")
     page.get_by_text("Search ui").first.wait_for(timeout=60_000)
-    assert "best-validation epoch" in page.inner_text("body")
+    assert "kept epoch" in page.inner_text("body")
     show_plot(page, "optimisation_history.png", ui["shots"] / "3-parent-run.png")
 
 

@@ -266,12 +266,15 @@ def _kill_then_resume(
     edit: Callable[[dict], None],
     strike: Callable[[list[str], subprocess.Popen], bool],
     point: str,
+    trials: int,
     limit_s: float = 480,
 ) -> tuple[int, str]:
     """Run ``search``, SIGKILL its driver once ``strike(console, proc)`` says so, resume it
     (``limit_s`` at most: past it the resume counts as hung), then read what the user would:
     the resume's exit, ``search status``, MLflow's run states. Lost: a resume that failed or
-    hung, a finished trial re-run, a run left RUNNING, a parent not FINISHED."""
+    hung, a finished trial re-run, a run left RUNNING, fewer than ``trials`` trial runs
+    FINISHED, a parent not FINISHED. (A run KILLED is a trial started after Tune's last saved
+    state: the resume runs another in its place, so it is shown, not lost.)"""
     spec = d.spec(search, edit)
     proc, lines = d.start("search", "run", str(spec))
     try:
@@ -303,8 +306,9 @@ def _kill_then_resume(
         kind = "parent" if r.data.tags.get("sertune.kind") == "search" else "trial"
         states.setdefault(kind, []).append(r.info.status)
     parent = (states.get("parent") or ["none"])[0]
-    open_runs = sum(s in ("RUNNING", "KILLED") for s in states.get("trial", []))
-    lost = (code != 0) + len(rerun) + open_runs + (parent != "FINISHED")
+    open_runs = sum(s == "RUNNING" for s in states.get("trial", []))
+    short = max(0, trials - sum(s == "FINISHED" for s in states.get("trial", [])))
+    lost = (code != 0) + len(rerun) + open_runs + short + (parent != "FINISHED")
     lost += not (status and "finished" in status[0])
     trial_states = ", ".join(
         f"{n} {s}" for s, n in sorted(_count(states.get("trial", [])).items())
@@ -349,7 +353,7 @@ def kill_after_stop_cv(d: Drill) -> tuple[int, str]:
         r["params"]["optim.min_steps_per_epoch"] = 8
 
     return _kill_then_resume(
-        d, "cvstop", edit, _after(r"stopped early by the scheduler"), "after a scheduler stop"
+        d, "cvstop", edit, _after(r"stopped early by the scheduler"), "after a scheduler stop", 6
     )
 
 
@@ -366,6 +370,7 @@ def kill_closing(d: Drill) -> tuple[int, str]:
         edit,
         lambda lines, proc: _record_phase(d, "closing") == "closing",
         "after the last trial, before the closing steps",
+        3,
     )
 
 
@@ -382,6 +387,7 @@ def kill_in_confirm(d: Drill) -> tuple[int, str]:
         edit,
         _phase_then(d, "confirming", "confirm"),
         "during the confirmation",
+        4,  # 2 trials and 2 confirmation runs
     )
 
 
@@ -393,7 +399,7 @@ def kill_in_baseline(d: Drill) -> tuple[int, str]:
         r["baseline"] = "stl_baseline"
 
     return _kill_then_resume(
-        d, "based", edit, _phase_then(d, "based", "baseline"), "during the baseline"
+        d, "based", edit, _phase_then(d, "based", "baseline"), "during the baseline", 2
     )
 
 
@@ -405,7 +411,7 @@ def kill_repeats(d: Drill) -> tuple[int, str]:
         r["budget"].update(trials=3, concurrency=2, max_epochs=4, grace_epochs=4)
 
     return _kill_then_resume(
-        d, "repeated", edit, _after(r"trial \w+ finished", 4.0), "mid-search (repeats)"
+        d, "repeated", edit, _after(r"trial \w+ finished", 4.0), "mid-search (repeats)", 3
     )
 
 
@@ -420,7 +426,7 @@ def kill_pbt(d: Drill) -> tuple[int, str]:
         }
         r["budget"].update(trials=2, concurrency=2, max_epochs=6, grace_epochs=1)
 
-    return _kill_then_resume(d, "pbt", edit, _after(r"epoch 3/6", 1.0), "mid-search (PBT)")
+    return _kill_then_resume(d, "pbt", edit, _after(r"epoch 3/6", 1.0), "mid-search (PBT)", 2)
 
 
 def _phase_then(d: Drill, search: str, phase: str, delay_s: float = 3.0):

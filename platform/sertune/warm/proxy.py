@@ -113,38 +113,42 @@ SILENCE_FIRST_S = 1800.0
 
 
 class Silence:
-    """A bound on waiting for a trial's jobs: time counts only while one of them is on a slot
-    (a job queued behind other trials waits for a slot, which is not silence)."""
+    """A bound on waiting for a trial's jobs, per job and kept for the trial's life: a job on a
+    slot that has been silent for longer than :meth:`bound` ends the trial. Time a job spends
+    queued for a slot is not silence."""
 
     def __init__(self, board: Any, keys: list[str]):
         self.board, self.keys = board, keys
-        self.last = time.monotonic()
-        self.heard_once = False
-        self.longest = 0.0
-
-    def heard(self) -> None:
         now = time.monotonic()
-        if self.heard_once:
-            self.longest = max(self.longest, now - self.last)
-        self.heard_once, self.last = True, now
+        self.last = dict.fromkeys(keys, now)
+        self.longest = dict.fromkeys(keys, 0.0)  # the longest gap between a job's own reports
+        self.reports = dict.fromkeys(keys, 0)
 
-    def bound(self) -> float:
-        if not self.heard_once or self.longest == 0:
+    def heard(self, key: str) -> None:
+        now = time.monotonic()
+        if self.reports[key]:
+            self.longest[key] = max(self.longest[key], now - self.last[key])
+        self.reports[key] += 1
+        self.last[key] = now
+
+    def bound(self, key: str) -> float:
+        if self.reports[key] < 2:  # before its first epoch-to-epoch gap: corpus, model, setup
             return SILENCE_FIRST_S
-        return max(SILENCE_MIN_S, SILENCE_EPOCHS * self.longest)
+        return max(SILENCE_MIN_S, SILENCE_EPOCHS * self.longest[key])
 
     def check(self, what: str) -> None:
         states = ray.get(self.board.states.remote(self.keys))
-        if not any(s == JobState.RUNNING.value for s in states.values()):
-            self.last = time.monotonic()  # waiting for a slot
-            return
-        silent = time.monotonic() - self.last
-        if silent > self.bound():
-            raise TrialFailed(
-                f"no report from {what} for {silent:.0f} s while on a slot (the bound: "
-                f"{SILENCE_EPOCHS}x its longest epoch, at least {SILENCE_MIN_S:.0f} s; "
-                f"{SILENCE_FIRST_S:.0f} s before the first): the trial ends"
-            )
+        now = time.monotonic()
+        for key, state in states.items():
+            if state != JobState.RUNNING.value:
+                self.last[key] = now  # queued for a slot, or ended: not silence
+            elif now - self.last[key] > self.bound(key):
+                raise TrialFailed(
+                    f"no report from {what} ({key}) for {now - self.last[key]:.0f} s while on "
+                    f"a slot (the bound: {SILENCE_EPOCHS}x its longest epoch, at least "
+                    f"{SILENCE_MIN_S:.0f} s; {SILENCE_FIRST_S:.0f} s before its second report): "
+                    "the trial ends"
+                )
 
 
 class WarmTrial(tune.Trainable):
@@ -185,6 +189,7 @@ class WarmTrial(tune.Trainable):
         ray.get(self.board.settled.remote(key, 120.0))  # a cancelled run of this trial is gone
         ray.get(self.board.submit.remote(job))
         self._active = key
+        self._silence = Silence(self.board, [key])
 
     def _submit_folds(self) -> None:
         """One job per replica (fold and/or repeat), each with its own checkpoints; they run in
@@ -192,6 +197,8 @@ class WarmTrial(tune.Trainable):
         replicas = self.plan.replicas
         self._folds = [f"{self.trial_id}.{r.label}" for r in replicas]
         self._fold_reports = [{} for _ in self._folds]
+        self._ended: set[int] = set()  # jobs that reported their last epoch
+        self._silence = Silence(self.board, self._folds)
         for r, key in zip(replicas, self._folds, strict=True):
             job = Job(
                 key=key,
@@ -203,21 +210,26 @@ class WarmTrial(tune.Trainable):
             ray.get(self.board.submit.remote(job))
         self._active = self.trial_id
 
-    def _next_fold_epoch(self, ended: set[int]) -> int:
-        """The next epoch to relay: the one after the last, unless a job has ended - it reports
-        nothing more, so the next is the first epoch every ended job has (a job that trained on
-        past a stop, then a killed driver's resume restarted it on its last checkpoint)."""
+    def _next_fold_epoch(self) -> int:
+        """The next epoch to relay: the one after the last, unless the jobs start later - a
+        resumed trial's jobs restart on their own checkpoints and report consecutive epochs from
+        there, and a job may have ended (it trained on past a stop before a killed driver came
+        back). Once every job has reported an epoch at or after the wanted one, the next is the
+        latest of their first such epochs: every job reports it. A job that ended before the
+        wanted epoch ends the trial, saying so."""
         want = self._last_epoch + 1
-        if not ended:
-            return want
-        later = [{e for e in self._fold_reports[k] if e >= want} for k in sorted(ended)]
-        have = set.intersection(*later)
-        if not have:
-            k = sorted(ended)[later.index(min(later, key=len))]
-            raise TrialFailed(
-                f"{self.plan.replicas[k].words} ended without reporting epoch {want} or later"
-            )
-        return min(have)
+        firsts = []
+        for k, reports in enumerate(self._fold_reports):
+            later = [e for e in reports if e >= want]
+            if later:
+                firsts.append(min(later))
+            elif k in self._ended:
+                raise TrialFailed(
+                    f"{self.plan.replicas[k].words} ended without reporting epoch {want} or later"
+                )
+            else:
+                return want  # this job has not reported that far yet
+        return max(firsts)
 
     def _step_folds(self) -> dict[str, Any]:
         """The next epoch once every job has reported it: their mean (:func:`fold_mean`). A job
@@ -225,10 +237,8 @@ class WarmTrial(tune.Trainable):
         on their slots past :class:`Silence`'s bound end the trial."""
         select = self.plan.run["select"]["metric"]
         labels = [r.label for r in self.plan.replicas]
-        ended: set[int] = set()
-        silence = Silence(self.board, self._folds)
         while True:
-            epoch = self._next_fold_epoch(ended)
+            epoch = self._next_fold_epoch()
             if all(epoch in r for r in self._fold_reports):
                 reports = [r.pop(epoch) for r in self._fold_reports]
                 for r in self._fold_reports:  # epochs a job skipped: never relayed
@@ -237,10 +247,10 @@ class WarmTrial(tune.Trainable):
                 return self._relay(epoch, fold_mean(reports, select, labels))
             got = ray.get(self.board.next_of.remote(self._folds, 10.0))
             if got is None:
-                silence.check(f"the {len(self._folds)} jobs of trial {self.trial_id}")
+                self._silence.check(f"the {len(self._folds)} jobs of trial {self.trial_id}")
                 continue
-            silence.heard()
             key, report = got
+            self._silence.heard(key)
             k = self._folds.index(key)
             which = self.plan.replicas[k].words
             match report:
@@ -255,7 +265,7 @@ class WarmTrial(tune.Trainable):
                 case JobFailed(reason=reason):
                     raise TrialFailed(f"{which}: {reason}")
                 case JobEnded(outcome=JobState.DONE):
-                    ended.add(k)  # it reported its last epoch; the others may still train
+                    self._ended.add(k)  # it reported its last epoch; the others may still train
                 case JobEnded(outcome=outcome):
                     raise TrialFailed(f"the slot ended {which} of this trial ({outcome})")
 
@@ -273,13 +283,12 @@ class WarmTrial(tune.Trainable):
             self._submit()
         if self._folds:
             return self._step_folds()
-        silence = Silence(self.board, [self._active])
         while True:
             got = ray.get(self.board.next_report.remote(self._active, 10.0))
             if got is None:
-                silence.check(f"trial {self.trial_id}'s job")
+                self._silence.check(f"trial {self.trial_id}'s job")
                 continue
-            silence.heard()
+            self._silence.heard(self._active)
             match got:
                 case EpochReport(metrics=reported):
                     epoch = int(reported.get(EPOCHS_DONE, 0))
