@@ -228,9 +228,11 @@ class Search:
             if self.phase == Phase.BASELINE and only is None:
                 self.baseline(execution, stop)
                 self.advance()
+            result.reference = self.record.reference
             status = "finished" if result.completed else "failed"
             self.finish(result, status)  # waits for stopped trials' evaluations
         except _FailedFast as e:
+            e.result.reference = self.record.reference
             self.finish(e.result, "failed", cause=e.cause)
             self.save(status="failed", ended=now(), phase=Phase.DONE, failure=e.cause)
             raise

@@ -105,6 +105,7 @@ class SearchResult:
     confirm: list[dict[str, Any]] = field(default_factory=list)  # per configuration, mean ± sd
     stats: dict[str, float] = field(default_factory=dict)  # what the driver spent (bench scale)
     stopped_by: str | None = None  # the stop rule that ended the search early (search.stop)
+    reference: dict[str, Any] | None = None  # the reference baseline on the same split
 
     @property
     def metrics(self) -> list[MetricSpec]:
@@ -295,6 +296,15 @@ def format_table(result: SearchResult, top: int = 10) -> str:
                 else "fails " + ", ".join(columns.failing(row))
             )
         lines.append([str(i), row["trial"], status, str(row["epochs"]), *vals, cfg])
+    ref = result.reference
+    if ref and isinstance(ref.get("metrics"), dict):
+        vals = [_figure(ref["metrics"], c) for c in cols]
+        C = ref.get("C")
+        what = ref.get("name") or "reference"
+        cfg = f"{what}" + (f", C={_short(float(C))}" if isinstance(C, (int, float)) else "")
+        lines.append(
+            ["-", "reference", "eGeMAPS + linear", "-", *vals, *(["-"] if checks else []), cfg]
+        )
     widths = [
         max(len(h), *(len(line[j]) for line in lines)) if lines else len(h)
         for j, h in enumerate(header)

@@ -73,6 +73,7 @@ class SearchRecord(BaseModel):
     warm_start: dict[str, Any] | None = None  # the earlier trials that seeded the sampler
     confirm: list[dict[str, Any]] | None = None  # the confirmed configurations, mean and spread
     baseline_of: str | None = None  # a baseline's search
+    reference: dict[str, Any] | None = None  # the reference baseline on this split (figures)
     submission_id: str | None = None  # a search submitted as a Ray Job
     address: str | None = None  # the cluster it was submitted to
 

@@ -123,6 +123,7 @@ def _new_record(
         raise SpecError(spec.source or spec.name, "objective.cv.folds", str(e)) from None
     for line in split:
         log(f"[sertune] data: {line}")
+    reference = _reference(plugin, spec, data, log)
     record = SearchRecord(
         name=name,
         spec=spec,
@@ -133,9 +134,31 @@ def _new_record(
         tracking_uri=uri,
         driver=driver_stamp(),
         warm_start=warm_start or None,
+        reference=reference,
     )
     records.save_record(name, record)
     return record
+
+
+def _reference(plugin: Any, spec: SearchSpec, data: dict[str, Any], log: Log) -> dict | None:
+    """The reference baseline on this search's split (``reference:``; null: none), computed once
+    before the trials: seconds on a CPU, its features cached beside the decoded corpus. One that
+    cannot be computed is said in one line; the search goes on without its row."""
+    from . import settings
+
+    if spec.reference is None:
+        return None
+    try:
+        return plugin.reference(
+            {**data, "corpus": spec.data.corpus},
+            spec.robustness_options(),
+            spec.seed,
+            settings.cache_root(),
+            log,
+        )
+    except Exception as e:  # noqa: BLE001 - the search does not depend on it
+        log(f"[sertune] reference baseline not computed: {type(e).__name__}: {e}")
+        return None
 
 
 def resume_search(

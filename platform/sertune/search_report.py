@@ -78,6 +78,17 @@ class SearchReport:
                 and (k in keep or k.startswith(("val_", "test_", "robust/")))
             ]
             runs.append(Op(Kind.METRICS, key=PARENT, step=0, metrics=rows, dedupe=False))
+        ref = result.reference
+        if ref and isinstance(ref.get("metrics"), dict):
+            # the reference baseline on the same split: is the search worth it?
+            tags["sertune.reference"] = str(ref.get("description") or ref.get("name"))[:5000]
+            ts = int(time.time() * 1000)
+            rows = [
+                [f"reference/{k}", tracking.clean_value(v), ts]
+                for k, v in ref["metrics"].items()
+                if tracking.clean_value(v) is not None
+            ]
+            runs.append(Op(Kind.METRICS, key=PARENT, step=0, metrics=rows, dedupe=False))
         runs.append(Op(Kind.TAGS, key=PARENT, tags=tags))
         ended = "FINISHED" if status == "finished" else "FAILED"
         runs.append(Op(Kind.END, key=PARENT, status=ended))
@@ -124,6 +135,15 @@ class SearchReport:
             format_table(result),
             "```",
             "",
+            *(
+                [
+                    f"The `reference` row: {result.reference.get('description')}, on the same "
+                    "split (no adversarial figures: it has no waveform gradient).",
+                    "",
+                ]
+                if result.reference
+                else []
+            ),
             image("summary/optimisation_history.png", "optimisation history"),
             image("summary/slices.png", "objective against each searched parameter"),
             image("summary/param_importances.png", "parameter importances"),

@@ -430,6 +430,15 @@ class RobustnessSpec(_Strict):
     max_utterances: int | None = _robustness_default("max_utterances")
 
 
+class ReferenceSpec(_Strict):
+    """The field's reference baseline, computed on the search's own split before its trials (the
+    trainable's ``reference`` hook; ``reference: null`` turns it off): ``egemaps_lr`` is eGeMAPS
+    functionals (opensmile) + a standardised, class-balanced logistic regression, fitted on the
+    training speakers, C chosen on the validation speakers, reported on the test speakers."""
+
+    model: Literal["egemaps_lr"] = "egemaps_lr"
+
+
 class ConfirmSpec(_Strict):
     top_k: int = Field(3, ge=1)  # configurations re-trained after the search
     seeds: int = Field(3, ge=0)  # fresh seeds each; promotion ranks them by the mean (0: none)
@@ -479,6 +488,7 @@ class SearchSpec(_Strict):
     space: dict[str, ParamSpec] = {}  # searched parameters (dotted names)
     define_by_run: str | None = None  # "file.py:function" beside the spec: conditional params
     robustness: RobustnessSpec | None = RobustnessSpec()  # null turns it off
+    reference: ReferenceSpec | None = ReferenceSpec()  # the eGeMAPS + linear row; null: off
     confirm: ConfirmSpec | None = None  # re-train the top configurations with fresh seeds
     baseline: str | None = None  # e.g. stl_baseline: the same search with the aux tasks off
     execution: Literal["warm", "per_trial"] = (

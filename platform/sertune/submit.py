@@ -239,3 +239,80 @@ def job_stop(name: str) -> str:
     record = _submitted(name)
     ok = _call(record.address, _client(record.address).stop_job, record.submission_id)
     return f"stop requested for job {record.submission_id}" if ok else "the job had already ended"
+
+
+def submit_study(
+    spec: Any,
+    vs: str,
+    outer: str,
+    name: str | None,
+    sets: list[str],
+    address: str,
+    tracking_uri: str | None = None,
+    log: Callable[[str], None] = print,
+) -> str:
+    """Submit a study as a Ray Job (its driver runs ``sertune study run`` on the cluster, the
+    same code path as a local study); record it locally; return the submission id."""
+    import shlex
+
+    from .records import check_name
+    from .study import StudyRecord, arms_of, save_study
+
+    name = check_name(name or f"{spec.name}-study")
+    vspec, vlabel = arms_of(spec, vs, sets)
+    client = _client(address)
+    stage = Path(tempfile.mkdtemp(prefix="sertune-job-"))
+    files = [(Path(spec.source), spec)]
+    if Path(vs).suffix in (".yaml", ".yml") and Path(vs).is_file():
+        files.append((Path(vs), vspec))
+    for src, s in files:
+        shutil.copy(src, stage / src.name)
+        if s.define_by_run:
+            file = s.define_by_run.partition(":")[0]
+            shutil.copy(src.parent / file, stage / Path(file).name)
+    env = {k: os.environ[k] for k in FORWARDED if os.environ.get(k)}
+    if tracking_uri:
+        env["MLFLOW_TRACKING_URI"] = tracking_uri
+    if "MLFLOW_TRACKING_URI" in env:
+        env["MLFLOW_TRACKING_URI"] = without_userinfo(env["MLFLOW_TRACKING_URI"])
+    env.update(FAST_ENV)
+    env["PYTHONUNBUFFERED"] = "1"
+    env["SERTUNE_SUBMITTED"] = name
+    vs_arg = Path(vs).name if len(files) > 1 else vs
+    args = ["study", "run", Path(spec.source).name, "--vs", vs_arg, "--outer", str(outer)]
+    args += ["--name", name] + [x for s in sets for x in ("--set", s)]
+    entrypoint = "python -m sertune.cli " + " ".join(shlex.quote(x) for x in args)
+    try:
+        sid = _call(
+            address,
+            client.submit_job,
+            entrypoint=entrypoint,
+            submission_id=f"sertune-{name}-{int(time.time())}",
+            runtime_env={
+                "working_dir": str(stage),
+                "py_modules": _package_dirs(),
+                "env_vars": env,
+            },
+            metadata={"sertune.study": name, "sertune.spec": Path(spec.source).name},
+        )
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+    save_study(
+        StudyRecord(
+            name=name,
+            spec=spec,
+            vs=vs,
+            vs_spec=vspec,
+            arms=[spec.name, vlabel],
+            n_outer=0,
+            outer=[],
+            created=now(),
+            status="submitted",
+            tracking_uri=env.get("MLFLOW_TRACKING_URI", "(the cluster's default)"),
+            submission_id=sid,
+            address=address,
+        )
+    )
+    log(f"submitted study {name!r} to {address} as job {sid} ({entrypoint})")
+    log(f"its outer folds and table are on the cluster's MLflow: the {name!r} study run")
+    return sid

@@ -354,6 +354,26 @@ class Trainable(ABC):
         a search's start and by ``sertune data split``; a trainable without corpora: none."""
         return []
 
+    def speaker_groups(self, data: dict[str, Any]) -> list[str]:
+        """The labelled speaker groups (speakers, or sessions) of ``data``'s corpus: what a
+        study's outer folds are dealt from. A corpus whose manifest fixes its own split has
+        none to deal (:class:`UsageError`)."""
+        raise UsageError(f"trainable {self.name!r} has no speaker groups to deal into folds")
+
+    def reference(
+        self,
+        data: dict[str, Any],
+        robustness: dict[str, Any] | None,
+        seed: int,
+        cache_root: str,
+        log: Callable[[str], None] = print,
+    ) -> dict[str, Any] | None:
+        """The field's reference baseline on ``data``'s split (a ``prepare_data`` result): fitted
+        on the training speakers, C chosen on the validation speakers, figures on the test
+        speakers under the same names and conditions as a trial's (``test_*``, ``robust/*``);
+        None when this trainable has none."""
+        return None
+
     @abstractmethod
     def cache_corpus(self, corpus: str, root: str, cache_root: str) -> CorpusCache:
         """Decode one corpus into the cache (``sertune data cache``)."""

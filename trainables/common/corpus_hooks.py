@@ -79,6 +79,36 @@ class CorpusHooks:
                 raise TooFewSpeakerGroups(name, cv_folds, groups)
         return split_lines(corpus, fold, n_folds, dealing, cv_folds)
 
+    def speaker_groups(self, data: dict[str, Any]) -> list[str]:
+        """The labelled speaker groups (a study's outer folds are dealt from them)."""
+        import numpy as np
+
+        from sertune.errors import UsageError
+        from trainables.data.cache import load_cache
+
+        corpus = load_cache(data["cache"])
+        if any(s is not None for s in corpus.splits):
+            raise UsageError(
+                f"{data.get('corpus') or corpus.path.name}: its manifest fixes the split (a "
+                "'split' column): there are no speaker groups to deal into outer folds"
+            )
+        return sorted({corpus.groups[i] for i in np.nonzero(corpus.labels >= 0)[0]})
+
+    def reference(
+        self,
+        data: dict[str, Any],
+        robustness: dict[str, Any] | None,
+        seed: int,
+        cache_root: str,
+        log: Callable[[str], None] = print,
+    ) -> dict[str, Any] | None:
+        """eGeMAPSv02 functionals + a standardised, class-balanced logistic regression on
+        ``data``'s split (``trainables.common.reference``): ``test_*``, ``val_uar`` and the
+        ``robust/*`` figures a trial reports, on the same clips and noisy copies."""
+        from trainables.common.reference import reference_report
+
+        return reference_report(data, robustness, seed, cache_root, log)
+
     def cache_corpus(self, corpus: str, root: str, cache_root: str) -> CorpusCache:
         from trainables.data.cache import build_cache, load_cache
 

@@ -27,6 +27,7 @@ Every drill runs real processes - ``sertune`` searches as subprocesses, a real `
 | kill_in_baseline | SIGKILL during the single-task baseline search, resume | the same                       |
 | kill_repeats     | ``objective.repeats: 2``: SIGKILL mid-search, resume   | the same                       |
 | kill_pbt         | population-based training: SIGKILL mid-search, resume  | the same                       |
+| kill_study       | a 3-outer-fold study: SIGKILL once fold 0 finished, ``study resume`` | fold 0 re-run, resume failed, table or study run missing |
 """
 
 from __future__ import annotations
@@ -175,6 +176,14 @@ class Drill:
             if exp
             else []
         )
+
+    def runs_by_kind(self, kind: str, uri: str | None = None) -> list[Any]:
+        """Every run of ``kind`` (search, trial, study) in the drill's MLflow store."""
+        from mlflow import MlflowClient
+
+        c = MlflowClient(uri or f"sqlite:///{self.home / 'mlflow.db'}")
+        exp = c.get_experiment_by_name("sertune")
+        return c.search_runs([exp.experiment_id], f"tags.`sertune.kind` = '{kind}'") if exp else []
 
     def epoch_gaps(self, search: str, epochs: int, uri: str | None = None) -> int:
         """Metric points missing or doubled across a search's finished trial runs."""
@@ -777,6 +786,77 @@ def bad_checkpoint(d: Drill) -> tuple[int, str]:
     )
 
 
+STUDY_ROBUSTNESS = {
+    "snrs_db": [10],
+    "noises": ["white"],
+    "fgsm_eps": [0.005],
+    "pgd_eps": [],
+    "max_utterances": 24,
+}
+
+
+def study_sized(r: dict) -> None:
+    """A drill spec back to the smoke preset's corpus and epochs (a study drill strikes between
+    fold searches, not mid-trial): 2 trials of 1 epoch, one at a time."""
+    r["data"]["synthetic"]["per_class"] = 6
+    r["params"].pop("optim.min_steps_per_epoch", None)
+    r["budget"].pop("max_steps_per_epoch", None)
+    r["budget"].update(trials=2, concurrency=1, max_epochs=1, grace_epochs=1)
+
+
+def kill_study(d: Drill) -> tuple[int, str]:
+    """A study (3 outer folds x 2 arms x 2 trials): SIGKILL its driver as soon as outer fold 1
+    starts, ``sertune study resume``. Lost: a fold-0 search run again (its trials started a
+    second time), a resume that failed, a fold search or the study not finished, the Markdown
+    or HTML report missing, the study run not FINISHED with every fold search as its child."""
+
+    def edit(r: dict) -> None:
+        study_sized(r)
+        r["robustness"] = dict(STUDY_ROBUSTNESS)
+
+    spec = d.spec("st", edit)
+    study = "drill-study"
+    args = ("study", "run", str(spec), "--vs", "stl_baseline", "--outer", "3", "--name", study)
+    args += ("--parallel", "1")  # one after the other: fold 0 ends before fold 1 starts
+    proc, lines = d.start(*args)
+    try:
+        d.wait_for(lines, r"outer fold 1, \S+: search", proc, timeout=600)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        d.clean(proc)
+    first = "".join(lines)
+    fold0 = set(re.findall(r"trial (\w+) started", first.split("outer fold 1,")[0]))
+    resumed = d.cli("study", "resume", study, timeout=600)
+    d.clean()
+    out = resumed.stdout + resumed.stderr
+    rerun = fold0 & set(re.findall(r"trial (\w+) started", out))
+    kept = len(re.findall(r"outer fold 0, \S+: done before", out))
+    status = d.cli("study", "status", study).stdout
+    report = d.home / "state" / "studies" / study
+    runs = d.runs(study)
+    parent = next((r for r in runs if r.data.tags.get("sertune.kind") == "study"), None)
+    children = []
+    if parent is not None:
+        from mlflow import MlflowClient
+
+        c = MlflowClient(f"sqlite:///{d.home / 'mlflow.db'}")
+        exp = c.get_experiment_by_name("sertune").experiment_id
+        children = c.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    lost = (resumed.returncode != 0) + len(rerun) + (kept != 2)
+    lost += "finished" not in status.splitlines()[0] if status else 1
+    lost += sum(not (report / f).exists() for f in ("report.md", "report.html"))
+    lost += parent is None or parent.info.status != "FINISHED"
+    lost += len([c for c in children if c.info.status == "FINISHED"]) != 6
+    return lost, (
+        f"killed as outer fold 1 started ({len(fold0)} fold-0 trials had run); resume exit "
+        f"{resumed.returncode}; fold-0 searches kept {kept}/2, their trials re-run {len(rerun)}; "
+        f"status {status.splitlines()[0] if status else '?'!r}; study run "
+        f"{parent.info.status if parent else 'missing'} with {len(children)} fold searches; "
+        f"last lines: {' | '.join(out.strip().splitlines()[-3:])}"
+    )
+
+
 DRILLS: dict[str, Callable[[Drill], tuple[int, str]]] = {
     "driver_kill": driver_kill,
     "worker_kill": worker_kill,
@@ -798,6 +878,7 @@ DRILLS: dict[str, Callable[[Drill], tuple[int, str]]] = {
     "kill_in_baseline": kill_in_baseline,
     "kill_repeats": kill_repeats,
     "kill_pbt": kill_pbt,
+    "kill_study": kill_study,
 }
 
 

@@ -23,6 +23,8 @@ quick start (embedded default: local Ray, MLflow on SQLite under ~/.sertune, syn
   sertune search presets                the packaged search specs
   sertune search run smoke              run a search from a preset (or a path to a spec)
   sertune ui                            browse every search and trial in the MLflow UI
+  sertune study run demo --vs stl_baseline --outer 4
+                                        the paper's table: nested speaker CV, MTL-AUG vs single-task vs eGeMAPS
   sertune promote NAME --gate 'val_robust/uar_snr10_white>=0.5'
   sertune predict models:/ser-mtl-aug@champion some.wav
 
@@ -32,7 +34,7 @@ AWS_ENDPOINT_URL (S3-compatible stores), RAY_ADDRESS (join a cluster).
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import data, models, search, tools
+    from . import data, models, search, study, tools
 
     p = argparse.ArgumentParser(
         prog="sertune",
@@ -46,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     tools.add_demo(sub)
     tools.add_doctor(sub)
     search.add(sub)
+    study.add(sub)
     models.add(sub)
     data.add(sub)
     tools.add(sub)

@@ -17,7 +17,15 @@ def add(sub) -> None:
         "sertune promote mtl-aug --confirm-top 3 --seeds 3   # re-train the top 3 first, rank by mean",
         parents=[tracking_option()],
     )
-    pr.add_argument("search", help="search name")
+    pr.add_argument("search", nargs="?", help="search name (or --study NAME)")
+    pr.add_argument(
+        "--study",
+        metavar="NAME",
+        help="register the configuration a finished study supports: of the spec arm's fold "
+        "champions, the one with the best inner (validation) objective - each outer fold "
+        "searched its own, so none repeats - with the study's table as the version's "
+        "description",
+    )
     pr.add_argument(
         "--objective",
         help="metric to pick the best by, a selection figure: val_* or val_robust/* (default: the "
@@ -100,7 +108,27 @@ def add(sub) -> None:
 
 
 def promote(a: argparse.Namespace) -> int:
+    from ..errors import UsageError
     from ..registry import promote as do_promote
+
+    study = None
+    if a.study:
+        from ..study import load_study, output_dir, supported_fold
+
+        if a.search:
+            raise UsageError("give a search name or --study NAME, not both")
+        study = load_study(a.study)
+        if study.status != "finished":
+            raise UsageError(f"study {a.study!r} has not finished ({study.status})")
+        fold, entry = supported_fold(study)
+        a.search = entry["search"]
+        print(
+            f"study {study.name}: outer fold {fold}'s champion of {study.arms[0]!r} "
+            f"({entry['objective']['metric']}={entry['objective']['value']:.4f} on its "
+            f"validation speakers, the best of {len(study.outer)} folds): search {a.search}"
+        )
+    elif not a.search:
+        raise UsageError("promote: give a search name, or --study NAME")
 
     if a.confirm_top:
         from ..search import confirm_search
@@ -118,6 +146,17 @@ def promote(a: argparse.Namespace) -> int:
         gate_on=a.gate_on,
         tracking_uri=a.tracking_uri,
     )
+    if study is not None:
+        from .. import tracking
+
+        table = (output_dir(study.name) / "report.md").read_text()
+        head = (
+            f"**Promoted from study {study.name}** (outer fold {fold}'s champion of the spec arm, "
+            f"search `{a.search}`; trained without that fold's speakers). The study's table:\n\n"
+        )
+        store = tracking.Store(a.tracking_uri or study.tracking_uri)
+        store.describe_version(v["name"], v["version"], (head + table)[:60000])
+        print(f"version {v['version']}'s description: the study's table ({study.name})")
     for skipped in v["passed_over"]:
         print(
             f"passed over the {skipped['label']} ({v['objective']}={skipped['value']:.4f}): "

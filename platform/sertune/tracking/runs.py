@@ -157,6 +157,48 @@ class Store:
         c.set_terminated(rid, "FINISHED")
         return rid
 
+    # -- a study's run: written by its driver directly (a handful of calls, not a journal) ----
+
+    def open_run(self, run_id: str | None, name: str, kind: str, tags: Mapping[str, str]) -> str:
+        """The run ``run_id`` when it is still there, else the one of ``kind`` named ``name``
+        (a resumed study finds its run again), else a new one; returns its id."""
+        c = self._client
+        if run_id:
+            try:
+                c.get_run(run_id)
+                return run_id
+            except Exception as e:
+                if not is_missing(e):
+                    raise
+        flt = f"tags.`{TAG_SEARCH}` = '{name}' and tags.`{TAG_KIND}` = '{kind}'"
+        found = self._all_runs([self.experiment_id()], flt)
+        if found:
+            return found[0].run_id
+        return c.create_run(self.experiment_id(), run_name=name, tags=dict(tags)).info.run_id
+
+    def set_run_tags(self, run_id: str, tags: Mapping[str, str]) -> None:
+        for k, v in tags.items():
+            self._client.set_tag(run_id, k, v)
+
+    def log_run_metrics(self, run_id: str, metrics: Mapping[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        rows = [
+            Metric(k, clean_value(v), ts, 0)
+            for k, v in metrics.items()
+            if clean_value(v) is not None
+        ]
+        for i in range(0, len(rows), 500):
+            self._client.log_batch(run_id, metrics=rows[i : i + 500])
+
+    def log_run_artifacts(self, run_id: str, files: list[Path], path: str | None = None) -> None:
+        for f in files:
+            self._client.log_artifact(run_id, str(f), path)
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        self._client.set_terminated(run_id, status)
+
     def _all_runs(self, experiment_ids: list[str], filter_string: str) -> list[Run]:
         out, token = [], None
         while True:
