@@ -78,6 +78,28 @@ def test_smoke_single_objective(home, tmp_path):
             "robustness/uar_vs_snr.png",
             "robustness/uar_vs_eps.png",
         } <= robust
+    # the reference baseline on the same split: a row under the leaderboard, figures on the
+    # parent run, the same metric names as a trial's (no adversarial figure: n/a)
+    ref = load_record("smoke").reference
+    assert ref and ref["metrics"]["test_uar"] > 0.25 and "robust/uar_snr10_white" in ref["metrics"]
+    assert not any("fgsm" in k or "pgd" in k for k in ref["metrics"])
+    assert p.data.metrics["reference/test_uar"] == pytest.approx(ref["metrics"]["test_uar"])
+    assert p.data.tags["sertune.reference"].startswith("eGeMAPSv02 functionals (opensmile")
+    from sertune.leaderboard import format_table
+
+    row = next(ln for ln in format_table(result).splitlines() if " reference " in ln)
+    assert "eGeMAPS + linear" in row and f"{ref['metrics']['val_uar']:.3f}" in row
+
+
+def test_reference_null_turns_the_reference_row_off(home, tmp_path):
+    from sertune.leaderboard import format_table
+
+    spec = load_spec(spec_file(tmp_path), sets=["reference=null", "budget.trials=1"])
+    result = run_search(spec, log=lambda *a: None)
+    assert load_record("smoke").reference is None and result.reference is None
+    assert " reference " not in format_table(result)
+    _, parent, _ = mlflow_runs("smoke")
+    assert not any(k.startswith("reference/") for k in parent[0].data.metrics)
 
 
 def test_a_search_streams_a_corpus_larger_than_its_slots_budget(home, tmp_path):
