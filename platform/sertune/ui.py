@@ -166,12 +166,26 @@ def _robust_columns(spec: SearchSpec, plugin: Trainable | None) -> list[str]:
     return [m for m in plugin.display_robust if m in have] or sorted(have)
 
 
-def serve_ui(host: str, port: int, tracking_uri: str | None = None, workers: int = 1) -> int:
-    """Run the MLflow UI until Ctrl-C/SIGTERM; its server processes stop with it."""
+def run_url(base: str, experiment_id: str, run_id: str) -> str:
+    """A run's own page (a study's: its table as the description, the fold searches below)."""
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def serve_ui(
+    host: str,
+    port: int,
+    tracking_uri: str | None = None,
+    workers: int = 1,
+    run_id: str | None = None,
+) -> int:
+    """Run the MLflow UI until Ctrl-C/SIGTERM; its server processes stop with it. ``run_id``:
+    also print that run's page (``sertune ui --study NAME``)."""
     uri = tracking.ensure_store(tracking_uri)
     exp = prepare_experiment(uri)
     if tracking.is_server(uri):
         print(f"the tracking server serves its own UI: {runs_url(uri, exp)}")
+        if run_id:
+            print(f"the study: {run_url(uri, exp, run_id)}")
         return 0
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
            "--default-artifact-root", settings.artifact_root(), "--host", host,
@@ -206,6 +220,8 @@ def serve_ui(host: str, port: int, tracking_uri: str | None = None, workers: int
         print(
             f"MLflow UI ready in {time.monotonic() - t0:.1f}s: {runs_url(base, exp)}", flush=True
         )
+        if run_id:
+            print(f"the study: {run_url(base, exp, run_id)}", flush=True)
         print("(the trials table; Ctrl-C stops the UI)", flush=True)
         return proc.wait()
     finally:

@@ -7,11 +7,19 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+import torch.nn.functional as F
 
 from sertune.sessions import LocalSession
+from trainables.common import robustness
+from trainables.common.metrics import confusion, scores
 from trainables.common.noise import add_noise_flat
 from trainables.common.robustness import evaluate_robustness, make_noise, write_report
-from trainables.common.utterances import Utterances, Windowing, stratified_subset
+from trainables.common.utterances import (
+    Utterances,
+    Windowing,
+    stratified_subset,
+    utterance_logits,
+)
 from trainables.data.cache import build_cache, load_cache, speaker_independent_split
 from trainables.mtl_aug.export import load_model
 from trainables.mtl_aug.train import train
@@ -183,3 +191,150 @@ def test_predict_and_the_report_agree_on_short_and_long_clips(trained, tmp_path)
     )
     assert report["data"]["utterances"] == 24
     assert report["clean"]["uar"] == pytest.approx(served_uar, abs=1e-9)
+
+
+# -- the batched report against a condition-by-condition one ----------------------------------------
+
+
+def _reference_attack(forward, utts, windowing, eps, steps, batch_utts=32):
+    """FGSM (steps=1) or PGD, one ε, 32 clips at a time through :func:`utterance_logits`: the
+    report's attacks as they ran before they were batched."""
+    out = utts.audio.detach().clone()
+    alpha = eps if steps == 1 else 2.5 * eps / steps
+    for i in range(0, len(utts), batch_utts):
+        sub = utts.select(torch.arange(i, min(i + batch_utts, len(utts))))
+        x0 = sub.audio.detach()
+        x = x0.clone()
+        for _ in range(steps):
+            x.requires_grad_(True)
+            logits = utterance_logits(forward, sub.with_audio(x), windowing)
+            (grad,) = torch.autograd.grad(F.cross_entropy(logits, sub.labels), x)
+            x = x.detach() + alpha * grad.sign()
+            x = (x0 + (x - x0).clamp(-eps, eps)).clamp(-1.0, 1.0)
+        out[int(utts.offsets[i]) : int(utts.offsets[i]) + x.numel()] = x.detach()
+    return utts.with_audio(out)
+
+
+def _reference_report(forward, utts, windowing, options, seed):
+    """Every condition on its own: one noisy or attacked copy, one pass, one figure."""
+    base = utts.select(torch.arange(len(utts)))
+
+    def score(u):
+        with torch.no_grad():
+            logits = utterance_logits(forward, u, windowing)
+        return scores(confusion(logits.argmax(1), u.labels, 4))
+
+    g = torch.Generator().manual_seed(seed)
+    noise = []
+    for kind in options["noises"]:
+        n = make_noise(kind, base, g, None)
+        for snr in options["snrs_db"]:
+            noisy = add_noise_flat(base.audio, n, base.owner(), len(base), snr)
+            noise.append({"type": kind, "snr_db": float(snr), **score(base.with_audio(noisy))})
+    adversarial = [
+        {
+            "attack": a,
+            "eps": float(e),
+            "steps": s,
+            **score(_reference_attack(forward, base, windowing, e, s)),
+        }
+        for a, eps_list, s in (
+            ("fgsm", options["fgsm_eps"], 1),
+            ("pgd", options["pgd_eps"], options["pgd_steps"]),
+        )
+        for e in eps_list
+    ]
+    return {"clean": score(base), "noise": noise, "adversarial": adversarial}
+
+
+def test_the_batched_report_equals_one_pass_per_condition(trained):
+    """Conditions batched through the model, one gradient for every FGSM ε, PGD's ε batched: the
+    figures are those of one noisy or attacked copy per condition, each through the model alone."""
+    predictor, _, corpus = trained
+    test = speaker_independent_split(corpus, 0)["test"]
+    utts = Utterances.from_corpus(corpus, torch.device("cpu")).select(test)
+    options = {
+        "snrs_db": [20, 5, 0],
+        "noises": ["white", "babble"],
+        "fgsm_eps": [0.001, 0.005, 0.02],
+        "pgd_eps": [0.002, 0.005],
+        "pgd_steps": 3,
+    }
+    report = evaluate_robustness(predictor.forward, utts, predictor.windowing, 4, options, seed=7)
+    want = _reference_report(predictor.forward, utts, predictor.windowing, options, seed=7)
+    assert report["clean"] == pytest.approx(want["clean"], abs=1e-6)
+    assert len(report["noise"]) == 6 and len(report["adversarial"]) == 5
+    for got, ref in zip(
+        report["noise"] + report["adversarial"], want["noise"] + want["adversarial"], strict=True
+    ):
+        assert got == pytest.approx(ref, abs=1e-6), (got, ref)
+    # the caller's clean logits are the clean figure, with no pass of its own
+    logits = robustness.clip_logits(predictor.forward, utts, predictor.windowing)
+    again = evaluate_robustness(
+        predictor.forward, utts, predictor.windowing, 4, options, seed=7, clean_logits=logits
+    )
+    assert again["metrics"] == pytest.approx(report["metrics"], abs=1e-6)
+
+
+def test_fgsm_at_several_eps_from_one_gradient_equals_separate_runs(trained):
+    """One gradient at the clean input serves every FGSM ε and every PGD first step, PGD's ε run
+    together: the attacked clips are those of one attack at a time, and the gradient pass's
+    forward is the clean logits."""
+    predictor, _, corpus = trained
+    test = speaker_independent_split(corpus, 0)["test"][:40]
+    base = Utterances.from_corpus(corpus, torch.device("cpu")).select(test)
+    attacks = [("fgsm", 0.001, 1), ("pgd", 0.004, 3), ("fgsm", 0.01, 1), ("pgd", 0.01, 3)]
+    clean, audios = robustness._adversarial(predictor.forward, base, predictor.windowing, attacks)
+    with torch.no_grad():
+        assert torch.allclose(
+            clean, utterance_logits(predictor.forward, base, predictor.windowing), atol=1e-5
+        )
+    for (_, eps, steps), got in zip(attacks, audios, strict=True):
+        want = _reference_attack(predictor.forward, base, predictor.windowing, eps, steps).audio
+        assert float((got - base.audio).abs().max()) <= eps + 1e-7
+        # the same samples (here bit for bit; other rounding may flip a sign where the gradient
+        # is ~0: a few samples at most)
+        differ = float((got != want).float().mean())
+        assert differ < 1e-4, (eps, steps, differ)
+
+
+def test_the_batched_pieces_are_the_plain_ones_bit_for_bit():
+    """Windows, noisy copies, babble and the clips' gradient as the plain code makes them."""
+    g = torch.Generator().manual_seed(0)
+    seg = 1600
+    clips = [0.3 * torch.randn(n, generator=g) for n in (700, 1600, 2500, 4000, 1601)]
+    utts = Utterances.from_waveforms([c.numpy() for c in clips], labels=[0, 1, 2, 3, 0])
+    w = Windowing.for_segment(seg)
+    owner, start = w.plan(utts.lengths)
+    padded = F.pad(utts.audio, (0, seg))
+    windows = robustness._windows(padded, utts, owner, start, seg)
+    assert torch.equal(windows, w.gather(utts, torch.arange(len(utts)), owner, start))
+
+    noise = make_noise("white", utts, g, None)
+    babble = make_noise("babble", utts, g, None)
+    noisy = list(robustness._noisy(utts, [(noise, [10.0, 0.0]), (babble, [5.0])]))
+    for got, (n, snr) in zip(noisy, [(noise, 10.0), (noise, 0.0), (babble, 5.0)], strict=True):
+        assert torch.equal(got, add_noise_flat(utts.audio, n, utts.owner(), len(utts), snr))
+    owner_t = utts.owner()  # babble as the index arithmetic made it
+    rel = torch.arange(owner_t.numel()) - utts.offsets[owner_t]
+    want = torch.zeros_like(utts.audio)
+    for k in (1, 2, 3):
+        src = (owner_t + k) % len(utts)
+        want += utts.audio[utts.offsets[src] + rel % utts.lengths[src]]
+    assert torch.equal(babble, want)
+
+    # logits and the gradient of the summed loss, batched across two copies, 3 windows a call
+    weight = torch.randn(seg, 4, generator=g) / 40
+
+    def forward(x):
+        return torch.tanh(x @ weight)
+
+    copies = [utts.audio, noisy[0]]
+    got = list(robustness._pass(forward, utts, w, copies, grad=True, batch=3))
+    for audio, (logits, grad) in zip(copies, got, strict=True):
+        x = audio.clone().requires_grad_(True)
+        want_logits = utterance_logits(forward, utts.with_audio(x), w)
+        loss = F.cross_entropy(want_logits, utts.labels, reduction="sum")
+        (want_grad,) = torch.autograd.grad(loss, x)
+        assert torch.allclose(logits, want_logits.detach(), atol=1e-6)
+        assert torch.allclose(grad, want_grad, atol=1e-7)

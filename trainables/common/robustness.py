@@ -23,11 +23,20 @@ Selection (objectives, constraints, choosing gates) uses the same conditions mea
 validation speakers: ``evaluate_robustness(..., split="val")`` (a class-stratified capped subset of
 the validation clips, no cross-corpus part) gives the ``val_robust/*`` twins
 (``val_robust/uar_snr10_white``, ...), computed beside the test report on the same kept model.
+
+Cost: a trial pays this at its end, so each condition is one pass over the clips and nothing is
+computed twice. Conditions share batched forward passes (:func:`_pass`); the gradient at the clean
+input is computed once for every FGSM ε and every PGD first step, and its forward pass is the
+clean figure; PGD's later steps run every ε together; the noisy copies reuse the clips' measured
+power. The figures are those of one pass per condition, to float rounding
+(``tests/trainables/test_robustness.py`` checks it against that plain computation).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +47,7 @@ import torch.nn.functional as F
 from sertune.trainable import ROBUSTNESS_DEFAULTS
 
 from .metrics import confusion, scores
-from .noise import add_noise_flat
-from .utterances import Forward, Utterances, Windowing, utterance_logits
+from .utterances import Forward, Utterances, Windowing
 
 SCHEMA = "sertune.robustness/1"
 # the one table of defaults (a spec's ``robustness:`` starts from it too)
@@ -71,11 +79,148 @@ def robust_metric_names(
     return names | twins | {f"robust/uar_cross_{c}" for c in cross or []}
 
 
+def _score_logits(logits: torch.Tensor, labels: torch.Tensor, n_classes: int) -> dict:
+    return scores(confusion(logits.argmax(1).cpu(), labels.cpu(), n_classes))
+
+
 def _score(forward: Forward, utts: Utterances, windowing: Windowing, n_classes: int) -> dict:
-    with torch.no_grad():
-        logits = utterance_logits(forward, utts, windowing)
-    cm = confusion(logits.argmax(1).cpu(), utts.labels.cpu(), n_classes)
-    return scores(cm)
+    return _score_logits(clip_logits(forward, utts, windowing), utts.labels, n_classes)
+
+
+def _batch_windows(device: torch.device, grad: bool) -> int:
+    """Windows per forward call. A CPU is fastest with small batches that stay in its caches
+    (the demo model: 16-32 windows, 256 almost twice as slow); a GPU wants large ones, smaller
+    when the activations are kept for a backward pass."""
+    if device.type == "cuda":  # about a training step's memory (optim.batch_size 256)
+        return 256 if grad else 512
+    return 16 if grad else 32
+
+
+def _windows(
+    padded: torch.Tensor, utts: Utterances, clip: torch.Tensor, start: torch.Tensor, segment: int
+) -> torch.Tensor:
+    """(W, segment) windows of clips ``clip`` from ``start``, zeros past a clip's end: exactly
+    :meth:`Windowing.gather` of contiguous float audio, by one strided copy from ``padded`` (the
+    audio with ``segment`` zeros after it) instead of a gather of W x segment positions."""
+    x = padded.unfold(0, segment, 1)[utts.offsets[clip] + start]
+    left = utts.lengths[clip] - start
+    short = torch.nonzero(left < segment).squeeze(1)
+    if short.numel():
+        ar = torch.arange(segment, device=x.device)
+        x[short] = x[short] * (ar < left[short].unsqueeze(1))
+    return x
+
+
+def _pass(
+    forward: Forward,
+    utts: Utterances,
+    windowing: Windowing,
+    audios: Iterable[torch.Tensor],
+    grad: bool = False,
+    batch: int | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Per audio of ``audios`` ((T,) each, in place of the contiguous ``utts.audio``): the clips'
+    logits (U, C) as :func:`utterance_logits` gives them (windows, logits averaged), and with
+    ``grad`` the gradient of the clips' summed cross-entropy with respect to that audio.
+
+    Windows of consecutive audios (conditions) share forward calls of about ``batch`` windows,
+    each call whole clips (a clip's loss needs all its windows). ``audios`` is read lazily and
+    results come in its order as soon as they are complete: only the conditions of the call in
+    flight are held.
+    """
+    dev, seg, n = utts.device, windowing.segment, len(utts)
+    batch = batch or _batch_windows(dev, grad)
+    owner, start = windowing.plan(utts.lengths)
+    per_clip = torch.bincount(owner, minlength=n)
+    counts = per_clip.clamp_min(1).unsqueeze(1)
+    chunks = _chunks(per_clip.tolist(), batch)
+    if grad:  # where each window's samples lie: its gradient goes back there
+        first = (utts.offsets[owner] + start).tolist()
+        valid = (utts.lengths[owner] - start).clamp_max(seg).tolist()
+    results: dict[int, list] = {}  # audio index -> [logits, gradient, chunks not run yet]
+    call: list[tuple[int, torch.Tensor, tuple[int, int, int, int]]] = []  # (audio, padded, chunk)
+
+    def run() -> None:
+        x = torch.cat(
+            [_windows(p, utts, owner[w0:w1], start[w0:w1], seg) for _, p, (_, _, w0, w1) in call]
+        )
+        with _with_grad(dev) if grad else torch.inference_mode():
+            out = forward(x.requires_grad_(grad))
+            row, loss = 0, 0.0
+            for k, _, (u0, u1, w0, w1) in call:
+                sums = torch.zeros(u1 - u0, out.shape[1], device=out.device)
+                logits = (
+                    sums.index_add(0, owner[w0:w1] - u0, out[row : row + w1 - w0]) / counts[u0:u1]
+                )
+                row += w1 - w0
+                if results[k][0] is None:
+                    results[k][0] = torch.empty(n, out.shape[1], device=out.device)
+                results[k][0][u0:u1] = logits.detach()
+                if grad:
+                    loss = loss + F.cross_entropy(logits, utts.labels[u0:u1], reduction="sum")
+            if grad:
+                (gx,) = torch.autograd.grad(loss, x)
+        row = 0
+        for k, _, (_, _, w0, w1) in call:
+            if grad:
+                g = results[k][1]
+                for w in range(w0, w1):  # overlapping windows add up, in window order
+                    g[first[w] : first[w] + valid[w]] += gx[row + w - w0, : valid[w]]
+            row += w1 - w0
+            results[k][2] -= 1
+        call.clear()
+
+    def complete(k: int) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        while k in results and results[k][2] == 0:
+            logits, g, _ = results.pop(k)
+            yield (torch.zeros(0, 0, device=dev) if logits is None else logits), g
+            k += 1
+
+    emitted = 0
+    for k, audio in enumerate(audios):
+        padded = F.pad(audio.detach(), (0, seg))
+        results[k] = [None, torch.zeros_like(audio) if grad else None, len(chunks)]
+        for chunk in chunks:
+            if call and sum(c[3] - c[2] for _, _, c in call) + chunk[3] - chunk[2] > batch:
+                run()
+            call.append((k, padded, chunk))
+        for out in complete(emitted):
+            yield out
+            emitted += 1
+    if call:
+        run()
+    yield from complete(emitted)
+
+
+def _chunks(windows_per_clip: list[int], batch: int) -> list[tuple[int, int, int, int]]:
+    """(u0, u1, w0, w1): runs of whole clips of at most ``batch`` windows (a longer clip alone)."""
+    out, u0, w0, w = [], 0, 0, 0
+    for u, m in enumerate(windows_per_clip):
+        if u > u0 and w + m - w0 > batch:
+            out.append((u0, u, w0, w))
+            u0, w0 = u, w
+        w += m
+    if windows_per_clip:
+        out.append((u0, len(windows_per_clip), w0, w))
+    return out
+
+
+@contextlib.contextmanager
+def _with_grad(device: torch.device) -> Iterator[None]:
+    """Autograd on, whatever the caller's mode; on a GPU without cuDNN, whose RNN backward needs
+    train mode (the model is evaluated in eval mode)."""
+    off = torch.backends.cudnn.flags(enabled=False) if device.type == "cuda" else None
+    with torch.enable_grad(), off or contextlib.nullcontext():
+        yield
+
+
+def clip_logits(
+    forward: Forward, utts: Utterances, windowing: Windowing, idx: Any = None
+) -> torch.Tensor:
+    """Logits (len(idx), C) of clips ``idx`` (default: all) of ``utts`` (any storage), as
+    :func:`utterance_logits` gives them, in the batches this device runs fastest, no gradient."""
+    base = utts.select(np.arange(len(utts)) if idx is None else idx)  # contiguous float
+    return next(_pass(forward, base, windowing, [base.audio]))[0]
 
 
 def make_noise(
@@ -83,52 +228,92 @@ def make_noise(
 ) -> torch.Tensor | None:
     """A noise signal (T,) as long as each clip of contiguous float ``utts``."""
     dev = utts.device
-    owner = utts.owner()
-    rel = torch.arange(owner.numel(), device=dev) - utts.offsets[owner]
     if kind == "white":
-        return torch.randn(owner.numel(), generator=generator, device=dev)
+        return torch.randn(utts.audio.numel(), generator=generator, device=dev)
     if kind == "babble":  # three other clips of the set, each looped to this clip's length
         noise = torch.zeros_like(utts.audio)
-        for k in (1, 2, 3):
-            src = (owner + k) % len(utts)
-            noise += utts.audio[utts.offsets[src] + rel % utts.lengths[src]]
+        offsets, lengths = utts.offsets.tolist(), utts.lengths.tolist()
+        for k in (1, 2, 3):  # one clip at a time: no (T,) index arithmetic
+            for u, (o, n) in enumerate(zip(offsets, lengths, strict=True)):
+                s = (u + k) % len(offsets)
+                src = utts.audio[offsets[s] : offsets[s] + lengths[s]]
+                noise[o : o + n] += src.repeat(-(-n // lengths[s]))[:n]
         return noise
     if kind == "file":
         if bank is None or bank.numel() == 0:
             return None
         bank = bank.to(dev)
+        owner = utts.owner()
+        rel = torch.arange(owner.numel(), device=dev) - utts.offsets[owner]
         starts = torch.randint(0, bank.numel(), (len(utts),), generator=generator, device=dev)
         return bank[(starts[owner] + rel) % bank.numel()]
     raise ValueError(f"robustness.noises: unknown noise type {kind!r}")
 
 
-def _attack(
+def _noisy(
+    base: Utterances, noises: Iterable[tuple[torch.Tensor, list[float]]], eps: float = 1e-10
+) -> Iterator[torch.Tensor]:
+    """``add_noise_flat(base.audio, noise, owner, U, snr)`` for each noise and each of its SNRs,
+    the same arithmetic, with the clips' powers measured once instead of once per SNR."""
+    audio, owner, n = base.audio, base.owner(), len(base)
+    count = base.lengths.to(audio.dtype).clamp_min(1)  # what summing ones over a clip gives
+    p_sig = torch.zeros(n, device=audio.device).index_add_(0, owner, audio.pow(2)) / count
+    for noise, snrs in noises:
+        p_noise = torch.zeros(n, device=audio.device).index_add_(0, owner, noise.pow(2)) / count
+        for snr_db in snrs:
+            scale = torch.sqrt(p_sig / (p_noise.clamp_min(eps) * 10.0 ** (snr_db / 10.0)))
+            yield audio + noise * scale[owner]
+
+
+def _step(x: torch.Tensor, x0: torch.Tensor, sign: torch.Tensor, alpha: float, eps: float):
+    """One signed-gradient step of size ``alpha``, projected on the L∞ ball ``eps`` around ``x0``
+    and on full scale."""
+    x = x + alpha * sign
+    return (x0 + (x - x0).clamp(-eps, eps)).clamp(-1.0, 1.0)
+
+
+def _adversarial(
     forward: Forward,
-    utts: Utterances,
+    base: Utterances,
     windowing: Windowing,
-    eps: float,
-    steps: int,
-    batch_utts: int = 32,
-) -> Utterances:
-    """FGSM (steps=1) or PGD (steps>1) under an L∞ budget ``eps`` on each clip's waveform."""
-    out = utts.audio.detach().clone()
-    alpha = eps if steps == 1 else 2.5 * eps / steps
-    for i in range(0, len(utts), batch_utts):
-        sub = utts.select(torch.arange(i, min(i + batch_utts, len(utts)), device=utts.device))
-        x0 = sub.audio.detach()
-        x = x0.clone()
-        for _ in range(steps):
-            x.requires_grad_(True)
-            with torch.backends.cudnn.flags(enabled=False):  # cuDNN RNN backward needs train mode
-                loss = F.cross_entropy(
-                    utterance_logits(forward, sub.with_audio(x), windowing), sub.labels
-                )
-            (grad,) = torch.autograd.grad(loss, x)
-            x = x.detach() + alpha * grad.sign()
-            x = (x0 + (x - x0).clamp(-eps, eps)).clamp(-1.0, 1.0)
-        start = int(utts.offsets[i])
-        out[start : start + x.numel()] = x.detach()
-    return utts.with_audio(out)
+    attacks: list[tuple[str, float, int]],
+) -> tuple[torch.Tensor | None, Iterator[torch.Tensor]]:
+    """(clean logits, the adversarial audio of each ``(attack, eps, steps)`` in turn): FGSM (one
+    step of ε) or PGD (``steps`` steps of 2.5·ε/steps) under an L∞ budget ε on each clip's
+    waveform.
+
+    The gradient at the clean input is computed once, in one pass whose forward also gives the
+    clean logits: every FGSM ε and every PGD first step use it. PGD's later steps run every ε's
+    copy through the same batched passes. FGSM copies are made when read."""
+    if not attacks:
+        return None, iter(())
+    x0 = base.audio
+    logits, g0 = next(_pass(forward, base, windowing, [x0], grad=True))
+    sign0 = g0.sign()
+    del g0
+
+    def alpha(eps: float, steps: int) -> float:
+        return eps if steps == 1 else 2.5 * eps / steps
+
+    pgd = {  # position -> [x, alpha, eps, steps left]
+        i: [_step(x0, x0, sign0, alpha(eps, steps), eps), alpha(eps, steps), eps, steps - 1]
+        for i, (_, eps, steps) in enumerate(attacks)
+        if steps > 1
+    }
+    while left := [p for p in pgd.values() if p[3] > 0]:
+        grads = _pass(forward, base, windowing, [p[0] for p in left], grad=True)
+        for p, (_, g) in zip(left, grads, strict=True):
+            p[0] = _step(p[0], x0, g.sign(), p[1], p[2])
+            p[3] -= 1
+
+    def audios() -> Iterator[torch.Tensor]:
+        for i, (_, eps, steps) in enumerate(attacks):
+            if i in pgd:
+                yield pgd.pop(i)[0]
+            else:  # FGSM (no step at all: the clean input)
+                yield _step(x0, x0, sign0, eps, eps) if steps == 1 else x0
+
+    return logits, audios()
 
 
 def evaluate_robustness(
@@ -142,51 +327,65 @@ def evaluate_robustness(
     corpus_name: str = "",
     split: str = "test",
     seed: int = 0,
+    *,
+    clean_logits: torch.Tensor | None = None,
 ) -> dict[str, Any]:
-    """The full report for labelled clips ``utts`` (any storage; copied contiguously here)."""
+    """The full report for labelled clips ``utts`` (any storage; copied contiguously here).
+
+    ``clean_logits``: the logits (U, C) of ``utts`` when the caller already has them (its test
+    pass over these clips): the clean figure reads them instead of a pass of its own.
+
+    Every condition is one pass over the clips, conditions batched together (:func:`_pass`);
+    the attacks' gradient at the clean input is computed once for every ε (:func:`_adversarial`).
+    """
     o = {**DEFAULTS, **options}
-    base = utts.select(torch.arange(len(utts), device=utts.device))
+    base = utts.select(np.arange(len(utts)))
     g = torch.Generator(device=base.device).manual_seed(seed)
+    attacks = [("fgsm", float(e), 1) for e in o["fgsm_eps"]]
+    attacks += [("pgd", float(e), int(o["pgd_steps"])) for e in o["pgd_eps"]]
+    if clean_logits is not None and clean_logits.shape[0] != len(base):
+        raise ValueError(f"clean_logits: {clean_logits.shape[0]} rows for {len(base)} clips")
+    grad_logits, adversarial = _adversarial(forward, base, windowing, attacks)
+    if clean_logits is None:
+        clean_logits = grad_logits  # the attacks' clean forward pass
+    clean_pass = clean_logits is None  # no attack: the clean audio is one more condition
+
+    noise_rows: list[dict[str, Any]] = []
+
+    def noises() -> Iterator[tuple[torch.Tensor, list[float]]]:
+        for kind in o["noises"]:  # drawn in this order from the seeded generator
+            noise = make_noise(kind, base, g, noise_bank)
+            if noise is not None:
+                noise_rows.extend({"type": kind, "snr_db": float(s)} for s in o["snrs_db"])
+                yield noise, [float(s) for s in o["snrs_db"]]
+
+    def conditions() -> Iterator[torch.Tensor]:
+        if clean_pass:
+            yield base.audio
+        yield from _noisy(base, noises())
+        yield from adversarial
+
+    logits = [lg for lg, _ in _pass(forward, base, windowing, conditions())]
+    if clean_pass:
+        clean_logits = logits.pop(0)
+
+    def score(lg: torch.Tensor) -> dict:
+        return _score_logits(lg, base.labels, n_classes)
+
     report: dict[str, Any] = {
         "schema": SCHEMA,
         "data": {"corpus": corpus_name, "split": split, "utterances": len(base)},
-        "clean": _score(forward, base, windowing, n_classes),
-        "noise": [],
-        "adversarial": [],
-        "cross_corpus": [],
-    }
-    owner = base.owner()
-    for kind in o["noises"]:
-        noise = make_noise(kind, base, g, noise_bank)
-        if noise is None:
-            continue
-        for snr in o["snrs_db"]:
-            noisy = base.with_audio(add_noise_flat(base.audio, noise, owner, len(base), snr))
-            report["noise"].append(
-                {
-                    "type": kind,
-                    "snr_db": float(snr),
-                    **_score(forward, noisy, windowing, n_classes),
-                }
-            )
-    for attack, eps_list, steps in (
-        ("fgsm", o["fgsm_eps"], 1),
-        ("pgd", o["pgd_eps"], int(o["pgd_steps"])),
-    ):
-        for eps in eps_list:
-            adv = _attack(forward, base, windowing, float(eps), steps)
-            report["adversarial"].append(
-                {
-                    "attack": attack,
-                    "eps": float(eps),
-                    "steps": steps,
-                    **_score(forward, adv, windowing, n_classes),
-                }
-            )
-    for name, cu in cross or []:
-        report["cross_corpus"].append(
+        "clean": score(clean_logits),
+        "noise": [{**r, **score(lg)} for r, lg in zip(noise_rows, logits, strict=False)],
+        "adversarial": [
+            {"attack": a, "eps": e, "steps": s, **score(lg)}
+            for (a, e, s), lg in zip(attacks, logits[len(noise_rows) :], strict=True)
+        ],
+        "cross_corpus": [
             {"name": name, "utterances": len(cu), **_score(forward, cu, windowing, n_classes)}
-        )
+            for name, cu in cross or []
+        ],
+    }
     report["warnings"] = masking_warnings(report)
     report["metrics"] = flatten_metrics(report, SELECTION if split == "val" else REPORTED)
     return report

@@ -53,6 +53,7 @@ from trainables.common.batches import TrainBatches
 from trainables.common.metrics import confusion, scores
 from trainables.common.noise import add_noise_flat
 from trainables.common.robustness import (
+    clip_logits,
     evaluate_robustness,
     make_noise,
     write_report,
@@ -269,15 +270,15 @@ def final_evaluation(
     model.eval()
     fwd = forward_fn(model, logmel)
     metrics: dict[str, float] = {}
-    with torch.no_grad():
-        test = utts.select(split["test"])
-        logits = utterance_logits(fwd, test, windowing)
-        res = scores(confusion(logits.argmax(1), test.labels, cfg.model.n_emotions).cpu())
+    logits = clip_logits(fwd, utts, windowing, split["test"])
+    labels = utts.labels[torch.as_tensor(split["test"], device=utts.device)]
+    res = scores(confusion(logits.argmax(1), labels, cfg.model.n_emotions).cpu())
     metrics.update({f"test_{k}": v for k, v in res.items()})
     options = run_cfg.get("robustness")
     if options:
         cap = options.get("max_utterances")
-        pick = split["test"][stratified_subset(corpus.labels[split["test"]], cap, cfg.seed)]
+        rows = stratified_subset(corpus.labels[split["test"]], cap, cfg.seed)
+        pick = split["test"][rows]
         bank = resident.noise_bank(data_cfg.get("noise_files") or [], cfg.features.sample_rate)
         cross = []
         for c in data_cfg.get("cross_corpus") or []:
@@ -294,6 +295,7 @@ def final_evaluation(
             cross,
             corpus_name=corpus.path.name,
             seed=cfg.seed,
+            clean_logits=logits[torch.as_tensor(rows, device=logits.device)],  # no second pass
         )
         write_report(report, out / "robustness", run_cfg.get("title", ""), cfg.model.n_emotions)
         metrics.update(report["metrics"])

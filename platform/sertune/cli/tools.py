@@ -51,6 +51,7 @@ def add(sub) -> None:
     ui.add_argument("--host", default="127.0.0.1", help="interface to listen on")
     ui.add_argument("--port", type=int, default=5000, help="port to listen on")
     ui.add_argument("--workers", type=int, default=1, help="server processes (1 fits a laptop)")
+    ui.add_argument("--study", metavar="NAME", help="also print the page of this study's run")
     ui.set_defaults(func=run_ui)
 
     b = sub.add_parser("bench", help="benchmarks that print figures and ratios")
@@ -58,7 +59,8 @@ def add(sub) -> None:
     bt = command(
         bsub,
         "train",
-        "on-device pipeline vs. model-step ceiling (samples/s)",
+        "on-device pipeline vs. model-step ceiling (samples/s); a small trial's epoch time "
+        "beside its end-of-trial evaluation (test + robustness report): eval = X.X epochs",
         "sertune bench train --device cuda --batch 256",
     )
     bt.add_argument("--device", default="auto", help="cpu | cuda | auto")
@@ -225,7 +227,12 @@ def doctor(a: argparse.Namespace) -> int:
 def run_ui(a: argparse.Namespace) -> int:
     from ..ui import serve_ui
 
-    return serve_ui(a.host, a.port, a.tracking_uri, workers=a.workers)
+    run_id = None
+    if a.study:
+        from ..study import load_study
+
+        run_id = load_study(a.study).run_id
+    return serve_ui(a.host, a.port, a.tracking_uri, workers=a.workers, run_id=run_id)
 
 
 def bench_train(a: argparse.Namespace) -> int:
