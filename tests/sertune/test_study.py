@@ -27,9 +27,20 @@ def test_a_study_killed_after_its_first_outer_fold_resumes_without_rerunning_it(
         md = (report / "report.md").read_text()
         html = (report / "report.html").read_text()
         saved = json.loads((report / "study.json").read_text())
+        promoted = d.cli("promote", "--study", "drill-study", "--name", "ser-study")
     finally:
         d.clean()
     assert lost == 0, detail
+    # promotion from the study: the spec arm's best fold champion (on validation), the table as
+    # the registered version's description
+    assert promoted.returncode == 0, promoted.stdout + promoted.stderr
+    assert "champion of 'st'" in promoted.stdout
+    from mlflow import MlflowClient
+
+    c = MlflowClient(f"sqlite:///{d.home / 'mlflow.db'}")
+    version = c.get_model_version_by_alias("ser-study", "champion")
+    assert "Promoted from study drill-study" in version.description
+    assert "| condition |" in version.description
     # the paired table: reference, the single-task twin, the spec, and both differences
     header = next(ln for ln in md.splitlines() if ln.startswith("| condition"))
     assert "reference" in header and "stl_baseline" in header and "st - stl_baseline" in header
