@@ -173,6 +173,12 @@ def status(a: argparse.Namespace) -> int:
     from ..study import load_study, study_status, timing_lines
 
     record = load_study(a.name)
+    if record.submission_id and record.address:
+        from ..submit import job_status
+
+        print(job_status(record))  # the study's driver runs on the cluster: its table is there
+        if not record.outer:
+            return 0
     print(
         f"study {record.name}: {study_status(record)} — {len(record.outer)} outer fold(s) of "
         f"{record.n_outer}, arms {', '.join(record.arms)} (+ reference), created {record.created}"
