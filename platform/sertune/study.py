@@ -315,8 +315,12 @@ def run_study(
     preflight()
     ray_compat.quiet(verbose)
     name = records.check_name(name or f"{spec.name}-study")
+    submitted: dict[str, Any] = {}
     if record_path(name).exists():
         old = load_study(name)
+        # the Ray Job of a submitted study, on a node that shares the submitter's home: it
+        # keeps the submission (`study status` shows the job's state)
+        submitted = {"submission_id": old.submission_id, "address": old.address}
         if os.environ.get("SERTUNE_SUBMITTED") != name or not old.submission_id:
             raise UsageError(
                 f"study {name!r} exists ({study_status(old)}, {old.created}): resume it "
@@ -325,7 +329,7 @@ def run_study(
             )
     uri = tracking.check_store(tracking_uri)
     record, _ = plan(spec, vs, outer, name, sets, log)
-    record = record.but(tracking_uri=uri, driver=driver_stamp(), status="running")
+    record = record.but(tracking_uri=uri, driver=driver_stamp(), status="running", **submitted)
     save_study(record)
     return _drive(record, num_cpus, log, verbose, parallel)
 

@@ -322,3 +322,51 @@ def test_a_second_ray_instance_on_the_host_does_not_disturb_a_search(tmp_path, h
     finally:
         shutdown_ray()
     assert result.errors == 0 and result.completed == 2
+
+
+@pytest.mark.slow
+def test_a_study_submitted_to_a_head_runs_its_driver_there(tmp_path, home, token_head):
+    """`sertune study submit` runs `sertune study run` as a Ray Job on the head (the same path
+    as `search submit`): the job succeeds, the study's fold searches and its study run land in
+    the team's MLflow store, and `study status` here shows the job's state."""
+    import time
+
+    db = tmp_path / "study-mlflow.db"
+    sub_env = {**token_head["env"], "MLFLOW_TRACKING_URI": f"sqlite:///{db}"}
+    sub_env.pop("RAY_AUTH_MODE")
+    spec = write_spec(
+        tmp_path,
+        "substudy",
+        lambda r: (
+            r.update(robustness=None, reference=None)
+            or r["budget"].update(trials=1, concurrency=1)
+        ),
+    )
+
+    def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "sertune.cli", *args],
+            env=sub_env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    p = cli("study", "submit", str(spec), "--outer", "0,1", "--address", token_head["address"])
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "submitted study 'substudy-study'" in p.stdout
+    deadline, line = time.monotonic() + 900, ""
+    while time.monotonic() < deadline:
+        line = cli("study", "status", "substudy-study").stdout.splitlines()[0]
+        if any(s in line for s in ("SUCCEEDED", "FAILED", "STOPPED")):
+            break
+        time.sleep(5)
+    assert "SUCCEEDED" in line, line
+    from mlflow import MlflowClient
+
+    c = MlflowClient(f"sqlite:///{db}")
+    exp = c.get_experiment_by_name("sertune").experiment_id
+    study = c.search_runs([exp], "tags.`sertune.kind` = 'study'")
+    assert len(study) == 1 and study[0].info.status == "FINISHED"
+    kids = c.search_runs([exp], f"tags.`mlflow.parentRunId` = '{study[0].info.run_id}'")
+    assert len(kids) == 4  # 2 outer folds x 2 arms
