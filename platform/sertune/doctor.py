@@ -13,6 +13,7 @@ refused with the node named.
 |             | (48 kHz -> 16 kHz) and a 64-band log-mel on the CPU                            |
 | cuda        | what torch sees (information: no GPU is fine, trials then run on the CPU)      |
 | ray, mlflow, optuna, soundfile, boto3 | import (Ray Tune and Train too), versions                |
+| transformers | imports (a self-supervised encoder, ``model.encoder: ssl``, loads through it) |
 | lock        | every package of ``requirements.lock`` is installed at its locked version (in a |
 |             | checkout; ``SERTUNE_LOCK=PATH`` names another lock, ``SERTUNE_LOCK=none`` skips)|
 
@@ -47,7 +48,7 @@ class Check:
     def line(self) -> str:
         """``ok  torch 2.11.0 ...`` or the one-line refusal: what, versions, the fix."""
         if self.ok:
-            return f"  ok    {self.name:11} {self.detail}"
+            return f"  ok    {self.name:12} {self.detail}"
         what = self.detail if self.detail.startswith(self.name) else f"{self.name} {self.detail}"
         return what + (f"; fix: {self.fix}" if self.fix else "")
 
@@ -223,6 +224,7 @@ def _imports(lock: dict[str, str]) -> list[Check]:
         ("optuna", ("optuna",)),
         ("soundfile", ("soundfile",)),
         ("boto3", ("boto3",)),
+        ("transformers", ("transformers",)),  # its models load lazily: seconds, not here
     ):
         import importlib
         from importlib import metadata

@@ -566,6 +566,9 @@ def apply_sets(raw: dict[str, Any], sets: list[str], source: str) -> dict[str, A
             problems.append(("--set", f"expected KEY=VALUE, got {item!r}"))
             continue
         parts = key.split(".")
+        if parts[0] not in SearchSpec.model_fields and len(parts) > 1 and _param(raw, key):
+            parts = ["params", *parts]  # a trainable parameter: --set model.encoder=ssl
+            key = "params." + key
         if parts[0] in ("params", "space") and len(parts) > 1:
             rest = ".".join(parts[1:])
             section = raw.setdefault(parts[0], {}) or {}
@@ -596,6 +599,17 @@ def apply_sets(raw: dict[str, Any], sets: list[str], source: str) -> dict[str, A
     if problems:
         raise SpecError(source, problems=problems)
     return raw
+
+
+def _param(raw: dict[str, Any], key: str) -> bool:
+    """Whether ``key`` is a parameter of the spec's trainable (``--set`` takes it without the
+    ``params.`` prefix where no spec field has that name)."""
+    from .trainable import get_trainable
+
+    try:
+        return key in get_trainable(str(raw.get("trainable", ""))).param_names()
+    except Exception:  # noqa: BLE001 - an unknown trainable is refused later, by name
+        return False
 
 
 def smoke_overrides(raw: dict[str, Any]) -> dict[str, Any]:

@@ -16,6 +16,7 @@ part of a trained model's contract).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -104,6 +105,44 @@ def spec_augment(
     return torch.where(keep, feats, fill)
 
 
+def spec_augment_waveform(
+    wav: torch.Tensor,
+    freq_width: int,
+    time_width: int,
+    n_masks: int,
+    features: FeatureConfig,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """SpecAugment's masks on waveforms (B, L), for encoders that take waveforms (``model.encoder:
+    ssl``): each time mask (up to ``time_width`` log-mel frames) silences those hops; each
+    frequency mask (up to ``freq_width`` mel bands) removes those bands' frequencies (FFT bins
+    between the bands' edges zeroed over the whole clip). The same widths as :func:`spec_augment`
+    on the log-mel of the same features."""
+    b, n = wav.shape
+    dev, hop, m = wav.device, features.hop_length, features.n_mels
+    # mel band i spans mel points i..i+2 of n_mels + 2 points evenly spaced from 0 to Nyquist
+    mel_max = 2595.0 * math.log10(1.0 + (features.sample_rate / 2) / 700.0)
+    edges = 700.0 * (10.0 ** (torch.linspace(0.0, mel_max, m + 2, device=dev) / 2595.0) - 1.0)
+    spec = torch.fft.rfft(wav, dim=-1)
+    hz = torch.fft.rfftfreq(n, 1.0 / features.sample_rate).to(dev)  # (F,)
+    drop = torch.zeros(b, hz.numel(), dtype=torch.bool, device=dev)
+    for _ in range(n_masks):
+        w = (torch.rand(b, generator=generator, device=dev) * (freq_width + 1)).long().clamp(max=m)
+        start = (torch.rand(b, generator=generator, device=dev) * (m - w + 1)).long()
+        lo, hi = edges[start], edges[(start + w + 1).clamp(max=m + 1)]
+        drop |= (hz >= lo.unsqueeze(1)) & (hz < hi.unsqueeze(1)) & (w > 0).unsqueeze(1)
+    out = torch.fft.irfft(spec.masked_fill(drop, 0), n=n, dim=-1)
+    frames = n // hop + 1
+    ar = torch.arange(n, device=dev).unsqueeze(0)
+    for _ in range(n_masks):
+        w = (torch.rand(b, generator=generator, device=dev) * (time_width + 1)).long()
+        w = w.clamp(max=frames)
+        start = (torch.rand(b, generator=generator, device=dev) * (frames - w + 1)).long()
+        lo, hi = (start * hop).unsqueeze(1), ((start + w) * hop).unsqueeze(1)
+        out = out.masked_fill((ar >= lo) & (ar < hi), 0.0)
+    return out
+
+
 # -- the registry: one function per augmentation type ---------------------------------------------
 
 # The pipeline's stages, in order: resample the crop to one segment, add noise at a drawn SNR,
@@ -123,16 +162,21 @@ class Batch:
     generator: torch.Generator
     sample_rate: int
     noise_bank: torch.Tensor
+    features: FeatureConfig | None = None
 
 
 @dataclass(frozen=True)
 class Augmentation:
     """One type: at ``stage``, ``apply(batch, rows)`` changes ``batch.out[rows]`` (the "noise"
-    stage returns the noise for those rows instead; the stage mixes it in at the SNR)."""
+    stage returns the noise for those rows instead; the stage mixes it in at the SNR).
+
+    A "spectrum" type may also have ``on_waveform`` (:func:`waveform_variant`): its equivalent on
+    the augmented waveform, for an encoder that takes waveforms (``model.encoder: ssl``)."""
 
     name: str
     stage: str
     apply: Callable[[Batch, torch.Tensor], torch.Tensor | None]
+    on_waveform: Callable[[Batch, torch.Tensor], None] | None = None
 
 
 AUGMENTATIONS: dict[str, Augmentation] = {}
@@ -147,6 +191,19 @@ def augmentation(name: str, stage: str):
 
     def register(fn):
         AUGMENTATIONS[name] = Augmentation(name, stage, fn)
+        return fn
+
+    return register
+
+
+def waveform_variant(name: str):
+    """Register ``fn`` as spectrum-stage type ``name``'s equivalent on waveforms."""
+
+    def register(fn):
+        aug = AUGMENTATIONS[name]
+        if aug.stage != "spectrum":
+            raise ValueError(f"augmentation {name!r}: only spectrum types need a waveform variant")
+        AUGMENTATIONS[name] = dataclasses.replace(aug, on_waveform=fn)
         return fn
 
     return register
@@ -217,6 +274,19 @@ def _specaugment(b: Batch, rows: torch.Tensor) -> None:
     )
 
 
+@waveform_variant("specaugment")
+def _specaugment_waveform(b: Batch, rows: torch.Tensor) -> None:
+    a = b.aug
+    b.out[rows] = spec_augment_waveform(
+        b.out[rows],
+        a.specaug_freq_width,
+        a.specaug_time_width,
+        a.specaug_masks,
+        b.features,
+        b.generator,
+    )
+
+
 # "clean" has no function: its rows keep the first segment of their crop.
 _MISSING = [t for t in AUG_TYPES if t != "clean" and t not in AUGMENTATIONS]
 if _MISSING:
@@ -261,6 +331,7 @@ class AugmentationBank(torch.nn.Module):
     ):
         super().__init__()
         self.aug = aug
+        self.features = features
         self.sample_rate = features.sample_rate
         self.segment = int(round(features.segment_s * features.sample_rate))
         self.logmel = LogMel(features)
@@ -299,6 +370,32 @@ class AugmentationBank(torch.nn.Module):
         self._stage("spectrum", b, types)
         return b.out, types
 
+    def waveforms(
+        self,
+        wav: torch.Tensor,
+        generator: torch.Generator,
+        types: torch.Tensor | None = None,
+        valid: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For an encoder on waveforms: ``(augmented waveform (B, segment), its log-mel (B, M, T):
+        the reconstruction target, aug_type (B,))``. Spectrum-stage types act on the waveform
+        (SpecAugment: :func:`spec_augment_waveform`)."""
+        if types is None:
+            types = self.sample_types(wav.shape[0], generator)
+        b = self._batch(wav, generator, valid)
+        self._wave(b, types)
+        for aug in AUGMENTATIONS.values():
+            if aug.stage == "spectrum":
+                rows = self._rows(aug.name, types)
+                if rows.numel():
+                    if aug.on_waveform is None:
+                        raise ValueError(
+                            f"aug.p_{aug.name} > 0: {aug.name} acts on the spectrum and has no "
+                            "waveform variant for an encoder on waveforms (model.encoder: ssl)"
+                        )
+                    aug.on_waveform(b, rows)
+        return b.out, self.logmel(b.out), types
+
     def augment_waveform(
         self,
         wav: torch.Tensor,
@@ -321,6 +418,7 @@ class AugmentationBank(torch.nn.Module):
             generator=generator,
             sample_rate=self.sample_rate,
             noise_bank=self.noise_bank,
+            features=self.features,
         )
 
     def _rows(self, name: str, types: torch.Tensor) -> torch.Tensor:

@@ -4,7 +4,8 @@ Every knob a search may tune lives here with a default and a one-line reason. Co
 frozen dataclasses so they pickle cheaply to Ray workers and serialise to JSON for MLflow; unknown
 keys are rejected with the full dotted name so a typo in a search spec never trains silently.
 
-Search specs address fields with dotted names: ``loss.w_aug``, ``aug.p_speed``, ``optim.lr``.
+Search specs address fields with dotted names: ``loss.w_aug``, ``aug.p_speed``, ``optim.lr``; a
+section inside a section one more dot: ``model.ssl.checkpoint``.
 """
 
 from __future__ import annotations
@@ -28,6 +29,25 @@ class FeatureConfig:
     segment_s: float = 3.0  # one model input: training crops it, longer clips are windowed by it
 
 
+ENCODERS = ("cnn_lstm", "ssl")
+LAYER_MODES = ("weighted", "last")
+
+
+@dataclass(frozen=True)
+class SSLConfig:
+    """A self-supervised speech encoder (WavLM, HuBERT, wav2vec 2.0) in place of the CNN-BiLSTM
+    (``model.encoder: ssl``). Weights are never downloaded: ``checkpoint`` is a local folder in
+    Hugging Face format or a model id already in the local Hugging Face cache; spec validation
+    refuses one that is not on disk."""
+
+    checkpoint: str = ""  # a local HF folder (config.json + weights) or a cached model id
+    finetune_top: int = 0  # top transformer layers trained (optim.encoder_lr); 0 = frozen
+    # which hidden states feed the heads: "weighted" (SUPERB: a learnt softmax-weighted sum of
+    # every hidden state, the input embedding included), "last", or a list of indices (0 = the
+    # input embedding) whose learnt weighted sum is taken
+    layers: str | tuple[int, ...] = "weighted"
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     conv_channels: tuple[int, ...] = (
@@ -40,6 +60,11 @@ class ModelConfig:
     attn_dim: int = 64  # attention-pooling bottleneck
     dropout: float = 0.3  # SER corpora are small: regularise the heads
     n_emotions: int = 4  # (angry, happy, neutral, sad) in the standard 4-class setup
+    # cnn_lstm: the conv + BiLSTM front end on log-mels above; ssl: a self-supervised encoder on
+    # the waveform (model.ssl.*), whose frames feed the same attention pooling and heads (the
+    # emotion head's hidden width is lstm_hidden); conv_channels and lstm_layers are then unused
+    encoder: str = "cnn_lstm"
+    ssl: SSLConfig = field(default_factory=SSLConfig)
 
 
 @dataclass(frozen=True)
@@ -95,6 +120,7 @@ class OptimConfig:
     min_steps_per_epoch: int = 8  # batch shrinks so even ~300 clips give this many steps
     epochs: int = 10  # max epochs; schedulers may stop earlier
     grad_clip: float = 5.0  # LSTMs like a clip
+    encoder_lr: float = 1e-5  # the fine-tuned layers of an ssl encoder (model.ssl.finetune_top)
 
 
 @dataclass(frozen=True)
@@ -113,12 +139,15 @@ class MTLAugConfig:
     def to_flat(self) -> dict[str, Any]:
         """Flatten to dotted keys (``loss.w_aug``), the form search specs and MLflow params use."""
         flat: dict[str, Any] = {}
-        for k, v in self.to_dict().items():
-            if isinstance(v, dict):
-                for kk, vv in v.items():
-                    flat[f"{k}.{kk}"] = vv
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    walk(f"{prefix}.{k}" if prefix else k, v)
             else:
-                flat[k] = v
+                flat[prefix] = value
+
+        walk("", self.to_dict())
         return flat
 
     def to_json(self) -> str:
@@ -130,11 +159,11 @@ class MTLAugConfig:
         nested: dict[str, dict[str, Any]] = {}
         top: dict[str, Any] = {}
         for key, value in (data or {}).items():
-            if isinstance(value, dict):
-                nested.setdefault(key, {}).update(value)
-            elif "." in key:
+            if "." in key:
                 section, _, name = key.partition(".")
                 nested.setdefault(section, {})[name] = value
+            elif isinstance(value, dict):
+                nested.setdefault(key, {}).update(value)
             else:
                 top[key] = value
         sections = {f.name: f for f in dataclasses.fields(cls) if f.name != "seed"}
@@ -181,24 +210,82 @@ class MTLAugConfig:
                 raise ConfigError(f"loss.{name}: must be >= 0")
         if not m.conv_channels or m.n_emotions < 2:
             raise ConfigError("model: need >= 1 conv block and >= 2 emotions")
-        if f.n_mels % (2 ** len(m.conv_channels)):
+        if m.encoder not in ENCODERS:
+            raise ConfigError(f"model.encoder: {m.encoder!r} is not one of {', '.join(ENCODERS)}")
+        if m.encoder == "cnn_lstm" and f.n_mels % (2 ** len(m.conv_channels)):
             raise ConfigError(
                 f"features.n_mels ({f.n_mels}) must be divisible by 2**len(model.conv_channels)"
             )
+        if m.encoder == "ssl":
+            _validate_ssl(m.ssl)
+        if o.encoder_lr <= 0:
+            raise ConfigError(f"optim.encoder_lr: must be > 0, got {o.encoder_lr}")
         if o.batch_size < 2 or o.epochs < 1 or o.lr <= 0 or o.min_steps_per_epoch < 1:
             raise ConfigError(
                 "optim: need batch_size >= 2, epochs >= 1, lr > 0, min_steps_per_epoch >= 1"
             )
 
 
+def _validate_ssl(s: SSLConfig) -> None:
+    """What can be checked without the checkpoint (``ssl_checkpoint.check`` reads it)."""
+    if not s.checkpoint:
+        raise ConfigError(
+            "model.ssl.checkpoint: required with an ssl encoder (a local Hugging Face folder, "
+            "or a model id in the local Hugging Face cache)"
+        )
+    if s.finetune_top < 0:
+        raise ConfigError(f"model.ssl.finetune_top: must be >= 0, got {s.finetune_top}")
+    if isinstance(s.layers, str):
+        if s.layers not in LAYER_MODES:
+            raise ConfigError(
+                f"model.ssl.layers: {s.layers!r}: expected weighted, last or a list of indices"
+            )
+    elif not s.layers or any(i < 0 for i in s.layers) or len(set(s.layers)) != len(s.layers):
+        raise ConfigError(
+            f"model.ssl.layers: need distinct hidden-state indices >= 0, got {list(s.layers)}"
+        )
+
+
+def _layers(value: Any, name: str) -> str | tuple[int, ...]:
+    """``weighted``, ``last``, ``[0, 4, 8]``, ``"0,4,8"`` or ``"(0, 4, 8)"`` (as MLflow stores it)."""
+    given = value
+    if isinstance(value, str):
+        text = value.strip().strip("[]()").strip()
+        if text in LAYER_MODES or not text:
+            return text
+        value = [v for v in text.split(",") if v.strip()]
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value]
+    try:
+        return tuple(int(v) for v in value)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"{name}: expected weighted, last or a list of indices, got {given!r}"
+        ) from None
+
+
 def _build(sub_cls: type, values: dict[str, Any], section: str) -> Any:
     known = {f.name: f for f in dataclasses.fields(sub_cls)}
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
+    inner: dict[str, dict[str, Any]] = {}  # a section inside this one (model.ssl.*)
     for key, value in values.items():
+        head, dot, rest = key.partition(".")
+        if head in known and dataclasses.is_dataclass(known[head].default_factory):
+            if dot:
+                inner.setdefault(head, {})[rest] = value
+            elif isinstance(value, dict):
+                inner.setdefault(head, {}).update(value)
+            else:
+                raise ConfigError(
+                    f"{section}.{head}: a section; set its fields ({section}.{head}.<name>)"
+                )
+            continue
         if key not in known:
             raise ConfigError(f"Unknown config key: {section}.{key}")
         default = known[key].default
-        if isinstance(default, tuple):
+        if sub_cls is SSLConfig and key == "layers":
+            value = _layers(value, f"{section}.{key}")
+        elif isinstance(default, tuple):
             value = tuple(value) if isinstance(value, (list, tuple)) else (value,)
         elif isinstance(default, bool):
             value = bool(value)
@@ -208,5 +295,9 @@ def _build(sub_cls: type, values: dict[str, Any], section: str) -> Any:
             value = int(value)
         elif isinstance(default, float):
             value = float(value)
+        elif isinstance(default, str):
+            value = str(value)
         kwargs[key] = value
+    for head, sub in inner.items():
+        kwargs[head] = _build(known[head].default_factory, sub, f"{section}.{head}")  # type: ignore[arg-type]
     return sub_cls(**kwargs)

@@ -4,12 +4,18 @@
 names. :func:`load_model` rebuilds the network from the JSON and loads the tensors, so a model
 artifact can never run code from the artifact (unlike a pickled module). Truncated or corrupt
 files raise :class:`sertune.errors.ModelError` naming the file.
+
+A model on a self-supervised encoder (``model.encoder: ssl``) is packaged whole: the encoder's
+weights are in ``model.safetensors`` with the heads', its Hugging Face config in ``model.json``
+(``ssl.config``, beside the checkpoint it came from and that checkpoint's SHA-256), so it loads
+where the checkpoint is not (``AutoModel.from_config`` + the saved weights).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,16 +31,35 @@ FORMAT = "sertune.mtl_aug/1"
 WEIGHTS, META = "model.safetensors", "model.json"
 
 
+def new_model(cfg: MTLAugConfig, cache: dict[str, Any] | None = None) -> torch.nn.Module:
+    """A fresh model of ``cfg`` (initial weights from ``cfg.seed``). An ssl encoder comes from
+    ``cache`` (the session's: a warm slot loads a checkpoint once for all its trials)."""
+    torch.manual_seed(cfg.seed)
+    if cfg.model.encoder == "ssl":
+        from .ssl_encoder import build_ssl_model
+
+        return build_ssl_model(cfg.model, cfg.features, {} if cache is None else cache, cfg.seed)
+    return MTLAugModel(cfg.model, cfg.features.n_mels)
+
+
 def save_model(
-    directory: str | Path, model: torch.nn.Module, cfg: MTLAugConfig, label_names: tuple[str, ...]
+    directory: str | Path,
+    model: torch.nn.Module,
+    cfg: MTLAugConfig,
+    label_names: tuple[str, ...],
+    state: dict[str, torch.Tensor] | None = None,
 ) -> None:
+    """``model``'s weights (or ``state``, a state dict of ``model``'s kind) and ``model.json``."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state = model.state_dict() if state is None else state
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     save_file(state, str(directory / WEIGHTS))
     meta = {"format": FORMAT, "config": cfg.to_dict(), "label_names": list(label_names)}
+    if hasattr(model, "meta"):  # an ssl encoder: what rebuilds it without its checkpoint
+        meta["ssl"] = model.meta()
     (directory / META).write_text(json.dumps(meta, indent=2))
 
 
@@ -43,8 +68,15 @@ def windowing_for(cfg: MTLAugConfig) -> Windowing:
     return Windowing.for_segment(int(round(cfg.features.segment_s * cfg.features.sample_rate)))
 
 
+def takes_waveform(model: torch.nn.Module) -> bool:
+    """An ssl model takes waveforms; the CNN-BiLSTM log-mels (a DDP wrapper: its module's)."""
+    return bool(getattr(getattr(model, "module", model), "takes_waveform", False))
+
+
 def forward_fn(model: torch.nn.Module, logmel: torch.nn.Module):
     """Waveform windows (B, segment) -> emotion logits (B, C): what every evaluation calls."""
+    if takes_waveform(model):
+        return lambda wav: model(wav)["emotion"]
     return lambda wav: model(logmel(wav))["emotion"]
 
 
@@ -52,19 +84,20 @@ class EmotionPredictor:
     """Raw 16 kHz mono float waveforms in, emotion probabilities out — through the same windows
     and logit averaging as validation, test and the robustness report."""
 
-    def __init__(self, model: MTLAugModel, cfg: MTLAugConfig, label_names: list[str]):
+    def __init__(self, model: torch.nn.Module, cfg: MTLAugConfig, label_names: list[str]):
         self.model = model.eval()
         self.cfg = cfg
         self.label_names = list(label_names)
         self.logmel = LogMel(cfg.features)
         self.windowing = windowing_for(cfg)
+        self._forward = forward_fn(self.model, self.logmel)
 
     @property
     def sample_rate(self) -> int:
         return self.cfg.features.sample_rate
 
     def forward(self, wav: torch.Tensor) -> torch.Tensor:
-        return self.model(self.logmel(wav))["emotion"]
+        return self._forward(wav)
 
     @torch.no_grad()
     def predict_proba(self, waveforms: list[np.ndarray]) -> np.ndarray:
@@ -89,7 +122,16 @@ def load_model(directory: str | Path) -> EmotionPredictor:
     if meta.get("format") != FORMAT:
         raise ModelError(f"{directory / META}: format {meta.get('format')!r}, expected {FORMAT!r}")
     cfg = MTLAugConfig.from_dict(meta["config"])
-    model = MTLAugModel(cfg.model, cfg.features.n_mels)
+    if cfg.model.encoder == "ssl":
+        from .ssl_encoder import SSLMTLAugModel, encoder_from_config
+
+        ssl = meta.get("ssl")
+        if not isinstance(ssl, dict) or not isinstance(ssl.get("config"), dict):
+            raise ModelError(f"{directory / META}: an ssl model without its encoder's config")
+        info = {k: ssl.get(k) for k in ("checkpoint", "sha256", "normalize")}
+        model = SSLMTLAugModel(cfg.model, cfg.features, encoder_from_config(ssl["config"]), info)
+    else:
+        model = MTLAugModel(cfg.model, cfg.features.n_mels)
     try:
         model.load_state_dict(load_file(str(directory / WEIGHTS)))
     except (SafetensorError, RuntimeError, OSError) as e:

@@ -70,8 +70,9 @@ from trainables.data.cache import DecodedCorpus, load_cache, speaker_independent
 
 from .augment import AugmentationBank, LogMel
 from .config import MTLAugConfig
-from .export import forward_fn, load_model, save_model, windowing_for
-from .model import UNLABELLED, MTLAugModel, mtl_aug_loss
+from .export import forward_fn, load_model, new_model, save_model, takes_waveform, windowing_for
+from .model import UNLABELLED, mtl_aug_loss
+from .ssl_encoder import LOADS as ENCODER_LOADS
 
 STATE_FILE = "state.pt"
 BEST = "best"
@@ -315,6 +316,10 @@ def final_evaluation(
         )
         write_validation_report(vreport, out / "robustness_val")
         metrics.update(vreport["metrics"])
+    if hasattr(model, "layer_report"):  # an ssl encoder's layer weights, beside the report
+        from .ssl_encoder import write_layer_weights
+
+        write_layer_weights(model, out / "robustness", run_cfg.get("title", ""))
     model.train(was_training)
     return metrics
 
@@ -331,20 +336,25 @@ def save_checkpoint(
     best: dict[str, Any],
     label_names: tuple[str, ...],
 ) -> None:
-    """state.pt (resume, weights only, no pickle of objects) and best/ (serve)."""
+    """state.pt (resume, weights only, no pickle of objects) and best/ (serve).
+
+    A frozen ssl encoder's weights are not in state.pt (its content hash is: a resume rebuilds
+    them from the same checkpoint); best/ holds the whole model, encoder included."""
     core = getattr(model, "module", model)
+    weights = core.state_dict()
+    frozen = core.frozen_state_keys() if hasattr(core, "frozen_state_keys") else set()
     state = {
-        "model": core.state_dict(),
+        "model": {k: v for k, v in weights.items() if k not in frozen},
         "optimizer": optimizer.state_dict(),
         "epoch": epoch,
         "rng": {"torch_cpu": torch.get_rng_state(), "seed": cfg.seed},
         "config": cfg.to_json(),
         "best": json.dumps({k: v for k, v in best.items() if k != "state"}),
     }
+    if frozen:
+        state["frozen_encoder"] = core.info.get("sha256") or ""
     torch.save(state, directory / STATE_FILE)
-    best_model = MTLAugModel(cfg.model, cfg.features.n_mels)
-    best_model.load_state_dict(best["state"])
-    save_model(directory / BEST, best_model, cfg, label_names)
+    save_model(directory / BEST, core, cfg, label_names, state=best["state"])
     (directory / BEST / "metrics.json").write_text(json.dumps(best["metrics"]))
 
 
@@ -398,17 +408,21 @@ def train(config: dict[str, Any], session: Any) -> list[dict[str, Any]]:
     n_train = len(train_idx) + n_extra
 
     # [3] Model, augmentation bank, optimiser; resume
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     bank = AugmentationBank(
         cfg.aug,
         cfg.features,
         resident.noise_bank(data_cfg.get("noise_files") or [], cfg.features.sample_rate),
     ).to(device)
     windowing = windowing_for(cfg)
-    core = MTLAugModel(cfg.model, cfg.features.n_mels).to(device)
+    loads = sum(ENCODER_LOADS.values())
+    core = new_model(cfg, session.cache()).to(device)  # identical initial weights on every rank
+    if sum(ENCODER_LOADS.values()) > loads:  # this slot's first trial on this encoder
+        resident.notes.append(f"encoder {cfg.model.ssl.checkpoint} loaded from disk")
     optimizer = torch.optim.AdamW(
-        core.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay
+        _param_groups(core, cfg), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay
     )
+    on_waveform = takes_waveform(core)
+    frozen_copies: dict[str, torch.Tensor] = {}  # a frozen encoder's weights, copied once
     start_epoch = 0
     best: dict[str, Any] = {
         "epoch": None,
@@ -421,12 +435,12 @@ def train(config: dict[str, Any], session: Any) -> list[dict[str, Any]]:
     ckpt = session.get_checkpoint_dir()
     if ckpt:
         state = load_state(ckpt)
-        core.load_state_dict(state["model"])
+        _load_trained(core, state, ckpt)
         optimizer.load_state_dict(state["optimizer"])
         start_epoch = int(state["epoch"]) + 1
         best.update(json.loads(state["best"]))
         best["state"] = load_model(Path(ckpt) / BEST).model.state_dict()
-        states = {int(state["epoch"]): state["model"]}
+        states = {int(state["epoch"]): _snapshot(core, frozen_copies)}
         if best["epoch"] is not None:
             states[int(best["epoch"])] = best["state"]
     # the model a trial keeps: the best epoch of its smoothed select curve (KeptModel)
@@ -468,8 +482,12 @@ def train(config: dict[str, Any], session: Any) -> list[dict[str, Any]]:
             for step in range(steps):
                 session.poll()  # a stopped trial stops here, not at the end of the epoch
                 wav, valid, y = next(it)
-                feats, aug_type = bank(wav, gen, valid=valid)  # (B, M, T), (B,)
-                out = model(feats)
+                if on_waveform:  # the encoder takes the augmented waveform; its log-mel is the
+                    wav_aug, target, aug_type = bank.waveforms(wav, gen, valid=valid)  # target
+                    out = model(wav_aug, target)
+                else:
+                    feats, aug_type = bank(wav, gen, valid=valid)  # (B, M, T), (B,)
+                    out = model(feats)
                 losses = mtl_aug_loss(out, y, aug_type, cfg.loss)
                 if not torch.isfinite(losses.total):
                     raise TrialDiverged(
@@ -527,9 +545,7 @@ def train(config: dict[str, Any], session: Any) -> list[dict[str, Any]]:
         }
         value = metrics.get(select["metric"], metrics["val_uar"])
         val_of[epoch] = {k: v for k, v in metrics.items() if k.startswith("val_")}
-        kept = keeper.add(
-            value, {k: v.detach().cpu().clone() for k, v in core.state_dict().items()}
-        )
+        kept = keeper.add(value, _snapshot(core, frozen_copies))
         if keeper.epoch != best["epoch"]:
             best.update(epoch=keeper.epoch, metrics=val_of.get(keeper.epoch, best["metrics"]))
         best.update(value=keeper.value, state=kept, curve=keeper.curve)
@@ -578,6 +594,53 @@ def evaluate_checkpoint(
         Resident(cache, dev, run_cfg.get("data_placement")),
         Path(checkpoint_dir) / BEST,
     )
+
+
+def _param_groups(core: torch.nn.Module, cfg: MTLAugConfig) -> list[dict[str, Any]]:
+    """One group at ``optim.lr``; an ssl model's fine-tuned encoder layers at ``optim.encoder_lr``
+    (a frozen encoder's parameters are in no group)."""
+    if not hasattr(core, "encoder_parameters"):
+        return [{"params": list(core.parameters())}]
+    groups = [{"params": core.head_parameters()}]
+    if core.encoder_parameters():
+        groups.append({"params": core.encoder_parameters(), "lr": cfg.optim.encoder_lr})
+    return groups
+
+
+def _load_trained(core: torch.nn.Module, state: dict[str, Any], ckpt: str) -> None:
+    """Load a checkpoint's weights; one without a frozen encoder's keeps the pristine ones, which
+    must be those of the encoder it was trained on (the same content hash)."""
+    if "frozen_encoder" not in state:
+        core.load_state_dict(state["model"])
+        return
+    have = core.info.get("sha256") if hasattr(core, "info") else None
+    if state["frozen_encoder"] != have:
+        raise ValueError(
+            f"{ckpt}: trained on the encoder of SHA-256 {state['frozen_encoder'][:12]}, but "
+            f"model.ssl.checkpoint now holds {str(have)[:12]}: resume with the same checkpoint"
+        )
+    missing, unexpected = core.load_state_dict(state["model"], strict=False)
+    left = set(missing) - core.frozen_state_keys()
+    if left or unexpected:
+        raise ValueError(
+            f"{ckpt}: weights do not fit the model (missing {sorted(left)[:3]}, "
+            f"unexpected {sorted(unexpected)[:3]})"
+        )
+
+
+def _snapshot(core: torch.nn.Module, frozen: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A CPU copy of ``core``'s state that training no longer changes. A frozen encoder's weights
+    never change: they are copied once per trial (``frozen``) and shared by every snapshot."""
+    keys = core.frozen_state_keys() if hasattr(core, "frozen_state_keys") else ()
+    out = {}
+    for k, v in core.state_dict().items():
+        if k in keys:
+            if k not in frozen:
+                frozen[k] = v.detach().cpu().clone()
+            out[k] = frozen[k]
+        else:
+            out[k] = v.detach().cpu().clone()
+    return out
 
 
 def _step_positions(

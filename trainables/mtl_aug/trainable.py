@@ -47,8 +47,13 @@ class MTLAugTrainable(CorpusHooks, Trainable):
         return set(MTLAugConfig().to_flat())
 
     def validate_params(self, params: dict[str, Any]) -> None:
+        """Also checks that an ssl encoder's checkpoint is on this disk (never downloaded)."""
         try:
-            MTLAugConfig.from_dict(params)
+            cfg = MTLAugConfig.from_dict(params)
+            if cfg.model.encoder == "ssl":
+                from .ssl_checkpoint import check
+
+                check(cfg.model.ssl)
         except ConfigError as e:
             raise ValueError(str(e)) from None
         except (TypeError, ValueError) as e:

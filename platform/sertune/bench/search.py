@@ -49,10 +49,18 @@ class TrialClock(Callback):
 
 
 def _spec(
-    home: Path, name: str, trials: int, concurrency: int, steps: int, gpus: float, execution: str
+    home: Path,
+    name: str,
+    trials: int,
+    concurrency: int,
+    steps: int,
+    gpus: float,
+    execution: str,
+    params: dict[str, Any] | None = None,
 ) -> Any:
     raw = load_spec(presets()["smoke"]).model_dump()
     raw.pop("source")
+    raw["params"] = {**raw["params"], **(params or {})}  # --set (e.g. an SSL encoder)
     raw.update(name=name, robustness=None, seed=0, execution=execution)
     raw["budget"].update(
         trials=trials,
@@ -120,7 +128,27 @@ def _fixed_costs(clock: TrialClock) -> tuple[list[float], list[float], list[floa
     return over, loop, before
 
 
-def run_search_bench(trials: int = 8, gpus: float = 0.0, num_cpus: int | None = None) -> int:
+def bench_params(sets: list[str] | None) -> dict[str, Any]:
+    """``--set KEY=VALUE`` (``params.`` optional) as trainable parameters for every mode."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in sets or []:
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            from ..errors import UsageError
+
+            raise UsageError(f"--set: expected KEY=VALUE, got {item!r}")
+        out[key.removeprefix("params.")] = yaml.safe_load(value)
+    return out
+
+
+def run_search_bench(
+    trials: int = 8,
+    gpus: float = 0.0,
+    num_cpus: int | None = None,
+    sets: list[str] | None = None,
+) -> int:
     import torch
 
     from ..ray_compat import quiet
@@ -137,6 +165,9 @@ def run_search_bench(trials: int = 8, gpus: float = 0.0, num_cpus: int | None = 
         f"bench search: {trials} sequential short trials per mode, "
         f"{'GPU' if gpu_frac else 'CPU'} workers (torch {torch.__version__}, {os.cpu_count()} CPUs)"
     )
+    params = bench_params(sets)
+    if params:
+        print("  parameters: " + ", ".join(f"{k}={v}" for k, v in sorted(params.items())))
     modes = [
         ("per-trial, Ray defaults", "per_trial", False),
         ("per-trial, tuned", "per_trial", True),
@@ -144,7 +175,7 @@ def run_search_bench(trials: int = 8, gpus: float = 0.0, num_cpus: int | None = 
     ]
     rows = []
     for i, (label, execution, fast) in enumerate(modes):
-        spec = _spec(home, f"bench-{i}", trials, 1, 2, 1.0 if gpu_frac else 0.0, execution)
+        spec = _spec(home, f"bench-{i}", trials, 1, 2, 1.0 if gpu_frac else 0.0, execution, params)
         clock, wall, startup = _run(spec, fast, num_cpus, home)
         over, loop, before = _fixed_costs(clock)
         med = statistics.median(over) if over else float("nan")
@@ -173,7 +204,7 @@ def run_search_bench(trials: int = 8, gpus: float = 0.0, num_cpus: int | None = 
     frac = (1.0 / k) if gpu_frac else 0.0
     rates = {}
     for n in (1, k):
-        spec = _spec(home, f"pack-{n}", n * 2, n, 30, frac, "warm")
+        spec = _spec(home, f"pack-{n}", n * 2, n, 30, frac, "warm", params)
         clock, _, _ = _run(spec, True, num_cpus, home)
         per = [r.get("train_samples_per_s", 0.0) for r in clock.last.values()]
         rates[n] = statistics.median(per) * n if per else 0.0

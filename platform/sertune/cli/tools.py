@@ -98,9 +98,18 @@ def add(sub) -> None:
         bsub,
         "search",
         "fixed cost per trial: warm slots against one Train run per trial, side by side; packing",
-        "sertune bench search --trials 8\nsertune bench search --fractional-gpus 0.25",
+        "sertune bench search --trials 8\nsertune bench search --fractional-gpus 0.25\n"
+        "sertune bench search --set model.encoder=ssl --set model.ssl.checkpoint=/models/wavlm-base-plus",
     )
     bs.add_argument("--trials", type=int, default=8, help="short sequential trials per mode")
+    bs.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="a trainable parameter for every mode's trials, e.g. model.encoder=ssl "
+        "(repeatable): the fixed cost with a self-supervised encoder, loaded once per warm slot "
+        "vs once per trial",
+    )
     bs.add_argument(
         "--fractional-gpus",
         type=float,
@@ -272,7 +281,9 @@ def bench_data(a: argparse.Namespace) -> int:
 def bench_search(a: argparse.Namespace) -> int:
     from ..bench.search import run_search_bench
 
-    return run_search_bench(trials=a.trials, gpus=a.fractional_gpus, num_cpus=a.num_cpus)
+    return run_search_bench(
+        trials=a.trials, gpus=a.fractional_gpus, num_cpus=a.num_cpus, sets=a.set
+    )
 
 
 def bench_sampler(a: argparse.Namespace) -> int:
