@@ -28,6 +28,7 @@ from .leaderboard import Columns, trial_epochs
 from .records import SearchRecord
 from .run_notes import NOTE, metric_rows, parent_params, trial_note
 from .spec import SearchSpec, split_signature
+from .storage import exists
 from .tracking import Kind, Op
 from .trainable import (
     BEST_EPOCH,
@@ -313,7 +314,9 @@ class TrialLogger(Callback):
                 return
             best = f"{ckpt.rstrip('/')}/best"
             runs.append(Op(Kind.MODEL, key=key, src=best, trainable=runs.spec.trainable))
-            if runs.spec.robustness is not None:
+            # the robustness report, or what a trainable leaves there without one (an SSL
+            # encoder's layer weights)
+            if runs.spec.robustness is not None or exists(f"{best}/robustness"):
                 runs.append(
                     Op(Kind.ARTIFACTS, key=key, src=f"{best}/robustness", path="robustness")
                 )

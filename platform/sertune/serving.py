@@ -101,13 +101,24 @@ def _load_pyfunc(data_path: str) -> SERPyfuncModel:
     )
 
 
-def requirements() -> list[str]:
+def requirements(model_dir: str | Path | None = None) -> list[str]:
     """What a served model needs: public packages only, torch and torchaudio at the versions
-    that trained it (exactly: torchaudio's native library loads only against its own torch)."""
+    that trained it (exactly: torchaudio's native library loads only against its own torch),
+    plus what the model's own ``model.json`` lists under ``requirements`` (a self-supervised
+    encoder: ``transformers``)."""
+    import json
     from importlib import metadata
 
+    extra: list[str] = []
+    if model_dir is not None and (Path(model_dir) / "model.json").is_file():
+        try:
+            extra = list(
+                json.loads((Path(model_dir) / "model.json").read_text()).get("requirements") or []
+            )
+        except (ValueError, AttributeError):
+            extra = []
     torch, torchaudio = metadata.version("torch"), metadata.version("torchaudio")
-    return [
+    return extra + [
         f"mlflow=={metadata.version('mlflow')}",
         f"torch=={torch.split('+')[0]}",
         f"torchaudio=={torchaudio.split('+')[0]}",

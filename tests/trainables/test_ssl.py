@@ -238,6 +238,11 @@ def test_a_saved_ssl_model_predicts_in_a_fresh_process_without_its_checkpoint(
     there = np.array(eval(out.stdout.strip().splitlines()[-1]))
     assert there.shape == (2, 4) and np.allclose(there.sum(1), 1.0, atol=1e-5)
     assert np.allclose(there, here, atol=1e-5)
+    # a served copy (mlflow models serve) installs transformers too
+    from sertune.serving import requirements
+
+    assert any(r.startswith("transformers==") for r in requirements(model_dir))
+    assert not any(r.startswith("transformers") for r in requirements())
 
 
 # -- (e) refused before anything runs ----------------------------------------------------------------

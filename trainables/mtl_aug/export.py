@@ -59,7 +59,11 @@ def save_model(
     save_file(state, str(directory / WEIGHTS))
     meta = {"format": FORMAT, "config": cfg.to_dict(), "label_names": list(label_names)}
     if hasattr(model, "meta"):  # an ssl encoder: what rebuilds it without its checkpoint
+        from importlib.metadata import version
+
         meta["ssl"] = model.meta()
+        # what a served copy needs beyond sertune's own (read by sertune.serving.requirements)
+        meta["requirements"] = [f"transformers=={version('transformers')}"]
     (directory / META).write_text(json.dumps(meta, indent=2))
 
 

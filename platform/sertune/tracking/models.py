@@ -45,7 +45,7 @@ def log_pyfunc_model(run_id: str, model_dir: Path, trainable: str, tracking_uri:
                 code_paths=code_dirs(Path(tmp) / "code"),
                 signature=signature,
                 input_example=example,  # serving_input_example.json shows callers the format
-                pip_requirements=requirements(),
+                pip_requirements=requirements(model_dir),
             )
         return info.model_uri
 
