@@ -126,6 +126,21 @@ def _package_dirs() -> list[str]:
     ]
 
 
+def job_env(name: str, tracking_uri: str | None = None) -> dict[str, str]:
+    """A submitted job's environment: the settings in :data:`FORWARDED` (never a credential; a
+    URI without its userinfo), Ray's fast settings, and ``SERTUNE_SUBMITTED``: the name whose
+    submitted record the job's driver takes over."""
+    env = {k: os.environ[k] for k in FORWARDED if os.environ.get(k)}
+    if tracking_uri:
+        env["MLFLOW_TRACKING_URI"] = tracking_uri
+    if "MLFLOW_TRACKING_URI" in env:
+        env["MLFLOW_TRACKING_URI"] = without_userinfo(env["MLFLOW_TRACKING_URI"])
+    env.update(FAST_ENV)
+    env["PYTHONUNBUFFERED"] = "1"
+    env["SERTUNE_SUBMITTED"] = name
+    return env
+
+
 def submit(
     spec: Any,
     spec_path: str,
@@ -142,16 +157,7 @@ def submit(
     if spec.define_by_run:  # the define-by-run file travels beside the spec
         file = spec.define_by_run.partition(":")[0]
         shutil.copy(src.parent / file, stage / Path(file).name)
-    env = {k: os.environ[k] for k in FORWARDED if os.environ.get(k)}
-    if tracking_uri:
-        env["MLFLOW_TRACKING_URI"] = tracking_uri
-    if "MLFLOW_TRACKING_URI" in env:
-        env["MLFLOW_TRACKING_URI"] = without_userinfo(env["MLFLOW_TRACKING_URI"])
-    env.update(FAST_ENV)
-    env["PYTHONUNBUFFERED"] = "1"
-    env["SERTUNE_SUBMITTED"] = (
-        spec.name
-    )  # the job's `search run` takes the submitted record's name
+    env = job_env(spec.name, tracking_uri)  # the job's `search run` takes the record's name
     entrypoint = f"python -m sertune.cli search run {src.name} --name {spec.name}"
     try:  # the working dir is uploaded by submit_job; the local copy is not needed after
         sid = _call(
@@ -270,14 +276,7 @@ def submit_study(
         if s.define_by_run:
             file = s.define_by_run.partition(":")[0]
             shutil.copy(src.parent / file, stage / Path(file).name)
-    env = {k: os.environ[k] for k in FORWARDED if os.environ.get(k)}
-    if tracking_uri:
-        env["MLFLOW_TRACKING_URI"] = tracking_uri
-    if "MLFLOW_TRACKING_URI" in env:
-        env["MLFLOW_TRACKING_URI"] = without_userinfo(env["MLFLOW_TRACKING_URI"])
-    env.update(FAST_ENV)
-    env["PYTHONUNBUFFERED"] = "1"
-    env["SERTUNE_SUBMITTED"] = name
+    env = job_env(name, tracking_uri)
     vs_arg = Path(vs).name if len(files) > 1 else vs
     args = ["study", "run", Path(spec.source).name, "--vs", vs_arg, "--outer", str(outer)]
     args += ["--name", name] + [x for s in sets for x in ("--set", s)]

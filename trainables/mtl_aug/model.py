@@ -36,6 +36,20 @@ class AttentionPool(nn.Module):
         return (a * h).sum(dim=1)  # (B, D)
 
 
+def add_heads(m: nn.Module, d: int, cfg: ModelConfig) -> None:
+    """The heads every shared encoder feeds (``d``-dim frames): attention pooling, dropout, the
+    emotion head and the aug-type head, under the names saved models carry."""
+    m.attn = AttentionPool(d, cfg.attn_dim)
+    m.dropout = nn.Dropout(cfg.dropout)
+    m.emotion_head = nn.Sequential(
+        nn.Linear(d, cfg.lstm_hidden),
+        nn.ReLU(),
+        nn.Dropout(cfg.dropout),
+        nn.Linear(cfg.lstm_hidden, cfg.n_emotions),
+    )
+    m.aug_head = nn.Linear(d, len(AUG_TYPES))
+
+
 class MTLAugModel(nn.Module):
     def __init__(self, cfg: ModelConfig, n_mels: int):
         super().__init__()
@@ -62,15 +76,7 @@ class MTLAugModel(nn.Module):
             bidirectional=True,
         )
         d = 2 * cfg.lstm_hidden
-        self.attn = AttentionPool(d, cfg.attn_dim)
-        self.dropout = nn.Dropout(cfg.dropout)
-        self.emotion_head = nn.Sequential(
-            nn.Linear(d, cfg.lstm_hidden),
-            nn.ReLU(),
-            nn.Dropout(cfg.dropout),
-            nn.Linear(cfg.lstm_hidden, cfg.n_emotions),
-        )
-        self.aug_head = nn.Linear(d, len(AUG_TYPES))
+        add_heads(self, d, cfg)
         self.decoder = nn.Sequential(
             nn.Linear(d, d), nn.ReLU(), nn.Linear(d, n_mels * self.pool)
         )  # one frame of h rebuilds `pool` input frames

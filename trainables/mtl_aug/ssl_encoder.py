@@ -38,8 +38,8 @@ import torch
 import torch.nn as nn
 
 from . import ssl_checkpoint
-from .config import AUG_TYPES, FeatureConfig, ModelConfig
-from .model import AttentionPool
+from .config import FeatureConfig, ModelConfig
+from .model import add_heads
 
 CACHE_KEY = "mtl_aug.ssl_encoders"
 KEEP = 2  # pristine encoders kept per process (a search over checkpoints alternates)
@@ -125,15 +125,7 @@ class SSLMTLAugModel(nn.Module):
             self.layer_ids = tuple(layers)
         self.layer_weights = nn.Parameter(torch.zeros(len(self.layer_ids)))  # softmax -> uniform
         d = int(encoder.config.hidden_size)
-        self.attn = AttentionPool(d, cfg.attn_dim)
-        self.dropout = nn.Dropout(cfg.dropout)
-        self.emotion_head = nn.Sequential(
-            nn.Linear(d, cfg.lstm_hidden),
-            nn.ReLU(),
-            nn.Dropout(cfg.dropout),
-            nn.Linear(cfg.lstm_hidden, cfg.n_emotions),
-        )
-        self.aug_head = nn.Linear(d, len(AUG_TYPES))
+        add_heads(self, d, cfg)
         self.n_mels = features.n_mels
         # log-mel frames per encoder frame: 320 / 160 = 2 (a non-integer ratio rounds up and the
         # rebuilt frames are cropped to the target's)
