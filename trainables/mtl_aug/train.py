@@ -80,6 +80,16 @@ NOISY_VAL_SNR_DB = 10.0
 DEFAULT_SELECT = {"metric": "val_uar", "mode": "max"}
 
 
+def peak_memory_mb(device: torch.device) -> float:
+    """This worker's peak memory so far: the CUDA allocator's peak on a GPU, else the process's
+    peak resident set (a warm slot is one process: its corpus, model and encoder)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
 def seed_for(seed: int, rank: int, epoch: int) -> int:
     return (seed * 1_000_003 + rank * 7919 + epoch * 104_729) % (2**31 - 1)
 
@@ -539,6 +549,8 @@ def train(config: dict[str, Any], session: Any) -> list[dict[str, Any]]:
             "train_samples": int(n_seen),  # summed over every worker
             "train_samples_per_s": n_seen / max(epoch_time, 1e-9),
             "train_time_s": train_time,
+            # a slot's peak memory so far (bench search: how many slots of a model fit a device)
+            "peak_memory_mb": peak_memory_mb(device),
             # data load + epochs so far, and when the loop started (bench search)
             "loop_time_s": time.perf_counter() - loop_t0,
             LOOP_STARTED_AT: loop_started_at,

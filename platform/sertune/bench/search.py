@@ -208,6 +208,19 @@ def run_search_bench(
         clock, _, _ = _run(spec, True, num_cpus, home)
         per = [r.get("train_samples_per_s", 0.0) for r in clock.last.values()]
         rates[n] = statistics.median(per) * n if per else 0.0
+        peaks = [r["peak_memory_mb"] for r in clock.last.values() if "peak_memory_mb" in r]
+        if n == 1 and peaks:
+            peak = max(peaks)
+            if gpu_frac:
+                total = torch.cuda.get_device_properties(0).total_memory / 2**20
+                where = f"of the GPU's {total:,.0f} MiB (CUDA allocator peak)"
+            else:
+                total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
+                where = f"of the host's {total:,.0f} MiB (the slot process's peak resident set)"
+            print(
+                f"memory per slot: {peak:,.0f} MiB peak {where}: "
+                f"{int(total // peak) if peak else 0} slots of this model fit by memory"
+            )
     what = f"{frac:.2f} GPU each" if gpu_frac else "1 CPU each"
     print(
         f"packing: 1 slot alone {rates[1]:,.0f} samples/s; {k} packed slots ({what}) "
