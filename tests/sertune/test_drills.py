@@ -3,8 +3,8 @@ name at once, a disk filling mid-search (past a floor, and a real tmpfs to its l
 garbled checkpoint on resume, and the driver SIGKILLed at each moment of a search (after a
 scheduler stop under cross-validation, during the closing steps, the confirmation, the baseline,
 with repeats, under PBT) then resumed. Each runs real `sertune` processes in its own home and
-must lose nothing and hang nowhere. One of them, the cross-validated search killed after a
-scheduler stop, also runs in `make test`."""
+must lose nothing and hang nowhere. (`make test` runs one killed-driver drill: the study's, in
+test_study.py; these run in `make test-slow`.)"""
 
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ def test_a_fault_drill_loses_nothing(name):
     _drill(name)
 
 
+@pytest.mark.slow
 def test_a_cv_search_killed_after_a_scheduler_stop_resumes_to_the_end():
     """The driver SIGKILLed 3 s after ASHA stopped a cross-validated trial (whose fold jobs
     trained on to their last epoch): the resume ends (no wait without a deadline), finished

@@ -37,7 +37,8 @@ def test_a_study_killed_after_its_first_outer_fold_resumes_without_rerunning_it(
     assert "champion of 'st'" in promoted.stdout
     from mlflow import MlflowClient
 
-    c = MlflowClient(f"sqlite:///{d.home / 'mlflow.db'}")
+    uri = f"sqlite:///{d.home / 'mlflow.db'}"
+    c = MlflowClient(uri, registry_uri=uri)  # not the process's registry an earlier test set
     version = c.get_model_version_by_alias("ser-study", "champion")
     assert "Promoted from study drill-study" in version.description
     assert "| condition |" in version.description
