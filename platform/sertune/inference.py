@@ -65,22 +65,26 @@ def model_dir(model_uri: str, tracking_uri: str | None = None) -> Path:
     return cache
 
 
+def data_dir(root: Path) -> Path:
+    """The trainable's own model folder inside a pyfunc model's folder ``root``."""
+    import yaml
+
+    try:
+        conf = yaml.safe_load((root / "MLmodel").read_text())
+        return root / conf["flavors"]["python_function"]["data"]
+    except (OSError, KeyError, TypeError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ModelError(f"{root / 'MLmodel'}: not a sertune pyfunc model ({e})") from None
+
+
 def load_model(model_uri: str, tracking_uri: str | None = None):
     """The pyfunc wrapper (``sertune.serving.SERPyfuncModel``) of a model, loaded without MLflow's
     generic loader: no environment checks, no code-path juggling in this process."""
-    import yaml
-
     from .serving import _load_pyfunc
 
     root = model_dir(model_uri, tracking_uri)
     cached = root.parent == settings.home() / "models"
     try:
-        try:
-            conf = yaml.safe_load((root / "MLmodel").read_text())
-            data = conf["flavors"]["python_function"]["data"]
-        except (OSError, KeyError, TypeError, UnicodeDecodeError, yaml.YAMLError) as e:
-            raise ModelError(f"{root / 'MLmodel'}: not a sertune pyfunc model ({e})") from None
-        return _load_pyfunc(str(root / data))
+        return _load_pyfunc(str(data_dir(root)))
     except ModelError as e:
         if not cached:
             raise

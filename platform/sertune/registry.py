@@ -146,6 +146,35 @@ def _refit_of(runs: list[Run], trial: str) -> Run | None:
     return None
 
 
+def _servable(store: Store, run: Run, trainable: str) -> str:
+    """The model to register: the run's logged model, or - when its trainable keeps part of it
+    outside (an ssl model's frozen encoder, named by path and hash: each trial's model stays
+    small) - a self-contained copy, logged on the same run once (tag
+    ``sertune.packaged_model_uri``) and reused by every later promotion."""
+    import tempfile
+
+    from .inference import data_dir, model_dir
+    from .tracking import log_pyfunc_model
+    from .trainable import UnknownTrainable, get_trainable
+
+    uri = run.tags["sertune.model_uri"]
+    if run.tags.get("sertune.packaged_model_uri"):
+        return run.tags["sertune.packaged_model_uri"]
+    try:
+        plugin = get_trainable(trainable)
+    except UnknownTrainable:
+        return uri
+    with tempfile.TemporaryDirectory(prefix="sertune-package-") as tmp:
+        out = Path(tmp) / "model"
+        if not plugin.package_model(data_dir(model_dir(uri, store.uri)), out):
+            return uri
+        status = store.run_state(run.run_id)
+        packaged = log_pyfunc_model(run.run_id, out, trainable, store.uri)
+        store.end_run(run.run_id, status)  # logging reopened the run
+    store.set_run_tags(run.run_id, {"sertune.packaged_model_uri": packaged})
+    return packaged
+
+
 def _gate_table(
     best: dict[str, Any], parsed: list[tuple[str, str, float]], gate_on: str = "mean"
 ) -> tuple[list, bool]:
@@ -277,6 +306,19 @@ def promote(
         raise NotFound(
             f"search {search!r}: no finished trial with metric {metric!r} and a logged model"
         )
+    unmeasured = [
+        name
+        for name, _, _ in select
+        if name.startswith("val_robust/")
+        and all(c["metrics"].get(name) is None for c in candidates)
+    ]
+    if unmeasured:
+        raise UsageError(
+            f"search {search!r}: no trial measured {', '.join(unmeasured)} (with "
+            "robustness.validation: selection, the default, a trial measures the val_robust/* "
+            "twins its objective and constraints read). Gate on a figure the search measured, or "
+            "rerun it with robustness.validation: all (--set robustness.validation=all)"
+        )
     # The best candidate that passes every choosing gate: such a gate is a floor for the
     # champion, so a better but fragile configuration is passed over (and named), never promoted.
     what = "mean over seeds" if confirmed else "actual"
@@ -340,7 +382,7 @@ def promote(
         or f"{best['label']}"
     )
     previous = store.version_of(model_name, "champion")
-    model_uri = model_run.tags["sertune.model_uri"]
+    model_uri = _servable(store, model_run, record.spec.trainable)
     tags["sertune.model_uri"] = model_uri
     # promotion is idempotent per model: a model registered before keeps its version
     version = store.version_tagged(model_name, "sertune.model_uri", model_uri)

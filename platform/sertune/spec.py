@@ -428,6 +428,11 @@ class RobustnessSpec(_Strict):
     pgd_eps: list[float] = _robustness_default("pgd_eps")
     pgd_steps: int = _robustness_default("pgd_steps")
     max_utterances: int | None = _robustness_default("max_utterances")
+    # which val_robust/* twins (the same conditions on the validation speakers) each trial
+    # measures: ``selection`` - those the search reads (objective metrics, constraints); ``all``
+    # - every condition (gate a promotion on any of them later). The test speakers' robust/*
+    # report is always complete.
+    validation: Literal["selection", "all"] = "selection"
 
 
 class ReferenceSpec(_Strict):
@@ -519,8 +524,19 @@ class SearchSpec(_Strict):
         return self.search.scheduler_name(self.objective.multi)
 
     def robustness_options(self) -> dict[str, Any] | None:
-        """The robustness options as the trainable reads them (None: no robustness report)."""
-        return self.robustness.model_dump() if self.robustness else None
+        """The robustness options as the trainable reads them (None: no robustness report).
+        With ``validation: selection``, ``validation_metrics`` lists the ``val_robust/*`` twins
+        the search reads: what each trial measures on its validation speakers."""
+        if not self.robustness:
+            return None
+        out = self.robustness.model_dump()
+        if out.pop("validation") == "selection":
+            read = [m.metric or "" for m in self.metrics]
+            for c in self.objective.constraints:  # (not validated yet where validation asks)
+                m = _CONDITION.match(c)
+                read += [m.group(1)] if m else []
+            out["validation_metrics"] = sorted({m for m in read if m.startswith("val_robust/")})
+        return out
 
     def cross_corpus_names(self) -> list[str]:
         return [c.name or c.corpus for c in self.data.cross_corpus]

@@ -34,6 +34,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -904,20 +905,75 @@ def remove_study(name: str, mlflow_runs: bool = False) -> list[str]:
 # -- promotion -----------------------------------------------------------------------------------
 
 
-def supported_fold(record: StudyRecord) -> tuple[int, dict[str, Any]]:
-    """Which fold champion of the spec arm a study promotes: the one with the best inner
-    objective (chosen on validation speakers, like every champion; never on an outer fold's
-    test figures). Each fold searched its own configuration, so none repeats across folds."""
+def supported_fold(
+    record: StudyRecord, margin: Callable[[int, dict[str, Any]], float] | None = None
+) -> tuple[int, dict[str, Any], str]:
+    """Which of the spec arm's fold champions a study promotes, and why (one line).
+
+    The configuration the study supports is the **most frequent fold winner**: the searched
+    parameters' values that won the most outer folds (each fold's winner was chosen on its own
+    validation speakers; no outer fold's test figure enters). A continuous search space rarely
+    repeats a winner: then every fold winner ties at one fold, and so do the folds of a repeated
+    winner. Ties go to the winner that won its own fold most clearly: its inner objective's
+    margin over the median of that fold search's trials, in units of their sd (``margin``, by
+    default read from each fold search's saved state). Inner objectives are never compared raw
+    across folds: that would favour the fold with the easiest validation speakers. The model
+    registered is that fold search's champion, trained without the outer fold's speakers."""
     spec_arm = record.arms[0]
-    mode = record.spec.metrics[0].mode
-    best: tuple[int, dict[str, Any]] | None = None
-    for k in record.outer:
-        f = record.folds.get(f"{k}/{spec_arm}") or {}
-        v = (f.get("objective") or {}).get("value")
-        if f.get("status") != "finished" or not isinstance(v, (int, float)):
-            continue
-        if best is None or (v > best[1]["objective"]["value"]) == (mode == "max"):
-            best = (k, f)
-    if best is None:
+    finished = {
+        k: f
+        for k in record.outer
+        if (f := record.folds.get(f"{k}/{spec_arm}") or {}).get("status") == "finished"
+        and f.get("search")
+    }
+    if not finished:
         raise NotFound(f"study {record.name!r}: no finished fold search of {spec_arm!r} yet")
-    return best
+
+    def config(f: dict[str, Any]) -> str:
+        return json.dumps(f.get("winner") or {}, sort_keys=True, default=str)
+
+    wins: dict[str, list[int]] = {}
+    for k, f in finished.items():
+        wins.setdefault(config(f), []).append(k)
+    most = max(len(v) for v in wins.values())
+    tied = [k for ks in wins.values() if len(ks) == most for k in ks]
+    margin = margin or (lambda k, f: _fold_margin(record, f))
+    margins = {k: margin(k, finished[k]) for k in tied}
+    best = max(tied, key=lambda k: (margins[k], -k))
+    n = len(finished)
+    if most > 1:
+        why = f"the configuration that won {most} of {n} outer folds ({wins[config(finished[best])]})"
+    else:
+        why = f"no configuration won more than one of {n} outer folds"
+    if len(tied) > 1:
+        why += (
+            f"; of the {len(tied)} tied fold champions, fold {best}'s won its own fold most "
+            f"clearly ({margins[best]:+.2f} sd over its fold's median trial)"
+        )
+    return best, finished[best], why
+
+
+def _fold_margin(record: StudyRecord, entry: dict[str, Any]) -> float:
+    """A fold champion's inner objective over the median of its fold search's trials, in units
+    of their sd (positive: better; 0 when the search has fewer than two figures)."""
+    import statistics
+
+    from .leaderboard import from_saved_state
+
+    metric = (entry.get("objective") or {}).get("metric")
+    value = (entry.get("objective") or {}).get("value")
+    try:
+        srec = load_record(entry["search"])
+        rows = from_saved_state(entry["search"], srec.spec).rows
+    except Exception:  # noqa: BLE001 - a fold search whose state is gone: no margin
+        return 0.0
+    values = [
+        float(r[metric])
+        for r in rows
+        if isinstance(r.get(metric), (int, float)) and math.isfinite(r[metric])
+    ]
+    if len(values) < 2 or not isinstance(value, (int, float)):
+        return 0.0
+    sd = statistics.stdev(values)
+    sign = 1.0 if record.spec.metrics[0].mode == "max" else -1.0
+    return sign * (value - statistics.median(values)) / sd if sd > 0 else 0.0

@@ -407,6 +407,13 @@ class Trainable(ABC):
     def load_predictor(self, model_dir: str | Path) -> Predictor:
         """Load a saved model without pickle."""
 
+    def package_model(self, model_dir: str | Path, out: str | Path) -> bool:
+        """Write into ``out`` a self-contained copy of the saved model ``model_dir`` when that one
+        keeps part of itself outside (a frozen pretrained encoder named by path and content hash,
+        so that each trial's model stays small); return False, writing nothing, when it is
+        self-contained already. Promotion registers the packaged copy."""
+        return False
+
     @abstractmethod
     def robustness_report(
         self,
@@ -425,6 +432,11 @@ class Trainable(ABC):
         self, device: str, batch: int | None, steps: int, rounds: int, log: Callable = print
     ) -> TrainBench:
         """``sertune bench train``: the input pipeline against the model step it feeds."""
+
+    def bench_encoder(self, log: Callable = print, **options: Any) -> list[dict[str, Any]]:
+        """``sertune bench encoder``: a pretrained encoder's train step, memory per slot and fixed
+        cost per trial warm vs from disk, per size and mode (a trainable without one: none)."""
+        raise UsageError(f"trainable {self.name!r} has no encoder bench")
 
     def bench_data(self, log: Callable = print, **options: Any) -> dict[str, Any]:
         """``sertune bench data``: cache build with 1 and N processes, training input resident

@@ -204,3 +204,7 @@ def test_a_reported_gate_reports_on_the_champion_and_never_passes_over(home, tmp
     # nor does promotion rank by a test-speaker figure
     with pytest.raises(UsageError, match="val_robust/uar_snr10_white"):
         promote("sel", objective="robust/uar_snr10_white", model_name="sel")
+    # a twin no trial measured (robustness.validation: selection) is refused, saying how to get it
+    with pytest.raises(UsageError, match="robustness.validation: all") as unmeasured:
+        promote("sel", gates=["val_robust/uar_snr0_babble>=0.3"], model_name="sel")
+    assert "no trial measured val_robust/uar_snr0_babble" in str(unmeasured.value)

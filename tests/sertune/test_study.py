@@ -110,6 +110,43 @@ def test_the_report_interval_is_the_statistics_module_paired_interval(home):
     )
 
 
+def test_promotion_supports_the_most_frequent_fold_winner_never_the_best_raw_fold(home):
+    """``promote --study``: the configuration that won the most outer folds, even when another
+    fold's champion has the higher inner objective (its validation speakers may just be easier);
+    ties go to the clearest win of its own fold (margin over the fold's median trial, in sd)."""
+    from sertune.spec import load_spec
+    from sertune.study import StudyRecord, supported_fold
+
+    spec = load_spec("smoke")
+
+    def record(winners: dict[int, dict], values: dict[int, float]) -> StudyRecord:
+        folds = {
+            f"{k}/{spec.name}": {
+                "status": "finished",
+                "search": f"s.fold{k}.{spec.name}",
+                "winner": w,
+                "objective": {"metric": "val_uar", "value": values[k]},
+            }
+            for k, w in winners.items()
+        }
+        return StudyRecord(
+            name="s", spec=spec, vs="stl_baseline", vs_spec=spec,
+            arms=[spec.name, "stl_baseline"], n_outer=4, outer=sorted(winners), folds=folds,
+        )  # fmt: skip
+
+    a, b = {"optim.lr": 0.01}, {"optim.lr": 0.003}
+    margins = {0: 0.5, 1: 1.4, 2: 3.0, 3: 0.2}
+    # fold 2 has the best raw objective and the clearest win, but b won folds 1 and 3
+    rec = record({0: a, 1: b, 2: {"optim.lr": 0.05}, 3: b}, {0: 0.6, 1: 0.55, 2: 0.9, 3: 0.5})
+    fold, entry, why = supported_fold(rec, margin=lambda k, f: margins[k])
+    assert entry["winner"] == b and fold == 1  # of b's folds, 1 won its own more clearly
+    assert "won 2 of 4 outer folds ([1, 3])" in why and "fold 1's won its own fold" in why
+    # all different (a continuous space): the clearest win, not the best raw objective (fold 0)
+    rec = record({0: a, 1: b, 2: {"optim.lr": 0.05}}, {0: 0.95, 1: 0.55, 2: 0.6})
+    fold, _, why = supported_fold(rec, margin=lambda k, f: margins[k])
+    assert fold == 2 and "no configuration won more than one of 3" in why and "+3.00 sd" in why
+
+
 @pytest.mark.parametrize(
     "sets, outer, says",
     [

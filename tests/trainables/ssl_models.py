@@ -1,5 +1,6 @@
-"""Tiny self-supervised speech encoders built here (never downloaded): a WavLM and a wav2vec 2.0
-(its layer-norm "large" variant) of 2 layers, hidden size 32, saved with ``save_pretrained``.
+"""Tiny self-supervised speech encoders built here (never downloaded): a WavLM, a HuBERT (both
+post-norm, as the Base models) and a wav2vec 2.0 (its pre-norm "large" variant: layer-norm
+feature encoder, stable layer norm) of 2 layers, hidden size 32, saved with ``save_pretrained``.
 The conv front end keeps the standard total stride of 320 samples (50 frames per second)."""
 
 from __future__ import annotations
@@ -20,13 +21,15 @@ TINY_ENCODER = {
 
 
 def save_tiny_encoder(out: Path, kind: str = "wavlm", seed: int = 0) -> Path:
-    """A tiny ``kind`` encoder (``wavlm`` | ``wav2vec2``) saved into ``out``; returns ``out``."""
+    """A tiny ``kind`` encoder (``wavlm`` | ``hubert`` | ``wav2vec2``) saved into ``out``."""
     import torch
-    from transformers import AutoModel, Wav2Vec2Config, WavLMConfig
+    from transformers import AutoModel, HubertConfig, Wav2Vec2Config, WavLMConfig
 
     torch.manual_seed(seed)
     if kind == "wavlm":
         config = WavLMConfig(**TINY_ENCODER)
+    elif kind == "hubert":
+        config = HubertConfig(**TINY_ENCODER)
     elif kind == "wav2vec2":
         config = Wav2Vec2Config(
             **TINY_ENCODER, feat_extract_norm="layer", do_stable_layer_norm=True

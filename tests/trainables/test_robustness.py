@@ -71,7 +71,11 @@ def test_uar_falls_with_snr_and_epsilon(trained, tmp_path):
         by_snr = [r["uar"] for r in report["noise"] if r["type"] == kind]  # 30, 10, 0, -10 dB
         print(kind, [round(u, 3) for u in by_snr])
         assert by_snr[0] - by_snr[-1] >= 0.15  # clearly worse at -10 dB than at 30 dB
-        assert all(b <= a + 0.05 for a, b in zip(by_snr, by_snr[1:], strict=False))
+        # falls with the SNR while above chance (0.25); at chance level a figure on these few
+        # clips wanders by a few points either way
+        pairs = zip(by_snr, by_snr[1:], strict=False)
+        assert all(b <= a + 0.05 for a, b in pairs if a >= 0.35), by_snr
+        assert by_snr[-1] <= 0.25 + 0.15, by_snr
     fgsm = [r["uar"] for r in report["adversarial"] if r["attack"] == "fgsm"]
     print("fgsm", [round(u, 3) for u in fgsm])
     assert clean - fgsm[-1] >= 0.25
@@ -276,6 +280,48 @@ def test_the_batched_report_equals_one_pass_per_condition(trained):
     assert again["metrics"] == pytest.approx(report["metrics"], abs=1e-6)
 
 
+def test_a_report_of_some_conditions_gives_the_full_reports_figures(trained):
+    """``only``: the conditions its names need run (the others not), and each figure is the full
+    report's (the noises are drawn in the same order whether used or not); a noise mean only
+    when every noisy condition ran."""
+    predictor, _, corpus = trained
+    val = speaker_independent_split(corpus, 0)["val"]
+    utts = Utterances.from_corpus(corpus, torch.device("cpu")).select(val)
+    options = {
+        "snrs_db": [10, 0],
+        "noises": ["white", "babble"],
+        "fgsm_eps": [0.001, 0.005],
+        "pgd_eps": [0.005],
+        "pgd_steps": 2,
+    }
+    args = (predictor.forward, utts, predictor.windowing, 4, options)
+    full = evaluate_robustness(*args, split="val", seed=3)
+    only = ["val_robust/uar_snr0_babble", "val_robust/uar_fgsm0.005"]
+    calls = []
+    part = evaluate_robustness(
+        lambda x: calls.append(len(x)) or predictor.forward(x), *args[1:], split="val", seed=3,
+        only=only,
+    )  # fmt: skip
+    assert set(part["metrics"]) == {*only, "val_robust/uar_clean"}
+    for k, v in part["metrics"].items():
+        assert v == pytest.approx(full["metrics"][k], abs=1e-6), k
+    assert [(r["type"], r["snr_db"]) for r in part["noise"]] == [("babble", 0.0)]
+    assert [(r["attack"], r["eps"]) for r in part["adversarial"]] == [("fgsm", 0.005)]
+    assert "measured" in part
+    # clean + gradient (one pass with the gradient's forward), babble 0 dB, FGSM 0.005: 2 passes
+    # of windows besides the gradient pass's, where the full report runs 4 noisy + 3 attacked
+    windows = sum(calls)
+    n_windows = int(predictor.windowing.plan(utts.lengths)[0].numel())
+    assert windows == 3 * n_windows
+    mean = evaluate_robustness(*args, split="val", seed=3, only=["val_robust/uar_noise_mean"])
+    assert mean["metrics"]["val_robust/uar_noise_mean"] == pytest.approx(
+        full["metrics"]["val_robust/uar_noise_mean"], abs=1e-6
+    )
+    assert len(mean["noise"]) == 4 and not mean["adversarial"]
+    none = evaluate_robustness(*args, split="val", seed=3, only=[])
+    assert set(none["metrics"]) == {"val_robust/uar_clean"}
+
+
 def test_fgsm_at_several_eps_from_one_gradient_equals_separate_runs(trained):
     """One gradient at the clean input serves every FGSM ε and every PGD first step, PGD's ε run
     together: the attacked clips are those of one attack at a time, and the gradient pass's
@@ -338,3 +384,66 @@ def test_the_batched_pieces_are_the_plain_ones_bit_for_bit():
         (want_grad,) = torch.autograd.grad(loss, x)
         assert torch.allclose(logits, want_logits.detach(), atol=1e-6)
         assert torch.allclose(grad, want_grad, atol=1e-7)
+
+
+def test_a_trial_measures_the_validation_twins_its_search_reads(trained, synth_corpus, tmp_path):
+    """``robustness.validation: selection`` (the spec's default) hands the trial the twins its
+    objective and constraints read: those and the clean figure are measured on the validation
+    speakers, none (and no robustness_val/) when it reads none; ``all`` measures every twin. The
+    test speakers' report is complete either way."""
+    from trainables.mtl_aug.train import Resident, final_evaluation
+
+    predictor, _, _ = trained
+    options = {"snrs_db": [10], "noises": ["white"], "fgsm_eps": [0.005], "pgd_eps": []}
+    data = {"cache": str(synth_corpus["cache"]), "fold": 0}
+    resident = Resident({}, torch.device("cpu"))
+
+    def run(extra: dict, out: str) -> dict:
+        run_cfg = {"robustness": {**options, "max_utterances": 24, **extra}}
+        return final_evaluation(
+            predictor.model, predictor.cfg, data, run_cfg, resident, tmp_path / out
+        )
+
+    reported = {"robust/uar_clean", "robust/uar_snr10_white", "robust/uar_fgsm0.005"}
+    none = run({"validation_metrics": []}, "none")
+    assert not [k for k in none if k.startswith("val_robust/")]
+    assert reported <= set(none) and not (tmp_path / "none" / "robustness_val").exists()
+    some = run({"validation_metrics": ["val_robust/uar_snr10_white"]}, "some")
+    assert {k for k in some if k.startswith("val_robust/")} == {
+        "val_robust/uar_clean",
+        "val_robust/uar_snr10_white",
+    }
+    every = run({}, "all")
+    assert {k for k in every if k.startswith("val_robust/")} == {
+        "val_robust/uar_clean",
+        "val_robust/uar_snr10_white",
+        "val_robust/uar_fgsm0.005",
+        "val_robust/uar_noise_mean",
+    }
+    assert some["val_robust/uar_snr10_white"] == every["val_robust/uar_snr10_white"]
+    assert none["robust/uar_snr10_white"] == every["robust/uar_snr10_white"]
+    # what a spec hands its trials
+    from sertune.spec import load_spec
+
+    def handed(objective: dict, robustness: dict) -> dict:
+        spec = load_spec("demo", overrides={"objective": objective, "robustness": robustness})
+        return spec.robustness_options()
+
+    assert handed({"metric": "val_uar"}, options)["validation_metrics"] == []
+    constrained = {"metric": "val_uar", "constraints": ["val_robust/uar_snr10_white >= 0.3"]}
+    assert handed(constrained, options)["validation_metrics"] == ["val_robust/uar_snr10_white"]
+    every_twin = handed({"metric": "val_uar"}, {**options, "validation": "all"})
+    assert "validation_metrics" not in every_twin
+
+
+def test_the_eval_bench_puts_a_trials_epoch_beside_its_end_of_trial_evaluation():
+    """``sertune bench train`` (c): one small trial's epoch and its end-of-trial evaluation, with
+    the default ``robustness.validation: selection`` and with ``all``, in epochs."""
+    from trainables.mtl_aug.bench import eval_bench
+
+    lines: list[str] = []
+    small = {"snrs_db": [10], "noises": ["white"], "fgsm_eps": [0.005], "pgd_eps": []}
+    r = eval_bench(device="cpu", epochs=2, options=small, log=lines.append)
+    assert r["epoch_s"] > 0 and r["eval_s"] > 0 and r["eval_all_s"] > 0
+    assert r["epochs"] == pytest.approx(r["eval_s"] / r["epoch_s"])
+    assert "|  eval = " in lines[1] and "robustness.validation: all" in lines[3]

@@ -19,7 +19,7 @@ from trainables.mtl_aug.model import mtl_aug_loss
 from trainables.mtl_aug.train import train
 
 REPO = Path(__file__).resolve().parents[2]
-KINDS = ("wavlm", "wav2vec2")
+KINDS = ("wavlm", "hubert", "wav2vec2")
 
 
 def ssl_params(checkpoint, **more):
@@ -78,8 +78,12 @@ def test_frozen_and_top_layer_finetuning_train_only_what_they_say(ssl_checkpoint
     losses = mtl_aug_loss(out, y, aug, LossConfig())
     losses.total.backward()
     top_layer = f"encoder.encoder.layers.{1}."
+    # no other encoder parameter trains: a post-norm encoder's encoder.layer_norm acts on the
+    # input embedding; a pre-norm one's (wav2vec2 here) only on last_hidden_state, which the
+    # weighted sum of hidden states never reads (test_the_final_norm_of_a_pre_norm_encoder_...)
+    final_norm = "-"
     for name, p in model.named_parameters():
-        tuned = top and name.startswith(top_layer)
+        tuned = top and name.startswith((top_layer, final_norm))
         if name.startswith("encoder.") and not tuned:
             assert p.grad is None and not p.requires_grad, name
         else:
@@ -90,12 +94,23 @@ def test_frozen_and_top_layer_finetuning_train_only_what_they_say(ssl_checkpoint
     )
     opt.step()
     for name, p in model.named_parameters():
-        if name.startswith("encoder.") and not (top and name.startswith(top_layer)):
+        if name.startswith("encoder.") and not (top and name.startswith((top_layer, final_norm))):
             assert torch.equal(p, before[name]), name  # bit-identical
     if top:
         moved = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
         assert any(n.startswith(top_layer) for n in moved)
         assert not any(n.startswith("encoder.encoder.layers.0.") for n in moved)
+
+
+def test_the_final_norm_of_a_pre_norm_encoder_never_reaches_the_heads(ssl_checkpoints):
+    """transformers collects hidden states before a pre-norm encoder's final layer norm (it acts
+    on last_hidden_state alone): fine-tuning the top layers has no norm to train with them."""
+    model, _ = build(ssl_checkpoints["wav2vec2"], **{"model.ssl.finetune_top": 1})
+    wav = 0.1 * torch.randn(1, 16000)
+    out = model.encoder(wav, output_hidden_states=True)
+    norm = model.encoder.encoder.layer_norm
+    assert torch.allclose(norm(out.hidden_states[-1]), out.last_hidden_state)
+    assert not torch.allclose(out.hidden_states[-1], out.last_hidden_state)
 
 
 def test_a_training_step_and_an_input_gradient_on_the_device(ssl_checkpoints, device):
@@ -211,24 +226,47 @@ def test_two_trials_on_one_slot_load_the_encoder_once_and_start_from_pristine_we
 # -- (d) packaging: a saved model needs no checkpoint ----------------------------------------------
 
 
-def test_a_saved_ssl_model_predicts_in_a_fresh_process_without_its_checkpoint(
+def test_a_trial_model_keeps_its_encoder_outside_and_a_packaged_one_predicts_without_it(
     synth_corpus, ssl_checkpoints, tmp_path
 ):
-    from trainables.mtl_aug.export import load_model
+    """A trial's saved model stores what training changed plus the checkpoint's path and hash
+    (a few heads, not the encoder); without the checkpoint it names the missing folder. The
+    packaged copy (what promotion registers) predicts in a fresh process with the checkpoint
+    gone, the same probabilities."""
+    from safetensors.torch import load_file
+
+    from sertune.errors import ModelError
+    from trainables.mtl_aug.export import load_model, package_model
 
     ckpt = shutil.copytree(ssl_checkpoints["wav2vec2"], tmp_path / "w2v")
     cfg = loop_config(synth_corpus["cache"], ckpt, **{"optim.epochs": 1})
     train(cfg, LocalSession(device="cpu", keep_checkpoints=str(tmp_path / "ck")))
     model_dir = tmp_path / "ck" / "epoch_0000" / "best"
+    meta = json.loads((model_dir / "model.json").read_text())
+    assert meta["ssl"]["encoder_weights"] == "external"
+    assert meta["ssl"]["checkpoint"] == str(ckpt.resolve()) and len(meta["ssl"]["sha256"]) == 64
+    stored = load_file(str(model_dir / "model.safetensors"))
+    assert not [k for k in stored if k.startswith("encoder.")]  # frozen: none of it stored
+    assert "layer_weights" in stored and "emotion_head.3.weight" in stored
     rng = np.random.default_rng(0)
     waves = [0.1 * rng.standard_normal(n).astype(np.float32) for n in (12000, 20000)]
     here = load_model(model_dir).predict_proba(waves)
+    packaged = tmp_path / "packaged"
+    assert package_model(model_dir, packaged)
+    assert (
+        json.loads((packaged / "model.json").read_text())["ssl"]["encoder_weights"] == "packaged"
+    )
+    assert any(k.startswith("encoder.") for k in load_file(str(packaged / "model.safetensors")))
+    assert (packaged / "metrics.json").is_file()  # the rest of the folder comes along
+    assert not package_model(packaged, tmp_path / "again")  # self-contained: nothing to do
     np.save(tmp_path / "waves.npy", np.stack([np.pad(w, (0, 20000 - len(w))) for w in waves]))
     shutil.rmtree(ckpt)
+    with pytest.raises(ModelError, match=f"its encoder's weights are in {ckpt.resolve()}"):
+        load_model(model_dir)
     code = (
         "import sys, numpy as np; from trainables.mtl_aug.export import load_model;"
         f"w = np.load({str(tmp_path / 'waves.npy')!r}); waves = [w[0][:12000], w[1]];"
-        f"p = load_model({str(model_dir)!r}).predict_proba(waves);"
+        f"p = load_model({str(packaged)!r}).predict_proba(waves);"
         "print(repr(p.tolist()))"
     )
     out = subprocess.run(
@@ -241,8 +279,24 @@ def test_a_saved_ssl_model_predicts_in_a_fresh_process_without_its_checkpoint(
     # a served copy (mlflow models serve) installs transformers too
     from sertune.serving import requirements
 
-    assert any(r.startswith("transformers==") for r in requirements(model_dir))
+    assert any(r.startswith("transformers==") for r in requirements(packaged))
     assert not any(r.startswith("transformers") for r in requirements())
+
+
+def test_a_trial_model_on_other_encoder_weights_is_refused(
+    synth_corpus, ssl_checkpoints, tmp_path
+):
+    """The checkpoint at the recorded path now holds other weights: refused, both hashes named."""
+    from sertune.errors import ModelError
+    from tests.trainables.ssl_models import save_tiny_encoder
+    from trainables.mtl_aug.export import load_model
+
+    ckpt = shutil.copytree(ssl_checkpoints["wavlm"], tmp_path / "wavlm")
+    cfg = loop_config(synth_corpus["cache"], ckpt, **{"optim.epochs": 1})
+    train(cfg, LocalSession(device="cpu", keep_checkpoints=str(tmp_path / "ck")))
+    save_tiny_encoder(ckpt, "wavlm", seed=1)  # other weights, same place
+    with pytest.raises(ModelError, match="trained on the encoder of SHA-256"):
+        load_model(tmp_path / "ck" / "epoch_0000" / "best")
 
 
 # -- (e) refused before anything runs ----------------------------------------------------------------
@@ -374,3 +428,21 @@ def test_resume_of_an_ssl_trial_reproduces_the_next_epoch_and_needs_the_same_enc
     again = LocalSession(device="cpu", checkpoint_dir=str(tmp_path / "full" / "epoch_0000"))
     with pytest.raises(ValueError, match="resume with the same checkpoint"):
         train(cfg, again)
+
+
+def test_the_encoder_bench_measures_each_size_and_mode(capsys):
+    """``sertune bench encoder`` on the tiny size (what a CPU runs): one line per mode with the
+    train step's rate, the slot's peak memory and the fixed cost warm vs from disk; a size it
+    does not know is refused in one line."""
+    from sertune.cli import main
+    from trainables.mtl_aug.bench_ssl import run
+
+    lines: list[str] = []
+    rows = run(sizes=["tiny"], device="cpu", steps=1, rounds=1, log=lines.append)
+    assert [(r["size"], r["mode"]) for r in rows] == [("tiny", "frozen"), ("tiny", "top2")]
+    for r in rows:
+        assert r["samples_per_s"] > 0 and r["peak_mb"] > 0 and r["warm_s"] > 0 and r["cold_s"] > 0
+    assert rows[1]["trained_params_m"] > rows[0]["trained_params_m"]  # the top layers train
+    assert len(lines) == 3 and "fixed cost per trial: warm" in lines[1] and "samples/s" in lines[2]
+    assert main(["bench", "encoder", "--sizes", "huge"]) == 2
+    assert "unknown size 'huge'" in capsys.readouterr().err

@@ -312,7 +312,15 @@ class LogMel(torch.nn.Module):
         )
 
     def forward(self, wav: torch.Tensor) -> torch.Tensor:
-        return torch.log(self.mel(wav) + 1e-6)
+        # ``self.mel(wav)``, with the power spectrum as re² + im² of the complex STFT instead of
+        # torchaudio's ``|z|.pow(2)`` (a square root and a square per bin: a quarter of the
+        # transform's time on a CPU; equal up to float rounding)
+        sp = self.mel.spectrogram
+        z = torchaudio.functional.spectrogram(
+            wav, sp.pad, sp.window, sp.n_fft, sp.hop_length, sp.win_length, None,
+            sp.normalized, center=sp.center, pad_mode=sp.pad_mode, onesided=sp.onesided,
+        )  # fmt: skip
+        return torch.log(self.mel.mel_scale(z.real.square() + z.imag.square()) + 1e-6)
 
 
 class AugmentationBank(torch.nn.Module):

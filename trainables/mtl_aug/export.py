@@ -5,14 +5,21 @@ names. :func:`load_model` rebuilds the network from the JSON and loads the tenso
 artifact can never run code from the artifact (unlike a pickled module). Truncated or corrupt
 files raise :class:`sertune.errors.ModelError` naming the file.
 
-A model on a self-supervised encoder (``model.encoder: ssl``) is packaged whole: the encoder's
-weights are in ``model.safetensors`` with the heads', its Hugging Face config in ``model.json``
-(``ssl.config``, beside the checkpoint it came from and that checkpoint's SHA-256), so it loads
-where the checkpoint is not (``AutoModel.from_config`` + the saved weights).
+A model on a self-supervised encoder (``model.encoder: ssl``) comes in two forms, said by
+``model.json``'s ``ssl.encoder_weights``:
+
+* ``external`` (what every trial saves): ``model.safetensors`` holds what training changed - the
+  heads, the layer weights, the fine-tuned top layers - and ``model.json`` the checkpoint's path
+  and SHA-256. A WavLM Large is 1.2 GB; a trial's model a few MB. It loads where that checkpoint
+  is (the same content hash), and names the missing folder where it is not.
+* ``packaged`` (what ``sertune promote`` registers, :func:`package_model`): the frozen encoder's
+  weights too, its Hugging Face config in ``model.json`` (``ssl.config``), so it loads and serves
+  on any machine (``AutoModel.from_config`` + the saved weights).
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -28,6 +35,7 @@ from .config import MTLAugConfig
 from .model import MTLAugModel
 
 FORMAT = "sertune.mtl_aug/1"
+_PRISTINE: dict[str, Any] = {}  # encoders that trial models name, loaded once per process
 WEIGHTS, META = "model.safetensors", "model.json"
 
 
@@ -48,20 +56,24 @@ def save_model(
     cfg: MTLAugConfig,
     label_names: tuple[str, ...],
     state: dict[str, torch.Tensor] | None = None,
+    package_encoder: bool = False,
 ) -> None:
-    """``model``'s weights (or ``state``, a state dict of ``model``'s kind) and ``model.json``."""
+    """``model``'s weights (or ``state``, a state dict of ``model``'s kind) and ``model.json``.
+    An ssl model's frozen encoder weights only with ``package_encoder`` (else its checkpoint's
+    path and hash stand for them)."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = model.state_dict() if state is None else state
-    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    frozen = set() if package_encoder or not hasattr(model, "meta") else model.frozen_state_keys()
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items() if k not in frozen}
     save_file(state, str(directory / WEIGHTS))
     meta = {"format": FORMAT, "config": cfg.to_dict(), "label_names": list(label_names)}
     if hasattr(model, "meta"):  # an ssl encoder: what rebuilds it without its checkpoint
         from importlib.metadata import version
 
-        meta["ssl"] = model.meta()
+        meta["ssl"] = {**model.meta(), "encoder_weights": "external" if frozen else "packaged"}
         # what a served copy needs beyond sertune's own (read by sertune.serving.requirements)
         meta["requirements"] = [f"transformers=={version('transformers')}"]
     (directory / META).write_text(json.dumps(meta, indent=2))
@@ -133,14 +145,71 @@ def load_model(directory: str | Path) -> EmotionPredictor:
         if not isinstance(ssl, dict) or not isinstance(ssl.get("config"), dict):
             raise ModelError(f"{directory / META}: an ssl model without its encoder's config")
         info = {k: ssl.get(k) for k in ("checkpoint", "sha256", "normalize")}
-        model = SSLMTLAugModel(cfg.model, cfg.features, encoder_from_config(ssl["config"]), info)
+        external = ssl.get("encoder_weights") == "external"
+        encoder = _external_encoder(directory, ssl) if external else None
+        if encoder is None:
+            encoder = encoder_from_config(ssl["config"])
+        model = SSLMTLAugModel(cfg.model, cfg.features, encoder, info)
     else:
+        external = False
         model = MTLAugModel(cfg.model, cfg.features.n_mels)
     try:
-        model.load_state_dict(load_file(str(directory / WEIGHTS)))
+        weights = load_file(str(directory / WEIGHTS))
+        missing, unexpected = model.load_state_dict(weights, strict=not external)
+        if set(missing) - (model.frozen_state_keys() if external else set()) or unexpected:
+            raise RuntimeError(
+                f"missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}"
+            )
     except (SafetensorError, RuntimeError, OSError) as e:
         raise ModelError(
             f"{directory / WEIGHTS}: cannot load the weights (truncated or corrupt?): "
             f"{str(e).splitlines()[0][:200]}"
         ) from None
     return EmotionPredictor(model, cfg, meta["label_names"])
+
+
+def _external_encoder(directory: Path, ssl: dict[str, Any]) -> torch.nn.Module:
+    """The frozen encoder a trial's model names (``ssl.checkpoint``, ``ssl.sha256``), from disk:
+    :class:`ModelError` naming the folder when it is not on this machine or holds other weights."""
+    from . import ssl_checkpoint
+    from .config import ConfigError
+    from .ssl_encoder import pristine_encoder
+
+    where, digest = str(ssl.get("checkpoint") or ""), str(ssl.get("sha256") or "")
+    hint = (
+        "a trial's model keeps its frozen encoder outside (ssl.encoder_weights: external); "
+        "register it (sertune promote packages the encoder) to serve it elsewhere, or put the "
+        "checkpoint back"
+    )
+    try:
+        path = ssl_checkpoint.resolve(where)
+    except ConfigError:
+        raise ModelError(
+            f"{directory / META}: its encoder's weights are in {where}, which is missing "
+            f"({Path(where) / 'config.json'} not found): {hint}"
+        ) from None
+    if digest and ssl_checkpoint.content_hash(path) != digest:
+        raise ModelError(
+            f"{directory / META}: trained on the encoder of SHA-256 {digest[:12]}, but {path} now "
+            f"holds {ssl_checkpoint.content_hash(path)[:12]}: {hint}"
+        )
+    encoder, _ = pristine_encoder(where, _PRISTINE)  # read once per process (a driver logs many)
+    return copy.deepcopy(encoder)  # this model's fine-tuned layers load into its own copy
+
+
+def package_model(model_dir: str | Path, out: str | Path) -> bool:
+    """A self-contained copy of a saved model in ``out`` (its frozen encoder's weights included)
+    when ``model_dir``'s keeps them outside; False (nothing written) when it needs nothing."""
+    import shutil
+
+    model_dir, out = Path(model_dir), Path(out)
+    meta = json.loads((model_dir / META).read_text())
+    if (meta.get("ssl") or {}).get("encoder_weights") != "external":
+        return False
+    predictor = load_model(model_dir)  # the checkpoint must be here, with the same hash
+    out.mkdir(parents=True, exist_ok=True)
+    for f in model_dir.iterdir():  # metrics, notes: what else the folder holds
+        if f.is_file() and f.name not in (WEIGHTS, META):
+            shutil.copy(f, out / f.name)
+    save_model(out, predictor.model, predictor.cfg, predictor.label_names, package_encoder=True)
+    return True

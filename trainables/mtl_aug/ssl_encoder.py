@@ -144,11 +144,15 @@ class SSLMTLAugModel(nn.Module):
             self.encoder.freeze_feature_encoder()  # no gradient hook on the waveform in training
         n = len(self.encoder.encoder.layers)
         ids = tuple(range(n - top, n)) if top else ()
+        # (a pre-norm "stable layer norm" encoder's final layer norm, the Large models', acts
+        # only on last_hidden_state: transformers collects hidden_states before it, so it never
+        # reaches the heads and there is nothing of it to train)
         for i in ids:
             self.encoder.encoder.layers[i].requires_grad_(True)
         return ids
 
     def tuned_layers(self) -> list[nn.Module]:
+        """The encoder's transformer layers that train (the top ``finetune_top``)."""
         return [self.encoder.encoder.layers[i] for i in self.tuned]
 
     @property
@@ -157,7 +161,7 @@ class SSLMTLAugModel(nn.Module):
 
     def encoder_parameters(self) -> list[nn.Parameter]:
         """The fine-tuned encoder layers' parameters (``optim.encoder_lr``)."""
-        return [p for m in self.tuned_layers() for p in m.parameters() if p.requires_grad]
+        return [p for m in self.tuned_layers() for p in m.parameters()]
 
     def head_parameters(self) -> list[nn.Parameter]:
         """Everything else that trains: layer weights, pooling, heads, decoder (``optim.lr``)."""

@@ -266,7 +266,30 @@ def final_evaluation(
 
     The same robustness conditions are also measured on the validation speakers (the trial's own,
     its cross-validation fold's with ``data["cv"]``): ``val_robust/*``, the figures a search may
-    select on (``out/robustness_val/robustness.json``); ``robust/*`` are reported only."""
+    select on (``out/robustness_val/robustness.json``); ``robust/*`` are reported only. With
+    ``robustness.validation_metrics`` (``robustness.validation: selection``) only the twins the
+    search reads are measured, none when it reads none."""
+    was_training = model.training
+    model.eval()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:  # the attacks want the input's gradient only: no weight gradients
+        p.requires_grad_(False)
+    try:
+        return _final_evaluation(model, cfg, data_cfg, run_cfg, resident, out)
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
+        model.train(was_training)
+
+
+def _final_evaluation(
+    model: torch.nn.Module,
+    cfg: MTLAugConfig,
+    data_cfg: dict[str, Any],
+    run_cfg: dict[str, Any],
+    resident: Resident,
+    out: Path,
+) -> dict[str, float]:
     corpus, utts = resident.corpus(data_cfg["cache"])
     split = speaker_independent_split(
         corpus,
@@ -276,10 +299,7 @@ def final_evaluation(
         dealing=data_cfg.get("dealing", "balanced"),  # data.dealing
     )
     windowing = windowing_for(cfg)
-    logmel = LogMel(cfg.features).to(resident.device)
-    was_training = model.training
-    model.eval()
-    fwd = forward_fn(model, logmel)
+    fwd = forward_fn(model, LogMel(cfg.features).to(resident.device))
     metrics: dict[str, float] = {}
     logits = clip_logits(fwd, utts, windowing, split["test"])
     labels = utts.labels[torch.as_tensor(split["test"], device=utts.device)]
@@ -310,27 +330,30 @@ def final_evaluation(
         )
         write_report(report, out / "robustness", run_cfg.get("title", ""), cfg.model.n_emotions)
         metrics.update(report["metrics"])
-        # the selection twins: the same conditions on the validation speakers (no cross corpus)
-        val = split["val"]
-        vpick = val[stratified_subset(corpus.labels[val], cap, cfg.seed)]
-        vreport = evaluate_robustness(
-            fwd,
-            utts.select(vpick),
-            windowing,
-            cfg.model.n_emotions,
-            options,
-            bank,
-            corpus_name=corpus.path.name,
-            split="val",
-            seed=cfg.seed,
-        )
-        write_validation_report(vreport, out / "robustness_val")
-        metrics.update(vreport["metrics"])
+        # the selection twins: the same conditions on the validation speakers (no cross corpus);
+        # with robustness.validation: selection only those the search reads
+        wanted = options.get("validation_metrics")
+        if wanted is None or wanted:
+            val = split["val"]
+            vpick = val[stratified_subset(corpus.labels[val], cap, cfg.seed)]
+            vreport = evaluate_robustness(
+                fwd,
+                utts.select(vpick),
+                windowing,
+                cfg.model.n_emotions,
+                options,
+                bank,
+                corpus_name=corpus.path.name,
+                split="val",
+                seed=cfg.seed,
+                only=wanted,
+            )
+            write_validation_report(vreport, out / "robustness_val")
+            metrics.update(vreport["metrics"])
     if hasattr(model, "layer_report"):  # an ssl encoder's layer weights, beside the report
         from .ssl_encoder import write_layer_weights
 
         write_layer_weights(model, out / "robustness", run_cfg.get("title", ""))
-    model.train(was_training)
     return metrics
 
 

@@ -101,6 +101,11 @@ class MTLAugTrainable(CorpusHooks, Trainable):
 
         return load_model(model_dir)
 
+    def package_model(self, model_dir: str | Path, out: str | Path) -> bool:
+        from .export import package_model
+
+        return package_model(model_dir, out)
+
     def robustness_report(
         self,
         model_dir: str | Path,
@@ -157,6 +162,11 @@ class MTLAugTrainable(CorpusHooks, Trainable):
         from .bench import run_bench
 
         return run_bench(device=device, batch=batch, steps=steps, rounds=rounds, log=log)
+
+    def bench_encoder(self, log: Callable = print, **options: Any) -> list[dict[str, Any]]:
+        from .bench_ssl import run
+
+        return run(log=log, **options)
 
     def bench_data(self, log: Callable = print, **options: Any) -> dict[str, Any]:
         from .bench_data import run

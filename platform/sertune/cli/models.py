@@ -21,10 +21,11 @@ def add(sub) -> None:
     pr.add_argument(
         "--study",
         metavar="NAME",
-        help="register the configuration a finished study supports: of the spec arm's fold "
-        "champions, the one with the best inner (validation) objective - each outer fold "
-        "searched its own, so none repeats - with the study's table as the version's "
-        "description",
+        help="register the configuration a finished study supports: the spec arm's most "
+        "frequent fold winner (ties - a continuous space rarely repeats one - go to the fold "
+        "champion that won its own fold most clearly, its margin over that fold's median trial "
+        "in sd); no outer fold's test figure chooses. The model is that fold search's champion "
+        "(trained without the fold's speakers); the study's table is the version's description",
     )
     pr.add_argument(
         "--objective",
@@ -120,12 +121,12 @@ def promote(a: argparse.Namespace) -> int:
         study = load_study(a.study)
         if study.status != "finished":
             raise UsageError(f"study {a.study!r} has not finished ({study.status})")
-        fold, entry = supported_fold(study)
+        fold, entry, why = supported_fold(study)
         a.search = entry["search"]
         print(
-            f"study {study.name}: outer fold {fold}'s champion of {study.arms[0]!r} "
-            f"({entry['objective']['metric']}={entry['objective']['value']:.4f} on its "
-            f"validation speakers, the best of {len(study.outer)} folds): search {a.search}"
+            f"study {study.name}: outer fold {fold}'s champion of {study.arms[0]!r}, search "
+            f"{a.search} ({entry['objective']['metric']}={entry['objective']['value']:.4f} on its "
+            f"validation speakers): {why}"
         )
     elif not a.search:
         raise UsageError("promote: give a search name, or --study NAME")
@@ -152,7 +153,8 @@ def promote(a: argparse.Namespace) -> int:
         table = (output_dir(study.name) / "report.md").read_text()
         head = (
             f"**Promoted from study {study.name}** (outer fold {fold}'s champion of the spec arm, "
-            f"search `{a.search}`; trained without that fold's speakers). The study's table:\n\n"
+            f"search `{a.search}`, trained without that fold's speakers: {why}). The study's "
+            "table:\n\n"
         )
         store = tracking.Store(a.tracking_uri or study.tracking_uri)
         store.describe_version(v["name"], v["version"], (head + table)[:60000])

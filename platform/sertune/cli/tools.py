@@ -70,6 +70,27 @@ def add(sub) -> None:
     bt.add_argument("--trainable", default="mtl_aug", help=argparse.SUPPRESS)
     bt.set_defaults(func=bench_train)
 
+    be = command(
+        bsub,
+        "encoder",
+        "MTL-AUG on a self-supervised encoder (WavLM Base/Large configs, random weights, nothing "
+        "downloaded), frozen and top-2 fine-tuned: train-step samples/s (bf16 on CUDA), peak "
+        "memory per slot and slots per GPU, fixed cost per trial warm vs from disk",
+        "sertune bench encoder --device cuda              # base and large, frozen and top2\n"
+        "sertune bench encoder --sizes tiny               # what a CPU can run",
+    )
+    be.add_argument("--device", default="auto", help="cpu | cuda | auto")
+    be.add_argument(
+        "--sizes", help="comma-separated: tiny, base, large (default: base,large on cuda; tiny)"
+    )
+    be.add_argument("--modes", help="comma-separated: frozen, top2 (default: both)")
+    be.add_argument("--batch", type=int, help="clips per step (default 16 on cuda, 2 on cpu)")
+    be.add_argument("--seconds", type=float, default=3.0, help="clip length (default 3 s)")
+    be.add_argument("--steps", type=int, default=5, help="steps per timed round")
+    be.add_argument("--rounds", type=int, default=3, help="timed rounds, median reported")
+    be.add_argument("--trainable", default="mtl_aug", help=argparse.SUPPRESS)
+    be.set_defaults(func=bench_encoder)
+
     bd = command(
         bsub,
         "data",
@@ -251,6 +272,30 @@ def bench_train(a: argparse.Namespace) -> int:
     print(f"(a) ceiling  (train step on features on the device): {r.ceiling:,.0f} samples/s")
     print(f"(b) pipeline (waveform -> augment -> log-mel -> step): {r.pipeline:,.0f} samples/s")
     print(f"pipeline/ceiling: {r.ratio:.2f}")
+    return 0
+
+
+def bench_encoder(a: argparse.Namespace) -> int:
+    from ..trainable import get_trainable
+
+    if a.steps < 1 or a.rounds < 1 or (a.batch is not None and a.batch < 1) or a.seconds <= 0:
+        raise UsageError("--steps, --rounds, --batch and --seconds must be positive")
+
+    def names(text: str | None) -> list[str] | None:
+        return [n.strip() for n in text.split(",") if n.strip()] if text else None
+
+    try:
+        get_trainable(a.trainable).bench_encoder(
+            sizes=names(a.sizes),
+            modes=names(a.modes),
+            device=a.device,
+            batch=a.batch,
+            seconds=a.seconds,
+            steps=a.steps,
+            rounds=a.rounds,
+        )
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     return 0
 
 

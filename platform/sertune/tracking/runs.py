@@ -196,6 +196,10 @@ class Store:
         for f in files:
             self._client.log_artifact(run_id, str(f), path)
 
+    def run_state(self, run_id: str) -> str:
+        """MLflow's status of a run (``RUNNING``, ``FINISHED``, ``KILLED``, ...)."""
+        return self._client.get_run(run_id).info.status
+
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self._client.set_terminated(run_id, status)
 
