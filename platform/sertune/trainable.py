@@ -407,6 +407,11 @@ class Trainable(ABC):
     def load_predictor(self, model_dir: str | Path) -> Predictor:
         """Load a saved model without pickle."""
 
+    def check_model(self, params: dict[str, Any]) -> list[tuple[bool, str]]:
+        """``sertune doctor SPEC``: build what the spec's model needs beyond the environment (a
+        pretrained checkpoint: load it, run it once); ``(ok, one line)`` each, none by default."""
+        return []
+
     def package_model(self, model_dir: str | Path, out: str | Path) -> bool:
         """Write into ``out`` a self-contained copy of the saved model ``model_dir`` when that one
         keeps part of itself outside (a frozen pretrained encoder named by path and content hash,

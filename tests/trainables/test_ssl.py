@@ -446,3 +446,27 @@ def test_the_encoder_bench_measures_each_size_and_mode(capsys):
     assert len(lines) == 3 and "fixed cost per trial: warm" in lines[1] and "samples/s" in lines[2]
     assert main(["bench", "encoder", "--sizes", "huge"]) == 2
     assert "unknown size 'huge'" in capsys.readouterr().err
+
+
+def test_doctor_with_a_spec_loads_its_checkpoint_and_runs_it(ssl_checkpoints, tmp_path, capsys):
+    """``sertune doctor SPEC``: the environment, then the spec's encoder loaded the way a slot
+    loads it and one second of audio through it; a checkpoint whose weights are damaged fails,
+    named, exit 2."""
+    from sertune.cli import main
+
+    sets = ["--set", "model.encoder=ssl"]
+    ok = main(
+        ["doctor", "smoke", *sets, "--set", f"model.ssl.checkpoint={ssl_checkpoints['hubert']}"]
+    )
+    out = capsys.readouterr().out
+    assert ok == 0, out
+    assert "spec smoke: valid (mtl_aug)" in out
+    assert "ok    model" in out and "hubert, 2 layers, hidden 32" in out and "-> 50 frames" in out
+    broken = shutil.copytree(ssl_checkpoints["wavlm"], tmp_path / "broken")
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    code = main(["doctor", "smoke", *sets, "--set", f"model.ssl.checkpoint={broken}"])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert f"FAIL  model        {broken.resolve()}: does not load" in captured.out
+    assert main(["doctor", "smoke", "--set", "model.encoder=ssl"]) == 2  # no checkpoint: refused
+    assert "model.ssl.checkpoint" in capsys.readouterr().err

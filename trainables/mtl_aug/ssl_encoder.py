@@ -277,3 +277,36 @@ def write_layer_weights(model: nn.Module, out: Path, title: str = "") -> None:
     fig.tight_layout()
     fig.savefig(out / "layer_weights.png", dpi=100)
     plt.close(fig)
+
+
+def check_checkpoint(params: dict[str, Any]) -> list[tuple[bool, str]]:
+    """``sertune doctor SPEC``: with ``model.encoder: ssl``, load the checkpoint the way a slot
+    does and run one second of audio through it; ``[(ok, line)]`` (none for the CNN)."""
+    import time
+
+    from .config import MTLAugConfig
+
+    cfg = MTLAugConfig.from_dict(params)
+    if cfg.model.encoder != "ssl":
+        return []
+    where = cfg.model.ssl.checkpoint
+    try:
+        t0 = time.perf_counter()
+        encoder, info = pristine_encoder(where, {})
+        loaded = time.perf_counter() - t0
+        with torch.no_grad():
+            frames = encoder(torch.zeros(1, cfg.features.sample_rate)).last_hidden_state.shape[1]
+    except Exception as e:  # noqa: BLE001 - what is wrong with the checkpoint, in one line
+        return [
+            (False, f"{where}: does not load ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+        ]
+    c = encoder.config
+    n = sum(p.numel() for p in encoder.parameters())
+    return [
+        (
+            True,
+            f"{info['checkpoint']}: {c.model_type}, {c.num_hidden_layers} layers, hidden "
+            f"{c.hidden_size}, {n / 1e6:.2f} M parameters, SHA-256 {info['sha256'][:12]}; loaded "
+            f"in {loaded:.1f} s; 1 s of audio -> {frames} frames",
+        )
+    ]

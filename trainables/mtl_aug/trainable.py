@@ -101,6 +101,11 @@ class MTLAugTrainable(CorpusHooks, Trainable):
 
         return load_model(model_dir)
 
+    def check_model(self, params: dict[str, Any]) -> list[tuple[bool, str]]:
+        from .ssl_encoder import check_checkpoint
+
+        return check_checkpoint(params)
+
     def package_model(self, model_dir: str | Path, out: str | Path) -> bool:
         from .export import package_model
 

@@ -25,12 +25,21 @@ def add_demo(sub) -> None:
 
 
 def add_doctor(sub) -> None:
+    from .search import spec_options
+
     dr = command(
         sub,
         "doctor",
         "check that this environment can run a search: torch and torchaudio load and run their "
-        "kernels, versions equal the lock, which GPUs are visible, Ray/MLflow/Optuna import",
-        "sertune doctor\nsertune doctor --ray-address 10.0.0.5:6379   # and every node of that cluster",
+        "kernels, versions equal the lock, which GPUs are visible, Ray/MLflow/Optuna/transformers "
+        "import; given a spec, that it validates and that its model builds (a self-supervised "
+        "encoder's checkpoint loads and runs a forward pass)",
+        "sertune doctor\nsertune doctor --ray-address 10.0.0.5:6379   # and every node of that cluster"
+        "\nsertune doctor mtl_aug_ssl --set params.model.ssl.checkpoint=/models/wavlm-base-plus",
+        parents=[spec_options(smoke=False)],
+    )
+    dr.add_argument(
+        "spec", nargs="?", help="a spec (path or preset name) whose model to check as well"
     )
     dr.add_argument(
         "--ray-address",
@@ -251,6 +260,17 @@ def doctor(a: argparse.Namespace) -> int:
     if failed:
         raise EnvironmentProblem("\n".join(c.line() for c in failed))
     print("environment ok")
+    if a.spec:
+        from ..spec import load_spec
+        from ..trainable import get_trainable
+
+        spec = load_spec(a.spec, sets=a.set)  # a spec that does not validate: its problems, exit 2
+        print(f"spec {spec.name}: valid ({spec.trainable})")
+        lines = get_trainable(spec.trainable).check_model(dict(spec.params))
+        for ok, text in lines:
+            print(f"  {'ok  ' if ok else 'FAIL'}  {'model':12} {text}")
+        if not all(ok for ok, _ in lines):
+            raise EnvironmentProblem(f"spec {spec.name}: its model does not build here")
     return 0
 
 
