@@ -31,6 +31,8 @@ def run_smoke(home: Path, name: str, tracking_uri: str | None):
     raw["name"] = name
     raw["budget"]["max_epochs"] = 3
     raw["budget"]["grace_epochs"] = 3  # no early stop: both trials get a model and a report
+    # every val_robust/* twin measured: the promotions below gate on twins val_uar does not read
+    raw["robustness"]["validation"] = "all"
     spec_path = home.parent / f"{name}.yaml"
     spec_path.write_text(yaml.safe_dump(raw))
     return run_search(load_spec(spec_path), tracking_uri=tracking_uri, log=lambda *a: None)
