@@ -49,6 +49,11 @@ class ModelError(UsageError):
     """A saved model cannot be loaded (missing, truncated or corrupt files)."""
 
 
+class ModelNeedsFiles(ModelError):
+    """A saved model is whole but names files outside itself that are not here (a trial's model
+    on a frozen pretrained encoder: the checkpoint it was trained from)."""
+
+
 class EnvironmentProblem(UsageError):
     """This Python environment (or a cluster node's) cannot run a trial: a library that does not
     load, a torch/torchaudio pair that does not match, versions that differ from the lock."""

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from . import settings
-from .errors import DataError, ModelError, NotFound
+from .errors import DataError, ModelError, ModelNeedsFiles, NotFound
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
 
@@ -85,6 +85,8 @@ def load_model(model_uri: str, tracking_uri: str | None = None):
     cached = root.parent == settings.home() / "models"
     try:
         return _load_pyfunc(str(data_dir(root)))
+    except ModelNeedsFiles:  # the copy is whole: what it names is missing here
+        raise
     except ModelError as e:
         if not cached:
             raise

@@ -87,3 +87,4 @@ def test_a_smoke_search_on_an_ssl_encoder_logs_the_layer_weights(home, ssl_check
     )  # fmt: skip
     assert out.returncode != 0
     assert f"its encoder's weights are in {ckpt.resolve()}, which is missing" in out.stderr
+    assert "the local copy is removed" not in out.stderr  # the download is whole: kept

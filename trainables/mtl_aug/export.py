@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from sertune.errors import ModelError
+from sertune.errors import ModelError, ModelNeedsFiles
 from trainables.common.utterances import Utterances, Windowing, utterance_logits
 
 from .augment import LogMel
@@ -184,12 +184,12 @@ def _external_encoder(directory: Path, ssl: dict[str, Any]) -> torch.nn.Module:
     try:
         path = ssl_checkpoint.resolve(where)
     except ConfigError:
-        raise ModelError(
+        raise ModelNeedsFiles(
             f"{directory / META}: its encoder's weights are in {where}, which is missing "
             f"({Path(where) / 'config.json'} not found): {hint}"
         ) from None
     if digest and ssl_checkpoint.content_hash(path) != digest:
-        raise ModelError(
+        raise ModelNeedsFiles(
             f"{directory / META}: trained on the encoder of SHA-256 {digest[:12]}, but {path} now "
             f"holds {ssl_checkpoint.content_hash(path)[:12]}: {hint}"
         )
