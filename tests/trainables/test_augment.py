@@ -147,3 +147,39 @@ def test_every_type_of_the_mix_is_one_registered_function_at_one_stage():
         augmentation("gain", "room")
     with pytest.raises(ValueError, match="stage must be one of"):
         augmentation("reverb", "afterwards")
+
+
+def test_logmel_is_torchaudios_and_its_own_backward_is_autograds():
+    """LogMel equals torchaudio's MelSpectrogram (+ log), and under a gradient its written
+    backward (_PowerSpectrum, what the attacks differentiate) gives autograd-through-stft's
+    gradient to float rounding; gradcheck in float64 on a small transform."""
+    import torchaudio
+
+    from trainables.mtl_aug.augment import LogMel, _PowerSpectrum
+
+    lm = LogMel(FEAT)
+    wav = speechlike(3, 16000 + 77, "cpu")  # not a whole number of hops
+    ref = torch.log(lm.mel(wav) + 1e-6)
+    assert torch.allclose(lm(wav), ref, atol=1e-5)
+    w = torch.randn_like(ref)
+    x1 = wav.clone().requires_grad_(True)
+    (torch.log(lm.mel(x1) + 1e-6) * w).sum().backward()  # torchaudio, autograd through stft
+    x2 = wav.clone().requires_grad_(True)
+    out = lm(x2)
+    assert torch.allclose(out, ref, atol=1e-5)
+    (out * w).sum().backward()
+    assert x2.grad.abs().max() > 0
+    rel = (x1.grad - x2.grad).abs().max() / x1.grad.abs().max()
+    assert rel < 1e-4, rel
+    assert (x1.grad.sign() == x2.grad.sign()).float().mean() > 0.999  # what FGSM/PGD read
+    # the backward itself, exactly, on a small odd-sized transform (n_fft not a multiple of hop)
+    for n_fft, hop in ((16, 5), (12, 4)):
+        win = torch.hann_window(n_fft, dtype=torch.float64)
+        x = torch.randn(2, 41, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(
+            lambda v, n=n_fft, h=hop, wn=win: _PowerSpectrum.apply(v, wn, n, h), (x,)
+        )
+        stft = torchaudio.functional.spectrogram(
+            x.detach(), 0, win, n_fft, hop, n_fft, 2.0, False, center=True, pad_mode="reflect"
+        )
+        assert torch.allclose(_PowerSpectrum.apply(x.detach(), win, n_fft, hop), stft)

@@ -72,3 +72,33 @@ def test_unlabelled_rows_never_touch_the_emotion_loss(device):
     lab = mixed != UNLABELLED
     expect = torch.nn.functional.cross_entropy(out["emotion"][lab], mixed[lab])
     assert torch.allclose(mtl_aug_loss(out, mixed, aug, LossConfig()).emotion, expect)
+
+
+def test_the_evaluation_copy_is_the_model_with_its_batchnorms_folded(device):
+    """``emotion`` is ``forward()["emotion"]``; ``folded_for_evaluation`` (what the end-of-trial
+    report runs) gives the eval-mode model's logits and input gradient, to float rounding, with
+    no BatchNorm left in its conv blocks, and leaves the model itself untouched."""
+    from trainables.mtl_aug.model import folded_for_evaluation
+
+    torch.manual_seed(0)
+    model = MTLAugModel(CFG, 32).to(device)
+    feats, y, aug = batch(device)
+    mtl_aug_loss(model(feats), y, aug, LossConfig()).total.backward()  # BN running stats move
+    model.eval()
+    for bn in (m for m in model.conv if isinstance(m, torch.nn.BatchNorm2d)):
+        bn.running_mean.uniform_(-0.5, 0.5)  # non-trivial statistics to fold
+        bn.running_var.uniform_(0.5, 2.0)
+    folded = folded_for_evaluation(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.conv)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.conv)  # the original kept
+    assert all(p.requires_grad for p in model.parameters())
+    assert not any(p.requires_grad for p in folded.parameters())
+    x1 = feats.clone().requires_grad_(True)
+    x2 = feats.clone().requires_grad_(True)
+    ref = model(x1)["emotion"]
+    assert torch.allclose(model.emotion(x1), ref)
+    out = folded.emotion(x2)
+    assert torch.allclose(out, ref, atol=1e-5), (out - ref).abs().max()
+    (g1,) = torch.autograd.grad(ref.pow(2).sum(), x1)
+    (g2,) = torch.autograd.grad(out.pow(2).sum(), x2)
+    assert torch.allclose(g1, g2, atol=1e-5 * g1.abs().max().item()), (g1 - g2).abs().max()

@@ -475,7 +475,12 @@ def write_report(
     who = f" — {title}" if title else ""
     warnings = report.get("warnings", [])
 
-    def finish(ax, fig, name: str, note: str = "") -> None:
+    def finish(ax, fig, name: str, xs: Iterable[float], note: str = "") -> None:
+        # ticks where the conditions are (and fixed UAR ticks): no tick locator to run, about a
+        # quarter of the drawing time, and the axis reads the measured SNRs / ε directly
+        ticks = sorted(set(xs))
+        ax.set_xticks(ticks, [f"{x:g}" for x in ticks])
+        ax.set_yticks([0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
         if chance:
             ax.axhline(chance, ls=":", c="k", lw=1, label=f"chance ({chance:.2f})")
         ax.set_ylabel("UAR")
@@ -497,7 +502,7 @@ def write_report(
         ax.axhline(clean, ls="--", c="gray", label=f"clean ({clean:.2f})")
         ax.set_xlabel("SNR over the utterance (dB)")
         ax.set_title(f"UAR vs SNR{who}", fontsize=10)
-        finish(ax, fig, "uar_vs_snr.png")
+        finish(ax, fig, "uar_vs_snr.png", [r["snr_db"] for r in report["noise"]])
     if report["adversarial"]:
         fig, ax = plt.subplots(figsize=(5.5, 3.8))
         for attack in dict.fromkeys(r["attack"] for r in report["adversarial"]):
@@ -507,7 +512,8 @@ def write_report(
             ax.plot([0.0] + [p[0] for p in pts], [clean] + [p[1] for p in pts], "o-", label=attack)
         ax.set_xlabel("ε (waveform L∞)")
         ax.set_title(f"UAR vs adversarial ε{who}", fontsize=10)
-        finish(ax, fig, "uar_vs_eps.png", "WARNING: " + warnings[0] if warnings else "")
+        eps = [0.0] + [r["eps"] for r in report["adversarial"]]
+        finish(ax, fig, "uar_vs_eps.png", eps, "WARNING: " + warnings[0] if warnings else "")
     d = report["data"]
     lines = [
         f"# Robustness report{who} ({d['corpus']}, {d['utterances']} {d.get('split', 'test')} utterances)",

@@ -93,6 +93,9 @@ def forward_fn(model: torch.nn.Module, logmel: torch.nn.Module):
     """Waveform windows (B, segment) -> emotion logits (B, C): what every evaluation calls."""
     if takes_waveform(model):
         return lambda wav: model(wav)["emotion"]
+    core = getattr(model, "module", model)
+    if hasattr(core, "emotion"):  # the emotion head alone (no decoder, no aug-type head)
+        return lambda wav: core.emotion(logmel(wav))
     return lambda wav: model(logmel(wav))["emotion"]
 
 

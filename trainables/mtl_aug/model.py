@@ -14,6 +14,7 @@ With w_aug = w_rec = 0 the same code trains the single-task baseline.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -105,12 +106,23 @@ class MTLAugModel(nn.Module):
         t = feats.shape[-1] - feats.shape[-1] % self.pool
         return self.input_norm(feats[..., :t].unsqueeze(1)).squeeze(1)
 
-    def forward(self, feats: torch.Tensor) -> dict[str, torch.Tensor]:
+    def encode(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(normalised input (B, M, T), frames (B, T/p, 2H)): the shared encoder."""
         x = self.normalise(feats)  # (B, M, T)
         b, m, t = x.shape
         h = self.conv(x.unsqueeze(1))  # (B, C, M/p, T/p)
         h = h.permute(0, 3, 1, 2).reshape(b, t // self.pool, -1)  # (B, T/p, C·M/p)
         h, _ = self.lstm(h)  # (B, T/p, 2H)
+        return x, h
+
+    def emotion(self, feats: torch.Tensor) -> torch.Tensor:
+        """``forward(feats)["emotion"]`` without the auxiliary heads' work: what evaluation reads
+        (validation, test, every robustness condition)."""
+        return self.emotion_head(self.dropout(self.attn(self.encode(feats)[1])))
+
+    def forward(self, feats: torch.Tensor) -> dict[str, torch.Tensor]:
+        x, h = self.encode(feats)
+        b, m, t = x.shape
         z = self.dropout(self.attn(h))  # (B, 2H)
         rec = self.decoder(h)  # (B, T/p, M·p)
         rec = rec.reshape(b, t // self.pool, self.pool, m).reshape(b, t, m).transpose(1, 2)
@@ -152,3 +164,24 @@ def mtl_aug_loss(
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def folded_for_evaluation(model: nn.Module) -> nn.Module:
+    """A frozen eval-mode copy of ``model`` whose convolution blocks have each BatchNorm folded
+    into the convolution before it (``torch.nn.utils.fusion.fuse_conv_bn_eval``): the same
+    function in eval mode, to float rounding, one pass fewer per block forward and backward. The
+    end-of-trial report runs on it (a gradient pass per attack step); it is never saved. A model
+    without conv blocks (an ssl encoder's) comes back as is."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    core = getattr(model, "module", model)
+    if not isinstance(core, MTLAugModel):
+        return model
+    folded = copy.deepcopy(core).eval()
+    layers = list(folded.conv)
+    for i, layer in enumerate(layers[:-1]):
+        if isinstance(layer, nn.Conv2d) and isinstance(layers[i + 1], nn.BatchNorm2d):
+            layers[i], layers[i + 1] = fuse_conv_bn_eval(layer, layers[i + 1]), nn.Identity()
+    folded.conv = nn.Sequential(*layers)
+    folded.requires_grad_(False)
+    return folded

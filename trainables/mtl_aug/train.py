@@ -71,7 +71,7 @@ from trainables.data.cache import DecodedCorpus, load_cache, speaker_independent
 from .augment import AugmentationBank, LogMel
 from .config import MTLAugConfig
 from .export import forward_fn, load_model, new_model, save_model, takes_waveform, windowing_for
-from .model import UNLABELLED, mtl_aug_loss
+from .model import UNLABELLED, folded_for_evaluation, mtl_aug_loss
 from .ssl_encoder import LOADS as ENCODER_LOADS
 
 STATE_FILE = "state.pt"
@@ -299,17 +299,23 @@ def _final_evaluation(
         dealing=data_cfg.get("dealing", "balanced"),  # data.dealing
     )
     windowing = windowing_for(cfg)
-    fwd = forward_fn(model, LogMel(cfg.features).to(resident.device))
+    # conv + BatchNorm folded: the report's many passes (a backward per attack step) skip them
+    fwd = forward_fn(folded_for_evaluation(model), LogMel(cfg.features).to(resident.device))
     metrics: dict[str, float] = {}
-    logits = clip_logits(fwd, utts, windowing, split["test"])
-    labels = utts.labels[torch.as_tensor(split["test"], device=utts.device)]
-    res = scores(confusion(logits.argmax(1), labels, cfg.model.n_emotions).cpu())
-    metrics.update({f"test_{k}": v for k, v in res.items()})
     options = run_cfg.get("robustness")
+    test = split["test"]
+    cap = (options or {}).get("max_utterances")
+    rows = stratified_subset(corpus.labels[test], cap, cfg.seed)
+    # when the report reads every test clip, its clean pass (the attacks' gradient pass) is the
+    # test pass: the test figures are its clean row, no pass of their own
+    whole = bool(options) and len(rows) == len(test)
+    if not whole:
+        logits = clip_logits(fwd, utts, windowing, test)
+        labels = utts.labels[torch.as_tensor(test, device=utts.device)]
+        res = scores(confusion(logits.argmax(1), labels, cfg.model.n_emotions).cpu())
+        metrics.update({f"test_{k}": v for k, v in res.items()})
     if options:
-        cap = options.get("max_utterances")
-        rows = stratified_subset(corpus.labels[split["test"]], cap, cfg.seed)
-        pick = split["test"][rows]
+        pick = test[rows]
         bank = resident.noise_bank(data_cfg.get("noise_files") or [], cfg.features.sample_rate)
         cross = []
         for c in data_cfg.get("cross_corpus") or []:
@@ -326,8 +332,11 @@ def _final_evaluation(
             cross,
             corpus_name=corpus.path.name,
             seed=cfg.seed,
-            clean_logits=logits[torch.as_tensor(rows, device=logits.device)],  # no second pass
+            # no second pass over clips the test pass read
+            clean_logits=None if whole else logits[torch.as_tensor(rows, device=logits.device)],
         )
+        if whole:
+            metrics.update({f"test_{k}": v for k, v in report["clean"].items()})
         write_report(report, out / "robustness", run_cfg.get("title", ""), cfg.model.n_emotions)
         metrics.update(report["metrics"])
         # the selection twins: the same conditions on the validation speakers (no cross corpus);
