@@ -342,7 +342,8 @@ def resume_study(
     verbose: bool = False,
     parallel: int | None = None,
 ) -> StudyRecord:
-    """Go on with a study where it was: finished fold searches kept, the others run or resumed."""
+    """Go on with a study where it was: finished fold searches kept, the others run or resumed,
+    ``parallel`` at a time (default: as many as its last session ran)."""
     from .doctor import preflight
 
     preflight()
@@ -359,7 +360,9 @@ def resume_study(
     log(f"[sertune] resuming study {name!r}")
     record = record.but(status="running", driver=driver_stamp())
     save_study(record)
-    return _drive(record, num_cpus, log, verbose, parallel)
+    # as the study last ran unless told otherwise: a study run one fold search at a time on
+    # shared warm slots is not resumed as several drivers contending for the same cores
+    return _drive(record, num_cpus, log, verbose, record.parallel if parallel is None else parallel)
 
 
 def _drive(

@@ -66,7 +66,12 @@ def add(sub) -> None:
     )
     rs.add_argument("name")
     rs.add_argument("--num-cpus", type=int, help="CPUs for local Ray (default: all)")
-    rs.add_argument("--parallel", type=int, metavar="N", help=PARALLEL)
+    rs.add_argument(
+        "--parallel",
+        type=int,
+        metavar="N",
+        help="fold searches at once, as for `study run` (default: as the study last ran)",
+    )
     rs.set_defaults(func=resume)
 
     fd = command(
