@@ -362,7 +362,9 @@ def resume_study(
     save_study(record)
     # as the study last ran unless told otherwise: a study run one fold search at a time on
     # shared warm slots is not resumed as several drivers contending for the same cores
-    return _drive(record, num_cpus, log, verbose, record.parallel if parallel is None else parallel)
+    return _drive(
+        record, num_cpus, log, verbose, record.parallel if parallel is None else parallel
+    )
 
 
 def _drive(

@@ -50,6 +50,7 @@ def test_too_little_to_estimate_is_none_and_non_finite_runs_are_left_out():
     assert r.runs == 4 and r.within_sd == pytest.approx(0.1414, abs=1e-3)
 
 
+@pytest.mark.slow  # moved to the slow tier: keeps make test under 30 min in CI
 @pytest.mark.usefixtures("ray_2cpu")
 def test_bench_noise_prints_the_reliability_its_construction_implies(home, tmp_path):
     """10 configurations x 3 seeds of the linear trainable; its ``val_probe`` is the searched
@@ -199,6 +200,7 @@ def test_patience_counts_trials_whose_best_does_not_beat_the_best_before_them():
     assert steady.tripped is None
 
 
+@pytest.mark.slow  # moved to the slow tier: keeps make test under 30 min in CI
 @pytest.mark.usefixtures("ray_2cpu")
 def test_a_search_on_a_flat_objective_is_ended_by_the_terminator(home, tmp_path):
     """The objective (the linear trainable's probe) does not depend on the searched learning
@@ -235,6 +237,7 @@ def test_a_search_on_a_flat_objective_is_ended_by_the_terminator(home, tmp_path)
     assert parent.tags["sertune.stopped_by"] == result.stopped_by
 
 
+@pytest.mark.slow  # moved to the slow tier: keeps make test under 30 min in CI
 @pytest.mark.usefixtures("ray_2cpu")
 def test_bench_sampler_measures_a_sampler_on_the_users_own_spec(home, tmp_path):
     """``sertune bench sampler SPEC``: any spec (here the linear trainable on its own corpus)

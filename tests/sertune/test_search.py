@@ -91,6 +91,7 @@ def test_smoke_single_objective(home, tmp_path):
     assert "eGeMAPS + linear" in row and f"{ref['metrics']['val_uar']:.3f}" in row
 
 
+@pytest.mark.slow  # moved to the slow tier: keeps make test under 30 min in CI
 def test_reference_null_turns_the_reference_row_off(home, tmp_path):
     from sertune.leaderboard import format_table
 
@@ -102,6 +103,7 @@ def test_reference_null_turns_the_reference_row_off(home, tmp_path):
     assert not any(k.startswith("reference/") for k in parent[0].data.metrics)
 
 
+@pytest.mark.slow  # moved to the slow tier: keeps make test under 30 min in CI
 def test_a_search_streams_a_corpus_larger_than_its_slots_budget(home, tmp_path):
     """``resources.corpus_budget_mb`` below the corpus size: each slot says once that it streams
     the corpus from host memory, the trials train, and each trial run records the mode."""
@@ -168,6 +170,7 @@ def test_a_diverging_trial_fails_with_its_reason_and_the_search_goes_on(home, tm
     assert bad[0].info.status == "FAILED"
 
 
+@pytest.mark.slow  # moved to the slow tier: keeps make test under 30 min in CI
 def test_per_trial_execution_trains_each_trial_in_its_own_train_run(home, tmp_path):
     """``execution: per_trial`` (no warm slots): every trial is its own TorchTrainer; a trial the
     scheduler stopped is evaluated by a Ray task; the records match warm mode's."""

@@ -304,7 +304,7 @@ def test_pbt_exploits_and_explores_with_warm_slots_and_records_the_schedule(home
     [
         {"sampler": "gp", "scheduler": "none"},
         pytest.param({"sampler": "nsga2", "scheduler": "asha"}, marks=pytest.mark.slow),
-        {"sampler": "grid", "scheduler": "median"},
+        pytest.param({"sampler": "grid", "scheduler": "median"}, marks=pytest.mark.slow),
     ],
     ids=lambda s: f"{s['sampler']}+{s['scheduler']}",
 )
