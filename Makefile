@@ -51,7 +51,7 @@ demo: $(STAMP)
 
 # The suite in two tiers: `make test` (CI, under 30 min on 2 cores) runs every feature end to end;
 # `make test-slow` the long fault drills, strategy variants and benchmark commands (marked `slow`,
-# ~30 min); both
+# ~35 min); both
 # before a release: `make test-all`.
 test: $(STAMP)
 	$(PY) -m pytest -q --durations=15 -m "not slow"

@@ -162,6 +162,7 @@ def test_the_leaderboard_ranks_feasible_trials_first_and_says_what_fails(home, t
     assert "fails val_robust/uar_clean 0.300" in table[3]
 
 
+@pytest.mark.slow  # moved to the slow tier: keeps make test under 30 min in CI
 @pytest.mark.usefixtures("ray_2cpu")
 def test_a_constrained_search_hands_its_sampler_the_values_and_marks_its_trials(home, tmp_path):
     from sertune import tracking

@@ -262,6 +262,7 @@ def test_the_parent_runs_plots_carry_error_bars_and_the_noise_caveat(tmp_path):
     assert (tmp_path / "slices.png").stat().st_size > 0
 
 
+@pytest.mark.slow  # moved to the slow tier: keeps make test under 30 min in CI
 @pytest.mark.usefixtures("ray_2cpu")
 def test_a_repeated_cv_search_then_its_refit_is_what_promotion_registers(home, tmp_path):
     from sertune import tracking

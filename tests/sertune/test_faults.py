@@ -182,7 +182,11 @@ def _run_until(args, env, pattern, timeout=300) -> tuple[subprocess.Popen, list[
 
 @pytest.mark.parametrize(
     "sig, times",
-    [(signal.SIGINT, 2), pytest.param(signal.SIGTERM, 1, marks=pytest.mark.slow)],
+    # both in the slow tier: make test's driver kill and resume is the study's (test_study.py)
+    [
+        pytest.param(signal.SIGINT, 2, marks=pytest.mark.slow),
+        pytest.param(signal.SIGTERM, 1, marks=pytest.mark.slow),
+    ],
     ids=["double-ctrl-c", "sigterm"],
 )
 def test_a_stopped_search_is_interrupted_not_finished_and_resumes(tmp_path, home, sig, times):

@@ -145,6 +145,7 @@ def test_the_leaderboard_ranks_on_the_kept_figure_and_says_where_it_was_read():
     assert "0.870 (epoch 15; raw best 0.906, last 0.856)" in table
 
 
+@pytest.mark.slow  # moved to the slow tier: keeps make test under 30 min in CI
 @pytest.mark.usefixtures("ray_2cpu")
 def test_a_search_ranks_each_trial_on_its_smoothed_curve_and_keeps_that_epochs_model(
     home, tmp_path, capsys

@@ -302,7 +302,7 @@ def test_pbt_exploits_and_explores_with_warm_slots_and_records_the_schedule(home
 @pytest.mark.parametrize(
     "search",
     [
-        {"sampler": "gp", "scheduler": "none"},
+        pytest.param({"sampler": "gp", "scheduler": "none"}, marks=pytest.mark.slow),
         pytest.param({"sampler": "nsga2", "scheduler": "asha"}, marks=pytest.mark.slow),
         pytest.param({"sampler": "grid", "scheduler": "median"}, marks=pytest.mark.slow),
     ],
